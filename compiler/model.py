@@ -1,0 +1,155 @@
+"""DeepSeek-V4's decode math in plain PyTorch: the semantic definition the compiler captures.
+
+The step is functional: `forward(weights, state, tokens, start) -> (logits, hidden, new_state)` with
+every piece of cache state an explicit tensor in a flat dict, for a batch of B sequences each taking
+T tokens at positions `start[b] .. start[b] + T - 1`. Prefill is a step with many tokens, decode a step
+with one (or 1 + drafts), so both run the same code. `mtp_forward` is the MTP module's step.
+
+Weights are a flat dict keyed by the released checkpoint's names (section 5 of the spec) holding
+exactly dequantised values (no `.scale` entries): see `dequantize_weights`.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from .attention import attention
+from .config import ModelConfig
+from .layers import hc_head, hc_post, hc_pre, layer_inv_freq, linear, moe, rms_norm
+from .numerics import Numerics
+from .quant import dequant_fp4_weight, dequant_fp8_weight
+
+Weights = dict[str, torch.Tensor]
+State = dict[str, torch.Tensor]
+
+# Weights DeepSeek's reference keeps (or computes) in fp32 whatever the activation dtype.
+_FP32_SUFFIXES = ("norm.weight", "attn_sink", "ape", "gate.weight", "gate.bias", "compressor.wkv.weight",
+                  "compressor.wgate.weight")
+_FP32_NAMES = ("head.weight",)
+
+
+def _held_in_fp32(name: str) -> bool:
+    return name.endswith(_FP32_SUFFIXES) or name in _FP32_NAMES or name.split(".")[-1].startswith("hc_")
+
+
+def dequantize_weights(raw: Mapping[str, torch.Tensor], num: Numerics) -> Weights:
+    """Release-format tensors -> the model's weights: FP8 (e4m3 + 128x128 e8m0 `.scale`) and MXFP4
+    (int8 pairs + per-32 e8m0 `.scale`) decoded exactly; fp32-held weights in fp32, token tables as
+    int64, everything else in the activation dtype (FP8 and FP4 values are exact in bf16)."""
+    out: Weights = {}
+    for name, tensor in raw.items():
+        if name.endswith(".scale"):
+            continue
+        scale = raw.get(name[: -len("weight")] + "scale") if name.endswith(".weight") else None
+        if scale is not None and tensor.dtype == torch.int8:
+            tensor = dequant_fp4_weight(tensor, scale)
+        elif scale is not None:
+            tensor = dequant_fp8_weight(tensor, scale)
+        if name.endswith("tid2eid"):
+            out[name] = tensor.to(torch.int64)
+        else:
+            out[name] = tensor.to(torch.float32 if _held_in_fp32(name) else num.dtype)
+    return out
+
+
+# ---- state -----------------------------------------------------------------------------------------
+def layer_prefix(cfg: ModelConfig, layer: int) -> str:
+    """Checkpoint prefix of layer `layer` (MTP layers follow the main ones)."""
+    return f"layers.{layer}." if layer < cfg.num_hidden_layers else f"mtp.{layer - cfg.num_hidden_layers}."
+
+
+def state_shapes(cfg: ModelConfig, batch: int, max_seq_len: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, role) of every state tensor; role 'act' (activation dtype), 'kv' or 'score' (fp32,
+    scores start at -inf)."""
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    for layer in range(cfg.n_layers_total):
+        p = layer_prefix(cfg, layer)
+        shapes[p + "window_kv"] = ((batch, cfg.sliding_window, cfg.head_dim), "act")
+        ratio = cfg.compress_ratios[layer]
+        if not ratio:
+            continue
+        coff = 2 if ratio == 4 else 1
+        branches = [("compressor.", "compressed_kv", cfg.head_dim)]
+        if ratio == 4:
+            branches.append(("indexer.", "indexer_kv", cfg.index_head_dim))
+        for ring, cache, width in branches:
+            shapes[p + ring + "kv_state"] = ((batch, coff * ratio, coff * width), "kv")
+            shapes[p + ring + "score_state"] = ((batch, coff * ratio, coff * width), "score")
+            shapes[p + cache] = ((batch, max_seq_len // ratio, width), "act")
+    return shapes
+
+
+def init_state(cfg: ModelConfig, batch: int, max_seq_len: int, num: Numerics,
+               device: torch.device | str = "cpu") -> State:
+    """Empty caches for `batch` sequences of up to `max_seq_len` tokens."""
+    state: State = {}
+    for name, (shape, role) in state_shapes(cfg, batch, max_seq_len).items():
+        if role == "score":
+            state[name] = torch.full(shape, float("-inf"), dtype=torch.float32, device=device)
+        else:
+            state[name] = torch.zeros(shape, dtype=num.dtype if role == "act" else torch.float32, device=device)
+    return state
+
+
+def _layer_state(state: State, prefix: str) -> State:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+# ---- the step --------------------------------------------------------------------------------------
+def block(streams: torch.Tensor, tokens: torch.Tensor, start: torch.Tensor, layer: int, w: Weights,
+          state: State, cfg: ModelConfig, num: Numerics) -> tuple[torch.Tensor, State]:
+    """One layer: mHC-pre, attn_norm, attention, mHC-post, then the same around the MoE."""
+    p = layer_prefix(cfg, layer)
+    block_in, post, comb = hc_pre(streams, w[p + "hc_attn_fn"], w[p + "hc_attn_base"], w[p + "hc_attn_scale"], cfg)
+    x = rms_norm(block_in, w[p + "attn_norm.weight"], cfg.rms_norm_eps)
+    out, layer_state = attention(x, start, layer, p, w, _layer_state(state, p), cfg, layer_inv_freq(cfg, layer), num)
+    streams = hc_post(out, streams, post, comb)
+    block_in, post, comb = hc_pre(streams, w[p + "hc_ffn_fn"], w[p + "hc_ffn_base"], w[p + "hc_ffn_scale"], cfg)
+    x = rms_norm(block_in, w[p + "ffn_norm.weight"], cfg.rms_norm_eps)
+    streams = hc_post(moe(x, tokens, w, p + "ffn.", cfg, cfg.is_hash_layer(layer), num), streams, post, comb)
+    return streams, {p + k: v for k, v in layer_state.items()}
+
+
+def lm_head(streams: torch.Tensor, w: Weights, prefix: str, cfg: ModelConfig) -> torch.Tensor:
+    """hc_head collapse, final RMSNorm, then the LM head in fp32: logits `[..., V]`."""
+    x = hc_head(streams, w[prefix + "hc_head_fn"], w[prefix + "hc_head_base"], w[prefix + "hc_head_scale"], cfg)
+    x = rms_norm(x, w[prefix + "norm.weight"], cfg.rms_norm_eps)
+    return x.float() @ w["head.weight"].float().T
+
+
+def _effective(cfg: ModelConfig, num: Numerics) -> Numerics:
+    """Activation quantisation exists only where the weights are FP8/FP4."""
+    return num if cfg.fp8_weights else num.replace(act_quant=False)
+
+
+def forward(w: Weights, state: State, tokens: torch.Tensor, start: torch.Tensor, cfg: ModelConfig,
+            num: Numerics) -> tuple[torch.Tensor, torch.Tensor, State]:
+    """The main model's step: tokens `[B, T]` at positions start `[B]` + 0..T-1 ->
+    (logits `[B, T, V]` fp32, hidden streams before hc_head `[B, T, n, D]` for MTP, new state)."""
+    num = _effective(cfg, num)
+    h = w["embed.weight"][tokens].to(num.dtype)
+    streams = h.unsqueeze(-2).expand(*h.shape[:-1], cfg.hc_mult, h.shape[-1]).contiguous()
+    new_state = dict(state)
+    for layer in range(cfg.num_hidden_layers):
+        streams, layer_state = block(streams, tokens, start, layer, w, state, cfg, num)
+        new_state.update(layer_state)
+    return lm_head(streams, w, "", cfg), streams, new_state
+
+
+def mtp_forward(w: Weights, state: State, next_tokens: torch.Tensor, hidden: torch.Tensor, start: torch.Tensor,
+                cfg: ModelConfig, num: Numerics) -> tuple[torch.Tensor, torch.Tensor, State]:
+    """The MTP module's step: hidden streams h_t `[B, T, n, D]` paired with token t+1 `[B, T]` at the
+    positions of h_t -> (draft logits for token t+2 `[B, T, V]`, its output streams, new state)."""
+    num = _effective(cfg, num)
+    layer = cfg.num_hidden_layers
+    p = layer_prefix(cfg, layer)
+    e = rms_norm(w["embed.weight"][next_tokens].to(num.dtype), w[p + "enorm.weight"], cfg.rms_norm_eps)
+    h = rms_norm(hidden.to(num.dtype), w[p + "hnorm.weight"], cfg.rms_norm_eps)
+    streams = (linear(e, w[p + "e_proj.weight"], num, True).unsqueeze(-2).float()
+               + linear(h, w[p + "h_proj.weight"], num, True).float()).to(num.dtype)
+    streams, layer_state = block(streams, next_tokens, start, layer, w, state, cfg, num)
+    new_state = dict(state)
+    new_state.update(layer_state)
+    return lm_head(streams, w, p, cfg), streams, new_state
