@@ -1,0 +1,68 @@
+"""Score a token sequence with the reference model: prefill in chunks, then decode token by token.
+
+The logits of every position come from the step that consumed that position's token, so the same
+function measures prefill/decode agreement as well as perplexity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .config import ModelConfig
+from .model import Weights, forward, init_state
+from .numerics import Numerics
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    """Mean negative log-likelihood (nats) of tokens 1..T-1 given their prefixes, and its perplexity."""
+
+    mean_nll: float
+    perplexity: float
+    predicted: int
+    logits: torch.Tensor  # [T, V] fp32: position t's logits predict token t+1
+
+
+def step_schedule(length: int, chunk: int, decode_from: int | None) -> list[tuple[int, int]]:
+    """(start, stop) of each step: chunks of `chunk` tokens up to `decode_from`, then single tokens."""
+    if chunk < 1:
+        raise ValueError(f"chunk: got {chunk}; allowed: a positive integer")
+    prefill_end = length if decode_from is None else max(0, min(decode_from, length))
+    steps = [(s, min(s + chunk, prefill_end)) for s in range(0, prefill_end, chunk)]
+    return steps + [(t, t + 1) for t in range(prefill_end, length)]
+
+
+def run_logits(w: Weights, cfg: ModelConfig, num: Numerics, tokens: torch.Tensor, chunk: int = 256,
+               decode_from: int | None = None) -> torch.Tensor:
+    """Logits `[T, V]` of a 1-D token sequence, computed step by step as `step_schedule` says."""
+    if tokens.ndim != 1 or tokens.numel() == 0:
+        raise ValueError("token ids: expected a non-empty 1-D sequence")
+    if int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0:
+        raise ValueError(f"token ids: values must lie in [0, {cfg.vocab_size})")
+    device = w["embed.weight"].device
+    state = init_state(cfg, 1, _capacity(cfg, tokens.numel()), num, device)
+    pieces = []
+    for start, stop in step_schedule(tokens.numel(), chunk, decode_from):
+        ids = tokens[start:stop].to(device).unsqueeze(0)
+        logits, _, state = forward(w, state, ids, torch.tensor([start], device=device), cfg, num)
+        pieces.append(logits[0].float().cpu())
+    return torch.cat(pieces)
+
+
+def score(w: Weights, cfg: ModelConfig, num: Numerics, tokens: torch.Tensor, chunk: int = 256,
+          decode_from: int | None = None) -> Score:
+    """Mean NLL and perplexity of `tokens` under the model, with every position's logits."""
+    logits = run_logits(w, cfg, num, tokens, chunk, decode_from)
+    if tokens.numel() < 2:
+        return Score(float("nan"), float("nan"), 0, logits)
+    nll = torch.nn.functional.cross_entropy(logits[:-1], tokens[1:].long(), reduction="mean").item()
+    return Score(nll, math.exp(nll), tokens.numel() - 1, logits)
+
+
+def _capacity(cfg: ModelConfig, length: int) -> int:
+    """Cache capacity for `length` tokens: rounded up to a whole number of the largest compression block."""
+    block = max([r for r in cfg.compress_ratios if r] or [1])
+    return max(block, -(-length // block) * block)
