@@ -47,8 +47,13 @@ def float_to_e8m0(scale: torch.Tensor) -> torch.Tensor:
 
 
 def power_of_two_scale(amax: torch.Tensor, fmt_max: float) -> torch.Tensor:
-    """The ue8m0 scale rule: the smallest power of two s with amax / s <= fmt_max."""
-    return torch.exp2(torch.ceil(torch.log2(amax.to(torch.float32) / fmt_max)))
+    """The ue8m0 scale rule: the smallest power of two s with amax / s <= fmt_max, i.e. 2^ceil(log2(r))
+    taken exactly on the fp32 quotient r = amax / fmt_max, as DeepSeek's kernel does from r's bits.
+    (An fp32 log2 would round log2(r) down to an integer when r is just above a power of two.)"""
+    ratio = amax.to(torch.float32) / fmt_max
+    mantissa, exponent = torch.frexp(ratio)  # ratio = mantissa * 2^exponent, mantissa in [0.5, 1)
+    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
+    return torch.where(torch.isfinite(ratio), torch.exp2(exponent.to(torch.float32)), ratio)
 
 
 # ---- e2m1 codes ----------------------------------------------------------------------------------
