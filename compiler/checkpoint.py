@@ -93,29 +93,35 @@ def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     if not isinstance(entries, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     entries.pop("__metadata__", None)
-    tensors = {name: _parse_entry(path, name, entry) for name, entry in entries.items()}
-    _check_data_section(path, size - 8 - length, entries)
-    return tensors
+    parsed = {name: _parse_entry(path, name, entry) for name, entry in entries.items()}
+    _check_data_section(path, size - 8 - length, parsed)
+    return {name: (shape, dtype) for name, (shape, dtype, _) in parsed.items()}
 
 
-def _parse_entry(path: Path, name: str, entry: Any) -> tuple[tuple[int, ...], torch.dtype]:
+def _parse_entry(path: Path, name: str, entry: Any) -> tuple[tuple[int, ...], torch.dtype, tuple[int, int]]:
+    """(shape, dtype, (begin, end)) of one header entry, checked for consistency."""
     try:
-        dtype = _ST_DTYPES[entry["dtype"]]
+        dtype_name = entry["dtype"]
         shape = tuple(int(d) for d in entry["shape"])
         begin, end = (int(v) for v in entry["data_offsets"])
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path}: tensor {name}: malformed header entry {entry!r}") from None
+    if dtype_name not in _ST_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name}: unsupported dtype {dtype_name!r}; "
+                              f"allowed: {sorted(_ST_DTYPES)}")
+    dtype = _ST_DTYPES[dtype_name]
     numel = 1
     for dim in shape:
         numel *= dim
-    if min(shape, default=0) < 0 or end - begin != numel * dtype.itemsize:
+    if min(shape, default=0) < 0 or begin < 0 or end - begin != numel * dtype.itemsize:
         raise CheckpointError(f"{path}: tensor {name}: data_offsets {[begin, end]} do not hold "
-                              f"{list(shape)} {entry['dtype']} ({numel * dtype.itemsize} bytes)")
-    return shape, dtype
+                              f"{list(shape)} {dtype_name} ({numel * dtype.itemsize} bytes)")
+    return shape, dtype, (begin, end)
 
 
-def _check_data_section(path: Path, data_bytes: int, entries: Mapping[str, Any]) -> None:
-    spans = sorted((entry["data_offsets"][0], entry["data_offsets"][1], name) for name, entry in entries.items())
+def _check_data_section(path: Path, data_bytes: int, parsed: Mapping[str, tuple[Any, Any, tuple[int, int]]]) -> None:
+    """The tensors' byte ranges must tile [0, data_bytes) exactly, as safetensors requires."""
+    spans = sorted((begin, end, name) for name, (_, _, (begin, end)) in parsed.items())
     expected = 0
     for begin, end, name in spans:
         if begin != expected:
@@ -345,6 +351,8 @@ def write_synthetic(cfg: ModelConfig, out_dir: str | os.PathLike[str], seed: int
     for header-only tools and tests. Returns the checkpoint's path.
     """
     out = Path(out_dir)
+    if not isinstance(shard_bytes, int) or shard_bytes <= 0:
+        raise ValueError(f"shard_bytes: got {shard_bytes!r}; allowed: a positive integer")
     _check_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"

@@ -110,12 +110,14 @@ def _linear(cfg: ModelConfig, name: str, out: int, inp: int, fmt: str) -> Iterat
         yield _plain(f"{name}.weight", (out, inp), fmt)
 
 
-def _hc(cfg: ModelConfig, name: str, rows: int) -> Iterator[TensorSpec]:
-    """The mHC parameters `{name}_fn`, `_base`, `_scale` (all fp32)."""
+def _hc(cfg: ModelConfig, name: str, head: bool = False) -> Iterator[TensorSpec]:
+    """mHC parameters `{name}_fn`, `_base`, `_scale` (fp32): a sub-layer's mix has (2+n)*n rows and 3
+    scales (pre, post, comb); the `hc_head` collapse has n rows and one scale."""
     n, dim = cfg.hc_mult, cfg.hidden_size
+    rows, scales = (n, 1) if head else (cfg.hc_mix_dim, 3)
     yield _plain(f"{name}_fn", (rows, n * dim), "fp32")
     yield _plain(f"{name}_base", (rows,), "fp32")
-    yield _plain(f"{name}_scale", (3 if rows == cfg.hc_mix_dim else 1,), "fp32")
+    yield _plain(f"{name}_scale", (scales,), "fp32")
 
 
 def _compressor(cfg: ModelConfig, p: str, ratio: int, width: int) -> Iterator[TensorSpec]:
@@ -170,10 +172,10 @@ def _moe(cfg: ModelConfig, p: str, layer: int) -> Iterator[TensorSpec]:
 def _block(cfg: ModelConfig, layer: int) -> Iterator[TensorSpec]:
     """Every tensor of one transformer block (main or MTP), in forward order."""
     p, dim = layer_prefix(cfg, layer), cfg.hidden_size
-    yield from _hc(cfg, f"{p}hc_attn", cfg.hc_mix_dim)
+    yield from _hc(cfg, f"{p}hc_attn")
     yield _plain(f"{p}attn_norm.weight", (dim,), "bf16")
     yield from _attention(cfg, f"{p}attn.", cfg.compress_ratios[layer])
-    yield from _hc(cfg, f"{p}hc_ffn", cfg.hc_mix_dim)
+    yield from _hc(cfg, f"{p}hc_ffn")
     yield _plain(f"{p}ffn_norm.weight", (dim,), "bf16")
     yield from _moe(cfg, f"{p}ffn.", layer)
 
@@ -187,7 +189,7 @@ def _mtp(cfg: ModelConfig, layer: int) -> Iterator[TensorSpec]:
     yield from _linear(cfg, f"{p}h_proj", dim, dim, "fp8")
     yield from _block(cfg, layer)
     yield _plain(f"{p}norm.weight", (dim,), "bf16")
-    yield from _hc(cfg, f"{p}hc_head", cfg.hc_mult)
+    yield from _hc(cfg, f"{p}hc_head", head=True)
 
 
 def _all(cfg: ModelConfig) -> Iterator[TensorSpec]:
@@ -198,7 +200,7 @@ def _all(cfg: ModelConfig) -> Iterator[TensorSpec]:
     for layer in range(cfg.num_hidden_layers, cfg.n_layers_total):
         yield from _mtp(cfg, layer)
     yield _plain("norm.weight", (dim,), "bf16")
-    yield from _hc(cfg, "hc_head", cfg.hc_mult)
+    yield from _hc(cfg, "hc_head", head=True)
     yield _plain("head.weight", (vocab, dim), "bf16")
 
 
