@@ -370,7 +370,7 @@ def _check_target(out: Path, overwrite: bool) -> None:
     if not (out.exists() or out.is_symlink()):
         return
     if not overwrite:
-        raise FileExistsError(f"{out}: already exists; remove it or pass overwrite=True")
+        raise FileExistsError(f"{out}: already exists; remove it, or pass overwrite=True (--overwrite) to replace it")
     if out.is_symlink() or not (out / CONFIG_NAME).is_file():
         raise FileExistsError(f"{out}: exists and is not a checkpoint directory (no {CONFIG_NAME}); "
                               "refusing to replace it")
