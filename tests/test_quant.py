@@ -184,7 +184,8 @@ def test_fp8_weight_round_trip_is_exact_on_representable_values(rows, cols, seed
     assert s.shape == (-(-rows // 128), -(-cols // 128))
     assert torch.equal(quant.dequant_fp8_weight(q, s), weight)
     q2, s2 = quant.quantize_fp8_weight(quant.dequant_fp8_weight(q, s))
-    assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s2.view(torch.uint8), s.view(torch.uint8))
+    assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(s2.view(torch.uint8), s.view(torch.uint8))
 
 
 @settings(max_examples=40, deadline=None)
