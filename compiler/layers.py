@@ -171,20 +171,42 @@ def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
     return linear(hidden.to(num.dtype), w2, num, quantized=True)
 
 
-def moe(x: torch.Tensor, tokens: torch.Tensor, w: dict[str, torch.Tensor], prefix: str, cfg: ModelConfig,
-        hash_layer: bool, num: Numerics) -> torch.Tensor:
-    """Routed experts (weighted) plus the shared expert (unweighted) for x `[..., D]`."""
-    shape = x.shape
-    flat, flat_tokens = x.reshape(-1, shape[-1]), tokens.reshape(-1)
-    ids, weights = route(flat, flat_tokens, w, prefix, cfg, hash_layer)
-    out = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
+def routed_experts(flat: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w: dict[str, torch.Tensor],
+                   prefix: str, cfg: ModelConfig, num: Numerics) -> torch.Tensor:
+    """Sum over each token's selected experts of routing weight x expert output, in fp32 `[N, D]`.
+
+    Eagerly only the experts some token selected run, each on its tokens. While being captured
+    (torch.export / dynamo) the set of selected experts is data the graph cannot branch on, so every
+    expert runs on every token with a routing weight of zero where it was not selected: the same
+    function, as a graph of fixed shape.
+    """
+    out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
+    if torch.compiler.is_compiling():
+        combine = torch.zeros(flat.shape[0], cfg.n_routed_experts, dtype=torch.float32, device=flat.device)
+        combine = combine.scatter(1, ids, weights)
+        for expert in range(cfg.n_routed_experts):
+            e = f"{prefix}experts.{expert}."
+            y = swiglu_expert(flat, w[e + "w1.weight"], w[e + "w2.weight"], w[e + "w3.weight"], combine[:, expert],
+                              cfg.swiglu_limit, num)
+            out = out + y.float()
+        return out
     for expert in ids.unique().tolist():
         rows, slot = (ids == expert).nonzero(as_tuple=True)
         e = f"{prefix}experts.{expert}."
         y = swiglu_expert(flat[rows], w[e + "w1.weight"], w[e + "w2.weight"], w[e + "w3.weight"],
                           weights[rows, slot], cfg.swiglu_limit, num)
         out.index_add_(0, rows, y.float())
+    return out
+
+
+def moe(x: torch.Tensor, tokens: torch.Tensor, w: dict[str, torch.Tensor], prefix: str, cfg: ModelConfig,
+        hash_layer: bool, num: Numerics) -> torch.Tensor:
+    """Routed experts (weighted) plus the shared expert (unweighted) for x `[..., D]`."""
+    shape = x.shape
+    flat, flat_tokens = x.reshape(-1, shape[-1]), tokens.reshape(-1)
+    ids, weights = route(flat, flat_tokens, w, prefix, cfg, hash_layer)
+    routed = routed_experts(flat, ids, weights, w, prefix, cfg, num)
     s = f"{prefix}shared_experts."
     limit = cfg.swiglu_limit if num.shared_expert_clamp else None
     shared = swiglu_expert(flat, w[s + "w1.weight"], w[s + "w2.weight"], w[s + "w3.weight"], None, limit, num)
-    return (out + shared.float()).to(num.dtype).reshape(shape)
+    return (routed + shared.float()).to(num.dtype).reshape(shape)

@@ -44,7 +44,7 @@ def pro() -> ModelConfig:
 
 
 def flash_slice() -> ModelConfig:
-    """Flash dimensions, its first 4 layers (window, window, C4, C128; all hash-routed) plus MTP."""
+    """Flash dimensions, its first 4 layers (window, window, C4, C128; the first three hash-routed) plus MTP."""
     return flash().replace(num_hidden_layers=4, compress_ratios=(0, 0, 4, 128, 0))
 
 
