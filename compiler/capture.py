@@ -1,0 +1,152 @@
+"""Capture the reference model's step into a flat torch.fx graph with torch.export.
+
+A `CapturedStep` is one compiled variant: the main step with T tokens per sequence (1 for plain decode,
+1 + k for MTP verification, a chunk for prefill) or the MTP module's step. Its graph is flat:
+- placeholders, in `input_names` order: `weights.<checkpoint name>`, `state.<state name>`, `tokens`,
+  `start` (and `hidden` for the MTP step);
+- constants the model creates (lookup tables) are `get_attr` buffers of the GraphModule;
+- the output is a tuple in `output_names` order: `logits`, `hidden`, `state.<state name>`.
+The batch size is one symbolic dimension (a sympy symbol in every `meta["val"]`); T is fixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import torch
+from torch.export import Dim, export
+
+from .config import ModelConfig
+from .model import forward, init_state, mtp_forward, state_shapes
+from .numerics import Numerics
+
+MAX_BATCH = 4096
+STEP_KINDS = ("main", "mtp")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepVariant:
+    """Which step a graph computes: `kind` main or mtp, with `tokens` tokens per sequence."""
+
+    kind: str
+    tokens: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in STEP_KINDS or self.tokens < 1:
+            raise ValueError(f"step variant: got {self.kind!r} x {self.tokens}; allowed: {STEP_KINDS} x >= 1")
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_t{self.tokens}"
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """A graph input: its shape with `None` for the batch dim, its dtype."""
+
+    shape: tuple[int | None, ...]
+    dtype: torch.dtype
+
+    def concrete(self, batch: int) -> tuple[int, ...]:
+        return tuple(batch if d is None else d for d in self.shape)
+
+
+@dataclasses.dataclass
+class CapturedStep:
+    """A captured step variant: the flat graph, its input/output names and the input specs."""
+
+    variant: StepVariant
+    graph_module: torch.fx.GraphModule
+    input_names: list[str]
+    output_names: list[str]
+    input_specs: dict[str, InputSpec]
+    max_seq_len: int
+
+
+class _Step(torch.nn.Module):
+    """The functional step as a module for torch.export (weights and state arrive as dicts)."""
+
+    def __init__(self, cfg: ModelConfig, num: Numerics, variant: StepVariant):
+        super().__init__()
+        self.cfg, self.num, self.variant = cfg, num, variant
+
+    def forward(self, weights, state, tokens, start, hidden=None):
+        if self.variant.kind == "main":
+            return forward(weights, state, tokens, start, self.cfg, self.num)
+        return mtp_forward(weights, state, tokens, hidden, start, self.cfg, self.num)
+
+
+def input_specs(cfg: ModelConfig, num: Numerics, weights: Mapping[str, torch.Tensor], variant: StepVariant,
+                max_seq_len: int) -> dict[str, InputSpec]:
+    """Name -> spec of every graph input, in placeholder order."""
+    specs = {f"weights.{k}": InputSpec(tuple(v.shape), v.dtype) for k, v in weights.items()}
+    example = init_state(cfg, 1, max_seq_len, num, device="meta")
+    for name in state_shapes(cfg, 1, max_seq_len):
+        specs[f"state.{name}"] = InputSpec((None,) + tuple(example[name].shape[1:]), example[name].dtype)
+    specs["tokens"] = InputSpec((None, variant.tokens), torch.int64)
+    specs["start"] = InputSpec((None,), torch.int64)
+    if variant.kind == "mtp":
+        specs["hidden"] = InputSpec((None, variant.tokens, cfg.hc_mult, cfg.hidden_size), num.dtype)
+    return specs
+
+
+def capture(cfg: ModelConfig, num: Numerics, weights: Mapping[str, torch.Tensor], variant: StepVariant,
+            max_seq_len: int) -> CapturedStep:
+    """Export one step variant with a symbolic batch size; weights only lend their shapes and dtypes."""
+    specs = input_specs(cfg, num, weights, variant, max_seq_len)
+    batch = Dim("batch", min=1, max=MAX_BATCH)
+    example = {name: _example(spec, name) for name, spec in specs.items()}
+    w = {n[len("weights."):]: t for n, t in example.items() if n.startswith("weights.")}
+    s = {n[len("state."):]: t for n, t in example.items() if n.startswith("state.")}
+    args = (w, s, example["tokens"], example["start"])
+    dynamic = ({k: None for k in w}, {k: {0: batch} for k in s}, {0: batch}, {0: batch})
+    if variant.kind == "mtp":
+        args, dynamic = args + (example["hidden"],), dynamic + ({0: batch},)
+    program = export(_Step(cfg, num, variant), args, dynamic_shapes=dynamic, strict=False)
+    state_names = list(s)
+    outputs = ["logits", "hidden"] + [f"state.{k}" for k in state_names]
+    return CapturedStep(variant, _flat_graph_module(program), list(specs), outputs, specs, max_seq_len)
+
+
+def _example(spec: InputSpec, name: str) -> torch.Tensor:
+    """An example input of batch 2 (export specialises sizes 0 and 1); tokens and positions are in range."""
+    shape = spec.concrete(2)
+    if spec.dtype == torch.int64:
+        return torch.zeros(shape, dtype=torch.int64)
+    return torch.zeros(shape, dtype=spec.dtype)
+
+
+def _flat_graph_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """The exported graph with user inputs as the only placeholders and lifted constants as buffers."""
+    gm = program.graph_module
+    signature = program.graph_signature
+    constant_of = dict(signature.inputs_to_lifted_tensor_constants)
+    constant_of.update(signature.inputs_to_buffers)
+    constant_of.update(signature.inputs_to_parameters)
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "placeholder" or node.name not in constant_of:
+            continue
+        target = constant_of[node.name]
+        value = program.constants.get(target)
+        if value is None:
+            value = program.state_dict[target]
+        attr = target.replace(".", "_")
+        gm.register_buffer(attr, value.detach().clone())
+        with graph.inserting_before(node):
+            replacement = graph.get_attr(attr)
+        replacement.meta = dict(node.meta)
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)
+    _flatten_output(graph)
+    gm.recompile()
+    return gm
+
+
+def _flatten_output(graph: torch.fx.Graph) -> None:
+    """Make the output a flat tuple (export flattens already; this keeps the contract explicit)."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    values = output.args[0]
+    flat, _ = torch.utils._pytree.tree_flatten(values)
+    output.args = (tuple(flat),)
