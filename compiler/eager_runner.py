@@ -1,0 +1,41 @@
+"""The reference model as a runtime step runner: the baseline every compiled artifact is checked against.
+
+`EagerRunner.run(variant, inputs)` answers the same named-tensor protocol as the artifact's executor
+(`main_t{T}` / `mtp_t{T}`; `tokens`, `start`, `hidden`, `state.*` in; `logits`, `hidden`, `state.*` out)
+by calling the reference model directly, for any T.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from ..runtime.engine import StateSpec
+from .config import ModelConfig
+from .model import Weights, forward, init_state, mtp_forward
+from .numerics import Numerics
+
+
+def state_specs(cfg: ModelConfig, max_seq_len: int, num: Numerics) -> dict[str, StateSpec]:
+    """Per-sequence shape, dtype and initial fill of every state tensor of the reference model."""
+    example = init_state(cfg, 1, max_seq_len, num, device="meta")
+    fills = {name: float("-inf") if name.endswith("score_state") else 0.0 for name in example}
+    return {name: StateSpec(tuple(t.shape[1:]), t.dtype, fills[name]) for name, t in example.items()}
+
+
+class EagerRunner:
+    """Runs step variants with the reference model on its weights."""
+
+    def __init__(self, weights: Weights, cfg: ModelConfig, num: Numerics):
+        self.weights, self.cfg, self.num = weights, cfg, num
+
+    def run(self, variant: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        kind = variant.split("_t")[0]
+        state = {k[len("state."):]: v for k, v in inputs.items() if k.startswith("state.")}
+        if kind == "main":
+            logits, hidden, new = forward(self.weights, state, inputs["tokens"], inputs["start"], self.cfg, self.num)
+        else:
+            logits, hidden, new = mtp_forward(self.weights, state, inputs["tokens"], inputs["hidden"],
+                                              inputs["start"], self.cfg, self.num)
+        return {"logits": logits, "hidden": hidden, **{f"state.{k}": v for k, v in new.items()}}
