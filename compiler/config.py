@@ -173,7 +173,8 @@ _IGNORED = {
     "architectures", "model_type", "attention_bias", "attention_dropout", "hidden_act", "initializer_range",
     "torch_dtype", "dtype", "transformers_version", "use_cache", "topk_method", "tie_word_embeddings",
     "pad_token_id", "mlp_bias", "output_router_logits", "router_aux_loss_coef", "router_jitter_noise",
-    "auto_map", "_name_or_path",
+    "auto_map", "_name_or_path", "output_hidden_states", "output_attentions", "return_dict",
+    "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type",
 }
 
 
