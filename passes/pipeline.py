@@ -1,0 +1,59 @@
+"""The pass pipeline of each target: one short ordered list, each entry with the reason for its place.
+
+Targets are data: `PIPELINES` maps a target name (and its aliases) to its list. For now every target runs
+the same cleanup and planning passes; fusion passes (mhc_fusion, moe_fp4, kv_compression) will slot in
+between CSE/constant folding and shape propagation, and differ per target by what the target table says.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from .constant_folding import constant_folding
+from .cse import cse
+from .dead_code import dead_code
+from .manager import PassContext, PassRecord, PipelineEntry, run_pipeline
+from .memory_planning import memory_planning
+from .noop_removal import noop_removal
+from .shape_propagation import shape_propagation
+
+CLEANUP_AND_PLANNING = (
+    PipelineEntry("noop_removal", noop_removal,
+                  "first: ~700 metadata asserts and no-op casts hide duplicates and keep dead nodes alive"),
+    PipelineEntry("dead_code", dead_code,
+                  "drops what the asserts kept alive and the unused branches (MTP weights in the main step)"),
+    PipelineEntry("cse", cse, "on the cleaned graph, so duplicates that differed by a no-op cast merge"),
+    PipelineEntry("constant_folding", constant_folding, "after CSE, so each duplicated table folds once"),
+    PipelineEntry("dead_code_after_folding", dead_code, "removes folded subgraphs' leftovers and unused buffers"),
+    PipelineEntry("shape_propagation", shape_propagation,
+                  "after all rewrites: gives new nodes metadata, and every node sympy shapes in B"),
+    PipelineEntry("memory_planning", memory_planning, "last: needs the final node order and shapes"),
+)
+
+TARGET_ALIASES = {"cpu": "cpu", "h100": "sm_90a", "h200": "sm_90a", "sm_90a": "sm_90a",
+                  "b200": "sm_100a", "sm_100a": "sm_100a", "gb300": "sm_103a", "sm_103a": "sm_103a"}
+
+PIPELINES: dict[str, tuple[PipelineEntry, ...]] = {
+    "cpu": CLEANUP_AND_PLANNING,
+    "sm_90a": CLEANUP_AND_PLANNING,
+    "sm_100a": CLEANUP_AND_PLANNING,
+    "sm_103a": CLEANUP_AND_PLANNING,
+}
+
+
+def canonical_target(target: str) -> str:
+    """The target's architecture name (`h100` -> `sm_90a`); a clear error for an unknown one."""
+    key = target.strip().lower()
+    if key not in TARGET_ALIASES:
+        raise ValueError(f"unknown target {target!r}; known: {', '.join(sorted(TARGET_ALIASES))}")
+    return TARGET_ALIASES[key]
+
+
+def pipeline_for(target: str) -> list[PipelineEntry]:
+    """The ordered (name, pass, reason) entries for `target`."""
+    return list(PIPELINES[canonical_target(target)])
+
+
+def optimise(gm: fx.GraphModule, target: str, ctx: PassContext) -> tuple[fx.GraphModule, list[PassRecord]]:
+    """Run `target`'s pipeline over `gm` (in place where the passes allow) with lint and checks."""
+    return run_pipeline(gm, pipeline_for(target), ctx)
