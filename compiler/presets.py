@@ -55,7 +55,7 @@ def tiny() -> ModelConfig:
         qk_rope_head_dim=32, q_lora_rank=128, o_groups=2, o_lora_rank=64, n_routed_experts=8,
         num_experts_per_tok=2, moe_intermediate_size=128, routed_scaling_factor=1.5, num_hash_layers=1,
         compress_ratios=(0, 4, 16, 0), index_n_heads=4, index_head_dim=64, index_topk=8,
-        sliding_window=32, max_position_embeddings=4096,
+        sliding_window=32, max_position_embeddings=2048,
         rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=512, beta_fast=32.0, beta_slow=1.0),
     )
 

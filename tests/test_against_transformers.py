@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DeepseekV4ForCausalLM, FineGrainedFP8Config
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4TopKRouter
 
 from dsv4c.compiler.checkpoint import Checkpoint, write_synthetic
@@ -60,6 +61,25 @@ def test_logits_match_transformers(tmp_path, variant):
     ours = run_logits(weights, cfg, TRANSFORMERS_NUMERICS, tokens, chunk=PREFILL, decode_from=PREFILL)
     assert rel_err(ours[:PREFILL], theirs[:PREFILL]) < TOLERANCE
     assert rel_err(ours[PREFILL:], theirs[PREFILL:]) < TOLERANCE
+
+
+def test_transformers_loads_our_checkpoint_through_its_own_fp8_path(tmp_path):
+    """transformers' own loader (FineGrainedFP8Config(dequantize=True): `.scale` names, e8m0 block scales,
+    MXFP4 experts unpacked on CPU, its deepseek_v4 renames) reads what `init-checkpoint` wrote, leaves
+    nothing missing or unexpected, and the model it builds gives our logits. Its FP8 decoder assumes
+    whole 128-blocks (as every released dim is), so this config aligns tiny's dims to 128."""
+    cfg = keep_everything(tiny().replace(head_dim=128, qk_rope_head_dim=64, index_head_dim=128))
+    ckpt_dir = write_synthetic(cfg, tmp_path / "ckpt", seed=13)
+    model, info = DeepseekV4ForCausalLM.from_pretrained(
+        ckpt_dir, config=to_transformers_config(cfg), dtype=torch.float32,
+        quantization_config=FineGrainedFP8Config(dequantize=True), output_loading_info=True)
+    assert not any(info.values()), info
+    ckpt = Checkpoint.open(ckpt_dir)
+    weights = dequantize_weights({n: ckpt.get(n) for n in ckpt.headers}, TRANSFORMERS_NUMERICS)
+    tokens = torch.randint(0, cfg.vocab_size, (72,))
+    theirs = transformers_logits(model.eval(), tokens.unsqueeze(0), prefill=64)[0]
+    ours = run_logits(weights, cfg, TRANSFORMERS_NUMERICS, tokens, chunk=64, decode_from=64)
+    assert rel_err(ours, theirs) < TOLERANCE
 
 
 def test_a_dropped_switch_is_detected(tmp_path):
