@@ -1,5 +1,9 @@
 """Capture the reference model's step into a flat torch.fx graph with torch.export.
 
+Weights enter in the release's packed formats (FP8 e4m3 / MXFP4 int8 with e8m0 `.scale`s): the step
+begins by decoding them, so the graph holds the whole computation from the bytes on disk, and later passes
+can fuse each decode into the matmul that consumes it instead of keeping dequantised copies.
+
 A `CapturedStep` is one compiled variant: the main step with T tokens per sequence (1 for plain decode,
 1 + k for MTP verification, a chunk for prefill) or the MTP module's step. Its graph is flat:
 - placeholders, in `input_names` order: `weights.<checkpoint name>`, `state.<state name>`, `tokens`,
@@ -17,8 +21,9 @@ from typing import Mapping
 import torch
 from torch.export import Dim, export
 
+from ..codegen import ops  # noqa: F401  (registers the dsv4c ops the captured graph calls)
 from .config import ModelConfig
-from .model import forward, init_state, mtp_forward, state_shapes
+from .model import dequantize_weights, forward, init_state, mtp_forward, state_shapes
 from .numerics import Numerics
 
 MAX_BATCH = 4096
@@ -71,10 +76,19 @@ class _Step(torch.nn.Module):
         super().__init__()
         self.cfg, self.num, self.variant = cfg, num, variant
 
-    def forward(self, weights, state, tokens, start, hidden=None):
+    def forward(self, packed, state, tokens, start, hidden=None):
+        weights = dequantize_weights(packed, self.num, fp8=_fp8_op, fp4=_fp4_op)
         if self.variant.kind == "main":
             return forward(weights, state, tokens, start, self.cfg, self.num)
         return mtp_forward(weights, state, tokens, hidden, start, self.cfg, self.num)
+
+
+def _fp8_op(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.ops.dsv4c.dequant_fp8_weight(weight, scale, torch.float32)
+
+
+def _fp4_op(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.ops.dsv4c.dequant_fp4_weight(weight, scale, torch.float32)
 
 
 def input_specs(cfg: ModelConfig, num: Numerics, weights: Mapping[str, torch.Tensor], variant: StepVariant,
@@ -93,7 +107,8 @@ def input_specs(cfg: ModelConfig, num: Numerics, weights: Mapping[str, torch.Ten
 
 def capture(cfg: ModelConfig, num: Numerics, weights: Mapping[str, torch.Tensor], variant: StepVariant,
             max_seq_len: int) -> CapturedStep:
-    """Export one step variant with a symbolic batch size; weights only lend their shapes and dtypes."""
+    """Export one step variant with a symbolic batch size. `weights` are the checkpoint's tensors in their
+    release formats (as `Checkpoint.get` returns them); they only lend their shapes and dtypes."""
     specs = input_specs(cfg, num, weights, variant, max_seq_len)
     batch = Dim("batch", min=1, max=MAX_BATCH)
     example = {name: _example(spec, name) for name, spec in specs.items()}
@@ -110,11 +125,9 @@ def capture(cfg: ModelConfig, num: Numerics, weights: Mapping[str, torch.Tensor]
 
 
 def _example(spec: InputSpec, name: str) -> torch.Tensor:
-    """An example input of batch 2 (export specialises sizes 0 and 1); tokens and positions are in range."""
-    shape = spec.concrete(2)
-    if spec.dtype == torch.int64:
-        return torch.zeros(shape, dtype=torch.int64)
-    return torch.zeros(shape, dtype=spec.dtype)
+    """An example input of batch 2 (export specialises sizes 0 and 1), all zeros: export traces shapes,
+    and zero token ids, positions and expert ids are always in range."""
+    return torch.zeros(spec.concrete(2), dtype=spec.dtype)
 
 
 def _flat_graph_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:

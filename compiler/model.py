@@ -11,7 +11,7 @@ exactly dequantised values (no `.scale` entries): see `dequantize_weights`.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -34,19 +34,23 @@ def _held_in_fp32(name: str) -> bool:
     return name.endswith(_FP32_SUFFIXES) or name in _FP32_NAMES or name.split(".")[-1].startswith("hc_")
 
 
-def dequantize_weights(raw: Mapping[str, torch.Tensor], num: Numerics) -> Weights:
+Decoder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def dequantize_weights(raw: Mapping[str, torch.Tensor], num: Numerics, fp8: Decoder = dequant_fp8_weight,
+                       fp4: Decoder = dequant_fp4_weight) -> Weights:
     """Release-format tensors -> the model's weights: FP8 (e4m3 + 128x128 e8m0 `.scale`) and MXFP4
-    (int8 pairs + per-32 e8m0 `.scale`) decoded exactly; fp32-held weights in fp32, token tables as
-    int64, everything else in the activation dtype (FP8 and FP4 values are exact in bf16)."""
+    (int8 pairs + per-32 e8m0 `.scale`) decoded exactly by `fp8` / `fp4`; fp32-held weights in fp32,
+    token tables as int64, everything else in the activation dtype (FP8 and FP4 values are exact in bf16)."""
     out: Weights = {}
     for name, tensor in raw.items():
         if name.endswith(".scale"):
             continue
         scale = raw.get(name[: -len("weight")] + "scale") if name.endswith(".weight") else None
         if scale is not None and tensor.dtype == torch.int8:
-            tensor = dequant_fp4_weight(tensor, scale)
+            tensor = fp4(tensor, scale)
         elif scale is not None:
-            tensor = dequant_fp8_weight(tensor, scale)
+            tensor = fp8(tensor, scale)
         if name.endswith("tid2eid"):
             out[name] = tensor.to(torch.int64)
         else:
