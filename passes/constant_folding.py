@@ -40,7 +40,7 @@ def constant_folding(gm: fx.GraphModule, ctx: PassContext,
         if node in values:
             _replace_with_buffer(gm, node, values[node], fake_mode)
             folded += 1
-    erase_dead(graph, [n for n in constant if n.op == "call_function"])
+    erase_dead(graph, constant)  # the folded subgraphs; their buffers are left to dead_code
     gm.recompile()
     size = sum(v.numel() * v.element_size() for v in values.values())
     return gm, make_record("constant_folding", before, gm, folded,
