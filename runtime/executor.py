@@ -13,14 +13,17 @@ Devices: a plan is device-agnostic. Every `torch.device` argument in it (the cap
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import types
 from typing import Any, Callable, Mapping
 
 import torch
 
-import dsv4c.codegen  # noqa: F401  (registers the dsv4c custom ops that plans may name)
 from dsv4c.runtime.plan import BATCH, OPERATORS, Plan, PlanError, PlanInput, PlanOp, Ref, parse_op_name
 
 WEIGHT_PREFIX = "weights."
+# The module whose import registers a namespace's custom ops; imported only when a plan names one.
+OP_MODULES: Mapping[str, str] = types.MappingProxyType({"dsv4c": "dsv4c.codegen.ops"})
 
 
 class ExecutorError(RuntimeError):
@@ -35,6 +38,12 @@ def resolve_op(name: str) -> Callable[..., Any]:
         raise ExecutorError(str(error)) from None
     if namespace == "operator":
         return OPERATORS[base]
+    if namespace in OP_MODULES:
+        try:
+            importlib.import_module(OP_MODULES[namespace])
+        except ImportError as error:
+            raise ExecutorError(f"op {name!r} is not registered: {OP_MODULES[namespace]} cannot be "
+                                f"imported ({error})") from None
     try:
         return getattr(getattr(getattr(torch.ops, namespace), base), overload)
     except (AttributeError, RuntimeError):

@@ -1,0 +1,247 @@
+"""A compiled artifact: one folder, written atomically, verified completely before anything is used.
+
+Layout:
+    manifest.json                  format_version, versions, config, numerics, targets, pass_log, kernels,
+                                   variants (name -> plan file), files (relative path -> sha256 and bytes)
+    plans/<variant>.json           a `Plan` per step variant (runtime/plan.py)
+    weights/model-<i>-of-<n>.safetensors   model weights by checkpoint name, plus `constants.*` graph constants
+    kernels/<target>/...           optional, passed as extra files
+
+`write_artifact` builds the folder beside the target and renames it into place, so the target holds a
+whole artifact or nothing. `load_artifact` refuses (naming the file or field) an unknown format version,
+malformed JSON, a file missing from or absent in the manifest, and any size or sha256 mismatch; it reads
+tensors with safetensors only and never unpickles. Nothing in an artifact is executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from dsv4c.runtime.artifact_io import (DEFAULT_SHARD_BYTES, MANIFEST, WEIGHTS_DIR, ArtifactError,
+                                       WeightStore, check_relpath, file_record, sha256_file, staging_dir,
+                                       write_durable, write_weight_shards)
+from dsv4c.runtime.plan import Plan, PlanError
+
+ARTIFACT_FORMAT_VERSION = 1
+PLANS_DIR = "plans"
+# Fields the caller supplies, with their JSON type; the writer adds the rest.
+CALLER_FIELDS: Mapping[str, type] = {"config": dict, "numerics": dict, "targets": list, "pass_log": list,
+                                     "kernels": dict}
+WRITER_FIELDS = ("format_version", "versions", "variants", "files")
+_VARIANT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+__all__ = ["ARTIFACT_FORMAT_VERSION", "Artifact", "ArtifactError", "WeightStore", "describe_numerics",
+           "load_artifact", "write_artifact"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """A loaded, verified artifact: the manifest as read, a plan per variant, and the lazy weights."""
+
+    path: Path
+    manifest: dict[str, Any]
+    plans: dict[str, Plan]
+    weights: WeightStore
+
+
+def describe_numerics(numerics: Any) -> dict[str, Any]:
+    """A numerics dataclass (dtype plus switches) as manifest JSON: dtype by name, switches as they are."""
+    out = {}
+    for field in dataclasses.fields(numerics):
+        value = getattr(numerics, field.name)
+        out[field.name] = str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
+    return out
+
+
+def write_artifact(path: str | os.PathLike, manifest_fields: Mapping[str, Any], plans: Mapping[str, Plan],
+                   tensors: Mapping[str, torch.Tensor], extra_files: Mapping[str, bytes] | None = None, *,
+                   overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write an artifact folder at `path` atomically and return its path.
+
+    `manifest_fields` holds `CALLER_FIELDS` (and may hold more JSON fields); `plans` maps variant names
+    to plans; `tensors` maps weight names (and the plans' constant keys) to tensors; `extra_files` maps
+    relative paths (e.g. `kernels/sm_90a/...`) to bytes. Refuses an existing `path` unless `overwrite`.
+    """
+    target = Path(path)
+    fields = _checked_fields(manifest_fields)
+    extra = _checked_extra_files(extra_files or {})
+    for name, plan in plans.items():
+        _check_variant(name, plan, tensors)
+    with staging_dir(target, overwrite) as root:
+        files: dict[str, dict[str, Any]] = {}
+        variants = _write_plans(root, plans, files)
+        for rel in write_weight_shards(root, tensors, shard_bytes):
+            files[rel] = file_record(root / rel)
+        for rel, data in extra.items():
+            write_durable(root / rel, data)
+            files[rel] = file_record(root / rel)
+        manifest = {"format_version": ARTIFACT_FORMAT_VERSION, "versions": _versions(), **fields,
+                    "variants": variants, "files": dict(sorted(files.items()))}
+        write_durable(root / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False).encode())
+    return target
+
+
+def load_artifact(path: str | os.PathLike) -> Artifact:
+    """Read and verify an artifact folder; see the module docstring for what is refused."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: not an artifact folder (no such directory)")
+    manifest = _read_manifest(root)
+    files = manifest["files"]
+    _verify_files(root, files)
+    plans = {}
+    for name, rel in manifest["variants"].items():
+        try:
+            plans[name] = Plan.from_json((root / rel).read_bytes(), source=rel)
+        except PlanError as error:
+            raise ArtifactError(f"artifact {root}: {error}") from None
+    weight_files = sorted(r for r in files if r.startswith(f"{WEIGHTS_DIR}/") and r.endswith(".safetensors"))
+    weights = WeightStore(root, weight_files)
+    for name, plan in plans.items():
+        _check_variant(name, plan, weights)
+    return Artifact(root, manifest, plans, weights)
+
+
+def _versions() -> dict[str, str | None]:
+    return {"dsv4c": _distribution_version("dsv4c"), "torch": torch.__version__,
+            "triton": _distribution_version("triton"), "python": platform.python_version()}
+
+
+def _distribution_version(name: str) -> str | None:
+    """An installed distribution's version without importing it (importing triton has side effects)."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _checked_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    missing = sorted(CALLER_FIELDS.keys() - fields.keys())
+    if missing:
+        raise ArtifactError(f"manifest fields missing: {missing}")
+    for name, value in fields.items():
+        if name in WRITER_FIELDS:
+            raise ArtifactError(f"manifest field {name!r} is written by write_artifact itself")
+        if name in CALLER_FIELDS and not isinstance(value, CALLER_FIELDS[name]):
+            raise ArtifactError(f"manifest field {name!r} must be a {CALLER_FIELDS[name].__name__}")
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as error:
+            raise ArtifactError(f"manifest field {name!r} is not plain JSON ({error})") from None
+        out[name] = value
+    return out
+
+
+def _checked_extra_files(extra: Mapping[str, bytes]) -> dict[str, bytes]:
+    for rel, data in extra.items():
+        check_relpath(rel, "extra file")
+        if rel.split("/")[0] in (PLANS_DIR, WEIGHTS_DIR):
+            raise ArtifactError(f"extra file {rel!r}: {PLANS_DIR}/ and {WEIGHTS_DIR}/ are written by dsv4c")
+        if not isinstance(data, bytes):
+            raise ArtifactError(f"extra file {rel!r}: content must be bytes, got {type(data).__name__}")
+    return dict(extra)
+
+
+def _check_variant(name: str, plan: Plan, tensors: Mapping[str, Any]) -> None:
+    """A variant name is a plain file name and every tensor its plan reads is in the weights."""
+    if not isinstance(name, str) or not _VARIANT.match(name):
+        raise ArtifactError(f"variant {name!r}: names are letters, digits, '_', '.', '-'")
+    if not isinstance(plan, Plan):
+        raise ArtifactError(f"variant {name!r}: expected a Plan, got {type(plan).__name__}")
+    needed = set(plan.constants.values())
+    needed |= {s.name[len("weights."):] for s in plan.inputs if s.name.startswith("weights.")}
+    missing = sorted(needed - set(tensors.keys()))
+    if missing:
+        raise ArtifactError(f"variant {name!r}: tensors missing from the weights: {missing[:10]}")
+
+
+def _write_plans(root: Path, plans: Mapping[str, Plan], files: dict[str, Any]) -> dict[str, str]:
+    variants = {}
+    for name, plan in plans.items():
+        rel = f"{PLANS_DIR}/{name}.json"
+        write_durable(root / rel, plan.to_json().encode())
+        files[rel] = file_record(root / rel)
+        variants[name] = rel
+    return variants
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    where = f"artifact {root}: {MANIFEST}"
+    try:
+        manifest = json.loads((root / MANIFEST).read_bytes())
+    except FileNotFoundError:
+        raise ArtifactError(f"{where} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{where}: not valid JSON ({error})") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{where}: must be a JSON object")
+    version = manifest.get("format_version")
+    if type(version) is not int or version != ARTIFACT_FORMAT_VERSION:
+        raise ArtifactError(f"{where}: field 'format_version' is {version!r}; "
+                            f"this dsv4c reads {ARTIFACT_FORMAT_VERSION}")
+    for name, kind in {**CALLER_FIELDS, "versions": dict, "variants": dict, "files": dict}.items():
+        if not isinstance(manifest.get(name), kind):
+            raise ArtifactError(f"{where}: field {name!r} is missing or not a {kind.__name__}")
+    _check_file_table(manifest["files"], where)
+    for name, rel in manifest["variants"].items():
+        if not _VARIANT.match(name) or rel not in manifest["files"]:
+            raise ArtifactError(f"{where}: variant {name!r} names {rel!r}, which is not a listed file")
+    return manifest
+
+
+def _check_file_table(files: dict[str, Any], where: str) -> None:
+    for rel, record in files.items():
+        try:
+            check_relpath(rel, f"{where}: field 'files'")
+        except ArtifactError as error:
+            raise ArtifactError(str(error)) from None
+        ok = (isinstance(record, dict) and set(record) == {"sha256", "bytes"}
+              and isinstance(record["sha256"], str) and _SHA256.match(record["sha256"])
+              and type(record["bytes"]) is int and record["bytes"] >= 0)
+        if not ok:
+            raise ArtifactError(f"{where}: field 'files' entry {rel!r} needs a sha256 (64 hex) and bytes")
+
+
+def _verify_files(root: Path, files: dict[str, dict[str, Any]]) -> None:
+    """Every listed file present with its size and sha256, and no file that is not listed."""
+    present = _regular_files(root)
+    missing, extra = sorted(files.keys() - present), sorted(present - files.keys())
+    if missing:
+        raise ArtifactError(f"artifact {root}: files listed in {MANIFEST} are missing: {missing}")
+    if extra:
+        raise ArtifactError(f"artifact {root}: files not listed in {MANIFEST}: {extra}")
+    for rel, record in files.items():
+        size = (root / rel).stat().st_size
+        if size != record["bytes"]:
+            raise ArtifactError(f"artifact {root}: file {rel!r} has {size} bytes, {MANIFEST} says "
+                                f"{record['bytes']} (truncated or changed)")
+    for rel, record in files.items():
+        if sha256_file(root / rel) != record["sha256"]:
+            raise ArtifactError(f"artifact {root}: file {rel!r} does not match its sha256 in {MANIFEST} "
+                                f"(changed or corrupted); refusing to load it")
+
+
+def _regular_files(root: Path) -> set[str]:
+    """Relative paths of the files under `root` but the manifest; links and special files are refused."""
+    found = set()
+    for folder, dirs, names in os.walk(root):
+        for name in dirs + names:
+            path = Path(folder) / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                raise ArtifactError(f"artifact {root}: {rel!r} is a symbolic link; artifacts hold plain files")
+            if name in names and not path.is_file():
+                raise ArtifactError(f"artifact {root}: {rel!r} is not a regular file")
+            if name in names and rel != MANIFEST:
+                found.add(rel)
+    return found
