@@ -19,7 +19,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.fx as fx
@@ -72,9 +72,8 @@ class PassRecord:
 GraphPass = Callable[[fx.GraphModule, PassContext], "tuple[fx.GraphModule, PassRecord]"]
 
 
-@dataclasses.dataclass(frozen=True)
-class PipelineEntry:
-    """One pass of a pipeline with the reason for its place."""
+class PipelineEntry(NamedTuple):
+    """One pass of a pipeline with the reason for its place (a `(name, fn, reason)` tuple)."""
 
     name: str
     fn: GraphPass
@@ -106,11 +105,13 @@ def dump_env(enabled: bool = True) -> Iterator[None]:
             os.environ[DUMP_ENV] = old
 
 
-def run_pipeline(gm: fx.GraphModule, passes: Sequence[PipelineEntry | GraphPass],
+def run_pipeline(gm: fx.GraphModule, passes: Sequence[PipelineEntry | tuple | GraphPass],
                  ctx: PassContext) -> tuple[fx.GraphModule, list[PassRecord]]:
-    """Run `passes` in order; lint after each; in debug mode check outputs after each against before."""
+    """Run `passes` (entries, `(name, fn[, reason])` tuples or bare functions) in order; lint after each;
+    in debug mode check the outputs after each pass against those before it (the same fresh inputs for
+    the whole run, so the first pass whose outputs move is the one named)."""
     dump = dump_enabled()
-    entries = [p if isinstance(p, PipelineEntry) else PipelineEntry(p.__name__, p) for p in passes]
+    entries = [PipelineEntry(*p) if isinstance(p, tuple) else PipelineEntry(p.__name__, p) for p in passes]
     lint_graph(gm, "the input graph")
     checker = _EquivalenceChecker(gm, ctx) if ctx.debug and ctx.make_inputs is not None else None
     records = []
