@@ -87,13 +87,13 @@ class Executor:
         self._steps = tuple(self._compile(index, op) for index, op in enumerate(plan.ops))
         self._constants = self._load_constants(constants)
         bound = dict(bound_inputs or {})
-        self._check_inputs(bound, expected=set(bound), batch=None)
+        self._check_inputs(bound, expected=set(bound), batch=None, device=None)
         self._bound = {name: tensor.to(self.device) for name, tensor in bound.items()}
         self._run_inputs = set(self._specs) - set(bound)
 
     def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """Output name -> value for one call of the step; `inputs` are the plan inputs not bound at load."""
-        self._check_inputs(inputs, expected=self._run_inputs, batch=self._bound_batch())
+        self._check_inputs(inputs, expected=self._run_inputs, batch=self._bound_batch(), device=self.device)
         env: dict[str, Any] = {**self._constants, **self._bound, **inputs}
         index = 0
         try:
@@ -138,13 +138,15 @@ class Executor:
                 return batch
         return None
 
-    def _check_inputs(self, inputs: Mapping[str, Any], expected: set[str], batch: int | None) -> None:
+    def _check_inputs(self, inputs: Mapping[str, Any], expected: set[str], batch: int | None,
+                      device: torch.device | None) -> None:
+        """Names, dtypes and shapes as planned, one batch size, and (unless `device` is None) the device."""
         missing, unknown = expected - inputs.keys(), inputs.keys() - expected
         if missing or unknown:
             raise ExecutorError(f"inputs: missing {sorted(missing)}, unexpected {sorted(unknown)}")
         for name, value in inputs.items():
             spec = self._specs[name]
-            _check_tensor(spec, value, self.device)
+            _check_tensor(spec, value, device)
             found = _batch_of(spec, value)
             if batch is None:
                 batch = found
@@ -177,7 +179,7 @@ def _bind(value: Any, env: dict[str, Any]) -> Any:
     return value
 
 
-def _check_tensor(spec: PlanInput, value: Any, device: torch.device) -> None:
+def _check_tensor(spec: PlanInput, value: Any, device: torch.device | None) -> None:
     if not isinstance(value, torch.Tensor):
         raise ExecutorError(f"input {spec.name!r}: expected a tensor, got {type(value).__name__}")
     if value.dtype != spec.torch_dtype():
@@ -186,6 +188,8 @@ def _check_tensor(spec: PlanInput, value: Any, device: torch.device) -> None:
         d == BATCH or d == s for d, s in zip(spec.shape, value.shape))
     if not ok:
         raise ExecutorError(f"input {spec.name!r}: shape {tuple(value.shape)}, plan expects {spec.shape}")
+    if device is None:
+        return
     if value.device.type != device.type or (device.index is not None and value.device.index != device.index):
         raise ExecutorError(f"input {spec.name!r}: on {value.device}, executor runs on {device}")
 

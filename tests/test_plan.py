@@ -220,3 +220,19 @@ def test_executor_checks_inputs():
         executor.run({"x": torch.ones(3, 4, dtype=torch.float64)})
     with pytest.raises(ExecutorError, match="input 'x': shape"):
         executor.run({"x": torch.ones(3, 5)})
+
+
+def test_device_arguments_follow_the_executor(toy):
+    """The plan's baked capture device (`zeros(device=cpu)`) becomes the executor's: run on `meta`."""
+    gm, plan = toy
+    constants = graph_constants(gm, plan)
+    executor = Executor(plan, constants, "meta")
+    outputs = executor.run({"x": torch.empty(4, 8, device="meta"), "idx": torch.empty(4, dtype=torch.long,
+                                                                                       device="meta")})
+    assert outputs["out"].device.type == "meta" and outputs["out"].shape == (4, 2)
+    assert outputs["ids"].shape == (8, 2) and outputs["first"].shape == (8, 1)
+    with pytest.raises(ExecutorError, match="input 'x': on cpu, executor runs on meta"):
+        executor.run({"x": torch.ones(4, 8), "idx": torch.zeros(4, dtype=torch.long, device="meta")})
+    with pytest.raises(ExecutorError, match="input 'idx': batch size 2, but other inputs have 4"):
+        executor.run({"x": torch.empty(4, 8, device="meta"), "idx": torch.empty(2, dtype=torch.long,
+                                                                                 device="meta")})
