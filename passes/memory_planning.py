@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from .manager import PassContext, PassRecord, make_record
-from .op_facts import alias_source, count_nodes, is_getitem, tensor_val
+from .op_facts import MAY_ALIAS_OR_COPY, alias_source, count_nodes, is_getitem, tensor_val
 from .shape_propagation import BATCH, annotate_shapes
 
 REPORT_BATCHES = (1, 8, 64)
@@ -100,7 +100,8 @@ def memory_planning(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModul
                            f"{len(plan.buffers)} buffers in {len(plan.slot_sizes)} slots, peak {plan.peak} "
                            f"bytes ({numbers} without reuse)",
                            slots=len(plan.slot_sizes), peak=str(plan.peak), no_reuse=str(plan.no_reuse),
-                           bytes_at={b: p for b, (p, _) in at.items()})
+                           bytes_at={b: p for b, (p, _) in at.items()},
+                           no_reuse_bytes_at={b: n for b, (_, n) in at.items()})
 
 
 def plan_memory(gm: fx.GraphModule) -> MemoryPlan:
@@ -141,13 +142,15 @@ def find_buffers(gm: fx.GraphModule) -> dict[str, Buffer]:
 
 
 def _owner(node: fx.Node, owner: dict[fx.Node, fx.Node]) -> fx.Node:
-    """The storage owner: the alias source's owner when the op aliases and the fake storages agree."""
+    """The storage owner: views and in-place results share their source's; a may-alias op (`to`,
+    `reshape`, `contiguous`) does when its FakeTensor shares the source's storage."""
     source = alias_source(node)
     if source is None or source not in owner:
         return node
-    mine, theirs = tensor_val(node), tensor_val(source)
-    if mine is not None and theirs is not None and not _same_storage(mine, theirs):
-        return node  # a may-alias op (to, reshape, contiguous) that copied
+    if node.op == "call_function" and node.target in MAY_ALIAS_OR_COPY:
+        mine, theirs = tensor_val(node), tensor_val(source)
+        if mine is not None and theirs is not None and (mine.dtype != theirs.dtype or not _same_storage(mine, theirs)):
+            return node
     return owner[source]
 
 

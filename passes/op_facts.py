@@ -20,6 +20,13 @@ aten = torch.ops.aten
 # Ops that change only autograd metadata: in an inference graph they neither mutate nor compute.
 METADATA_ONLY = frozenset({aten.detach_.default, aten.detach.default})
 
+# Ops whose schema says "may alias": they return their input when they can and copy otherwise, so only the
+# FakeTensor storages tell which happened. Every other aliasing op is a view (or writes in place).
+MAY_ALIAS_OR_COPY = frozenset({
+    aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other, aten.reshape.default,
+    aten.reshape_as.default, aten.flatten.using_ints, aten.contiguous.default,
+})
+
 # Plain Python / torch functions that export leaves in a graph to compute sizes (SymInt arithmetic).
 SYM_FUNCTIONS = frozenset({
     operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,

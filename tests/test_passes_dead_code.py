@@ -7,7 +7,7 @@ from pass_graphs import check_pass, export_flat, random_inputs, targets
 
 
 def dead_chain(m, x, w):
-    unused = (x @ w).sin().sum()               # 3 dead nodes
+    _ = (x @ w).sin().sum()                    # 3 dead nodes
     _ = m.table * 2                            # dead get_attr + mul, buffer then unused
     scratch = torch.zeros_like(x)
     scratch.add_(x)                            # write into a fresh buffer nobody reads: dead

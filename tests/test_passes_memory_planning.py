@@ -79,3 +79,17 @@ def test_peak_grows_with_batch_and_reuse_wins():
     assert peaks == sorted(peaks) and peaks[0] < peaks[-1]
     assert all(plan.peak_bytes(b) < plan.no_reuse_bytes(b) for b in (1, 8, 64))
     assert isinstance(plan.peak, sympy.Expr)
+
+
+def reshapes(m, x):
+    copied = x.sin().t().reshape(-1)      # a transposed reshape copies: its own buffer
+    viewed = x.cos().reshape(-1)          # a contiguous reshape is a view of cos
+    return ((copied.sum() + viewed.sum()).unsqueeze(0),)
+
+
+def test_may_alias_ops_follow_the_fake_storages():
+    make = random_inputs([(2, 16)])
+    gm, _ = check_pass(memory_planning, export_flat(reshapes, make(2)), make)
+    plan = _plan(gm)
+    assert {"sin", "t", "reshape", "cos", "reshape_1"} & set(plan.buffers) == {"sin", "reshape", "cos"}
+    assert plan.buffers["cos"].end == plan.buffers["sum_2"].start     # cos lives as long as its view
