@@ -10,7 +10,7 @@ is taken when its size is provably >= the buffer's for every B >= 1 (best fit), 
 provably >= the slot, otherwise a new slot opens. Sizes are `numel * itemsize` as sympy polynomials in B.
 
 The plan (`MemoryPlan`, JSON-serialisable) goes to `gm.meta["dsv4c_memory_plan"]`; the graph is unchanged.
-Before: shape_propagation (run here if it has not been). Where: last - any later rewrite invalidates it.
+Before: shape_propagation (its work is redone here if it has not run or a later pass added nodes). Where: last - any later rewrite invalidates it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from .manager import PassContext, PassRecord, make_record
 from .op_facts import MAY_ALIAS_OR_COPY, alias_source, count_nodes, is_getitem, tensor_val
-from .shape_propagation import BATCH, annotate_shapes
+from .shape_propagation import BATCH, annotate_shapes, nodes_without_val, refresh_fake_values
 
 REPORT_BATCHES = (1, 8, 64)
 
@@ -90,6 +90,8 @@ class MemoryPlan:
 def memory_planning(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, PassRecord]:
     """Plan buffer reuse and store the plan on `gm.meta["dsv4c_memory_plan"]`."""
     before = count_nodes(gm)
+    if nodes_without_val(gm):
+        refresh_fake_values(gm)
     if any(tensor_val(n) is not None and "dsv4c_shape" not in n.meta for n in gm.graph.nodes):
         annotate_shapes(gm)
     plan = plan_memory(gm)
