@@ -1,4 +1,4 @@
-"""The `dsv4c` command line: init-checkpoint, info, score.
+"""The `dsv4c` command line: init-checkpoint, info, score, compile, generate, inspect.
 
 Every subcommand is a small function taking parsed arguments and returning an exit code. Errors a user
 can cause (bad config, bad checkpoint, bad token file) reach them as one line on stderr and exit code 2.
@@ -7,6 +7,7 @@ can cause (bad config, bad checkpoint, bad token file) reach them as one line on
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -14,13 +15,14 @@ from typing import Sequence
 
 import torch
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from .checkpoint import Checkpoint, CheckpointError, summary, write_synthetic
 from .config import ConfigError, ModelConfig
 from .model import dequantize_weights
 from .numerics import Numerics
 from .presets import PRESETS, preset
-from .scoring import score
+from .scoring import runner_logits, score, score_logits
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -57,23 +59,116 @@ def read_token_ids(path: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def _is_artifact(path: str) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+def _score_artifact(args: argparse.Namespace, tokens: torch.Tensor, console: Console):
+    from ..runtime.loader import load
+
+    engine = load(args.checkpoint, args.device)
+    vocab = engine.vocab_size
+    if int(tokens.max()) >= vocab or int(tokens.min()) < 0:
+        raise ValueError(f"{args.token_ids}: token ids must lie in [0, {vocab})")
+    if tokens.numel() > engine.max_seq_len:
+        raise ValueError(f"{args.token_ids}: {tokens.numel()} tokens; the artifact holds {engine.max_seq_len}")
+    with console.status(f"scoring {tokens.numel()} tokens"):
+        logits = runner_logits(engine.runner, engine.new_state(1), tokens, engine.prefill_chunk, args.decode_from)
+    return score_logits(logits, tokens)
+
+
 def _score(args: argparse.Namespace, console: Console) -> int:
     tokens = read_token_ids(args.token_ids)
-    ckpt = Checkpoint.open(args.checkpoint)
-    cfg = ckpt.config
-    if int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0:
-        raise ValueError(f"{args.token_ids}: token ids must lie in [0, {cfg.vocab_size})")
-    num = Numerics(dtype=_DTYPES[args.dtype]) if args.numerics == "faithful" else Numerics.plain(_DTYPES[args.dtype])
-    with console.status("loading weights"):
-        weights = dequantize_weights({name: ckpt.get(name) for name in ckpt.headers}, num)
-        weights = {k: v.to(args.device) for k, v in weights.items()}
-    with console.status(f"scoring {tokens.numel()} tokens"):
-        result = score(weights, cfg, num, tokens, chunk=args.chunk, decode_from=args.decode_from)
+    result = _score_artifact(args, tokens, console) if _is_artifact(args.checkpoint) else _score_checkpoint(
+        args, tokens, console)
     console.print(f"tokens {tokens.numel()}  predicted {result.predicted}  mean NLL {result.mean_nll:.6f}  "
                   f"perplexity {result.perplexity:.4f}", highlight=False, soft_wrap=True)
     if args.logits_out:
         _save_logits(result.logits, tokens, args.logits_out)
         console.print(f"logits of every position written to {args.logits_out}")
+    return 0
+
+
+def _score_checkpoint(args: argparse.Namespace, tokens: torch.Tensor, console: Console):
+    ckpt = Checkpoint.open(args.checkpoint)
+    cfg = ckpt.config
+    if int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0:
+        raise ValueError(f"{args.token_ids}: token ids must lie in [0, {cfg.vocab_size})")
+    num = _numerics(args)
+    with console.status("loading weights"):
+        weights = dequantize_weights({name: ckpt.get(name) for name in ckpt.headers}, num)
+        weights = {k: v.to(args.device) for k, v in weights.items()}
+    with console.status(f"scoring {tokens.numel()} tokens"):
+        return score(weights, cfg, num, tokens, chunk=args.chunk, decode_from=args.decode_from)
+
+
+def _numerics(args: argparse.Namespace) -> Numerics:
+    dtype = _DTYPES[args.dtype]
+    return Numerics(dtype=dtype) if args.numerics == "faithful" else Numerics.plain(dtype)
+
+
+def _compile(args: argparse.Namespace, console: Console) -> int:
+    from .pipeline import CompileOptions, compile_checkpoint
+
+    options = CompileOptions(targets=tuple(t.strip() for t in args.target.split(",") if t.strip()),
+                             numerics=_numerics(args), max_seq_len=args.max_seq_len,
+                             prefill_chunk=args.prefill_chunk, mtp=not args.no_mtp, debug=args.debug)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True) as bar:
+        task = bar.add_task("compiling")
+        out = compile_checkpoint(args.checkpoint, args.output, options, overwrite=args.overwrite,
+                                 progress=lambda message: bar.update(task, description=message))
+    console.print(f"wrote {out}")
+    if args.explain:
+        from ..runtime.artifact import load_artifact
+
+        console.print("\n".join(explain_lines(load_artifact(out).manifest["pass_log"])), highlight=False,
+                      soft_wrap=True)
+    return 0
+
+
+def explain_lines(pass_log: list[dict]) -> list[str]:
+    """The pass log, one line a pass: what it matched and changed, per compiled variant."""
+    lines = []
+    for entry in pass_log:
+        lines.append(f"{entry['variant']}: captured {entry['nodes_captured']} nodes in {entry['capture_s']:.1f} s")
+        for record in entry["passes"]:
+            lines.append(f"  {record['name']:<24} matched {record['matches']:>6}  "
+                         f"nodes {record['nodes_before']:>6} -> {record['nodes_after']:<6} {record['description']}")
+    return lines
+
+
+def read_prompt(text: str) -> list[int]:
+    """Prompt ids from a whitespace- or comma-separated string, or @FILE."""
+    source = Path(text[1:]).read_text() if text.startswith("@") else text
+    try:
+        return [int(tok) for tok in source.replace(",", " ").split()]
+    except ValueError as err:
+        raise ValueError(f"--prompt-ids: expected integers ({err})") from None
+
+
+def _generate(args: argparse.Namespace, console: Console) -> int:
+    from ..runtime.loader import load
+    from ..runtime.sampler import SamplingParams
+
+    prompts = [read_prompt(p) for p in args.prompt_ids]
+    engine = load(args.artifact, args.device)
+    for prompt in prompts:
+        if not prompt or max(prompt) >= engine.vocab_size or min(prompt) < 0:
+            raise ValueError(f"--prompt-ids: ids must be non-empty and lie in [0, {engine.vocab_size})")
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p)
+    result = engine.generate(prompts, args.max_new_tokens, sampling, mtp=args.mtp, seed=args.seed)
+    report = {"tokens": result.tokens, "steps": result.steps, "drafted": result.drafted,
+              "accepted": result.accepted, "rejected_nonfinite": result.rejected_nonfinite,
+              "acceptance_rate": None if not result.drafted else result.acceptance_rate}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    for prompt, tokens in zip(prompts, result.tokens):
+        console.print(f"{' '.join(map(str, prompt))} -> {' '.join(map(str, tokens))}", highlight=False, soft_wrap=True)
+    if args.mtp:
+        console.print(f"MTP: {result.accepted}/{result.drafted} drafts accepted "
+                      f"({report['acceptance_rate'] or 0:.1%}), {result.rejected_nonfinite} non-finite", highlight=False)
     return 0
 
 
@@ -114,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("score", help="mean NLL and perplexity of a token sequence",
                         description="Run the reference model over a token sequence: prefill in chunks, then token "
                                     "by token from --decode-from; print mean NLL and perplexity.")
-    sc.add_argument("checkpoint", metavar="CKPT")
+    sc.add_argument("checkpoint", metavar="CKPT|ART", help="a checkpoint directory or a compiled artifact")
     sc.add_argument("--token-ids", required=True, metavar="FILE", help="whitespace-separated token ids ('-': stdin)")
     sc.add_argument("--logits-out", metavar="FILE.safetensors", help="save every position's logits")
     sc.add_argument("--decode-from", type=int, metavar="N", help="prefill N tokens, then decode one at a time")
@@ -124,6 +219,38 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="activation dtype (default bf16)")
     sc.add_argument("--device", default="cpu", help="torch device (default cpu)")
     sc.set_defaults(run=_score)
+
+    comp = sub.add_parser("compile", help="compile a checkpoint into an artifact",
+                          description="Capture the decode step (and its MTP and prefill variants), run the target's "
+                                      "passes, and write an artifact folder (plans, weights, manifest) atomically.")
+    comp.add_argument("checkpoint", metavar="CKPT")
+    comp.add_argument("-o", "--output", required=True, metavar="ART", help="artifact folder to create")
+    comp.add_argument("--target", default="cpu", help="comma-separated targets: cpu, h100, h200, b200, gb300 "
+                                                      "(default cpu)")
+    comp.add_argument("--explain", action="store_true", help="print the pass log: what each pass matched and changed")
+    comp.add_argument("--numerics", choices=("faithful", "plain"), default="faithful")
+    comp.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="activation dtype (default bf16)")
+    comp.add_argument("--max-seq-len", type=int, default=4096, help="cache capacity per sequence (default 4096)")
+    comp.add_argument("--prefill-chunk", type=int, default=32, help="tokens per prefill step (default 32)")
+    comp.add_argument("--no-mtp", action="store_true", help="leave out the MTP variants")
+    comp.add_argument("--debug", action="store_true", help="check every pass on random inputs (slow)")
+    comp.add_argument("--overwrite", action="store_true", help="replace an existing artifact")
+    comp.set_defaults(run=_compile)
+
+    gen = sub.add_parser("generate", help="generate tokens with a compiled artifact",
+                         description="Batched generation: greedy (default) or temperature/top-p sampling, with "
+                                     "optional MTP speculative decoding (one draft token).")
+    gen.add_argument("artifact", metavar="ART")
+    gen.add_argument("--prompt-ids", required=True, action="append", metavar="IDS",
+                     help="token ids ('1 2 3', '1,2,3' or @FILE); repeat for a batch")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--mtp", type=int, choices=(0, 1), default=0, help="draft tokens per step (0 or 1)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--json", action="store_true", help="print tokens and acceptance counts as JSON")
+    gen.add_argument("--device", default="cpu")
+    gen.set_defaults(run=_generate)
     return parser
 
 
@@ -133,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args, console)
     except (ConfigError, CheckpointError, FileExistsError, FileNotFoundError, ValueError, KeyError) as err:
+        # ArtifactError, PlanError and SamplingParams errors are ValueErrors too
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"dsv4c {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Score a token sequence with the reference model: prefill in chunks, then decode token by token.
+"""Score a token sequence (reference model or compiled artifact): prefill in chunks, then decode token by token.
 
 The logits of every position come from the step that consumed that position's token, so the same
 function measures prefill/decode agreement as well as perplexity.
@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ..runtime.engine import StepRunner
 from .config import ModelConfig
 from .model import Weights, forward, init_state
 from .numerics import Numerics
@@ -37,11 +38,9 @@ def step_schedule(length: int, chunk: int, decode_from: int | None) -> list[tupl
 
 def run_logits(w: Weights, cfg: ModelConfig, num: Numerics, tokens: torch.Tensor, chunk: int = 256,
                decode_from: int | None = None) -> torch.Tensor:
-    """Logits `[T, V]` of a 1-D token sequence, computed step by step as `step_schedule` says."""
-    if tokens.ndim != 1 or tokens.numel() == 0:
-        raise ValueError("token ids: expected a non-empty 1-D sequence")
-    if int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0:
-        raise ValueError(f"token ids: values must lie in [0, {cfg.vocab_size})")
+    """Logits `[T, V]` of a 1-D token sequence under the reference model, step by step as `step_schedule`
+    says."""
+    _check_tokens(tokens, cfg.vocab_size)
     device = w["embed.weight"].device
     state = init_state(cfg, 1, _capacity(cfg, tokens.numel()), num, device)
     pieces = []
@@ -52,14 +51,43 @@ def run_logits(w: Weights, cfg: ModelConfig, num: Numerics, tokens: torch.Tensor
     return torch.cat(pieces)
 
 
-def score(w: Weights, cfg: ModelConfig, num: Numerics, tokens: torch.Tensor, chunk: int = 256,
-          decode_from: int | None = None) -> Score:
-    """Mean NLL and perplexity of `tokens` under the model, with every position's logits."""
-    logits = run_logits(w, cfg, num, tokens, chunk, decode_from)
+def runner_logits(runner: StepRunner, state: dict[str, torch.Tensor], tokens: torch.Tensor, chunk: int,
+                  decode_from: int | None = None) -> torch.Tensor:
+    """Logits `[T, V]` of a 1-D token sequence through a runner of compiled variants (`main_t{chunk}` for
+    whole prefill chunks, `main_t1` for the rest), starting from an empty batch-1 `state`."""
+    prefill_end = tokens.numel() if decode_from is None else max(0, min(decode_from, tokens.numel()))
+    whole = prefill_end - prefill_end % chunk
+    schedule = [(s, s + chunk) for s in range(0, whole, chunk)] + [(t, t + 1) for t in range(whole, tokens.numel())]
+    device = next(iter(state.values())).device
+    pieces = []
+    for start, stop in schedule:
+        inputs = {f"state.{k}": v for k, v in state.items()}
+        inputs.update(tokens=tokens[start:stop].to(device).unsqueeze(0), start=torch.tensor([start], device=device))
+        out = runner.run(f"main_t{stop - start}", inputs)
+        state = {k: out[f"state.{k}"] for k in state}
+        pieces.append(out["logits"][0].float().cpu())
+    return torch.cat(pieces)
+
+
+def score_logits(logits: torch.Tensor, tokens: torch.Tensor) -> Score:
+    """Mean NLL and perplexity of tokens 1..T-1 under the logits of positions 0..T-2."""
     if tokens.numel() < 2:
         return Score(float("nan"), float("nan"), 0, logits)
     nll = torch.nn.functional.cross_entropy(logits[:-1], tokens[1:].long(), reduction="mean").item()
     return Score(nll, math.exp(nll), tokens.numel() - 1, logits)
+
+
+def score(w: Weights, cfg: ModelConfig, num: Numerics, tokens: torch.Tensor, chunk: int = 256,
+          decode_from: int | None = None) -> Score:
+    """Mean NLL and perplexity of `tokens` under the reference model, with every position's logits."""
+    return score_logits(run_logits(w, cfg, num, tokens, chunk, decode_from), tokens)
+
+
+def _check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:
+    if tokens.ndim != 1 or tokens.numel() == 0:
+        raise ValueError("token ids: expected a non-empty 1-D sequence")
+    if int(tokens.max()) >= vocab_size or int(tokens.min()) < 0:
+        raise ValueError(f"token ids: values must lie in [0, {vocab_size})")
 
 
 def _capacity(cfg: ModelConfig, length: int) -> int:

@@ -53,9 +53,10 @@ class Engine:
     """Generates for a batch of prompts with a runner of compiled steps and a pool of cache state."""
 
     def __init__(self, runner: StepRunner, state_specs: Mapping[str, StateSpec], prefill_chunk: int,
-                 max_seq_len: int, device: torch.device | str = "cpu"):
+                 max_seq_len: int, device: torch.device | str = "cpu", vocab_size: int | None = None):
         self.runner, self.state_specs = runner, dict(state_specs)
         self.prefill_chunk, self.max_seq_len, self.device = prefill_chunk, max_seq_len, torch.device(device)
+        self.vocab_size = vocab_size
 
     # ---- state pool -------------------------------------------------------------------------------
     def new_state(self, batch: int) -> dict[str, torch.Tensor]:
@@ -101,6 +102,8 @@ class Engine:
             raise ValueError(f"mtp: got {mtp}; allowed: 0 or 1 (one draft token)")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("prompts: every prompt needs at least one token")
+        if self.vocab_size is not None and any(not 0 <= t < self.vocab_size for p in prompts for t in p):
+            raise ValueError(f"prompts: token ids must lie in [0, {self.vocab_size})")
         longest = max(len(p) for p in prompts) + max_new_tokens + 1
         if longest > self.max_seq_len:
             raise ValueError(f"max_new_tokens: prompt + new tokens reach {longest} positions; "

@@ -60,4 +60,4 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Engine:
               file=sys.stderr)
     manifest = artifact.manifest
     return Engine(PlanRunner(artifact, device), state_specs(artifact), manifest["prefill_chunk"],
-                  manifest["max_seq_len"], device)
+                  manifest["max_seq_len"], device, vocab_size=manifest["config"]["vocab_size"])
