@@ -16,6 +16,7 @@ from .manager import PassContext, PassRecord, PipelineEntry, run_pipeline
 from .memory_planning import memory_planning
 from .noop_removal import noop_removal
 from .shape_propagation import shape_propagation
+from ..codegen import targets as target_table
 
 CLEANUP_AND_PLANNING = (
     PipelineEntry("noop_removal", noop_removal,
@@ -30,8 +31,7 @@ CLEANUP_AND_PLANNING = (
     PipelineEntry("memory_planning", memory_planning, "last: needs the final node order and shapes"),
 )
 
-TARGET_ALIASES = {"cpu": "cpu", "h100": "sm_90a", "h200": "sm_90a", "sm_90a": "sm_90a",
-                  "b200": "sm_100a", "sm_100a": "sm_100a", "gb300": "sm_103a", "sm_103a": "sm_103a"}
+TARGET_ALIASES = target_table.alias_table()  # codegen/targets.py is the source of truth for names and aliases
 
 PIPELINES: dict[str, tuple[PipelineEntry, ...]] = {
     "cpu": CLEANUP_AND_PLANNING,
@@ -43,10 +43,7 @@ PIPELINES: dict[str, tuple[PipelineEntry, ...]] = {
 
 def canonical_target(target: str) -> str:
     """The target's architecture name (`h100` -> `sm_90a`); a clear error for an unknown one."""
-    key = target.strip().lower()
-    if key not in TARGET_ALIASES:
-        raise ValueError(f"unknown target {target!r}; known: {', '.join(sorted(TARGET_ALIASES))}")
-    return TARGET_ALIASES[key]
+    return target_table.target(target).name
 
 
 def pipeline_for(target: str) -> list[PipelineEntry]:
