@@ -1,0 +1,9 @@
+"""dsv4c's Triton kernels, one family a file (kernel, host wrapper, launch heuristics per target).
+
+Importing this package imports nothing heavy: each kernel module imports Triton itself, so import it only
+where a kernel is about to run (`from dsv4c.codegen.kernels import mhc` inside the function that calls it),
+and the rest of dsv4c, CPU-only paths and tests included, never imports Triton.
+
+- `mhc`: fused mHC layer boundaries (hc_pre, hc_post, hc_post_pre, hc_head, hc_post_head); PyTorch twin in
+  codegen/mhc_reference.py.
+"""

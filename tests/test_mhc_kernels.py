@@ -1,0 +1,232 @@
+"""The fused mHC Triton kernels (codegen/kernels/mhc.py) against their PyTorch twins (codegen/mhc_reference.py).
+
+The kernels run under Triton's CPU interpreter in one child process (the `mhc` fixture), which sets
+TRITON_INTERPRET=1 before it imports Triton: Triton decides at import and decoration time whether its
+functions (tl.sum included) are interpreted, so setting it here would change Triton for every later test of
+the session. This process never imports Triton; it draws the inputs, runs the reference and compares.
+
+Every case draws fresh random inputs, fills the outputs with NaN before the kernel runs (so an element the
+kernel fails to write fails the check), and compares with these tolerances:
+- fp32 outputs (post, comb; and everything with fp32 streams): rtol 1e-5, atol 1e-5 -- fp32 arithmetic in
+  another order (split-K sums, fused multiply-adds);
+- bf16 outputs (block inputs, new streams): rtol 1e-2, atol 1e-2 -- an fp32 difference may flip a bf16
+  rounding, one ulp being 2^-8 relative; the kernels round to nearest even as torch does.
+"""
+
+import concurrent.futures
+import dataclasses
+import importlib.util
+import multiprocessing
+import os
+
+import pytest
+import torch
+
+from dsv4c.codegen import mhc_reference as ref
+from dsv4c.codegen.targets import target
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+RMS_EPS, HC_EPS = 1e-6, 1e-6
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
+FP32_TOL = TOL[torch.float32]
+# (tokens, hidden): T = 1, 7, 64, 257 with hidden sizes that are not powers of two (masked tails), the Flash
+# hidden size at one token only: the interpreter's time grows with tokens x hidden.
+SHAPES = [(1, 4096), (7, 200), (64, 96), (257, 72)]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+# ---- the interpreter process ----------------------------------------------------------------------------
+def _start_interpreter():
+    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported in this (fresh, spawned) process
+    torch.set_num_threads(1)
+
+
+def _kernel_module():
+    import dsv4c.codegen.kernels.mhc as module
+
+    return module
+
+
+def _run_op(name, args, kwargs):
+    module = _kernel_module()
+    if isinstance(kwargs.get("launch"), dict):
+        kwargs = {**kwargs, "launch": module.MhcLaunch(**kwargs["launch"])}
+    return getattr(module, name)(*args, **kwargs)
+
+
+def _launch_fields(target_name, tokens, hidden):
+    return dataclasses.asdict(_kernel_module().mhc_launch(target(target_name), tokens, hidden))
+
+
+def _check_launch(fields, hidden):
+    _kernel_module().MhcLaunch(**fields).check(hidden)
+
+
+class _Interpreter:
+    """Calls into the child process: `mhc.hc_pre(...)` runs the kernel wrapper there and returns its outputs."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def call(self, fn, *args):
+        return self.pool.submit(fn, *args).result()
+
+    def __getattr__(self, name):
+        if not name.startswith("hc_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: self.call(_run_op, name, args, kwargs)
+
+
+@pytest.fixture(scope="module")
+def mhc():
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=_start_interpreter) as pool:
+        yield _Interpreter(pool)
+
+
+def _gen(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(hash(key) % 2**31)
+
+
+def _randn(gen, *shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+
+def _streams(gen, tokens, hc, hidden, dtype):
+    per_stream = torch.rand(1, hc, 1, generator=gen) * 2 + 0.25  # streams of different magnitudes
+    return (torch.randn(tokens, hc, hidden, generator=gen) * per_stream).to(dtype)
+
+
+def _mix_params(gen, rows, hc, hidden, dtype, scales):
+    """fn, base, scale, norm_weight, scaled so the logits are O(1) like a trained model's."""
+    fn = _randn(gen, rows, hc * hidden, scale=2.0 / (hc * hidden) ** 0.5)
+    return (fn, _randn(gen, rows, scale=0.5), torch.rand(scales, generator=gen) + 0.5,
+            (torch.rand(hidden, generator=gen) + 0.5).to(dtype))
+
+
+def _post_inputs(gen, tokens, hc, hidden, dtype):
+    """block_out, streams, post, comb as hc_pre of the previous sub-layer would give them."""
+    streams = _streams(gen, tokens, hc, hidden, dtype)
+    _, post, comb = ref.hc_pre(streams, *_mix_params(gen, (2 + hc) * hc, hc, hidden, dtype, 3), RMS_EPS, HC_EPS, 20)
+    return _randn(gen, tokens, hidden, dtype=dtype), streams, post, comb
+
+
+def _poisoned(*tensors):
+    return tuple(torch.full_like(t, float("nan")) for t in tensors)
+
+
+def _check(got, expected, tol):
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert not got.isnan().any(), "an output element was not written (or is NaN)"
+    torch.testing.assert_close(got, expected, **tol)
+
+
+@pytest.mark.parametrize("tokens, hidden", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hc_pre(mhc, tokens, hidden, dtype):
+    gen, hc = _gen("pre", tokens, hidden, str(dtype)), 4
+    streams = _streams(gen, tokens, hc, hidden, dtype)
+    args = (streams, *_mix_params(gen, (2 + hc) * hc, hc, hidden, dtype, 3), RMS_EPS, HC_EPS, 20)
+    expected = ref.hc_pre(*args)
+    got = mhc.hc_pre(*args, out=_poisoned(*expected))
+    for g, e in zip(got, expected):
+        _check(g, e, TOL[dtype] if g.dtype == dtype else FP32_TOL)
+
+
+@pytest.mark.parametrize("tokens, hidden", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hc_post(mhc, tokens, hidden, dtype):
+    gen = _gen("post", tokens, hidden, str(dtype))
+    inputs = _post_inputs(gen, tokens, 4, hidden, dtype)
+    expected = ref.hc_post(*inputs)
+    _check(mhc.hc_post(*inputs, out=_poisoned(expected)[0]), expected, TOL[dtype])
+
+
+@pytest.mark.parametrize("tokens, hidden", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hc_post_pre(mhc, tokens, hidden, dtype):
+    gen, hc = _gen("post_pre", tokens, hidden, str(dtype)), 4
+    args = (*_post_inputs(gen, tokens, hc, hidden, dtype), *_mix_params(gen, (2 + hc) * hc, hc, hidden, dtype, 3),
+            RMS_EPS, HC_EPS, 20)
+    expected = ref.hc_post_pre(*args)
+    got = mhc.hc_post_pre(*args, out=_poisoned(*expected))
+    for g, e in zip(got, expected):
+        _check(g, e, TOL[dtype] if g.dtype == dtype else FP32_TOL)
+
+
+@pytest.mark.parametrize("tokens, hidden", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hc_head(mhc, tokens, hidden, dtype):
+    gen, hc = _gen("head", tokens, hidden, str(dtype)), 4
+    args = (_streams(gen, tokens, hc, hidden, dtype), *_mix_params(gen, hc, hc, hidden, dtype, 1), RMS_EPS, HC_EPS)
+    expected = ref.hc_head(*args)
+    _check(mhc.hc_head(*args, out=_poisoned(expected)[0]), expected, TOL[dtype])
+
+
+@pytest.mark.parametrize("tokens, hidden", [(1, 200), (64, 96)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hc_post_head(mhc, tokens, hidden, dtype):
+    gen, hc = _gen("post_head", tokens, hidden, str(dtype)), 4
+    args = (*_post_inputs(gen, tokens, hc, hidden, dtype), *_mix_params(gen, hc, hc, hidden, dtype, 1),
+            RMS_EPS, HC_EPS)
+    expected = ref.hc_post_head(*args)
+    got = mhc.hc_post_head(*args, out=_poisoned(*expected))
+    for g, e in zip(got, expected):
+        _check(g, e, TOL[dtype])
+
+
+@pytest.mark.parametrize("hc, iters", [(3, 1), (2, 7), (8, 20)])
+def test_other_stream_counts_and_iterations(mhc, hc, iters):
+    """n not a power of two (padded lanes masked), one Sinkhorn iteration, more streams than Flash."""
+    tokens, hidden, dtype = 5, 72, torch.bfloat16
+    gen = _gen("hc", hc, iters)
+    args = (*_post_inputs(gen, tokens, hc, hidden, dtype), *_mix_params(gen, (2 + hc) * hc, hc, hidden, dtype, 3),
+            RMS_EPS, HC_EPS, iters)
+    expected = ref.hc_post_pre(*args)
+    for g, e in zip(mhc.hc_post_pre(*args, out=_poisoned(*expected)), expected):
+        _check(g, e, TOL[dtype] if g.dtype == dtype else FP32_TOL)
+
+
+@pytest.mark.parametrize("name", ["h100", "b200"])
+def test_gpu_launch_heuristics_under_the_interpreter(mhc, name):
+    """The GPU launch (one token per collapse program, GPU-sized splits) computes the same function."""
+    tokens, hidden, hc, dtype = 3, 200, 4, torch.bfloat16
+    gen = _gen("gpu-launch", name)
+    launch = mhc.call(_launch_fields, name, tokens, hidden)
+    assert launch["collapse_t"] == 1 and launch["split_k"] > 1
+    args = (*_post_inputs(gen, tokens, hc, hidden, dtype), *_mix_params(gen, (2 + hc) * hc, hc, hidden, dtype, 3),
+            RMS_EPS, HC_EPS, 20)
+    expected = ref.hc_post_pre(*args)
+    for g, e in zip(mhc.hc_post_pre(*args, launch=launch, out=_poisoned(*expected)), expected):
+        _check(g, e, TOL[dtype] if g.dtype == dtype else FP32_TOL)
+
+
+def test_launch_heuristics_cover_every_column(mhc):
+    for name in ("cpu", "h100", "b200", "gb300"):
+        for tokens in (1, 7, 8, 64, 65, 256, 1024):
+            for hidden in (16, 96, 200, 4096, 7168):
+                launch = mhc.call(_launch_fields, name, tokens, hidden)
+                mhc.call(_check_launch, launch, hidden)
+                assert (launch["split_k"] - 1) * launch["chunks"] * launch["block_d"] < hidden, "an empty split"
+    gpu = mhc.call(_launch_fields, "h100", 1, 4096)
+    assert gpu["split_k"] >= target("h100").sm_count, "one token must spread the fn read over every SM"
+
+
+def test_launch_validation(mhc):
+    fields = dict(block_t=16, block_d=64, chunks=1, split_k=1, num_warps=4, num_stages=1, collapse_t=1,
+                  collapse_warps=4)
+    with pytest.raises(ValueError, match="power of two"):
+        mhc.call(_check_launch, {**fields, "block_t": 24}, 64)
+    with pytest.raises(ValueError, match="covers 64 < D=96"):
+        mhc.call(_check_launch, fields, 96)
+    streams = torch.randn(2, 4, 32)
+    with pytest.raises(ValueError, match="fn must have shape"):
+        mhc.hc_pre(streams, torch.randn(24, 64), torch.randn(24), torch.ones(3), torch.ones(32), 1e-6, 1e-6, 20)
+
+
+def test_this_process_never_imports_triton(mhc):
+    import sys
+
+    assert "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") is None
+    assert "dsv4c.codegen.kernels.mhc" not in sys.modules
