@@ -9,6 +9,17 @@ Ops:
   the exact values of an FP8 weight with 128x128 block scales.
 - `dsv4c::dequant_fp4_weight(weight int8 [out, in/2], scale e8m0 [out, in/32], dtype)`: the exact values of
   an MXFP4 weight (two e2m1 codes a byte, low nibble first) with per-32 scales.
+
+mHC boundary ops (spec section 2; reference bodies in codegen/mhc_reference.py, i.e. compiler/layers.py's
+math; any leading dims, flattened to N tokens inside; `n` streams of width `D`; post/comb fp32):
+- `dsv4c::hc_pre(streams [..., n, D], fn [(2+n)n, nD], base [(2+n)n], scale [3], norm_weight [D], rms_eps,
+  hc_eps, iters) -> (normed [..., D] in streams' dtype, post [..., n], comb [..., n, n])`: the mHC pre of a
+  sub-layer (Sinkhorn of `iters` iterations) followed by the sub-layer's RMSNorm.
+- `dsv4c::hc_post(block_out [..., D], streams, post, comb) -> new_streams [..., n, D]`.
+- `dsv4c::hc_post_pre(block_out, streams, post, comb, fn, base, scale, norm_weight, rms_eps, hc_eps, iters)
+  -> (new_streams, normed, post_next, comb_next)`: one sub-layer's post fused with the next one's pre.
+- `dsv4c::hc_head(streams, fn [n, nD], base [n], scale [1], norm_weight, rms_eps, hc_eps) -> normed [..., D]`:
+  the final collapse of the streams and the final RMSNorm.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from ..compiler import quant
+from . import mhc_reference
 
 
 @torch.library.custom_op("dsv4c::dequant_fp8_weight", mutates_args=())
@@ -36,3 +48,81 @@ def dequant_fp4_weight(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.d
 @dequant_fp4_weight.register_fake
 def _(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return weight.new_empty((weight.shape[0], weight.shape[1] * 2), dtype=dtype)
+
+
+# ---- mHC -------------------------------------------------------------------------------------------
+def _tokens(streams: torch.Tensor) -> tuple[torch.Size, torch.Tensor]:
+    """(leading dims, streams flattened to `[N, n, D]`)."""
+    if streams.dim() < 2:
+        raise ValueError(f"mHC streams must be [..., n, D], got shape {tuple(streams.shape)}")
+    return streams.shape[:-2], streams.reshape(-1, *streams.shape[-2:])
+
+
+def _flat_post_inputs(block_out, streams, post, comb):
+    lead, flat = _tokens(streams)
+    n = flat.shape[1]
+    return lead, (block_out.reshape(-1, block_out.shape[-1]), flat, post.reshape(-1, n), comb.reshape(-1, n, n))
+
+
+def _pre_outputs(lead: torch.Size, normed, post, comb):
+    n = post.shape[-1]
+    return normed.reshape(*lead, normed.shape[-1]), post.reshape(*lead, n), comb.reshape(*lead, n, n)
+
+
+def _pre_fakes(streams: torch.Tensor):
+    *lead, n, d = streams.shape
+    return (streams.new_empty((*lead, d)), streams.new_empty((*lead, n), dtype=torch.float32),
+            streams.new_empty((*lead, n, n), dtype=torch.float32))
+
+
+@torch.library.custom_op("dsv4c::hc_pre", mutates_args=())
+def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+           norm_weight: torch.Tensor, rms_eps: float, hc_eps: float,
+           iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lead, flat = _tokens(streams)
+    return _pre_outputs(lead, *mhc_reference.hc_pre(flat, fn, base, scale, norm_weight, rms_eps, hc_eps, iters))
+
+
+@hc_pre.register_fake
+def _(streams, fn, base, scale, norm_weight, rms_eps, hc_eps, iters):
+    return _pre_fakes(streams)
+
+
+@torch.library.custom_op("dsv4c::hc_post", mutates_args=())
+def hc_post(block_out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor,
+            comb: torch.Tensor) -> torch.Tensor:
+    lead, flat = _flat_post_inputs(block_out, streams, post, comb)
+    return mhc_reference.hc_post(*flat).reshape(streams.shape)
+
+
+@hc_post.register_fake
+def _(block_out, streams, post, comb):
+    return torch.empty_like(streams, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("dsv4c::hc_post_pre", mutates_args=())
+def hc_post_pre(block_out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+                fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_weight: torch.Tensor,
+                rms_eps: float, hc_eps: float,
+                iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    lead, flat = _flat_post_inputs(block_out, streams, post, comb)
+    new, *pre = mhc_reference.hc_post_pre(*flat, fn, base, scale, norm_weight, rms_eps, hc_eps, iters)
+    return (new.reshape(streams.shape), *_pre_outputs(lead, *pre))
+
+
+@hc_post_pre.register_fake
+def _(block_out, streams, post, comb, fn, base, scale, norm_weight, rms_eps, hc_eps, iters):
+    return (torch.empty_like(streams, memory_format=torch.contiguous_format), *_pre_fakes(streams))
+
+
+@torch.library.custom_op("dsv4c::hc_head", mutates_args=())
+def hc_head(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+            norm_weight: torch.Tensor, rms_eps: float, hc_eps: float) -> torch.Tensor:
+    lead, flat = _tokens(streams)
+    normed = mhc_reference.hc_head(flat, fn, base, scale, norm_weight, rms_eps, hc_eps)
+    return normed.reshape(*lead, normed.shape[-1])
+
+
+@hc_head.register_fake
+def _(streams, fn, base, scale, norm_weight, rms_eps, hc_eps):
+    return streams.new_empty((*streams.shape[:-2], streams.shape[-1]))
