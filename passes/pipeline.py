@@ -14,6 +14,7 @@ from .cse import cse
 from .dead_code import dead_code
 from .manager import PassContext, PassRecord, PipelineEntry, run_pipeline
 from .memory_planning import memory_planning
+from .mhc_fusion import mhc_fusion
 from .noop_removal import noop_removal
 from .shape_propagation import shape_propagation
 from ..codegen import targets as target_table
@@ -24,6 +25,8 @@ CLEANUP_AND_PLANNING = (
     PipelineEntry("dead_code", dead_code,
                   "drops what the asserts kept alive and the unused branches (MTP weights in the main step)"),
     PipelineEntry("cse", cse, "on the cleaned graph, so duplicates that differed by a no-op cast merge"),
+    PipelineEntry("mhc_fusion", mhc_fusion,
+                  "after cleanup (one node per value, no asserts between ops), before folding touches weights"),
     PipelineEntry("constant_folding", constant_folding, "after CSE, so each duplicated table folds once"),
     PipelineEntry("dead_code_after_folding", dead_code, "removes folded subgraphs' leftovers and unused buffers"),
     PipelineEntry("shape_propagation", shape_propagation,
