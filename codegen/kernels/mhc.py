@@ -21,6 +21,7 @@ move the mixes by ~1e-3 relative, more than the fp32 tolerance against the refer
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -46,17 +47,20 @@ def _round(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _accumulate(acc, sq, xk, fn_ptr, k, d, d_mask, m, m_mask, HC: tl.constexpr, D: tl.constexpr,
-                DOT: tl.constexpr):
-    """acc += xk @ fn[:, k*D + d].T and sq += rowsum(xk^2) for one stream k and one chunk of columns d.
-    DOT=False multiplies by broadcasting instead (the interpreter's fp32 tl.dot is a slow numpy loop)."""
-    w = tl.load(fn_ptr + m[None, :] * (HC * D) + k * D + d[:, None],
-                mask=d_mask[:, None] & m_mask[None, :], other=0.0)
+def _accumulate(acc, sq, x3, fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC: tl.constexpr, D: tl.constexpr,
+                BLOCK_T: tl.constexpr, HC_PAD: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+    """acc += x @ fn.T and sq += rowsum(x^2) over one chunk of columns d of all streams: x3 [BLOCK_T, HC_PAD,
+    BLOCK_D] against fn[:, k*D + d], as one dot of depth HC_PAD*BLOCK_D. DOT=False multiplies by
+    broadcasting instead (the interpreter's fp32 tl.dot is a slow numpy loop)."""
+    w3 = tl.load(fn_ptr + m[None, None, :] * (HC * D) + j[:, None, None] * D + d[None, :, None],
+                 mask=j_mask[:, None, None] & d_mask[None, :, None] & m_mask[None, None, :], other=0.0)
+    x2 = tl.reshape(x3, [BLOCK_T, HC_PAD * BLOCK_D])
+    w2 = tl.reshape(w3, [HC_PAD * BLOCK_D, w3.shape[2]])
     if DOT:
-        acc = tl.dot(xk, w, acc, input_precision="ieee")
+        acc = tl.dot(x2, w2, acc, input_precision="ieee")
     else:
-        acc += tl.sum(xk[:, :, None] * w[None, :, :], axis=1)
-    sq += tl.sum(xk * xk, axis=1)
+        acc += tl.sum(x2[:, :, None] * w2[None, :, :], axis=1)
+    sq += tl.sum(x2 * x2, axis=1)
     return acc, sq
 
 
@@ -67,7 +71,8 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
                          SPLIT: tl.constexpr, POST: tl.constexpr, MIX: tl.constexpr, DOT: tl.constexpr):
     """Partials of one (token block, D slice). Without POST x_ptr is streams [N, HC, D]; with POST it is the
     block output [N, D], and the slice of new streams [N, HC, D] is built from s_ptr/post_ptr/comb_ptr first.
-    MIX=False (plain hc_post) skips the partials."""
+    MIX=False (plain hc_post) skips the partials. Every load of a chunk is independent of the others, so
+    they are all in flight at once."""
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -76,31 +81,32 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
     j_mask = j < HC
     m = tl.arange(0, M_PAD)
     m_mask = m < M
+    tj_mask = t_mask[:, None] & j_mask[None, :]
     acc = tl.zeros([BLOCK_T, M_PAD], dtype=tl.float32)
     sq = tl.zeros([BLOCK_T], dtype=tl.float32)
+    if POST:
+        post = tl.load(post_ptr + t[:, None] * HC + j[None, :], mask=tj_mask, other=0.0)
     for c in range(CHUNKS):
         d = (pid_s * CHUNKS + c) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_mask = d < D
         td_mask = t_mask[:, None] & d_mask[None, :]
+        x_mask = tj_mask[:, :, None] & d_mask[None, None, :]
+        offsets = t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :]
         if POST:
             out = tl.load(x_ptr + t[:, None] * D + d[None, :], mask=td_mask, other=0.0).to(tl.float32)
-            s3 = tl.load(s_ptr + t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :],
-                         mask=td_mask[:, None, :] & j_mask[None, :, None], other=0.0).to(tl.float32)
-            for k in tl.static_range(HC):
-                ck = tl.load(comb_ptr + t[:, None] * (HC * HC) + j[None, :] * HC + k,
-                             mask=t_mask[:, None] & j_mask[None, :], other=0.0)
-                pk = tl.load(post_ptr + t * HC + k, mask=t_mask, other=0.0)
-                xk = pk[:, None] * out + tl.sum(ck[:, :, None] * s3, axis=1)
-                xk = _round(xk, new_ptr.dtype.element_ty)
-                tl.store(new_ptr + t[:, None] * (HC * D) + k * D + d[None, :], xk.to(new_ptr.dtype.element_ty),
-                         mask=td_mask)
-                if MIX:
-                    acc, sq = _accumulate(acc, sq, xk, fn_ptr, k, d, d_mask, m, m_mask, HC, D, DOT)
+            mixed = tl.zeros([BLOCK_T, HC_PAD, BLOCK_D], dtype=tl.float32)
+            for i in tl.static_range(HC):  # new[k] = post[k] * out + sum_i comb[i, k] * streams[i]
+                s_i = tl.load(s_ptr + t[:, None] * (HC * D) + i * D + d[None, :], mask=td_mask,
+                              other=0.0).to(tl.float32)
+                c_i = tl.load(comb_ptr + t[:, None] * (HC * HC) + i * HC + j[None, :], mask=tj_mask, other=0.0)
+                mixed += c_i[:, :, None] * s_i[:, None, :]
+            x3 = _round(post[:, :, None] * out[:, None, :] + mixed, new_ptr.dtype.element_ty)
+            tl.store(new_ptr + offsets, x3.to(new_ptr.dtype.element_ty), mask=x_mask)
         else:
-            for k in tl.static_range(HC):
-                xk = tl.load(x_ptr + t[:, None] * (HC * D) + k * D + d[None, :], mask=td_mask,
-                             other=0.0).to(tl.float32)
-                acc, sq = _accumulate(acc, sq, xk, fn_ptr, k, d, d_mask, m, m_mask, HC, D, DOT)
+            x3 = tl.load(x_ptr + offsets, mask=x_mask, other=0.0).to(tl.float32)
+        if MIX:
+            acc, sq = _accumulate(acc, sq, x3, fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC, D, BLOCK_T, HC_PAD,
+                                  BLOCK_D, DOT)
     if MIX:
         tl.store(part_mix_ptr + (t[:, None] * SPLIT + pid_s) * M_PAD + m[None, :], acc, mask=t_mask[:, None])
         tl.store(part_sq_ptr + t * SPLIT + pid_s, sq, mask=t_mask)
@@ -134,6 +140,12 @@ def _collapse_kernel(streams_ptr, part_mix_ptr, part_sq_ptr, base_ptr, scale_ptr
     ts_mask = t_mask[:, None] & (s < SPLIT)[None, :]
     j = tl.arange(0, HC_PAD)
     j_mask = j < HC
+    d = tl.arange(0, BLOCK_D)
+    td_mask = t_mask[:, None] & (d < D)[None, :]
+    # The streams and the norm weight first: their loads then overlap the mixes and the Sinkhorn.
+    x = tl.load(streams_ptr + t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :],
+                mask=td_mask[:, None, :] & j_mask[None, :, None], other=0.0).to(tl.float32)
+    w = tl.load(norm_w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
     rows = part_mix_ptr + (t[:, None] * SPLIT + s[None, :]) * M_PAD  # [BLOCK_T, SPLIT_PAD]
     sq = tl.sum(tl.load(part_sq_ptr + t[:, None] * SPLIT + s[None, :], mask=ts_mask, other=0.0), axis=1)
     rs = 1.0 / tl.sqrt_rn(sq / (HC * D) + rms_eps)
@@ -157,13 +169,8 @@ def _collapse_kernel(streams_ptr, part_mix_ptr, part_sq_ptr, base_ptr, scale_ptr
         comb = _sinkhorn(tl.reshape(logits, [BLOCK_T, HC_PAD, HC_PAD]), cmask, ITERS, hc_eps)
         tl.store(comb_ptr + t[:, None, None] * (HC * HC) + j[None, :, None] * HC + j[None, None, :], comb,
                  mask=cmask)
-    d = tl.arange(0, BLOCK_D)
-    td_mask = t_mask[:, None] & (d < D)[None, :]
-    x = tl.load(streams_ptr + t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :],
-                mask=td_mask[:, None, :] & j_mask[None, :, None], other=0.0).to(tl.float32)
     a = _round(tl.sum(pre[:, :, None] * x, axis=1), normed_ptr.dtype.element_ty)
     r = 1.0 / tl.sqrt_rn(tl.sum(a * a, axis=1) / D + rms_eps)
-    w = tl.load(norm_w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
     y = _round(a * r[:, None] * w[None, :], normed_ptr.dtype.element_ty)
     tl.store(normed_ptr + t[:, None] * D + d[None, :], y.to(normed_ptr.dtype.element_ty), mask=td_mask)
 
@@ -212,7 +219,7 @@ def split_over(hidden: int, block_d: int, programs_wanted: int) -> tuple[int, in
 
 def collapse_warps(hidden: int) -> int:
     """Warps of the collapse kernel, which holds one token's n x next_pow2(D) stream block in registers."""
-    return 4 if hidden <= 1024 else 8 if hidden <= 4096 else 16
+    return 4 if hidden <= 4096 else 8 if hidden <= 8192 else 16
 
 
 def mhc_launch(t: Target, tokens: int, hidden: int) -> MhcLaunch:
@@ -228,7 +235,7 @@ def mhc_launch(t: Target, tokens: int, hidden: int) -> MhcLaunch:
         chunks, split_k = split_over(hidden, block_d, triton.cdiv(triton.cdiv(hidden, block_d), 2))
         block_t = min(256, triton.next_power_of_2(tokens))
         return MhcLaunch(block_t, block_d, chunks, split_k, 4, 1, block_t, 4, dot=False)
-    block_t = MIN_DOT if tokens <= 64 else 64
+    block_t = MIN_DOT if tokens <= 16 else 64
     token_blocks = triton.cdiv(tokens, block_t)
     programs_per_block = max(1, 2 * t.sm_count // token_blocks)
     block_d = 64
@@ -254,9 +261,14 @@ def _check_mix_params(fn, base, scale, norm_weight, rows: int, hc: int, hidden: 
         raise ValueError(f"fn must be float32 (the model keeps mHC weights in fp32), got {fn.dtype}")
 
 
+@functools.lru_cache(maxsize=None)
+def _device_target(device: torch.device) -> Target:
+    return target_for_device(device)
+
+
 def _launch_for(streams: torch.Tensor, launch: MhcLaunch | None) -> MhcLaunch:
     n_tokens, _, hidden = streams.shape
-    launch = launch or mhc_launch(target_for_device(streams.device), n_tokens, hidden)
+    launch = launch or mhc_launch(_device_target(streams.device), n_tokens, hidden)
     launch.check(hidden)
     return launch
 
@@ -265,29 +277,50 @@ def _outputs(out, make):
     return out if out is not None else make()
 
 
-def _mixes_and_collapse(x, streams_for_collapse, post_mix_inputs, fn, base, scale, norm_weight, rms_eps,
-                        hc_eps, iters, head: bool, launch: MhcLaunch | None, normed, post, comb):
-    """Both launches of one boundary; `post_mix_inputs` = (streams, post, comb, new_streams) with hc_post."""
-    n_tokens, hc, hidden = streams_for_collapse.shape
-    lc = _launch_for(streams_for_collapse, launch)
-    rows = fn.shape[0]
+def mix_workspace(n_tokens: int, rows: int, launch: MhcLaunch, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-K partials: x @ fn.T `[N, split_k, M_PAD]` and sum(x^2) `[N, split_k]`, fp32."""
     m_pad = max(MIN_DOT, triton.next_power_of_2(rows))
-    dev = streams_for_collapse.device
-    part_mix = torch.empty((n_tokens, lc.split_k, m_pad), dtype=torch.float32, device=dev)
-    part_sq = torch.empty((n_tokens, lc.split_k), dtype=torch.float32, device=dev)
+    return (torch.empty((n_tokens, launch.split_k, m_pad), dtype=torch.float32, device=device),
+            torch.empty((n_tokens, launch.split_k), dtype=torch.float32, device=device))
+
+
+def launch_mix_partials(x, post_mix_inputs, fn, part_mix, part_sq, launch: MhcLaunch, hc: int) -> None:
+    """Kernel (a). x: streams [N, n, D], or with `post_mix_inputs` = (streams, post, comb, new_streams) the
+    block output [N, D] (hc_post is computed and written on the way). fn None: hc_post alone, no partials."""
+    n_tokens, hidden = x.shape[0], x.shape[-1]
     s, p, c, new = post_mix_inputs if post_mix_inputs is not None else (x, x, x, x)
-    grid = (triton.cdiv(n_tokens, lc.block_t), lc.split_k)
+    mix = fn is not None
+    grid = (triton.cdiv(n_tokens, launch.block_t), launch.split_k)
     _mix_partials_kernel[grid](
-        x, s, p, c, new, fn, part_mix, part_sq, n_tokens, rows, D=hidden, HC=hc,
-        HC_PAD=triton.next_power_of_2(hc), M_PAD=m_pad, BLOCK_T=lc.block_t, BLOCK_D=lc.block_d,
-        CHUNKS=lc.chunks, SPLIT=lc.split_k, POST=post_mix_inputs is not None, MIX=True, DOT=lc.dot,
-        num_warps=lc.num_warps, num_stages=lc.num_stages)
-    _collapse_kernel[(triton.cdiv(n_tokens, lc.collapse_t),)](
-        streams_for_collapse, part_mix, part_sq, base, scale, norm_weight, normed,
-        normed if head else post, normed if head else comb, n_tokens, float(rms_eps), float(hc_eps), D=hidden,
-        HC=hc, HC_PAD=triton.next_power_of_2(hc), M_PAD=m_pad, SPLIT=lc.split_k,
-        SPLIT_PAD=triton.next_power_of_2(lc.split_k), ITERS=int(iters), BLOCK_T=lc.collapse_t,
-        BLOCK_D=triton.next_power_of_2(hidden), HEAD=head, num_warps=lc.collapse_warps)
+        x, s, p, c, new, fn if mix else x, part_mix if mix else x, part_sq if mix else x, n_tokens,
+        fn.shape[0] if mix else 0, D=hidden, HC=hc, HC_PAD=triton.next_power_of_2(hc),
+        M_PAD=part_mix.shape[-1] if mix else MIN_DOT, BLOCK_T=launch.block_t, BLOCK_D=launch.block_d,
+        CHUNKS=launch.chunks, SPLIT=launch.split_k, POST=post_mix_inputs is not None, MIX=mix, DOT=launch.dot,
+        num_warps=launch.num_warps, num_stages=launch.num_stages)
+
+
+def launch_collapse(streams, part_mix, part_sq, base, scale, norm_weight, normed, post, comb, rms_eps, hc_eps,
+                    iters: int, launch: MhcLaunch) -> None:
+    """Kernel (b). post and comb None: hc_head (pre only)."""
+    n_tokens, hc, hidden = streams.shape
+    head = post is None
+    _collapse_kernel[(triton.cdiv(n_tokens, launch.collapse_t),)](
+        streams, part_mix, part_sq, base, scale, norm_weight, normed, normed if head else post,
+        normed if head else comb, n_tokens, float(rms_eps), float(hc_eps), D=hidden, HC=hc,
+        HC_PAD=triton.next_power_of_2(hc), M_PAD=part_mix.shape[-1], SPLIT=launch.split_k,
+        SPLIT_PAD=triton.next_power_of_2(launch.split_k), ITERS=int(iters), BLOCK_T=launch.collapse_t,
+        BLOCK_D=triton.next_power_of_2(hidden), HEAD=head, num_warps=launch.collapse_warps)
+
+
+def _mixes_and_collapse(x, streams_for_collapse, post_mix_inputs, fn, base, scale, norm_weight, rms_eps,
+                        hc_eps, iters, launch: MhcLaunch | None, normed, post, comb):
+    """Both launches of one boundary; `post_mix_inputs` = (streams, post, comb, new_streams) with hc_post."""
+    n_tokens, hc, _ = streams_for_collapse.shape
+    lc = _launch_for(streams_for_collapse, launch)
+    part_mix, part_sq = mix_workspace(n_tokens, fn.shape[0], lc, streams_for_collapse.device)
+    launch_mix_partials(x, post_mix_inputs, fn, part_mix, part_sq, lc, hc)
+    launch_collapse(streams_for_collapse, part_mix, part_sq, base, scale, norm_weight, normed, post, comb,
+                    rms_eps, hc_eps, iters, lc)
 
 
 def _new_pre_outputs(streams: torch.Tensor):
@@ -307,7 +340,7 @@ def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: t
     streams = streams.contiguous()
     normed, post, comb = _outputs(out, lambda: _new_pre_outputs(streams))
     _mixes_and_collapse(streams, streams, None, fn.contiguous(), base.float(), scale.float(),
-                        norm_weight.contiguous(), rms_eps, hc_eps, iters, False, launch, normed, post, comb)
+                        norm_weight.contiguous(), rms_eps, hc_eps, iters, launch, normed, post, comb)
     return normed, post, comb
 
 
@@ -325,14 +358,8 @@ def hc_post(block_out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, 
     """New streams [N, n, D] in streams' dtype; see mhc_reference.hc_post."""
     block_out, streams, post, comb = _post_inputs(block_out, streams, post, comb)
     new = _outputs(out, lambda: torch.empty_like(streams))
-    lc = _launch_for(streams, launch)
-    n_tokens, hc, hidden = streams.shape
-    grid = (triton.cdiv(n_tokens, lc.block_t), lc.split_k)
-    _mix_partials_kernel[grid](
-        block_out, streams, post, comb, new, post, post, post, n_tokens, 0, D=hidden, HC=hc,
-        HC_PAD=triton.next_power_of_2(hc), M_PAD=MIN_DOT, BLOCK_T=lc.block_t, BLOCK_D=lc.block_d,
-        CHUNKS=lc.chunks, SPLIT=lc.split_k, POST=True, MIX=False, DOT=lc.dot, num_warps=lc.num_warps,
-        num_stages=lc.num_stages)
+    launch_mix_partials(block_out, (streams, post, comb, new), None, None, None, _launch_for(streams, launch),
+                        streams.shape[1])
     return new
 
 
@@ -348,8 +375,7 @@ def hc_post_pre(block_out: torch.Tensor, streams: torch.Tensor, post: torch.Tens
     new, normed, post_next, comb_next = _outputs(out, lambda: (torch.empty_like(streams),
                                                                *_new_pre_outputs(streams)))
     _mixes_and_collapse(block_out, new, (streams, post, comb, new), fn.contiguous(), base.float(), scale.float(),
-                        norm_weight.contiguous(), rms_eps, hc_eps, iters, False, launch, normed, post_next,
-                        comb_next)
+                        norm_weight.contiguous(), rms_eps, hc_eps, iters, launch, normed, post_next, comb_next)
     return new, normed, post_next, comb_next
 
 
@@ -362,7 +388,7 @@ def hc_head(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: 
     streams = streams.contiguous()
     normed = _outputs(out, lambda: torch.empty((n_tokens, hidden), dtype=streams.dtype, device=streams.device))
     _mixes_and_collapse(streams, streams, None, fn.contiguous(), base.float(), scale.float(),
-                        norm_weight.contiguous(), rms_eps, hc_eps, 1, True, launch, normed, None, None)
+                        norm_weight.contiguous(), rms_eps, hc_eps, 1, launch, normed, None, None)
     return normed
 
 
@@ -377,5 +403,5 @@ def hc_post_head(block_out: torch.Tensor, streams: torch.Tensor, post: torch.Ten
     new, normed = _outputs(out, lambda: (torch.empty_like(streams), torch.empty(
         (n_tokens, hidden), dtype=streams.dtype, device=streams.device)))
     _mixes_and_collapse(block_out, new, (streams, post, comb, new), fn.contiguous(), base.float(), scale.float(),
-                        norm_weight.contiguous(), rms_eps, hc_eps, 1, True, launch, normed, None, None)
+                        norm_weight.contiguous(), rms_eps, hc_eps, 1, launch, normed, None, None)
     return new, normed

@@ -1,0 +1,281 @@
+"""Fused mHC layer boundaries on a GPU: correctness against the fp32 reference, then time and bandwidth.
+
+For each batch T and each boundary (hc_pre: before the first sub-layer; hc_post_pre: between sub-layers, the
+per-boundary cost of a layer; hc_head: before the LM head) it checks the fused Triton kernels against
+codegen/mhc_reference.py, then times in the same run, each as the median of CUDA-graph replays over
+rotating input sets (every set has its own streams and fn, as every layer has its own fn; together they
+are several times the L2, so nothing is timed from cache):
+  fused     codegen/kernels/mhc.py (2 launches)
+  fused-ng  the same without a CUDA graph (host launch overhead included)
+  eager     the unfused PyTorch sub-graph (compiler/layers.py hc_pre / hc_post / hc_head + rms_norm)
+  inductor  torch.compile of that same sub-graph (default mode, static shapes)
+and the byte floor: bytes that must move (streams read, fn read, outputs written) over the copy bandwidth
+measured in this run. Usage (Flash dims by default):
+  python bench/mhc_bench.py [--tokens 1 8 64 256] [--hidden 4096] [--hc 4] [--iters 20] [--json out.json]
+  python bench/mhc_bench.py --sweep   # also time a grid of MhcLaunch configs of the fused kernels
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import statistics
+import subprocess
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4c.codegen import mhc_reference as ref
+from dsv4c.codegen.kernels import mhc
+from dsv4c.codegen.targets import target_for_device
+
+RMS_EPS = HC_EPS = 1e-6
+OPS = ("hc_pre", "hc_post_pre", "hc_head")
+
+
+# ---- inputs ------------------------------------------------------------------------------------------
+def make_set(tokens: int, hc: int, hidden: int, dtype: torch.dtype, gen: torch.Generator) -> dict:
+    """One layer boundary's inputs on the GPU, random and O(1) like a trained model's."""
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, device="cuda") * scale
+
+    rows, k = (2 + hc) * hc, hc * hidden
+    streams = randn(tokens, hc, hidden).to(dtype)
+    post = 2 * torch.sigmoid(randn(tokens, hc))
+    comb = ref.layers.sinkhorn(randn(tokens, hc, hc), 20, HC_EPS)
+    return dict(streams=streams, block_out=randn(tokens, hidden).to(dtype), post=post, comb=comb,
+                fn=randn(rows, k, scale=2 / k ** 0.5), base=randn(rows, scale=0.5),
+                scale=torch.rand(3, generator=gen, device="cuda") + 0.5,
+                head_fn=randn(hc, k, scale=2 / k ** 0.5), head_base=randn(hc, scale=0.5),
+                head_scale=torch.rand(1, generator=gen, device="cuda") + 0.5,
+                norm_w=(torch.rand(hidden, generator=gen, device="cuda") + 0.5).to(dtype))
+
+
+def op_args(op: str, s: dict, iters: int) -> tuple:
+    if op == "hc_pre":
+        return s["streams"], s["fn"], s["base"], s["scale"], s["norm_w"], RMS_EPS, HC_EPS, iters
+    if op == "hc_post_pre":
+        return (s["block_out"], s["streams"], s["post"], s["comb"], s["fn"], s["base"], s["scale"], s["norm_w"],
+                RMS_EPS, HC_EPS, iters)
+    return s["streams"], s["head_fn"], s["head_base"], s["head_scale"], s["norm_w"], RMS_EPS, HC_EPS
+
+
+def floor_bytes(op: str, tokens: int, hc: int, hidden: int, elt: int) -> int:
+    """Bytes each input read once and each output written once."""
+    mix = tokens * (hc + hc * hc) * 4                       # post + comb, fp32
+    normed = tokens * hidden * elt + hidden * elt         # block input written, norm weight read
+    if op == "hc_head":
+        return tokens * hc * hidden * elt + hc * hc * hidden * 4 + normed
+    fn = (2 + hc) * hc * hc * hidden * 4
+    pre = tokens * hc * hidden * elt + fn + normed + mix
+    if op == "hc_pre":
+        return pre
+    return pre + tokens * hidden * elt + mix + tokens * hc * hidden * elt  # block_out, post/comb in, new streams
+
+
+# ---- timing --------------------------------------------------------------------------------------------
+def graph_us(fn, arg_sets: list[tuple], replays: int = 30) -> float:
+    """Median microseconds per call of `fn` over CUDA-graph replays that run it once on every input set."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for args in arg_sets[:2]:
+            fn(*args)  # compile / autotune outside the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for args in arg_sets:
+            fn(*args)
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(arg_sets))
+    return statistics.median(times)
+
+
+def launch_us(fn, arg_sets: list[tuple]) -> float:
+    """Median microseconds per call launched from Python, no graph (rotating sets)."""
+    it = iter(range(10**9))
+    return triton.testing.do_bench(lambda: fn(*arg_sets[next(it) % len(arg_sets)]), warmup=25, rep=100,
+                                   return_mode="median") * 1e3
+
+
+def copy_gbps() -> float:
+    """Device-to-device copy bandwidth (bytes read + written), median of a 1 GiB copy."""
+    src = torch.empty(2**28, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=5, rep=50, return_mode="median")
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+# ---- correctness ---------------------------------------------------------------------------------------
+def max_errors(got, expected) -> list[tuple[float, float]]:
+    """(max abs error, normwise relative error) per output; NaN anywhere fails."""
+    out = []
+    for g, e in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
+        assert not g.isnan().any(), "NaN in a fused output"
+        diff = (g.double() - e.double())
+        out.append((diff.abs().max().item(), (diff.norm() / e.double().norm()).item()))
+    return out
+
+
+def check(op: str, s: dict, iters: int, bf16_tol: float = 1e-2, fp32_tol: float = 1e-5) -> str:
+    """Fused vs reference on one input set (outputs poisoned with NaN first); returns a one-line summary."""
+    args = op_args(op, s, iters)
+    expected = getattr(ref, op)(*args)
+    poisoned = tuple(torch.full_like(e, float("nan")) for e in (expected if isinstance(expected, tuple) else (expected,)))
+    got = getattr(mhc, op)(*args, out=poisoned if isinstance(expected, tuple) else poisoned[0])
+    errors = max_errors(got, expected)
+    tols = [bf16_tol if e.dtype == torch.bfloat16 else fp32_tol
+            for e in (expected if isinstance(expected, tuple) else (expected,))]
+    ok = all(rel <= tol for (_, rel), tol in zip(errors, tols))
+    return ("ok  " if ok else "FAIL") + " ".join(f"{rel:.1e}" for _, rel in errors)
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+def environment() -> dict:
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip()
+    return dict(card=torch.cuda.get_device_name(), nvidia_smi=smi, torch=torch.__version__,
+                triton=triton.__version__, cuda=torch.version.cuda,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                target=target_for_device("cuda").name)
+
+
+def input_sets(tokens, hc, hidden, dtype, l2_bytes) -> list[dict]:
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    per_set = floor_bytes("hc_post_pre", tokens, hc, hidden, dtype.itemsize)
+    count = max(4, min(64, -(-4 * l2_bytes // per_set)))
+    return [make_set(tokens, hc, hidden, dtype, gen) for _ in range(count)]
+
+
+def bench_tokens(tokens, args, gbps, l2_bytes, compiled) -> list[dict]:
+    sets = input_sets(tokens, args.hc, args.hidden, torch.bfloat16, l2_bytes)
+    rows = []
+    for op in OPS:
+        arg_sets = [op_args(op, s, args.iters) for s in sets]
+        floor = floor_bytes(op, tokens, args.hc, args.hidden, 2)
+        row = dict(op=op, tokens=tokens, sets=len(sets), check=check(op, sets[0], args.iters),
+                   floor_bytes=floor, floor_us=floor / gbps / 1e3,
+                   fused_us=graph_us(getattr(mhc, op), arg_sets), fused_nograph_us=launch_us(getattr(mhc, op), arg_sets),
+                   eager_us=graph_us(getattr(ref, op), arg_sets) if compiled else float("nan"),
+                   inductor_us=graph_us(compiled[op], arg_sets) if compiled else float("nan"),
+                   launch=str(mhc.mhc_launch(target_for_device("cuda"), tokens, args.hidden)))
+        row["fused_gbps"] = floor / row["fused_us"] / 1e3
+        rows.append(row)
+        print(format_row(row), flush=True)
+    return rows
+
+
+def candidate_launches(t, tokens: int, hidden: int) -> list:
+    """The default launch and a grid around it: token blocks, column blocks, programs per SM."""
+    default = mhc.mhc_launch(t, tokens, hidden)
+    found = {default: None}
+    for block_t in sorted({16, min(64, triton.next_power_of_2(max(16, tokens)))}):
+        for block_d in (16, 32, 64):
+            for programs in (t.sm_count, 2 * t.sm_count):
+                per_block = max(1, programs // triton.cdiv(tokens, block_t))
+                chunks, split_k = mhc.split_over(hidden, block_d, per_block)
+                found.setdefault(dataclasses.replace(default, block_t=block_t, block_d=block_d, chunks=chunks,
+                                                     split_k=split_k), None)
+    return list(found)
+
+
+def sweep(tokens, args, l2_bytes) -> None:
+    """hc_post_pre (both kernels) over `candidate_launches`; prints the default and the best."""
+    sets = input_sets(tokens, args.hc, args.hidden, torch.bfloat16, l2_bytes)
+    t = target_for_device("cuda")
+    for op in ("hc_post_pre",):
+        arg_sets = [op_args(op, s, args.iters) for s in sets]
+        results = []
+        for launch in candidate_launches(t, tokens, args.hidden):
+            fn = lambda *a, launch=launch: getattr(mhc, op)(*a, launch=launch)
+            results.append((graph_us(fn, arg_sets, replays=10), launch))
+        print(f"sweep {op} T={tokens}: default {results[0][0]:.2f} us {results[0][1]}; best:", flush=True)
+        for us, launch in sorted(results, key=lambda r: r[0])[:4]:
+            print(f"    {us:7.2f} us  {launch}", flush=True)
+
+
+@triton.jit
+def _nop_kernel(x_ptr):
+    tl.store(x_ptr + tl.program_id(0), 1.0)
+
+
+def kernel_breakdown(tokens, args, l2_bytes) -> None:
+    """Each kernel alone, in CUDA graphs over the rotating sets: an empty kernel (the launch gap), the split-K
+    partials of hc_pre / hc_post_pre at the default launch, and the collapse over warps and iterations."""
+    sets = input_sets(tokens, args.hc, args.hidden, torch.bfloat16, l2_bytes)
+    t = target_for_device("cuda")
+    default = mhc.mhc_launch(t, tokens, args.hidden)
+    rows = (2 + args.hc) * args.hc
+    nop = torch.empty(132, device="cuda")
+    out = [f"T={tokens:<4} nop {graph_us(lambda: _nop_kernel[(1,)](nop), [()] * len(sets)):.2f}"]
+    work = [(s, *mhc.mix_workspace(tokens, rows, default, "cuda"), torch.empty_like(s["streams"])) for s in sets]
+
+    def partials(s, part_mix, part_sq, new, post=False):
+        post_in = (s["streams"], s["post"], s["comb"], new) if post else None
+        mhc.launch_mix_partials(s["block_out"] if post else s["streams"], post_in, s["fn"], part_mix, part_sq,
+                                default, args.hc)
+
+    out.append(f"partials(pre) {graph_us(partials, work):.2f}")
+    out.append(f"partials(post_pre) {graph_us(lambda *w: partials(*w, post=True), work):.2f}")
+    for warps, iters in ((4, 1), (2, args.iters), (4, args.iters), (8, args.iters)):
+        launch = dataclasses.replace(default, collapse_warps=warps)
+
+        def collapse(s, part_mix, part_sq, new, launch=launch, iters=iters):
+            normed = torch.empty((tokens, args.hidden), dtype=s["streams"].dtype, device="cuda")
+            mhc.launch_collapse(s["streams"], part_mix, part_sq, s["base"], s["scale"], s["norm_w"], normed,
+                                torch.empty_like(s["post"]), torch.empty_like(s["comb"]), RMS_EPS, HC_EPS,
+                                iters, launch)
+        out.append(f"collapse(w{warps},it{iters}) {graph_us(collapse, work):.2f}")
+    print("  ".join(out), flush=True)
+
+
+def format_row(r: dict) -> str:
+    return (f"{r['op']:<12}{r['tokens']:>5}  {r['check']:<28}{r['floor_us']:>7.2f}{r['fused_us']:>8.2f}"
+            f"{r['fused_gbps']:>8.0f}{r['fused_nograph_us']:>9.1f}{r['eager_us']:>9.1f}{r['inductor_us']:>9.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--hc", type=int, default=4)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--sweep", action="store_true", help="time a grid of launches of the fused ops")
+    parser.add_argument("--kernels", action="store_true", help="time each kernel alone (launch gap, variants)")
+    parser.add_argument("--no-baselines", action="store_true", help="skip eager and inductor (iterating)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    env = environment()
+    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
+    gbps = copy_gbps()
+    print(json.dumps(env), f"\ncopy bandwidth {gbps:.0f} GB/s (read + written), L2 {l2_bytes >> 20} MiB", flush=True)
+    compiled = {op: torch.compile(getattr(ref, op), dynamic=False) for op in OPS}
+    if args.no_baselines:
+        compiled = None
+    print(f"{'op':<12}{'T':>5}  {'check (rel err per output)':<28}{'floor':>7}{'fused':>8}{'GB/s':>8}"
+          f"{'no-graph':>9}{'eager':>9}{'inductor':>9}   (us)", flush=True)
+    rows = [row for tokens in args.tokens for row in bench_tokens(tokens, args, gbps, l2_bytes, compiled)]
+    for tokens in sorted({min(args.tokens), max(args.tokens)}):
+        s = make_set(tokens, args.hc, args.hidden, torch.float32, torch.Generator(device="cuda").manual_seed(7))
+        print(f"fp32 streams, T={tokens}: " + "; ".join(f"{op} {check(op, s, args.iters)}" for op in OPS), flush=True)
+    for tokens in args.tokens if args.kernels else ():
+        kernel_breakdown(tokens, args, l2_bytes)
+    for tokens in args.tokens if args.sweep else ():
+        sweep(tokens, args, l2_bytes)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(env=env, copy_gbps=gbps, args=vars(args), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
