@@ -38,6 +38,7 @@ from ..codegen import ops  # noqa: F401  (registers the dsv4c ops this pass emit
 from ..codegen import targets as target_table
 from .manager import PassContext, PassRecord, make_record
 from .op_facts import count_nodes, graph_fake_mode, is_pure, sym_tuple, tensor_val
+from .shape_propagation import nodes_without_val, refresh_fake_values
 
 aten, prims = torch.ops.aten, torch.ops.prims
 
@@ -131,6 +132,11 @@ def _value(node: Any) -> Any:
 def _same(a: Any, b: Any) -> bool:
     return a is not None and b is not None and len(a) == len(b) and all(sympy.simplify(x - y) == 0
                                                                         for x, y in zip(a, b))
+
+
+def _span(start: Any, stop: Any, size: int) -> tuple[int, int]:
+    """Python slice bounds (None, negative, past the end) as a [start, stop) range."""
+    return slice(start, stop).indices(size)[:2]
 
 
 def _numel(shape: tuple[sympy.Expr, ...]) -> sympy.Expr:
@@ -251,9 +257,7 @@ def _columns(node: Any) -> tuple[fx.Node, int, int]:
         node = node.args[0]
     if _is(node, aten.slice.Tensor) and _dim(node.args[0], _arg(node, 1, "dim", 0)) == -1 \
             and _arg(node, 4, "step", 1) == 1:
-        size = int(_shape(node.args[0])[-1])
-        start, stop = _arg(node, 2, "start", 0) or 0, _arg(node, 3, "end", None)
-        return node.args[0], start, size if stop is None else min(stop, size)
+        return (node.args[0], *_span(_arg(node, 2, "start"), _arg(node, 3, "end"), int(_shape(node.args[0])[-1])))
     part = _split_part(node, last=True)
     if part is not None:
         return part
@@ -285,11 +289,10 @@ def _param_part(node: Any) -> tuple[fx.Node, int, int] | None:
         node = _upcast_source(node.args[0])
     part = _split_part(node, last=False)
     if part is None and _is(node, aten.slice.Tensor) and _arg(node, 1, "dim", 0) in (0, -1):
-        size = int(_shape(node.args[0])[0])
-        stop = _arg(node, 3, "end", None)
-        part = node.args[0], _arg(node, 2, "start", 0) or 0, size if stop is None else min(stop, size)
+        part = (node.args[0], *_span(_arg(node, 2, "start"), _arg(node, 3, "end"), int(_shape(node.args[0])[0])))
     if part is None and _is(node, aten.select.int) and node.args[1] in (0, -1):
-        part = node.args[0], node.args[2], node.args[2] + 1
+        index = node.args[2] % int(_shape(node.args[0])[0])
+        part = node.args[0], index, index + 1
     if part is None:
         part = node, 0, int(_shape(node)[0]) if len(_shape(node) or ()) == 1 else -1
     param = _upcast_source(part[0])
@@ -480,7 +483,7 @@ def _post(node: fx.Node) -> Post | None:
         if product is None or comb is None:
             continue
         streams = _upcast_source(matmul[1])
-        if _dtype(streams) == _dtype(node):
+        if _dtype(streams) == _dtype(node) and _same(_shape(product[1])[:-1], _shape(streams)[:-2]):
             return Post(node, product[1], streams, product[0], comb)
     return None
 
@@ -611,6 +614,8 @@ def find_fusions(graph: fx.Graph) -> list[Fusion]:
 def mhc_fusion(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, PassRecord]:
     """Replace every matched mHC boundary by its dsv4c op; erase what only the old math read."""
     before = count_nodes(gm)
+    if nodes_without_val(gm):  # dims and dtypes are read from meta["val"]
+        refresh_fake_values(gm)
     fusions = find_fusions(gm.graph)
     counts = {kind: sum(f.kind == kind for f in fusions) for kind in FUSED}
     if fusions:
