@@ -176,16 +176,18 @@ def bench_tokens(tokens, args, gbps, l2_bytes, compiled) -> list[dict]:
 
 
 def candidate_launches(t, tokens: int, hidden: int) -> list:
-    """The default launch and a grid around it: token blocks, column blocks, programs per SM."""
+    """The default launch, then variants: twice the programs, tensor-core tf32x3 dots, and for a few tokens
+    the broadcast multiply-and-sum (no tl.dot, token blocks of 1-4 instead of 16)."""
     default = mhc.mhc_launch(t, tokens, hidden)
     found = {default: None}
-    for block_t in sorted({16, min(64, triton.next_power_of_2(max(16, tokens)))}):
-        for block_d in (16, 32, 64):
-            for programs in (t.sm_count, 2 * t.sm_count):
-                per_block = max(1, programs // triton.cdiv(tokens, block_t))
-                chunks, split_k = mhc.split_over(hidden, block_d, per_block)
-                found.setdefault(dataclasses.replace(default, block_t=block_t, block_d=block_d, chunks=chunks,
-                                                     split_k=split_k), None)
+    chunks, split_k = mhc.split_over(hidden, default.block_d, 2 * default.split_k)
+    found.setdefault(dataclasses.replace(default, chunks=chunks, split_k=split_k), None)
+    found.setdefault(dataclasses.replace(default, precision="tf32x3"), None)
+    if tokens <= 8:
+        for block_d in (16, 32):
+            chunks, split_k = mhc.split_over(hidden, block_d, 2 * t.sm_count)
+            found.setdefault(dataclasses.replace(default, block_t=min(4, triton.next_power_of_2(tokens)),
+                                                 block_d=block_d, chunks=chunks, split_k=split_k, dot=False), None)
     return list(found)
 
 

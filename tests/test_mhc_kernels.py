@@ -11,6 +11,8 @@ kernel fails to write fails the check), and compares with these tolerances:
   another order (split-K sums, fused multiply-adds);
 - bf16 outputs (block inputs, new streams): rtol 1e-2, atol 1e-2 -- an fp32 difference may flip a bf16
   rounding, one ulp being 2^-8 relative; the kernels round to nearest even as torch does.
+hc_post_pre / hc_post_head check their second half against the reference run on their own new streams
+(see _check_post_then_pre).
 """
 
 import concurrent.futures
@@ -18,6 +20,7 @@ import dataclasses
 import importlib.util
 import multiprocessing
 import os
+import zlib
 
 import pytest
 import torch
@@ -86,7 +89,7 @@ def mhc():
 
 
 def _gen(*key) -> torch.Generator:
-    return torch.Generator().manual_seed(hash(key) % 2**31)
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))  # str hashes change every run
 
 
 def _randn(gen, *shape, dtype=torch.float32, scale=1.0):
@@ -122,6 +125,22 @@ def _check(got, expected, tol):
     torch.testing.assert_close(got, expected, **tol)
 
 
+def _check_post_then_pre(got, args, dtype, head=False):
+    """hc_post_pre / hc_post_head: the new streams against the reference hc_post, then the rest against the
+    reference hc_pre / hc_head of the kernel's own new streams. With bf16 streams an fp32 difference in the
+    post mix may round one element of the new streams to the neighbouring bf16 value, which moves the next
+    mixes by ~1e-4 at these small hidden sizes: that is the rounding of the model, not an error of the kernel,
+    so the rest is also compared with the full reference at 1e-3."""
+    new, *rest = got
+    _check(new, ref.hc_post(*args[:4]), TOL[dtype])
+    expected = (ref.hc_head(new, *args[4:]),) if head else ref.hc_pre(new, *args[4:])
+    for g, e in zip(rest, expected):
+        _check(g, e, TOL[dtype] if g.dtype == dtype else FP32_TOL)
+    full = ref.hc_post_head(*args)[1:] if head else ref.hc_post_pre(*args)[1:]
+    for g, e in zip(rest, full):
+        _check(g, e, TOL[dtype] if g.dtype == dtype else dict(rtol=1e-3, atol=1e-3))
+
+
 @pytest.mark.parametrize("tokens, hidden", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_hc_pre(mhc, tokens, hidden, dtype):
@@ -149,10 +168,7 @@ def test_hc_post_pre(mhc, tokens, hidden, dtype):
     gen, hc = _gen("post_pre", tokens, hidden, str(dtype)), 4
     args = (*_post_inputs(gen, tokens, hc, hidden, dtype), *_mix_params(gen, (2 + hc) * hc, hc, hidden, dtype, 3),
             RMS_EPS, HC_EPS, 20)
-    expected = ref.hc_post_pre(*args)
-    got = mhc.hc_post_pre(*args, out=_poisoned(*expected))
-    for g, e in zip(got, expected):
-        _check(g, e, TOL[dtype] if g.dtype == dtype else FP32_TOL)
+    _check_post_then_pre(mhc.hc_post_pre(*args, out=_poisoned(*ref.hc_post_pre(*args))), args, dtype)
 
 
 @pytest.mark.parametrize("tokens, hidden", SHAPES)
@@ -170,10 +186,7 @@ def test_hc_post_head(mhc, tokens, hidden, dtype):
     gen, hc = _gen("post_head", tokens, hidden, str(dtype)), 4
     args = (*_post_inputs(gen, tokens, hc, hidden, dtype), *_mix_params(gen, hc, hc, hidden, dtype, 1),
             RMS_EPS, HC_EPS)
-    expected = ref.hc_post_head(*args)
-    got = mhc.hc_post_head(*args, out=_poisoned(*expected))
-    for g, e in zip(got, expected):
-        _check(g, e, TOL[dtype])
+    _check_post_then_pre(mhc.hc_post_head(*args, out=_poisoned(*ref.hc_post_head(*args))), args, dtype, head=True)
 
 
 @pytest.mark.parametrize("hc, iters", [(3, 1), (2, 7), (8, 20)])
@@ -183,9 +196,7 @@ def test_other_stream_counts_and_iterations(mhc, hc, iters):
     gen = _gen("hc", hc, iters)
     args = (*_post_inputs(gen, tokens, hc, hidden, dtype), *_mix_params(gen, (2 + hc) * hc, hc, hidden, dtype, 3),
             RMS_EPS, HC_EPS, iters)
-    expected = ref.hc_post_pre(*args)
-    for g, e in zip(mhc.hc_post_pre(*args, out=_poisoned(*expected)), expected):
-        _check(g, e, TOL[dtype] if g.dtype == dtype else FP32_TOL)
+    _check_post_then_pre(mhc.hc_post_pre(*args, out=_poisoned(*ref.hc_post_pre(*args))), args, dtype)
 
 
 @pytest.mark.parametrize("name", ["h100", "b200"])
@@ -197,9 +208,8 @@ def test_gpu_launch_heuristics_under_the_interpreter(mhc, name):
     assert launch["collapse_t"] == 1 and launch["split_k"] > 1
     args = (*_post_inputs(gen, tokens, hc, hidden, dtype), *_mix_params(gen, (2 + hc) * hc, hc, hidden, dtype, 3),
             RMS_EPS, HC_EPS, 20)
-    expected = ref.hc_post_pre(*args)
-    for g, e in zip(mhc.hc_post_pre(*args, launch=launch, out=_poisoned(*expected)), expected):
-        _check(g, e, TOL[dtype] if g.dtype == dtype else FP32_TOL)
+    _check_post_then_pre(mhc.hc_post_pre(*args, launch=launch, out=_poisoned(*ref.hc_post_pre(*args))), args,
+                         dtype)
 
 
 def test_launch_heuristics_cover_every_column(mhc):

@@ -48,7 +48,8 @@ def _round(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def _accumulate(acc, sq, x3, fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC: tl.constexpr, D: tl.constexpr,
-                BLOCK_T: tl.constexpr, HC_PAD: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+                BLOCK_T: tl.constexpr, HC_PAD: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+                PRECISION: tl.constexpr):
     """acc += x @ fn.T and sq += rowsum(x^2) over one chunk of columns d of all streams: x3 [BLOCK_T, HC_PAD,
     BLOCK_D] against fn[:, k*D + d], as one dot of depth HC_PAD*BLOCK_D. DOT=False multiplies by
     broadcasting instead (the interpreter's fp32 tl.dot is a slow numpy loop)."""
@@ -57,7 +58,7 @@ def _accumulate(acc, sq, x3, fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC: tl.con
     x2 = tl.reshape(x3, [BLOCK_T, HC_PAD * BLOCK_D])
     w2 = tl.reshape(w3, [HC_PAD * BLOCK_D, w3.shape[2]])
     if DOT:
-        acc = tl.dot(x2, w2, acc, input_precision="ieee")
+        acc = tl.dot(x2, w2, acc, input_precision=PRECISION)
     else:
         acc += tl.sum(x2[:, :, None] * w2[None, :, :], axis=1)
     sq += tl.sum(x2 * x2, axis=1)
@@ -68,7 +69,8 @@ def _accumulate(acc, sq, x3, fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC: tl.con
 def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part_mix_ptr, part_sq_ptr, N, M,
                          D: tl.constexpr, HC: tl.constexpr, HC_PAD: tl.constexpr, M_PAD: tl.constexpr,
                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr,
-                         SPLIT: tl.constexpr, POST: tl.constexpr, MIX: tl.constexpr, DOT: tl.constexpr):
+                         SPLIT: tl.constexpr, POST: tl.constexpr, MIX: tl.constexpr, DOT: tl.constexpr,
+                         PRECISION: tl.constexpr):
     """Partials of one (token block, D slice). Without POST x_ptr is streams [N, HC, D]; with POST it is the
     block output [N, D], and the slice of new streams [N, HC, D] is built from s_ptr/post_ptr/comb_ptr first.
     MIX=False (plain hc_post) skips the partials. Every load of a chunk is independent of the others, so
@@ -106,7 +108,7 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
             x3 = tl.load(x_ptr + offsets, mask=x_mask, other=0.0).to(tl.float32)
         if MIX:
             acc, sq = _accumulate(acc, sq, x3, fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC, D, BLOCK_T, HC_PAD,
-                                  BLOCK_D, DOT)
+                                  BLOCK_D, DOT, PRECISION)
     if MIX:
         tl.store(part_mix_ptr + (t[:, None] * SPLIT + pid_s) * M_PAD + m[None, :], acc, mask=t_mask[:, None])
         tl.store(part_sq_ptr + t * SPLIT + pid_s, sq, mask=t_mask)
@@ -181,6 +183,7 @@ class MhcLaunch:
     """How the two kernels are launched. Split-K kernel: grid (cdiv(N, block_t), split_k), each program
     covering `chunks` chunks of `block_d` columns (of all n streams), so split_k * chunks * block_d >= D;
     `dot`: x @ fn.T through tl.dot (GPUs; needs block_t, block_d >= 16) or broadcast multiply-and-sum;
+    `precision`: the dot's fp32 mode ("ieee": FMA; "tf32x3": tensor cores, three tf32 products);
     `num_warps`, `num_stages`. Collapse kernel: `collapse_t` tokens a program (1 on GPUs: one token's
     n x D block already fills the registers), `collapse_warps`."""
 
@@ -193,6 +196,7 @@ class MhcLaunch:
     collapse_t: int
     collapse_warps: int
     dot: bool = True
+    precision: str = "ieee"
 
     def __post_init__(self):
         for name in ("block_t", "block_d", "collapse_t"):
@@ -201,6 +205,8 @@ class MhcLaunch:
                 raise ValueError(f"MhcLaunch.{name} must be a power of two, got {value}")
         if self.dot and min(self.block_t, self.block_d) < MIN_DOT:
             raise ValueError(f"MhcLaunch with dot needs block_t, block_d >= {MIN_DOT}: {self}")
+        if self.precision not in ("ieee", "tf32x3"):
+            raise ValueError(f"MhcLaunch.precision must be 'ieee' or 'tf32x3' (tf32 is too coarse), got {self}")
         if min(self.chunks, self.split_k, self.num_warps, self.num_stages, self.collapse_warps) < 1:
             raise ValueError(f"MhcLaunch fields must be positive: {self}")
 
@@ -222,13 +228,18 @@ def collapse_warps(hidden: int) -> int:
     return 4 if hidden <= 4096 else 8 if hidden <= 8192 else 16
 
 
-def mhc_launch(t: Target, tokens: int, hidden: int) -> MhcLaunch:
-    """The launch of an mHC boundary of `tokens` tokens and hidden size `hidden` on target `t`.
+MAX_TILE = 4096  # fp32 elements of one register tile of a 4-warp split-K program (32 a thread); more spills
+
+
+def mhc_launch(t: Target, tokens: int, hidden: int, hc: int = 4) -> MhcLaunch:
+    """The launch of an mHC boundary of `tokens` tokens, hidden size `hidden`, `hc` streams on target `t`.
 
     GPUs: about two split-K programs per SM, so the fn read (the whole cost at small batch) is spread over
-    the chip; 16-token blocks up to 64 tokens (fn re-reads hit L2), 64 beyond. cpu (Triton's interpreter,
-    tests only): few large programs (the interpreter pays per program and per call), but still several
-    splits and chunks so both loops are exercised.
+    the chip; 16-token blocks up to 16 tokens, 64 beyond (fewer fn re-reads); the column block as large as
+    the register tiles allow (x [block_t, n, block_d] and fn [n * block_d, 32] at most MAX_TILE: measured on
+    an H200, a tile twice that spills and runs 5-10x slower). cpu (Triton's interpreter, tests only): few
+    large programs (the interpreter pays per program and per call), but still several splits and chunks so
+    both loops are exercised.
     """
     if not t.is_gpu:
         block_d = max(MIN_DOT, min(1024, triton.next_power_of_2(triton.cdiv(hidden, 4))))
@@ -236,9 +247,9 @@ def mhc_launch(t: Target, tokens: int, hidden: int) -> MhcLaunch:
         block_t = min(256, triton.next_power_of_2(tokens))
         return MhcLaunch(block_t, block_d, chunks, split_k, 4, 1, block_t, 4, dot=False)
     block_t = MIN_DOT if tokens <= 16 else 64
-    token_blocks = triton.cdiv(tokens, block_t)
-    programs_per_block = max(1, 2 * t.sm_count // token_blocks)
-    block_d = 64
+    hc_pad = triton.next_power_of_2(hc)
+    block_d = max(MIN_DOT, min(64, MAX_TILE // (block_t * hc_pad), MAX_TILE // (hc_pad * 32)))
+    programs_per_block = max(1, 2 * t.sm_count // triton.cdiv(tokens, block_t))
     while block_d > MIN_DOT and triton.cdiv(hidden, block_d) < programs_per_block:
         block_d //= 2
     chunks, split_k = split_over(hidden, block_d, programs_per_block)
@@ -268,7 +279,7 @@ def _device_target(device: torch.device) -> Target:
 
 def _launch_for(streams: torch.Tensor, launch: MhcLaunch | None) -> MhcLaunch:
     n_tokens, _, hidden = streams.shape
-    launch = launch or mhc_launch(_device_target(streams.device), n_tokens, hidden)
+    launch = launch or mhc_launch(_device_target(streams.device), n_tokens, hidden, streams.shape[1])
     launch.check(hidden)
     return launch
 
@@ -296,6 +307,7 @@ def launch_mix_partials(x, post_mix_inputs, fn, part_mix, part_sq, launch: MhcLa
         fn.shape[0] if mix else 0, D=hidden, HC=hc, HC_PAD=triton.next_power_of_2(hc),
         M_PAD=part_mix.shape[-1] if mix else MIN_DOT, BLOCK_T=launch.block_t, BLOCK_D=launch.block_d,
         CHUNKS=launch.chunks, SPLIT=launch.split_k, POST=post_mix_inputs is not None, MIX=mix, DOT=launch.dot,
+        PRECISION=launch.precision,
         num_warps=launch.num_warps, num_stages=launch.num_stages)
 
 
