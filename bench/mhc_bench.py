@@ -127,12 +127,12 @@ def max_errors(got, expected) -> list[tuple[float, float]]:
     return out
 
 
-def check(op: str, s: dict, iters: int, bf16_tol: float = 1e-2, fp32_tol: float = 1e-5) -> str:
+def check(op: str, s: dict, iters: int, bf16_tol: float = 1e-2, fp32_tol: float = 1e-5, launch=None) -> str:
     """Fused vs reference on one input set (outputs poisoned with NaN first); returns a one-line summary."""
     args = op_args(op, s, iters)
     expected = getattr(ref, op)(*args)
     poisoned = tuple(torch.full_like(e, float("nan")) for e in (expected if isinstance(expected, tuple) else (expected,)))
-    got = getattr(mhc, op)(*args, out=poisoned if isinstance(expected, tuple) else poisoned[0])
+    got = getattr(mhc, op)(*args, launch=launch, out=poisoned if isinstance(expected, tuple) else poisoned[0])
     errors = max_errors(got, expected)
     tols = [bf16_tol if e.dtype == torch.bfloat16 else fp32_tol
             for e in (expected if isinstance(expected, tuple) else (expected,))]
@@ -182,13 +182,22 @@ def candidate_launches(t, tokens: int, hidden: int) -> list:
     found = {default: None}
     chunks, split_k = mhc.split_over(hidden, default.block_d, 2 * default.split_k)
     found.setdefault(dataclasses.replace(default, chunks=chunks, split_k=split_k), None)
-    found.setdefault(dataclasses.replace(default, precision="tf32x3"), None)
+    found.setdefault(tf32x3_launch(t, tokens, hidden, 4), None)
     if tokens <= 8:
         for block_d in (16, 32):
             chunks, split_k = mhc.split_over(hidden, block_d, 2 * t.sm_count)
             found.setdefault(dataclasses.replace(default, block_t=min(4, triton.next_power_of_2(tokens)),
                                                  block_d=block_d, chunks=chunks, split_k=split_k, dot=False), None)
     return list(found)
+
+
+def tf32x3_launch(t, tokens: int, hidden: int, hc: int):
+    """The default tl.dot launch with tensor-core tf32x3 products (16-token blocks where the default has none)."""
+    default = mhc.mhc_launch(t, tokens, hidden, hc)
+    if not default.dot:
+        chunks, split_k = mhc.split_over(hidden, 16, 2 * t.sm_count)
+        default = dataclasses.replace(default, block_t=16, block_d=16, chunks=chunks, split_k=split_k, dot=True)
+    return dataclasses.replace(default, precision="tf32x3")
 
 
 def sweep(tokens, args, l2_bytes) -> None:
@@ -255,6 +264,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time a grid of launches of the fused ops")
     parser.add_argument("--kernels", action="store_true", help="time each kernel alone (launch gap, variants)")
     parser.add_argument("--no-baselines", action="store_true", help="skip eager and inductor (iterating)")
+    parser.add_argument("--check-tf32x3", action="store_true", help="check the tensor-core tf32x3 dots too")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     env = environment()
@@ -270,6 +280,12 @@ def main() -> None:
     for tokens in sorted({min(args.tokens), max(args.tokens)}):
         s = make_set(tokens, args.hc, args.hidden, torch.float32, torch.Generator(device="cuda").manual_seed(7))
         print(f"fp32 streams, T={tokens}: " + "; ".join(f"{op} {check(op, s, args.iters)}" for op in OPS), flush=True)
+    for tokens in (1, 64, 256) if args.check_tf32x3 else ():
+        launch = tf32x3_launch(target_for_device("cuda"), tokens, args.hidden, args.hc)
+        for dtype in (torch.float32, torch.bfloat16):
+            s = make_set(tokens, args.hc, args.hidden, dtype, torch.Generator(device="cuda").manual_seed(9))
+            print(f"tf32x3 dots, {dtype}, T={tokens}: " + "; ".join(
+                f"{op} {check(op, s, args.iters, launch=launch)}" for op in OPS), flush=True)
     for tokens in args.tokens if args.kernels else ():
         kernel_breakdown(tokens, args, l2_bytes)
     for tokens in args.tokens if args.sweep else ():

@@ -199,13 +199,14 @@ def test_other_stream_counts_and_iterations(mhc, hc, iters):
     _check_post_then_pre(mhc.hc_post_pre(*args, out=_poisoned(*ref.hc_post_pre(*args))), args, dtype)
 
 
-@pytest.mark.parametrize("name", ["h100", "b200"])
-def test_gpu_launch_heuristics_under_the_interpreter(mhc, name):
-    """The GPU launch (one token per collapse program, GPU-sized splits) computes the same function."""
-    tokens, hidden, hc, dtype = 3, 200, 4, torch.bfloat16
+@pytest.mark.parametrize("name, tokens, dot", [("h100", 3, False), ("b200", 20, True)])
+def test_gpu_launch_heuristics_under_the_interpreter(mhc, name, tokens, dot):
+    """The GPU launches (one token per collapse program, GPU-sized splits; broadcast products for a few
+    tokens, tl.dot beyond) compute the same function."""
+    hidden, hc, dtype = 200, 4, torch.bfloat16
     gen = _gen("gpu-launch", name)
     launch = mhc.call(_launch_fields, name, tokens, hidden)
-    assert launch["collapse_t"] == 1 and launch["split_k"] > 1
+    assert launch["collapse_t"] == 1 and launch["split_k"] > 1 and launch["dot"] == dot
     args = (*_post_inputs(gen, tokens, hc, hidden, dtype), *_mix_params(gen, (2 + hc) * hc, hc, hidden, dtype, 3),
             RMS_EPS, HC_EPS, 20)
     _check_post_then_pre(mhc.hc_post_pre(*args, launch=launch, out=_poisoned(*ref.hc_post_pre(*args))), args,
@@ -220,7 +221,7 @@ def test_launch_heuristics_cover_every_column(mhc):
                 mhc.call(_check_launch, launch, hidden)
                 assert (launch["split_k"] - 1) * launch["chunks"] * launch["block_d"] < hidden, "an empty split"
     gpu = mhc.call(_launch_fields, "h100", 1, 4096)
-    assert gpu["split_k"] >= target("h100").sm_count, "one token must spread the fn read over every SM"
+    assert gpu["split_k"] >= 0.9 * target("h100").sm_count, "one token must spread the fn read over the SMs"
 
 
 def test_launch_validation(mhc):
