@@ -1,0 +1,188 @@
+"""dsv4c's fused ops in ONNX: one node in domain "dsv4c" each, defined by a model-local function.
+
+A dsv4c op is exported as a single node `dsv4c.<name>` (op type = the op's name, e.g. `dequant_fp8_weight`):
+tensor arguments are its inputs in schema order (an absent optional tensor is ""), every other argument an
+attribute of the same name (a dtype as its ONNX element type). The model also carries an ONNX function
+(a `FunctionProto` in domain "dsv4c") whose body is the op's reference implementation in standard ops, so
+ONNX's shape inference checks everything downstream, and a runtime without a dsv4c kernel can run the
+graph by inlining the body while one with a kernel keeps the node. Bodies come from two places:
+- `FUNCTION_BODIES`: written here, generic in every size and attribute (the dequant ops: one body serves
+  every weight shape);
+- otherwise the op's PyTorch reference traced for the call's signature (compiler/onnx_reference.py): one
+  function overload per distinct (dtypes, sizes, non-tensor arguments), generic only in the batch, its
+  attributes declared for the node's sake but already fixed in the body (the overload name says which).
+An op whose body cannot be made is exported opaque (the node alone) and named, with the reason, in the
+model's metadata; ONNX's checker then cannot check past it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from . import quant
+from .onnx_graph import DOMAIN, NotExpressible, Value, onnx_dtype, tensor_proto
+
+FUNCTION_OPSET = 24  # Cast from FLOAT8E8M0 (the scales) is in opset 24
+
+
+TracedBody = Callable[[str, dict[str, Any], str], onnx.FunctionProto]
+
+
+class FunctionLibrary:
+    """The dsv4c functions one model uses, and the ops left opaque with the reason."""
+
+    def __init__(self, traced_body: TracedBody):
+        """`traced_body(op, named_args, overload)` makes a body from the op's traced reference."""
+        self.functions: dict[tuple[str, str], onnx.FunctionProto] = {}
+        self.opaque: dict[str, str] = {}
+        self._overloads: dict[tuple[str, str], str] = {}
+        self._traced_body = traced_body
+
+    def call(self, graph, base: str, schema: torch.FunctionSchema, named: dict[str, Any],
+             outputs: list[str]) -> list[str]:
+        """Emit the op's node, with the overload of its function (made on first use)."""
+        overload = self._function_for(base, schema, named)
+        names = emit_custom_node(graph, base, schema, named, outputs)
+        graph.nodes[-1].overload = overload
+        return names
+
+    def _function_for(self, base: str, schema: torch.FunctionSchema, named: dict[str, Any]) -> str:
+        if base in FUNCTION_BODIES:
+            if (base, "") not in self.functions:
+                self.functions[(base, "")] = FUNCTION_BODIES[base]()
+            return ""
+        key = (base, _signature(schema, named))
+        if key not in self._overloads:
+            overload = f"s{sum(1 for other, _ in self._overloads if other == base)}"
+            try:
+                self.functions[(base, overload)] = self._traced_body(base, named, overload)
+            except Exception as error:  # any failure to trace or translate leaves the op opaque, with why
+                self.opaque.setdefault(base, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+                overload = ""
+            self._overloads[key] = overload
+        return self._overloads[key]
+
+
+def _signature(schema: torch.FunctionSchema, named: dict[str, Any]) -> str:
+    parts = []
+    for argument in schema.arguments:
+        value = named.get(argument.name)
+        parts.append(f"{value.dtype}{list(value.dims)}" if isinstance(value, Value) else repr(value))
+    return ";".join(parts)
+
+
+def tensor_argument_names(schema: torch.FunctionSchema) -> list[str]:
+    """The op's tensor arguments in schema order: its node's (and function's) inputs."""
+    return [a.name for a in schema.arguments if "Tensor" in str(a.type)]
+
+
+def attribute_names(schema: torch.FunctionSchema) -> list[str]:
+    return [a.name for a in schema.arguments if "Tensor" not in str(a.type)]
+
+
+def emit_custom_node(graph, base: str, schema: torch.FunctionSchema, named: dict[str, Any],
+                     outputs: list[str]) -> list[str]:
+    """One dsv4c-domain node for the op: tensors as inputs, everything else as attributes."""
+    inputs, attributes = [], {}
+    for argument in schema.arguments:
+        value = named.get(argument.name)
+        kind = str(argument.type)
+        if "Tensor" in kind:
+            if isinstance(value, (list, tuple)):
+                raise NotExpressible(f"dsv4c::{base}: tensor-list argument {argument.name!r} is not exported")
+            inputs.append(value.name if isinstance(value, Value) else "")
+        elif value is not None:
+            attributes[argument.name] = _attribute(value, f"dsv4c::{base} argument {argument.name!r}")
+    while inputs and inputs[-1] == "":
+        inputs.pop()
+    return graph.add(base, inputs, outputs, domain=DOMAIN, **attributes)
+
+
+def _attribute(value: Any, where: str) -> Any:
+    if isinstance(value, torch.dtype):
+        return onnx_dtype(value, f"{where}: ")
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return list(value)
+    raise NotExpressible(f"{where}: {value!r} cannot be an ONNX attribute")
+
+
+def _function(name: str, inputs: list[str], nodes: list[onnx.NodeProto], attributes: list[str],
+              doc: str) -> onnx.FunctionProto:
+    return helper.make_function(DOMAIN, name, inputs, ["output"], nodes,
+                                [helper.make_opsetid("", FUNCTION_OPSET)], attributes=attributes, doc_string=doc)
+
+
+class _Body:
+    """Nodes of a function body with generated value names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+
+    def __call__(self, op_type: str, *inputs: str, out: str | None = None, **attrs: Any) -> str:
+        name = out or f"t{len(self.nodes)}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [name], **attrs))
+        return name
+
+    def const(self, value: Any, dtype: torch.dtype) -> str:
+        return self("Constant", value=tensor_proto(torch.tensor(value, dtype=dtype), "value"))
+
+    def cast_to_attr(self, x: str, attr: str, out: str) -> str:
+        node = helper.make_node("Cast", [x], [out])
+        ref = helper.make_attribute_ref("to", onnx.AttributeProto.INT)
+        ref.ref_attr_name = attr
+        node.attribute.append(ref)
+        self.nodes.append(node)
+        return out
+
+    def block_index(self, length: str, block: int) -> str:
+        """[0, 1, ..., length-1] // block: which scale each row or column reads."""
+        steps = self("Range", self.const(0, torch.int64), length, self.const(1, torch.int64))
+        return self("Div", steps, self.const(block, torch.int64))
+
+    def dim(self, x: str, axis: int) -> str:
+        return self("Gather", self("Shape", x), self.const(axis, torch.int64))
+
+
+def _dequant_fp8_weight() -> onnx.FunctionProto:
+    b = _Body()
+    scale = b("Cast", "scale", to=TensorProto.FLOAT)
+    rows = b("Gather", scale, b.block_index(b.dim("weight", 0), 128), axis=0)
+    full = b("Gather", rows, b.block_index(b.dim("weight", 1), 128), axis=1)
+    product = b("Mul", b("Cast", "weight", to=TensorProto.FLOAT), full)
+    b.cast_to_attr(product, "dtype", "output")
+    return _function("dequant_fp8_weight", ["weight", "scale"], b.nodes, ["dtype"],
+                     "weight e4m3 [out, in] times its e8m0 scale per 128x128 block, as `dtype`")
+
+
+def _dequant_fp4_weight() -> onnx.FunctionProto:
+    b = _Body()
+    raw = b("Mod", b("Cast", "weight", to=TensorProto.INT32), b.const(256, torch.int32), fmod=0)  # the byte
+    sixteen = b.const(16, torch.int32)
+    low, high = b("Mod", raw, sixteen, fmod=0), b("Div", raw, sixteen)
+    axis = b.const([-1], torch.int64)
+    pairs = b("Concat", b("Unsqueeze", low, axis), b("Unsqueeze", high, axis), axis=-1)  # low nibble first
+    shape = b("Concat", b("Unsqueeze", b.dim("weight", 0), b.const([0], torch.int64)),
+              b.const([-1], torch.int64), axis=0)
+    codes = b("Reshape", pairs, shape)
+    table = list(quant.E2M1_MAGNITUDES) + [-v for v in quant.E2M1_MAGNITUDES]
+    values = b("Gather", b.const(table, torch.float32), codes, axis=0)
+    scale = b("Cast", "scale", to=TensorProto.FLOAT)
+    full = b("Gather", scale, b.block_index(b.dim(codes, 1), 32), axis=1)
+    b.cast_to_attr(b("Mul", values, full), "dtype", "output")
+    return _function("dequant_fp4_weight", ["weight", "scale"], b.nodes, ["dtype"],
+                     "MXFP4 int8 [out, in/2] (two e2m1 codes a byte, low nibble first) times its e8m0 "
+                     "scale per 32 values, as `dtype` [out, in]")
+
+
+FUNCTION_BODIES: dict[str, Callable[[], onnx.FunctionProto]] = {
+    "dequant_fp8_weight": _dequant_fp8_weight,
+    "dequant_fp4_weight": _dequant_fp4_weight,
+}
