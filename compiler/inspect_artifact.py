@@ -1,0 +1,158 @@
+"""`dsv4c inspect ART [--onnx FILE]`: what a compiled artifact holds, and one variant's graph as ONNX.
+
+`describe(artifact)` returns plain text lines: versions, model, numerics, targets, then per variant the op
+counts (top ops, dsv4c fused ops), the pass log (each pass's matches and node counts before -> after), the
+memory plan's peak where the memory-planning pass recorded one, and the kernel table. It reads only the
+manifest and the plans (no weights).
+
+`export_onnx(artifact, variant, path)` writes the variant's optimised graph as an ONNX model (see
+compiler/onnx_export.py for what it holds: the weights stay in the artifact and are graph inputs), checked
+with `onnx.checker.check_model(full_check=True)` before the file is written.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from dsv4c.runtime.artifact import Artifact
+from dsv4c.runtime.plan import Plan
+
+from .config import ConfigError, ModelConfig
+
+TOP_OPS = 8
+REPORT_BATCHES = ("1", "8", "64")
+
+
+def describe(artifact: Artifact) -> list[str]:
+    """The artifact's summary, one line a string (no trailing newlines)."""
+    manifest = artifact.manifest
+    lines = [f"artifact {artifact.path}", f"  versions: {_pairs(manifest.get('versions', {}))}",
+             f"  model: {_model(manifest.get('config', {}))}",
+             f"  numerics: {_pairs(manifest.get('numerics', {}))}",
+             f"  targets: {', '.join(manifest.get('targets', [])) or 'none'}",
+             f"  variants: {', '.join(artifact.plans)}"]
+    logs = {entry.get("variant"): entry for entry in manifest.get("pass_log", []) if isinstance(entry, dict)}
+    for name, plan in artifact.plans.items():
+        lines.append("")
+        lines.extend(_variant(name, plan, logs.get(name)))
+    lines.append("")
+    lines.extend(_kernels(manifest.get("kernels", {})))
+    return lines
+
+
+def export_onnx(artifact: Artifact, variant: str, path: str | os.PathLike) -> None:
+    """Write `variant`'s graph to `path` as ONNX after the checker's full check (shape inference
+    included) accepts it; a partial file is never left at `path`."""
+    import onnx  # optional dependency (dsv4c[onnx]); describe() works without it
+
+    from .onnx_export import plan_to_onnx
+
+    if variant not in artifact.plans:
+        raise KeyError(f"artifact {artifact.path}: no variant {variant!r}; it has {', '.join(artifact.plans)}")
+    plan = artifact.plans[variant]
+    constants = {key: artifact.weights[key] for key in set(plan.constants.values())}
+    model = plan_to_onnx(plan, constants, name=f"dsv4c_{variant}",
+                         metadata={"dsv4c.variant": variant, "dsv4c.artifact": str(artifact.path)})
+    onnx.checker.check_model(model, full_check=True)
+    target = Path(path)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        onnx.save_model(model, partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _variant(name: str, plan: Plan, log: dict[str, Any] | None) -> list[str]:
+    counts = collections.Counter(op.op for op in plan.ops)
+    fused = {op: n for op, n in counts.items() if op.startswith("dsv4c::")}
+    lines = [f"variant {name}: {len(plan.ops)} ops, {sum(fused.values())} dsv4c ops, {len(plan.inputs)} inputs "
+             f"({_batch_inputs(plan)} batched), {len(plan.outputs)} outputs, {len(plan.constants)} constants",
+             f"  top ops: {_counts(counts.most_common(TOP_OPS))}",
+             f"  dsv4c ops: {_counts(sorted(fused.items())) or 'none'}"]
+    if log is None:
+        return lines + ["  passes: not recorded"]
+    records = [r for r in log.get("passes", []) if isinstance(r, dict)]
+    seconds = log.get("capture_s")
+    span = f"{records[0].get('nodes_before')} -> {records[-1].get('nodes_after')} nodes" if records else "none run"
+    lines.append(f"  passes ({span}" + (f"; capture {seconds:.1f} s):" if seconds is not None else "):"))
+    width = max((len(str(r.get("name", ""))) for r in records), default=0)
+    lines.extend(_pass_line(r, width) for r in records)
+    lines.extend(_memory_plan(r) for r in records if "peak" in (r.get("details") or {}))
+    return lines
+
+
+def _pass_line(record: dict[str, Any], width: int) -> str:
+    description = str(record.get("description", ""))
+    if len(description) > 72:
+        description = description[:71] + "…"
+    return (f"    {str(record.get('name', '?')):<{width}}  {record.get('matches', '?'):>5} matches  "
+            f"{record.get('nodes_before', '?'):>6} -> {record.get('nodes_after', '?'):<6} nodes "
+            f"{float(record.get('wall_s', 0.0)):6.2f} s  {description}")
+
+
+def _memory_plan(record: dict[str, Any]) -> str:
+    details = record["details"]
+    at = details.get("bytes_at") or {}
+    sizes = ", ".join(f"B={b}: {_bytes(at[b])}" for b in sorted(at, key=int)) if isinstance(at, dict) else ""
+    slots = f", {details['slots']} slots" if "slots" in details else ""
+    no_reuse = f" (without reuse {details['no_reuse']})" if "no_reuse" in details else ""
+    return f"  memory plan: peak {details['peak']} bytes{no_reuse}{slots}" + (f"; {sizes}" if sizes else "")
+
+
+def _kernels(kernels: Any) -> list[str]:
+    if not kernels:
+        return ["kernels: none recorded (ops run through their PyTorch reference implementations)"]
+    lines = ["kernels:"]
+    for target, table in sorted(kernels.items()):
+        if isinstance(table, dict) and table:
+            width = max(len(str(k)) for k in table)
+            lines.extend(f"  {target:<8} {str(op):<{width}}  {_compact(info)}" for op, info in sorted(table.items()))
+        else:
+            lines.append(f"  {target:<8} {_compact(table)}")
+    return lines
+
+
+def _model(config: dict[str, Any]) -> str:
+    try:
+        cfg = ModelConfig.from_dict(config)
+    except (ConfigError, TypeError, ValueError) as error:
+        return f"config not readable ({error})"
+    layers = f"{cfg.num_hidden_layers} layer" + ("s" if cfg.num_hidden_layers != 1 else "")
+    return (f"{cfg.layer_pattern()}, hidden {cfg.hidden_size}, {layers}, "
+            f"{cfg.n_routed_experts} experts (top {cfg.num_experts_per_tok}), vocab {cfg.vocab_size}")
+
+
+def _batch_inputs(plan: Plan) -> int:
+    return sum(1 for spec in plan.inputs if "B" in spec.shape)
+
+
+def _counts(items: Iterable[tuple[str, int]]) -> str:
+    return ", ".join(f"{name} {count}" for name, count in items)
+
+
+def _pairs(mapping: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in mapping.items()) or "none"
+
+
+def _compact(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_compact(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_compact(v) for v in value) + "]"
+    return str(value)
+
+
+def _bytes(count: Any) -> str:
+    try:
+        value = float(count)
+    except (TypeError, ValueError):
+        return str(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(count)
