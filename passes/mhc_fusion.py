@@ -11,10 +11,11 @@ Pattern, read from the math in the graph (never from module names), spec section
   -> `dsv4c::hc_post`; when its result is the streams of a matched pre -> `dsv4c::hc_post_pre`.
 - head: the same collapse with `fn [n, nD]`, `scale [1]` and no post/comb, then the final RMSNorm
   -> `dsv4c::hc_head`.
-Looked through: upcasts to fp32 (lossless; the ops upcast inside), views that only merge or split dims,
-identity expands, split/slice/select/unbind of the parameters, positive or negative dims, commuted adds and
-muls, softmax whole or decomposed. Casts down (transformers' `post.to(bf16)`) change the math: no match.
-Both epsilons of the mixes and the norm must agree (one `rms_eps`), as must the pre's and Sinkhorn's.
+Looked through (passes/graph_match.py): upcasts to fp32 (lossless; the ops upcast inside), views that only
+merge or split dims, identity expands, split/slice/select/unbind of the parameters, positive or negative
+dims, commuted adds and muls, softmax whole or decomposed. A cast down (transformers' `post.to(bf16)`)
+changes the math: no match. The mixes' and the norm's eps must agree (one `rms_eps`), as must the pre's and
+the Sinkhorn's (one `hc_eps`); a pre fuses only with its post and comb found, a post only after a fused pre.
 
 Before: a flat aten graph with FakeTensor `meta["val"]` (dims and dtypes are read from it); for the
 captured step, after noop_removal / dead_code / cse (no metadata asserts between ops, one node per value).
@@ -26,8 +27,6 @@ from the ops' fake functions.
 from __future__ import annotations
 
 import dataclasses
-import heapq
-import operator
 from typing import Any, NamedTuple
 
 import sympy
@@ -36,194 +35,22 @@ import torch.fx as fx
 
 from ..codegen import ops  # noqa: F401  (registers the dsv4c ops this pass emits)
 from ..codegen import targets as target_table
+from .graph_match import (ADD, MUL, SUM, VIEWS, arg, batched_matmul, columns, dim, downcast_source, dtype,
+                          erase_dead_ancestors, is_, is_call, is_topological, linear, number, operands,
+                          param_part, replace_with_op, rms_factor, rows_source, same_sizes, shape,
+                          softmax_input, stable_toposort, transposed_last2, upcast_source, value_of, weighted_rms)
 from .manager import PassContext, PassRecord, make_record
-from .op_facts import count_nodes, graph_fake_mode, is_pure, sym_tuple, tensor_val
+from .op_facts import count_nodes
 from .shape_propagation import nodes_without_val, refresh_fake_values
 
-aten, prims = torch.ops.aten, torch.ops.prims
-
-CASTS = frozenset({aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, prims.convert_element_type.default})
-VIEWS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
-                   aten.unflatten.int})
-COPIES = frozenset({aten.clone.default, aten.contiguous.default, aten.alias.default})
-TRANSPOSES = frozenset({aten.numpy_T.default, aten.t.default, aten.permute.default, aten.transpose.int})
-SOFTMAX = frozenset({aten.softmax.int, aten._softmax.default, aten._safe_softmax.default})
+aten = torch.ops.aten
 FUSED = ("hc_pre", "hc_post_pre", "hc_post", "hc_head")
 
 
-# ---- reading nodes -----------------------------------------------------------------------------------
-def _is(node: Any, *targets: Any) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
-
-
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    return node.args[index] if index < len(node.args) else node.kwargs.get(name, default)
-
-
-def _shape(node: Any) -> tuple[sympy.Expr, ...] | None:
-    val = tensor_val(node)
-    return sym_tuple(val.shape) if val is not None else None
-
-
-def _dtype(node: Any) -> torch.dtype | None:
-    val = tensor_val(node)
-    return val.dtype if val is not None else None
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _dim(node: fx.Node, dim: Any) -> int | None:
-    """`dim` as a negative index into node's value (None unless it is one int)."""
-    if isinstance(dim, (list, tuple)):
-        dim = dim[0] if len(dim) == 1 else None
-    shape = _shape(node)
-    if not isinstance(dim, int) or shape is None:
-        return None
-    return dim - len(shape) if dim >= 0 else dim
-
-
-def _operands(node: fx.Node) -> list[tuple[Any, Any]]:
-    """Both orders of a commutative binary op's operands."""
-    a, b = node.args[:2]
-    return [(a, b), (b, a)]
-
-
-def _cast_input(node: Any) -> fx.Node | None:
-    """The input of a dtype cast that stays on its device, else None."""
-    if _is(node, *CASTS) and isinstance(node.args[0], fx.Node) and tensor_val(node.args[0]) is not None \
-            and tensor_val(node) is not None and tensor_val(node).device == tensor_val(node.args[0]).device:
-        return node.args[0]
-    return None
-
-
-def _upcast_source(node: Any) -> Any:
-    """Look through casts that lose nothing: float16/bfloat16/float32 -> float32, same-dtype copies."""
-    while (source := _cast_input(node)) is not None and _dtype(node) == torch.float32 \
-            and _dtype(source) in (torch.float32, torch.bfloat16, torch.float16):
-        node = source
-    return node
-
-
-def _downcast_source(node: fx.Node) -> fx.Node | None:
-    """The fp32 input of a cast of node's dtype (a rounding the fused ops also make), else None."""
-    source = _cast_input(node)
-    return source if source is not None and _dtype(source) == torch.float32 else None
-
-
-def _strip(node: Any, targets: frozenset) -> Any:
-    while _is(node, *targets) and _shape(node) == _shape(node.args[0]):
-        node = node.args[0]
-    return node
-
-
-def _value(node: Any) -> Any:
-    """The node whose value node is, copies and identity expands looked through (for identity tests)."""
-    while True:
-        inner = _strip(node, COPIES | {aten.expand.default})
-        if _cast_input(inner) is not None and _dtype(inner) == _dtype(inner.args[0]):
-            inner = inner.args[0]
-        if inner is node:
-            return node
-        node = inner
-
-
-def _same(a: Any, b: Any) -> bool:
-    return a is not None and b is not None and len(a) == len(b) and all(sympy.simplify(x - y) == 0
-                                                                        for x, y in zip(a, b))
-
-
-def _span(start: Any, stop: Any, size: int) -> tuple[int, int]:
-    """Python slice bounds (None, negative, past the end) as a [start, stop) range."""
-    return slice(start, stop).indices(size)[:2]
-
-
-def _numel(shape: tuple[sympy.Expr, ...]) -> sympy.Expr:
-    return sympy.Mul(*shape) if shape else sympy.Integer(1)
-
-
-# ---- pieces of the math -----------------------------------------------------------------------------
-def _rms_factor(node: Any) -> tuple[fx.Node, float] | None:
-    """`rsqrt(mean(x^2, -1, keepdim) + eps)` -> (x, eps)."""
-    node = _upcast_source(node)
-    if not _is(node, aten.rsqrt.default) or not _is(node.args[0], aten.add.Tensor):
-        return None
-    for mean, eps in _operands(node.args[0]):
-        x = _mean_square_input(mean)
-        if x is not None and _number(eps) is not None:
-            return x, float(eps)
-    return None
-
-
-def _mean_square_input(node: Any) -> fx.Node | None:
-    if _is(node, aten.mean.dim) and _dim(node.args[0], node.args[1]) == -1 and _arg(node, 2, "keepdim"):
-        return _square_input(node.args[0])
-    if _is(node, aten.div.Tensor) and _is(node.args[0], aten.sum.dim_IntList):
-        total = node.args[0]
-        size = _shape(total.args[0])
-        if _dim(total.args[0], total.args[1]) == -1 and _arg(total, 2, "keepdim") and size \
-                and _number(node.args[1]) == size[-1]:
-            return _square_input(total.args[0])
-    return None
-
-
-def _square_input(node: Any) -> fx.Node | None:
-    if _is(node, aten.square.default) or _is(node, aten.pow.Tensor_Scalar) and _number(node.args[1]) == 2:
-        return node.args[0]
-    if _is(node, aten.mul.Tensor) and node.args[0] is node.args[1]:
-        return node.args[0]
-    return None
-
-
-def _rows_source(node: Any) -> Any:
-    """The `[..., K]` tensor a 2-D `[N, K]` view flattens (for mm), else node."""
-    if _is(node, *VIEWS) and len(_shape(node) or ()) == 2:
-        inner, outer = _shape(node.args[0]), _shape(node)
-        if inner and inner[-1] == outer[-1] and sympy.simplify(_numel(inner) - _numel(outer)) == 0:
-            return node.args[0]
-    return node
-
-
-def _transposed(node: Any) -> fx.Node | None:
-    """The 2-D weight a `w.T` reads."""
-    if not _is(node, *TRANSPOSES) or len(_shape(node.args[0]) or ()) != 2:
-        return None
-    if _is(node, aten.permute.default) and list(node.args[1]) not in ([1, 0], [-1, -2]):
-        return None
-    if _is(node, aten.transpose.int) and {_dim(node.args[0], node.args[1]), _dim(node.args[0], node.args[2])} \
-            != {-1, -2}:
-        return None
-    return node.args[0]
-
-
-def _linear(node: Any) -> tuple[fx.Node, fx.Node] | None:
-    """`x @ w.T` as linear, matmul or mm between views -> (x `[..., K]`, w `[M, K]`)."""
-    if _is(node, aten.linear.default) and _arg(node, 2, "bias") is None:
-        return node.args[0], node.args[1]
-    if _is(node, *VIEWS) and _is(node.args[0], aten.mm.default):
-        x, w = _rows_source(node.args[0].args[0]), _transposed(node.args[0].args[1])
-        return (x, w) if w is not None and _same(_shape(x)[:-1], _shape(node)[:-1]) else None
-    if _is(node, aten.matmul.default, aten.mm.default):
-        w = _transposed(node.args[1])
-        return (node.args[0], w) if w is not None else None
-    return None
-
-
-def _unflattened(node: Any) -> tuple[fx.Node, int] | None:
-    """(streams `[..., n, D]`, n) that node `[..., n*D]` flattens (upcasts looked through on both sides)."""
-    node = _upcast_source(node)
-    if not _is(node, *VIEWS):
-        return None
-    inner, outer = _shape(node.args[0]), _shape(node)
-    if inner is None or outer is None or len(inner) != len(outer) + 1 or not inner[-2].is_Integer:
-        return None
-    if not _same(inner[:-2], outer[:-1]) or sympy.simplify(inner[-2] * inner[-1] - outer[-1]) != 0:
-        return None
-    return _upcast_source(node.args[0]), int(inner[-2])
-
-
+# ---- the pieces of one boundary ------------------------------------------------------------------------
 class Mixes(NamedTuple):
+    """`mixes [..., width]` of `streams [..., n, D]` with `fn [width, n*D]`, normalised with `eps`."""
+
     node: fx.Node
     streams: fx.Node
     n: int
@@ -232,71 +59,35 @@ class Mixes(NamedTuple):
     width: int
 
 
+def _unflattened(node: Any) -> tuple[fx.Node, int] | None:
+    """(streams `[..., n, D]`, n) that node `[..., n*D]` flattens (upcasts looked through on both sides)."""
+    node = upcast_source(node)
+    if not is_call(node, VIEWS):
+        return None
+    inner, outer = shape(node.args[0]), shape(node)
+    if inner is None or outer is None or len(inner) != len(outer) + 1 or not inner[-2].is_Integer:
+        return None
+    if not same_sizes(inner[:-2], outer[:-1]) or sympy.simplify(inner[-2] * inner[-1] - outer[-1]) != 0:
+        return None
+    return upcast_source(node.args[0]), int(inner[-2])
+
+
 def _mixes(node: Any) -> Mixes | None:
     """`(x @ fn.T) * rms_factor(x)` (ours) or `linear(x * rms_factor(x), fn)` (transformers')."""
     candidates = []
-    if _is(node, aten.mul.Tensor):
-        candidates += [(_linear(p), _rms_factor(r)) for p, r in _operands(node)]
-    product = _linear(node)
-    if product is not None and _is(product[0], aten.mul.Tensor):
-        candidates += [((x, product[1]), _rms_factor(r)) for x, r in _operands(product[0])]
+    if is_call(node, MUL):
+        candidates += [(linear(p), rms_factor(r)) for p, r in operands(node)]
+    product = linear(node)
+    if product is not None and is_call(product[0], MUL):
+        candidates += [((x, product[1]), rms_factor(r)) for x, r in operands(product[0])]
     for product, factor in candidates:
-        if product is None or factor is None or _rows_source(product[0]) is not factor[0]:
+        if product is None or factor is None or rows_source(product[0]) is not factor[0]:
             continue
-        flat, fn = _unflattened(factor[0]), _upcast_source(product[1])
-        width = (_shape(fn) or (None,))[0]
+        flat, fn = _unflattened(factor[0]), upcast_source(product[1])
+        width = (shape(fn) or (None,))[0]
         if flat is not None and width is not None and width.is_Integer:
             return Mixes(node, flat[0], flat[1], fn, factor[1], int(width))
     return None
-
-
-def _columns(node: Any) -> tuple[fx.Node, int, int]:
-    """(tensor, start, stop): which last-dim columns node takes (views splitting the last dim looked through)."""
-    inner, outer = _shape(node.args[0]) if _is(node, *VIEWS) else None, _shape(node)
-    if inner and outer and len(outer) == len(inner) + 1 and _same(inner[:-1], outer[:-2]):
-        node = node.args[0]
-    if _is(node, aten.slice.Tensor) and _dim(node.args[0], _arg(node, 1, "dim", 0)) == -1 \
-            and _arg(node, 4, "step", 1) == 1:
-        return (node.args[0], *_span(_arg(node, 2, "start"), _arg(node, 3, "end"), int(_shape(node.args[0])[-1])))
-    part = _split_part(node, last=True)
-    if part is not None:
-        return part
-    return node, 0, int(_shape(node)[-1]) if _shape(node) and _shape(node)[-1].is_Integer else -1
-
-
-def _split_part(node: Any, last: bool) -> tuple[fx.Node, int, int] | None:
-    """getitem of split_with_sizes / split / unbind along dim 0 (or the last dim) -> (tensor, start, stop)."""
-    if not (isinstance(node, fx.Node) and node.target is operator.getitem):
-        return None
-    split, index = node.args
-    if not _is(split, aten.split_with_sizes.default, aten.split.Tensor, aten.unbind.int):
-        return None
-    source = split.args[0]
-    dim = _dim(source, _arg(split, 1 if _is(split, aten.unbind.int) else 2, "dim", 0))
-    if dim != (-1 if last else -len(_shape(source) or ())):
-        return None
-    if _is(split, aten.unbind.int):
-        return source, index, index + 1
-    sizes = split.args[1]
-    sizes = list(sizes) if isinstance(sizes, (list, tuple)) else [sizes] * (index + 1)
-    return source, sum(sizes[:index]), sum(sizes[:index + 1])
-
-
-def _param_part(node: Any) -> tuple[fx.Node, int, int] | None:
-    """(1-D parameter, start, stop) that node reads: its slice, split part, element or the whole of it."""
-    node = _upcast_source(node)
-    if _is(node, *VIEWS) and _same((_numel(_shape(node) or ()),), (_numel(_shape(node.args[0]) or ()),)):
-        node = _upcast_source(node.args[0])
-    part = _split_part(node, last=False)
-    if part is None and _is(node, aten.slice.Tensor) and _arg(node, 1, "dim", 0) in (0, -1):
-        part = (node.args[0], *_span(_arg(node, 2, "start"), _arg(node, 3, "end"), int(_shape(node.args[0])[0])))
-    if part is None and _is(node, aten.select.int) and node.args[1] in (0, -1):
-        index = node.args[2] % int(_shape(node.args[0])[0])
-        part = node.args[0], index, index + 1
-    if part is None:
-        part = node, 0, int(_shape(node)[0]) if len(_shape(node) or ()) == 1 else -1
-    param = _upcast_source(part[0])
-    return (param, part[1], part[2]) if len(_shape(param) or ()) == 1 else None
 
 
 class Affine(NamedTuple):
@@ -311,17 +102,13 @@ class Affine(NamedTuple):
 
 
 def _affine(node: Any) -> Affine | None:
-    if not _is(node, aten.add.Tensor):
-        return None
-    for product, bias in _operands(node):
-        base = _param_part(bias)
-        if base is None or not _is(product, aten.mul.Tensor):
-            continue
-        for cols, factor in _operands(product):
-            scale = _param_part(factor)
+    for product, bias in operands(node) if is_call(node, ADD) else []:
+        base = param_part(bias)
+        for cols, factor in operands(product) if base is not None and is_call(product, MUL) else []:
+            scale = param_part(factor)
             if scale is None or scale[2] - scale[1] != 1 or not isinstance(cols, fx.Node):
                 continue
-            source, start, stop = _columns(cols)
+            source, start, stop = columns(cols)
             mixes = _mixes(source)
             if mixes is not None:
                 return Affine(mixes, (start, stop), scale[0], scale[1], base[0], (base[1], base[2]))
@@ -335,41 +122,25 @@ class Gate(NamedTuple):
 
 
 def _gate(node: Any) -> Gate | None:
-    if not _is(node, aten.add.Tensor, aten.mul.Tensor):
-        return None
-    for inner, literal in _operands(node):
-        if not _is(inner, aten.sigmoid.default) or _number(literal) is None:
+    for inner, literal in operands(node) if is_call(node, ADD | MUL) else []:
+        if not is_(inner, aten.sigmoid.default) or number(literal) is None:
             continue
         affine = _affine(inner.args[0])
-        if affine is not None and _is(node, aten.add.Tensor):
+        if affine is not None and is_call(node, ADD):
             return Gate("pre", affine, float(literal))
-        if affine is not None and _number(literal) == 2:
+        if affine is not None and number(literal) == 2:
             return Gate("post", affine, None)
     return None
 
 
 def _norm_step(node: Any) -> tuple[fx.Node, int, float] | None:
     """`c / (c.sum(dim, keepdim) + eps)` -> (c, dim, eps)."""
-    if not _is(node, aten.div.Tensor) or not _is(node.args[1], aten.add.Tensor):
+    if not is_(node, aten.div.Tensor) or not is_call(node.args[1], ADD):
         return None
     c = node.args[0]
-    for total, eps in _operands(node.args[1]):
-        if _is(total, aten.sum.dim_IntList) and total.args[0] is c and _arg(total, 2, "keepdim") \
-                and _number(eps) is not None:
-            return c, _dim(c, total.args[1]), float(eps)
-    return None
-
-
-def _softmax_input(node: Any) -> fx.Node | None:
-    """x of `softmax(x, -1)`, whole or decomposed as `exp(x - amax(x)) / sum(exp(...))`."""
-    if _is(node, *SOFTMAX) and _dim(node.args[0], node.args[1]) == -1 and not (len(node.args) > 2 and node.args[2]):
-        return node.args[0]
-    if _is(node, aten.div.Tensor) and _is(node.args[0], aten.exp.default) and _is(node.args[1], aten.sum.dim_IntList):
-        e, total = node.args
-        if total.args[0] is e and _dim(e, total.args[1]) == -1 and _is(e.args[0], aten.sub.Tensor):
-            x, peak = e.args[0].args
-            if _is(peak, aten.amax.default) and peak.args[0] is x and _dim(x, peak.args[1]) == -1:
-                return x
+    for total, eps in operands(node.args[1]):
+        if is_call(total, SUM) and total.args[0] is c and arg(total, 2, "keepdim") and number(eps) is not None:
+            return c, dim(c, total.args[1]), float(eps)
     return None
 
 
@@ -381,87 +152,36 @@ class Sinkhorn(NamedTuple):
 
 def _sinkhorn(node: Any) -> Sinkhorn | None:
     """The chain ending at node: `softmax(logits) + eps`, a column norm, then (row, column) norm pairs."""
-    dims, epsilons, c = [], [], node
+    dims, epsilons, c = [], set(), node
     while (step := _norm_step(c)) is not None:
-        c, dim, eps = step
-        dims.append(dim)
-        epsilons.append(eps)
-    dims.reverse()
-    if not dims or dims != [-2] + [-1, -2] * (len(dims) // 2) or not _is(c, aten.add.Tensor):
+        c, d, eps = step
+        dims.append(d)
+        epsilons.add(eps)
+    if not dims or dims[::-1] != [-2] + [-1, -2] * (len(dims) // 2):
         return None
-    for soft, eps in _operands(c):
-        logits = _softmax_input(soft)
+    for soft, eps in operands(c) if is_call(c, ADD) else []:
+        logits = softmax_input(soft)
         affine = _affine(logits) if logits is not None else None
-        if affine is not None and _number(eps) is not None and set(epsilons) == {float(eps)}:
+        if affine is not None and number(eps) is not None and epsilons == {float(eps)}:
             return Sinkhorn(affine, (len(dims) + 1) // 2, float(eps))
     return None
 
 
-def _weighted_rms(node: fx.Node) -> tuple[fx.Node, fx.Node, float] | None:
-    """`(x.float() * rms_factor(x.float()) * w.float()).to(x.dtype)` in either mul order -> (x, w, eps)."""
-    core = node if _dtype(node) == torch.float32 else _downcast_source(node)
-    if not _is(core, aten.mul.Tensor):
-        return None
-    for normed, weight in _operands(core):
-        if not _is(normed, aten.mul.Tensor):
-            continue
-        for x, factor in _operands(normed):
-            rms = _rms_factor(factor)
-            if rms is not None and rms[0] is x and _dtype(_upcast_source(x)) == _dtype(node):
-                w = _upcast_source(weight)
-                if len(_shape(w) or ()) == 1:
-                    return _upcast_source(x), w, rms[1]
-    return None
+def _chain_end(node: fx.Node) -> bool:
+    """No user continues node's normalisation chain (a chain read from its middle would count short)."""
+    return not any(_norm_step(user) is not None and user.args[0] is node for user in node.users)
 
 
 def _collapse(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """`sum_j pre[j] * streams[j]` (fp32, cast to streams' dtype) -> (pre, streams)."""
-    total = node if _dtype(node) == torch.float32 else _downcast_source(node)
-    if not _is(total, aten.sum.dim_IntList) or _dim(total.args[0], total.args[1]) != -2 \
-            or _arg(total, 2, "keepdim") or not _is(total.args[0], aten.mul.Tensor):
+    """`(sum_j pre[j] * streams.float()[j]).to(streams.dtype)` -> (pre, streams)."""
+    total = node if dtype(node) == torch.float32 else downcast_source(node)
+    if not is_call(total, SUM) or dim(total.args[0], total.args[1]) != -2 or arg(total, 2, "keepdim"):
         return None
-    for column, streams in _operands(total.args[0]):
-        if _is(column, aten.unsqueeze.default) and _dim(column, column.args[1]) == -1:
-            streams = _upcast_source(streams)
-            if _dtype(streams) == _dtype(node):
-                return column.args[0], streams
+    for column, streams in operands(total.args[0]) if is_call(total.args[0], MUL) else []:
+        if is_(column, aten.unsqueeze.default) and dim(column, column.args[1]) == -1 \
+                and dtype(upcast_source(streams)) == dtype(node):
+            return column.args[0], upcast_source(streams)
     return None
-
-
-def _transposed_last2(node: Any) -> fx.Node | None:
-    """x of `x.transpose(-1, -2)` (transpose or permute swapping only the last two dims)."""
-    node = _value(node)
-    rank = len(_shape(node) or ())
-    if _is(node, aten.transpose.int) and {_dim(node, node.args[1]), _dim(node, node.args[2])} == {-1, -2}:
-        return node.args[0]
-    if _is(node, aten.permute.default) and rank >= 2 \
-            and [d % rank for d in node.args[1]] == list(range(rank - 2)) + [rank - 1, rank - 2]:
-        return node.args[0]
-    return None
-
-
-def _batch_source(node: Any) -> Any:
-    """x `[..., r, c]` that a `[N, r, c]` view of it (through an identity expand) flattens, else node."""
-    if not _is(node, *VIEWS):
-        return node
-    source = _strip(node.args[0], frozenset({aten.expand.default}))
-    inner, outer = _shape(source), _shape(node)
-    if inner and outer and len(outer) == 3 and _same(inner[-2:], outer[-2:]) \
-            and sympy.simplify(_numel(inner) - _numel(outer)) == 0:
-        return source
-    return node
-
-
-def _batched_matmul(node: Any) -> tuple[fx.Node, fx.Node] | None:
-    """(a, b) of `a @ b` over equal leading dims: matmul, or bmm between views (AOTAutograd's form)."""
-    if _is(node, aten.matmul.default):
-        a, b = node.args
-    elif _is(node, *VIEWS) and _is(node.args[0], aten.bmm.default):
-        a, b = (_batch_source(x) for x in node.args[0].args)
-    else:
-        return None
-    lead = (_shape(node) or ())[:-2]
-    return (a, b) if _same((_shape(a) or ())[:-2], lead) and _same((_shape(b) or ())[:-2], lead) else None
 
 
 class Post(NamedTuple):
@@ -474,32 +194,28 @@ class Post(NamedTuple):
 
 def _post(node: fx.Node) -> Post | None:
     """`(post[..., None] * out.float()[..., None, :] + comb^T @ streams.float()).to(streams.dtype)`."""
-    total = node if _dtype(node) == torch.float32 else _downcast_source(node)
-    if not _is(total, aten.add.Tensor):
-        return None
-    for scaled, mixed in _operands(total):
-        product, matmul = _post_product(scaled), _batched_matmul(mixed)
-        comb = _transposed_last2(matmul[0]) if matmul is not None else None
+    total = node if dtype(node) == torch.float32 else downcast_source(node)
+    for scaled, mixed in operands(total) if is_call(total, ADD) else []:
+        product, matmul = _post_product(scaled), batched_matmul(mixed)
+        comb = transposed_last2(matmul[0]) if matmul is not None else None
         if product is None or comb is None:
             continue
-        streams = _upcast_source(matmul[1])
-        if _dtype(streams) == _dtype(node) and _same(_shape(product[1])[:-1], _shape(streams)[:-2]):
+        streams = upcast_source(matmul[1])
+        if dtype(streams) == dtype(node) and same_sizes((shape(product[1]) or ())[:-1], (shape(streams) or ())[:-2]):
             return Post(node, product[1], streams, product[0], comb)
     return None
 
 
 def _post_product(node: Any) -> tuple[fx.Node, fx.Node] | None:
     """`post.unsqueeze(-1) * out.unsqueeze(-2)` -> (post, out)."""
-    if not _is(node, aten.mul.Tensor):
-        return None
-    for column, row in _operands(node):
-        if _is(column, aten.unsqueeze.default) and _dim(column, column.args[1]) == -1 \
-                and _is(row, aten.unsqueeze.default) and _dim(row, row.args[1]) == -2:
-            return column.args[0], _upcast_source(row.args[0])
+    for column, row in operands(node) if is_call(node, MUL) else []:
+        if is_(column, aten.unsqueeze.default) and dim(column, column.args[1]) == -1 \
+                and is_(row, aten.unsqueeze.default) and dim(row, row.args[1]) == -2:
+            return column.args[0], upcast_source(row.args[0])
     return None
 
 
-# ---- whole boundaries ---------------------------------------------------------------------------------
+# ---- whole boundaries ------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Pre:
     """A matched pre (+ norm): where its three outputs are and what the fused op needs."""
@@ -526,14 +242,13 @@ class Fusion(NamedTuple):
 
 
 def _is_part(affine: Affine, cols: tuple[int, int], scale_at: int, like: Affine) -> bool:
-    """affine reads these columns of like's mixes, base columns alike, and scale[scale_at] of like's scale."""
+    """affine reads these columns of like's mixes, the same columns of like's base, like's scale[scale_at]."""
     return (affine.mixes.node is like.mixes.node and affine.cols == cols and affine.base_cols == cols
             and affine.scale_at == scale_at and affine.scale is like.scale and affine.base is like.base)
 
 
-def _param_sizes_ok(affine: Affine, scales: int) -> bool:
-    base, scale = _shape(affine.base), _shape(affine.scale)
-    return base == (affine.mixes.width,) and scale == (scales,)
+def _params_fit(affine: Affine, scales: int) -> bool:
+    return shape(affine.base) == (affine.mixes.width,) and shape(affine.scale) == (scales,)
 
 
 def _unique(items: list) -> Any:
@@ -542,8 +257,7 @@ def _unique(items: list) -> Any:
 
 def _pre(normed: fx.Node, weight: fx.Node, eps: float, gate: Gate, posts: dict, sinks: dict) -> Pre | None:
     a, m = gate.affine, gate.affine.mixes
-    if m.width != (2 + m.n) * m.n or eps != m.eps or not _is_part(a, (0, m.n), 0, a) \
-            or not _param_sizes_ok(a, 3):
+    if m.width != (2 + m.n) * m.n or eps != m.eps or not _is_part(a, (0, m.n), 0, a) or not _params_fit(a, 3):
         return None
     post = _unique([n for n, g in posts.get(m.node, []) if _is_part(g.affine, (m.n, 2 * m.n), 1, a)])
     comb = _unique([(n, s) for n, s in sinks.get(m.node, []) if _is_part(s.affine, (2 * m.n, m.width), 2, a)])
@@ -554,7 +268,7 @@ def _pre(normed: fx.Node, weight: fx.Node, eps: float, gate: Gate, posts: dict, 
 
 def _head(normed: fx.Node, weight: fx.Node, eps: float, gate: Gate) -> Fusion | None:
     a, m = gate.affine, gate.affine.mixes
-    if m.width != m.n or eps != m.eps or not _is_part(a, (0, m.n), 0, a) or not _param_sizes_ok(a, 1):
+    if m.width != m.n or eps != m.eps or not _is_part(a, (0, m.n), 0, a) or not _params_fit(a, 1):
         return None
     return Fusion("hc_head", (m.streams, m.fn, a.base, a.scale, weight, m.eps, gate.eps), (normed,))
 
@@ -568,22 +282,21 @@ def _survey(graph: fx.Graph) -> tuple[list, dict, dict, list]:
         gate = _gate(node)
         if gate is not None and gate.kind == "post":
             posts.setdefault(gate.affine.mixes.node, []).append((node, gate))
-        sink = _sinkhorn(node) if _is(node, aten.div.Tensor) else None
-        if sink is not None and not any(_norm_step(u) and u.args[0] is node for u in node.users):
+        sink = _sinkhorn(node) if is_(node, aten.div.Tensor) and _chain_end(node) else None
+        if sink is not None:
             sinks.setdefault(sink.affine.mixes.node, []).append((node, sink))
-        rms = _weighted_rms(node)
+        rms = weighted_rms(node)
         collapse = _collapse(rms[0]) if rms is not None else None
         gate = _gate(collapse[0]) if collapse is not None else None
-        if gate is not None and gate.kind == "pre" and _value(gate.affine.mixes.streams) is _value(collapse[1]):
+        if gate is not None and gate.kind == "pre" and value_of(gate.affine.mixes.streams) is value_of(collapse[1]):
             normed.append((node, rms[1], rms[2], gate))
         merge = _post(node)
-        if merge is not None:
-            merges.append(merge)
+        merges += [merge] if merge is not None else []
     return normed, posts, sinks, merges
 
 
 def find_fusions(graph: fx.Graph) -> list[Fusion]:
-    """Every mHC boundary of the graph as the fused op that replaces it (post+pre pairs joined)."""
+    """Every mHC boundary of the graph as the fused op that replaces it (a post and the next pre joined)."""
     normed, posts, sinks, merges = _survey(graph)
     pres, fusions = [], []
     for node, weight, eps, gate in normed:
@@ -591,36 +304,35 @@ def find_fusions(graph: fx.Graph) -> list[Fusion]:
         head = _head(node, weight, eps, gate) if pre is None else None
         pres += [pre] if pre is not None else []
         fusions += [head] if head is not None else []
-    by_outputs = {(p.post, p.comb, _value(p.mixes.streams)) for p in pres}
+    produced = {(p.post, p.comb, value_of(p.mixes.streams)) for p in pres}
     next_pre: dict[fx.Node, Pre] = {}
     for pre in pres:
-        next_pre.setdefault(_value(pre.mixes.streams), pre)
-    joined = set()
+        next_pre.setdefault(value_of(pre.mixes.streams), pre)
+    joined: set[int] = set()
     for merge in merges:
-        if (merge.post, merge.comb, _value(merge.streams)) not in by_outputs:
+        if (merge.post, merge.comb, value_of(merge.streams)) not in produced:
             continue
-        args, pre = (merge.block_out, merge.streams, merge.post, merge.comb), next_pre.get(_value(merge.new))
+        args, pre = (merge.block_out, merge.streams, merge.post, merge.comb), next_pre.get(value_of(merge.new))
         if pre is not None and id(pre) not in joined:
             joined.add(id(pre))
-            fusions.append(Fusion("hc_post_pre", args + pre.args()[1:],
-                                  (merge.new, pre.normed, pre.post, pre.comb)))
+            fusions.append(Fusion("hc_post_pre", args + pre.args()[1:], (merge.new, pre.normed, pre.post, pre.comb)))
         else:
             fusions.append(Fusion("hc_post", args, (merge.new,)))
     fusions += [Fusion("hc_pre", p.args(), (p.normed, p.post, p.comb)) for p in pres if id(p) not in joined]
     return fusions
 
 
-# ---- rewriting -----------------------------------------------------------------------------------------
+# ---- the pass --------------------------------------------------------------------------------------------
 def mhc_fusion(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, PassRecord]:
     """Replace every matched mHC boundary by its dsv4c op; erase what only the old math read."""
     before = count_nodes(gm)
     if nodes_without_val(gm):  # dims and dtypes are read from meta["val"]
         refresh_fake_values(gm)
     fusions = find_fusions(gm.graph)
-    counts = {kind: sum(f.kind == kind for f in fusions) for kind in FUSED}
     if fusions:
         _rewrite(gm.graph, fusions)
         gm.recompile()
+    counts = {kind: sum(f.kind == kind for f in fusions) for kind in FUSED}
     lowering = target_table.mhc_lowering(target_table.target(ctx.target))
     summary = ", ".join(f"{counts[k]} {k}" for k in FUSED)
     return gm, make_record("mhc_fusion", before, gm, len(fusions), f"fused {summary} ({lowering} lowering)",
@@ -628,84 +340,13 @@ def mhc_fusion(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, Pa
 
 
 def _rewrite(graph: fx.Graph, fusions: list[Fusion]) -> None:
+    """Fusions in graph order, each reading the outputs of those before it where it read their old nodes."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     replaced: dict[fx.Node, fx.Node] = {}
-    mode = graph_fake_mode(graph)
     for fusion in sorted(fusions, key=lambda f: min(order[o] for o in f.outputs)):
         args = tuple(replaced.get(a, a) if isinstance(a, fx.Node) else a for a in fusion.args)
-        results = _emit(graph, getattr(torch.ops.dsv4c, fusion.kind).default, args, len(fusion.outputs), mode)
-        for old, new in zip(fusion.outputs, results):
-            old.replace_all_uses_with(new)
-            replaced[old] = new
-    _erase_dead_ancestors(graph, [o for f in fusions for o in f.outputs])
-    if not _topological(graph):
-        _stable_toposort(graph)
-
-
-def _emit(graph: fx.Graph, op: Any, args: tuple, outputs: int, mode: Any) -> list[fx.Node]:
-    """The op's call (after its latest input and the placeholders) and a getitem per output if several."""
-    position = {n: i for i, n in enumerate(graph.nodes)}
-    anchors = [a for a in args if isinstance(a, fx.Node)] + [n for n in graph.nodes if n.op == "placeholder"]
-    with graph.inserting_after(max(anchors, key=position.__getitem__)):
-        call = graph.call_function(op, args)
-    _fake_value(call, mode)
-    if outputs == 1:
-        return [call]
-    results, last = [], call
-    for i in range(outputs):
-        with graph.inserting_after(last):
-            last = graph.call_function(operator.getitem, (call, i))
-        if "val" in call.meta:
-            last.meta["val"] = call.meta["val"][i]
-        results.append(last)
-    return results
-
-
-def _fake_value(call: fx.Node, mode: Any) -> None:
-    vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in call.args]
-    if mode is not None and all(v is not None for v in vals):
-        with mode:
-            call.meta["val"] = call.target(*vals)
-
-
-def _erase_dead_ancestors(graph: fx.Graph, roots: list[fx.Node]) -> None:
-    erased: set[fx.Node] = set()
-    stack = list(roots)
-    while stack:
-        node = stack.pop()
-        if node in erased or node.users or node.op != "call_function" or not is_pure(node):
-            continue
-        inputs = node.all_input_nodes
-        graph.erase_node(node)
-        erased.add(node)
-        stack.extend(inputs)
-
-
-def _topological(graph: fx.Graph) -> bool:
-    seen: set[fx.Node] = set()
-    for node in graph.nodes:
-        if any(i not in seen for i in node.all_input_nodes):
-            return False
-        seen.add(node)
-    return True
-
-
-def _stable_toposort(graph: fx.Graph) -> None:
-    """Reorder so every node follows its inputs, keeping the present order wherever it already does."""
-    nodes = list(graph.nodes)
-    position = {n: i for i, n in enumerate(nodes)}
-    waiting = {n: len(set(n.all_input_nodes)) for n in nodes}
-    ready = [(position[n], n) for n in nodes if waiting[n] == 0]
-    heapq.heapify(ready)
-    ordered = []
-    while ready:
-        _, node = heapq.heappop(ready)
-        ordered.append(node)
-        for user in node.users:
-            waiting[user] -= 1
-            if waiting[user] == 0:
-                heapq.heappush(ready, (position[user], user))
-    for node in reversed(ordered):
-        first = next(iter(graph.nodes))
-        if first is not node:
-            first.prepend(node)
+        op = getattr(torch.ops.dsv4c, fusion.kind).default
+        replaced.update(zip(fusion.outputs, replace_with_op(graph, op, args, fusion.outputs)))
+    erase_dead_ancestors(graph, replaced)
+    if not is_topological(graph):
+        stable_toposort(graph)
