@@ -1,4 +1,4 @@
-"""The `dsv4c` command line: demo, init-checkpoint, info, score, compile, generate.
+"""The `dsv4c` command line: demo, init-checkpoint, info, score, compile, generate, inspect.
 
 Every subcommand is a small function taking parsed arguments and returning an exit code. Errors a user
 can cause (bad config, bad checkpoint, bad token file) reach them as one line on stderr and exit code 2.
@@ -216,6 +216,20 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     return 0 if spec.tokens == plain.tokens else 1
 
 
+def _inspect(args: argparse.Namespace, console: Console) -> int:
+    from ..runtime.artifact import load_artifact
+    from .inspect_artifact import describe, export_onnx
+
+    artifact = load_artifact(args.artifact)
+    console.print("\n".join(describe(artifact)), highlight=False, soft_wrap=True)
+    if args.onnx:
+        variant = args.variant or ("main_t1" if "main_t1" in artifact.plans else sorted(artifact.plans)[0])
+        export_onnx(artifact, variant, args.onnx)
+        console.print(f"{variant} exported to {args.onnx} (fused ops in the 'dsv4c' domain; onnx.checker full check passed)",
+                      highlight=False, soft_wrap=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv4c", description="A compiler for the decode step of DeepSeek-V4 models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -290,6 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print tokens and acceptance counts as JSON")
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(run=_generate)
+
+    ins = sub.add_parser("inspect", help="passes applied, ops per variant, memory plan, kernels; ONNX export",
+                         description="Describe a compiled artifact (it is verified first) and optionally export one "
+                                     "step variant's optimised graph to ONNX, fused ops in a 'dsv4c' custom domain.")
+    ins.add_argument("artifact", metavar="ART")
+    ins.add_argument("--onnx", metavar="FILE", help="write the variant's graph as ONNX (checked with onnx.checker)")
+    ins.add_argument("--variant", help="which step variant to export (default main_t1)")
+    ins.set_defaults(run=_inspect)
     return parser
 
 

@@ -63,6 +63,7 @@ def compile_checkpoint(checkpoint: str | Path, out: str | Path, options: Compile
         started = time.perf_counter()
         step = capture(cfg, options.numerics, weights, variant, options.max_seq_len)
         capture_s = time.perf_counter() - started
+        nodes_captured = len(step.graph_module.graph.nodes)  # the passes rewrite the graph in place
         progress(f"optimising {variant.name}")
         gm, records = optimise(step.graph_module, options.targets[0], _context(step, options))
         _namespace_constants(gm, variant.name)
@@ -70,7 +71,7 @@ def compile_checkpoint(checkpoint: str | Path, out: str | Path, options: Compile
         plans[variant.name] = plan
         constants.update(graph_constants(gm, plan))
         pass_log.append({"variant": variant.name, "capture_s": round(capture_s, 3),
-                         "nodes_captured": len(step.graph_module.graph.nodes),
+                         "nodes_captured": nodes_captured,
                          "passes": [r.to_json() for r in records]})
     progress("writing artifact")
     fields = {
