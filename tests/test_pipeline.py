@@ -123,3 +123,15 @@ def test_killed_compile_leaves_no_artifact(checkpoint, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert not target.exists()
+
+
+def test_inspect_cli_describes_and_exports_onnx(artifact, tmp_path, capsys):
+    import onnx
+
+    out = tmp_path / "main_t1.onnx"
+    assert main(["inspect", str(artifact), "--onnx", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "mhc_fusion" in text and "memory plan" in text and "main_t2" in text
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    assert any(node.domain == "dsv4c" for node in model.graph.node)
