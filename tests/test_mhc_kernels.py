@@ -81,6 +81,24 @@ class _Interpreter:
         return lambda *args, **kwargs: self.call(_run_op, name, args, kwargs)
 
 
+def _start_compiler():
+    os.environ.pop("TRITON_INTERPRET", None)  # a compiling process: Triton builds PTX for a GPU it lacks
+    torch.set_num_threads(1)
+
+
+def _ptx_facts(target_name, tokens):
+    ptx = _kernel_module().compile_mix_partials(target(target_name), tokens, 4096).asm["ptx"]
+    return [line for line in ptx.splitlines() if line.startswith(".target")], {
+        op: op in ptx for op in ("wgmma", "tcgen05.mma", "mma.sync", "fma.rn.f32")}
+
+
+@pytest.fixture(scope="module")
+def compiler():
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=_start_compiler) as pool:
+        yield pool
+
+
 @pytest.fixture(scope="module")
 def mhc():
     context = multiprocessing.get_context("spawn")
@@ -241,3 +259,13 @@ def test_this_process_never_imports_triton(mhc):
 
     assert "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") is None
     assert "dsv4c.codegen.kernels.mhc" not in sys.modules
+
+
+@pytest.mark.parametrize("name, tokens, arch, product", [
+    ("h100", 64, "sm_90a", "wgmma"), ("b200", 64, "sm_100a", "tcgen05.mma"), ("h100", 1, "sm_90a", "fma.rn.f32")])
+def test_kernels_build_for_gpu_targets(compiler, name, tokens, arch, product):
+    """Built for Hopper and Blackwell without a GPU (Blackwell code is never run here): the PTX targets the
+    arch and multiplies as the launch says (tf32x3 on the tensor cores from 9 tokens, FMA below)."""
+    targets, products = compiler.submit(_ptx_facts, name, tokens).result()
+    assert targets == [f".target {arch}"]
+    assert products[product], products
