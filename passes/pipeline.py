@@ -1,8 +1,8 @@
 """The pass pipeline of each target: one short ordered list, each entry with the reason for its place.
 
 Targets are data: `PIPELINES` maps a target name (and its aliases) to its list. For now every target runs
-the same cleanup and planning passes; fusion passes (mhc_fusion, moe_fp4, kv_compression) will slot in
-between CSE/constant folding and shape propagation, and differ per target by what the target table says.
+the same passes: cleanup, mhc_fusion (its ops' lowering per target comes from the target table), folding and
+planning; moe_fp4 and kv_compression will slot in between CSE/constant folding and shape propagation.
 """
 
 from __future__ import annotations
