@@ -126,3 +126,9 @@ def hc_head(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: 
 @hc_head.register_fake
 def _(streams, fn, base, scale, norm_weight, rms_eps, hc_eps):
     return streams.new_empty((*streams.shape[:-2], streams.shape[-1]))
+
+
+# The Triton kernels on CUDA tensors (Triton is imported only when one arrives); CPU keeps the references.
+from . import cuda_impls  # noqa: E402
+
+cuda_impls.register()

@@ -5,6 +5,8 @@ the checkpoint reader, capture, the target's pass pipeline, lowering and the art
 
 Variants compiled (T = tokens per sequence): `main_t1` (decode), `main_t2` (MTP verification: the newest
 token plus one draft), `main_t{C}` (prefill chunks), and with MTP `mtp_t1`, `mtp_t2`, `mtp_t{C}`.
+For GPU targets the artifact also holds the mHC kernels the plans launch, built ahead of time for each
+target (codegen/aot.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from ..codegen.aot import build_kernels, mhc_ops_in
 from ..passes.manager import PassContext
 from ..passes.pipeline import canonical_target, optimise
 from ..runtime.artifact import describe_numerics, write_artifact
@@ -39,6 +42,7 @@ class CompileOptions:
     prefill_chunk: int = 32
     mtp: bool = True
     debug: bool = False
+    kernel_batches: tuple[int, ...] = (1,)  # batch sizes the GPU targets' mHC kernels are built for (codegen/aot.py)
 
     def variants(self) -> list[StepVariant]:
         sizes = sorted({1, 2, self.prefill_chunk})
@@ -73,16 +77,21 @@ def compile_checkpoint(checkpoint: str | Path, out: str | Path, options: Compile
         pass_log.append({"variant": variant.name, "capture_s": round(capture_s, 3),
                          "nodes_captured": nodes_captured,
                          "passes": [r.to_json() for r in records]})
+    kernel_files, kernels = build_kernels(
+        options.targets, hidden=cfg.hidden_size, hc=cfg.hc_mult, iters=cfg.hc_sinkhorn_iters,
+        dtype=options.numerics.dtype, ops=mhc_ops_in(plans),
+        variant_tokens=[v.tokens for v in options.variants()], batch_buckets=options.kernel_batches,
+        progress=progress)
     progress("writing artifact")
     fields = {
         "config": cfg.to_dict(), "numerics": describe_numerics(options.numerics),
-        "targets": [canonical_target(t) for t in options.targets], "pass_log": pass_log, "kernels": {},
+        "targets": [canonical_target(t) for t in options.targets], "pass_log": pass_log, "kernels": kernels,
         "state": {name: {"shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch."),
                          "fill": s.fill if math.isfinite(s.fill) else str(s.fill)}  # JSON has no -inf
                   for name, s in state_specs(cfg, options.max_seq_len, options.numerics).items()},
         "max_seq_len": options.max_seq_len, "prefill_chunk": options.prefill_chunk, "mtp": options.mtp,
     }
-    return write_artifact(out, fields, plans, {**weights, **constants}, overwrite=overwrite)
+    return write_artifact(out, fields, plans, {**weights, **constants}, kernel_files, overwrite=overwrite)
 
 
 def _context(step: CapturedStep, options: CompileOptions) -> PassContext:

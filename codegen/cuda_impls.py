@@ -1,0 +1,82 @@
+"""CUDA implementations of the mHC custom ops: the Triton kernels of codegen/kernels/mhc.py.
+
+`register()` (called by codegen/ops.py when it registers the ops) adds a "cuda" kernel to `dsv4c::hc_pre`,
+`hc_post`, `hc_post_pre` and `hc_head`; CPU keeps the PyTorch reference. Importing this module imports
+neither Triton nor the kernel module: each implementation imports them when a CUDA tensor first arrives
+(Triton then JIT-compiles the kernel specialisation it needs, the same source as the artifact's
+ahead-of-time kernels, codegen/aot.py). Where Triton is not installed, the reference runs on the GPU.
+The ops take any leading dims; the wrappers take `[N, n, D]`, so the inputs are flattened and the outputs
+reshaped back.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import mhc_reference
+
+_registered = False
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """codegen/kernels/mhc.py, or mhc_reference where Triton is missing (same signatures, minus `launch`)."""
+    try:
+        from .kernels import mhc
+    except ImportError:
+        return mhc_reference
+    return mhc
+
+
+def _flat(streams: torch.Tensor) -> tuple[torch.Size, torch.Tensor]:
+    if streams.dim() < 2:
+        raise ValueError(f"mHC streams must be [..., n, D], got shape {tuple(streams.shape)}")
+    return streams.shape[:-2], streams.reshape(-1, *streams.shape[-2:])
+
+
+def _flat_post(block_out, streams, post, comb):
+    lead, flat = _flat(streams)
+    n = flat.shape[1]
+    return lead, (block_out.reshape(-1, block_out.shape[-1]), flat, post.reshape(-1, n), comb.reshape(-1, n, n))
+
+
+def _pre_out(lead, normed, post, comb):
+    n = post.shape[-1]
+    return normed.reshape(*lead, normed.shape[-1]), post.reshape(*lead, n), comb.reshape(*lead, n, n)
+
+
+def hc_pre(streams, fn, base, scale, norm_weight, rms_eps, hc_eps, iters):
+    lead, flat = _flat(streams)
+    return _pre_out(lead, *_kernels().hc_pre(flat, fn, base, scale, norm_weight, rms_eps, hc_eps, iters))
+
+
+def hc_post(block_out, streams, post, comb):
+    _, flat = _flat_post(block_out, streams, post, comb)
+    return _kernels().hc_post(*flat).reshape(streams.shape)
+
+
+def hc_post_pre(block_out, streams, post, comb, fn, base, scale, norm_weight, rms_eps, hc_eps, iters):
+    lead, flat = _flat_post(block_out, streams, post, comb)
+    new, *pre = _kernels().hc_post_pre(*flat, fn, base, scale, norm_weight, rms_eps, hc_eps, iters)
+    return (new.reshape(streams.shape), *_pre_out(lead, *pre))
+
+
+def hc_head(streams, fn, base, scale, norm_weight, rms_eps, hc_eps):
+    lead, flat = _flat(streams)
+    normed = _kernels().hc_head(flat, fn, base, scale, norm_weight, rms_eps, hc_eps)
+    return normed.reshape(*lead, normed.shape[-1])
+
+
+IMPLS = {"hc_pre": hc_pre, "hc_post": hc_post, "hc_post_pre": hc_post_pre, "hc_head": hc_head}
+
+
+def register() -> None:
+    """Register the CUDA implementations (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    for name, impl in IMPLS.items():
+        torch.library.register_kernel(f"dsv4c::{name}", "cuda", impl)
+    _registered = True

@@ -1,0 +1,165 @@
+"""Ahead-of-time mHC kernels (codegen/aot.py) in the artifact, the loader's message about them, and the CUDA
+implementations' registration (codegen/cuda_impls.py). Everything here runs without a GPU: Triton builds
+sm_90a and sm_103a code through `GPUTarget` (Blackwell code is never run here); the artifact then loads and
+runs on CPU with the reference implementations."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dsv4c.compiler.numerics import Numerics
+from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
+from dsv4c.compiler.presets import tiny
+from dsv4c.compiler.checkpoint import write_synthetic
+from dsv4c.runtime.artifact import load_artifact
+from dsv4c.runtime.loader import kernel_message, load
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+ARCHES = {"sm_90a": "h100", "sm_103a": "gb300"}
+# Products: tf32x3 dots on 64-token blocks (from 17 tokens) run on wgmma (Hopper) / tcgen05.mma (Blackwell);
+# 16-token blocks (9-16 tokens) on mma.sync on both (too few rows for wgmma / tcgen05); up to 8 tokens, FMA.
+DOT_PRODUCT = {"sm_90a": "wgmma", "sm_103a": "tcgen05.mma"}
+
+
+def _target_lines(ptx: str) -> list[str]:
+    return [line for line in ptx.splitlines() if line.startswith(".target")]
+
+
+@pytest.fixture(scope="module")
+def built():
+    """hc_pre at 1 token (FMA) and 64 tokens (tensor-core dots), for both GPUs and cpu (which adds nothing)."""
+    from dsv4c.codegen import aot
+
+    return aot.build_kernels(["cpu", "h100", "gb300"], hidden=128, hc=4, iters=20, dtype=torch.float32,
+                             ops=["hc_pre"], variant_tokens=[1, 64])
+
+
+def test_cpu_only_builds_nothing():
+    from dsv4c.codegen import aot
+
+    assert aot.build_kernels(["cpu"], hidden=128, hc=4, iters=20, dtype=torch.float32) == ({}, {})
+
+
+def test_kernels_for_each_gpu_target_with_their_files(built):
+    files, table = built
+    assert set(table) == {"sm_90a", "sm_103a"}
+    for sm, entries in table.items():
+        assert {e["kernel"] for e in entries} == {"_mix_partials_kernel", "_collapse_kernel"}
+        assert sorted({u["tokens"] for e in entries for u in e["uses"]}) == [1, 64]
+        for entry in entries:
+            for ext in ("cubin", "ptx", "ttir", "json", "source"):
+                rel = entry["files"][ext]
+                assert rel.startswith(f"kernels/{sm}/") and files[rel], rel
+            assert files[entry["files"]["cubin"]][:4] == b"\x7fELF"
+            meta = json.loads(files[entry["files"]["json"]])
+            assert meta["target"]["sm"] == sm and meta["kernel"] == entry["kernel"]
+            assert meta["num_warps"] == entry["num_warps"] and meta["constexprs"] == entry["constexprs"]
+            assert meta["triton"] and meta["triton_metadata"]["name"] == entry["kernel"]
+            assert isinstance(meta["shared"], int)
+        assert b"def _mix_partials_kernel" in files[f"kernels/{sm}/mhc.py"]
+
+
+@pytest.mark.parametrize("sm", sorted(ARCHES))
+def test_ptx_targets_the_arch_and_multiplies_as_the_launch_says(built, sm):
+    files, table = built
+    mixes = [e for e in table[sm] if e["kernel"] == "_mix_partials_kernel"]
+    assert {e["constexprs"]["DOT"] for e in mixes} == {True, False}
+    for entry in table[sm]:
+        ptx = files[entry["files"]["ptx"]].decode()
+        assert _target_lines(ptx) == [f".target {sm}"]
+        consts = entry["constexprs"]
+        dot = entry["kernel"] == "_mix_partials_kernel" and consts["DOT"] and consts["MIX"]
+        assert not dot or consts["BLOCK_T"] == 64
+        assert (DOT_PRODUCT[sm] in ptx) == dot, entry["name"]
+        assert "tcgen05" not in ptx or sm == "sm_103a"
+        assert "wgmma" not in ptx or sm == "sm_90a"
+
+
+# ---- end to end: tiny compiled for h100 and gb300 on this CPU machine ---------------------------------
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    """tiny cut to one layer (C4 with the indexer), as in test_inspect: the full tiny captures for 90 s here."""
+    root = tmp_path_factory.mktemp("aot")
+    write_synthetic(tiny().replace(num_hidden_layers=1, compress_ratios=(4, 0), num_hash_layers=0), root / "ckpt",
+                    seed=3)
+    options = CompileOptions(targets=("h100", "gb300"), numerics=Numerics.plain(torch.float32), max_seq_len=64,
+                             prefill_chunk=2, mtp=False)
+    return compile_checkpoint(root / "ckpt", root / "art", options)
+
+
+def test_artifact_holds_kernels_for_both_targets(artifact):
+    loaded = load_artifact(artifact)  # verifies every file's size and sha256
+    table = loaded.manifest["kernels"]
+    assert set(table) == {"sm_90a", "sm_103a"}
+    used = {op.op.split("::")[1].split(".")[0] for plan in loaded.plans.values() for op in plan.ops
+            if op.op.startswith("dsv4c::hc_")}
+    assert used  # the mHC fusion put the boundaries in dsv4c ops
+    for sm, entries in table.items():
+        assert {u["op"] for e in entries for u in e["uses"]} == used
+        assert {u["tokens"] for e in entries for u in e["uses"]} == {1, 2}  # T = 1, 2 (chunk 2), batch 1
+        for entry in entries:
+            assert set(entry["files"].values()) <= set(loaded.manifest["files"])
+            ptx = (artifact / entry["files"]["ptx"]).read_text()
+            assert _target_lines(ptx) == [f".target {sm}"]
+            assert (artifact / entry["files"]["cubin"]).read_bytes()[:4] == b"\x7fELF"
+
+
+def test_artifact_loads_and_runs_on_cpu_with_the_reference(artifact, capfd):
+    engine = load(artifact)
+    assert "holds no kernels for cpu; running the reference implementations" in capfd.readouterr().err
+    result = engine.generate([[5, 7, 11]], 4)
+    assert len(result.tokens[0]) == 4
+
+
+def test_loader_message_per_triton_version():
+    manifest = {"kernels": {"sm_90a": [{"name": "mix_partials_abc", "triton": "3.6.0"},
+                                       {"name": "collapse_def", "triton": "3.6.0"}]},
+                "versions": {"triton": "3.6.0"}}
+    same = kernel_message(manifest, "sm_90a", "art", local_triton="3.6.0")
+    assert "using the 2 ahead-of-time mHC kernels" in same and "mix_partials_abc, collapse_def" in same
+    other = kernel_message(manifest, "sm_90a", "art", local_triton="3.9.0")
+    assert "built with Triton 3.6.0, local Triton is 3.9.0: the kernels will be recompiled from source" in other
+    assert "compiled from their Triton source" in kernel_message(manifest, "sm_100a", "art", local_triton="3.6.0")
+    assert "running the reference" in kernel_message(manifest, "cpu", "art")
+
+
+def test_cuda_implementations_registered_without_importing_triton():
+    code = ("import sys, torch, dsv4c.codegen.ops\n"
+            "from torch._library.custom_ops import _maybe_get_opdef\n"
+            "assert 'triton' not in sys.modules, 'importing the ops imported triton'\n"
+            "for op in ('hc_pre', 'hc_post', 'hc_post_pre', 'hc_head'):\n"
+            "    assert 'cuda' in _maybe_get_opdef(f'dsv4c::{op}')._backend_fns, op\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cuda_implementations_match_the_reference_shapes():
+    """The CUDA implementations' flattening, run here with the reference in place of the kernel module."""
+    from dsv4c.codegen import cuda_impls, mhc_reference, ops
+
+    cuda_impls._kernels.cache_clear()
+    saved = cuda_impls._kernels
+    cuda_impls._kernels = lambda: mhc_reference
+    try:
+        g = torch.Generator().manual_seed(0)
+        n, d = 4, 32
+        streams = torch.randn(2, 3, n, d, generator=g)
+        fn, base = torch.randn((2 + n) * n, n * d, generator=g) * 0.1, torch.randn((2 + n) * n, generator=g)
+        scale, w = torch.rand(3, generator=g), torch.rand(d, generator=g)
+        args = (fn, base, scale, w, 1e-6, 1e-6, 20)
+        for got, want in zip(cuda_impls.hc_pre(streams, *args), ops.hc_pre(streams, *args)):
+            torch.testing.assert_close(got, want)
+        out, post, comb = torch.randn(2, 3, d, generator=g), torch.rand(2, 3, n, generator=g), torch.rand(
+            2, 3, n, n, generator=g)
+        torch.testing.assert_close(cuda_impls.hc_post(out, streams, post, comb), ops.hc_post(out, streams, post, comb))
+        for got, want in zip(cuda_impls.hc_post_pre(out, streams, post, comb, *args),
+                             ops.hc_post_pre(out, streams, post, comb, *args)):
+            torch.testing.assert_close(got, want)
+        head = (fn[:n], base[:n], scale[:1], w, 1e-6, 1e-6)
+        torch.testing.assert_close(cuda_impls.hc_head(streams, *head), ops.hc_head(streams, *head))
+    finally:
+        cuda_impls._kernels = saved
