@@ -59,7 +59,8 @@ def power_of_two_scale(amax: torch.Tensor, fmt_max: float) -> torch.Tensor:
 # ---- e2m1 codes ----------------------------------------------------------------------------------
 def e2m1_to_float(codes: torch.Tensor) -> torch.Tensor:
     """Decode 4-bit e2m1 codes (uint8 values 0..15, bit 3 the sign) to fp32."""
-    table = torch.tensor(E2M1_MAGNITUDES + tuple(-v for v in E2M1_MAGNITUDES), dtype=torch.float32)
+    table = torch.tensor(E2M1_MAGNITUDES + tuple(-v for v in E2M1_MAGNITUDES), dtype=torch.float32,
+                         device=codes.device)
     return table[codes.to(torch.int64)]
 
 
