@@ -107,9 +107,26 @@ def numel(sizes: tuple[sympy.Expr, ...]) -> sympy.Expr:
     return sympy.Mul(*sizes) if sizes else sympy.Integer(1)
 
 
-def span(start: Any, stop: Any, size: int) -> tuple[int, int]:
-    """Python slice bounds (None, negative, past the end) as a [start, stop) range."""
+def static_size(node: Any, at: int) -> int | None:
+    """The size of dim `at` of node's value when it is a known integer."""
+    sizes = shape(node)
+    return int(sizes[at]) if sizes and -len(sizes) <= at < len(sizes) and sizes[at].is_Integer else None
+
+
+def span(start: Any, stop: Any, size: int | None) -> tuple[int, int] | None:
+    """Python slice bounds (None, negative, past the end) as a [start, stop) range; None unless literal."""
+    if size is None or not all(b is None or isinstance(b, int) for b in (start, stop)):
+        return None
     return slice(start, stop).indices(size)[:2]
+
+
+def _last_dim_slice(node: Any) -> tuple[fx.Node, int, int] | None:
+    """(input, start, stop) of a unit-step slice along the last dim with literal bounds."""
+    if not is_(node, aten.slice.Tensor) or dim(node.args[0], arg(node, 1, "dim", 0)) != -1 \
+            or arg(node, 4, "step", 1) != 1:
+        return None
+    bounds = span(arg(node, 2, "start"), arg(node, 3, "end"), static_size(node.args[0], -1))
+    return (node.args[0], *bounds) if bounds is not None else None
 
 
 # ---- what to look through ------------------------------------------------------------------------------
@@ -298,6 +315,8 @@ def split_part(node: Any, last: bool) -> tuple[fx.Node, int, int] | None:
         return source, index, index + 1
     sizes = split.args[1]
     sizes = list(sizes) if isinstance(sizes, (list, tuple)) else [sizes] * (index + 1)
+    if not all(isinstance(size, int) for size in sizes[:index + 1]):
+        return None
     return source, sum(sizes[:index]), sum(sizes[:index + 1])
 
 
@@ -307,14 +326,11 @@ def columns(node: Any) -> tuple[fx.Node, int, int]:
     inner, outer = shape(node.args[0]) if is_call(node, VIEWS) else None, shape(node)
     if inner and outer and len(outer) == len(inner) + 1 and same_sizes(inner[:-1], outer[:-2]):
         node = node.args[0]
-    if is_(node, aten.slice.Tensor) and dim(node.args[0], arg(node, 1, "dim", 0)) == -1 \
-            and arg(node, 4, "step", 1) == 1:
-        return node.args[0], *span(arg(node, 2, "start"), arg(node, 3, "end"), int(shape(node.args[0])[-1]))
-    part = split_part(node, last=True)
+    part = _last_dim_slice(node) or split_part(node, last=True)
     if part is not None:
         return part
-    width = (shape(node) or (None,))[-1]
-    return node, 0, int(width) if width is not None and width.is_Integer else -1
+    width = static_size(node, -1)
+    return node, 0, -1 if width is None else width
 
 
 def param_part(node: Any) -> tuple[fx.Node, int, int] | None:
@@ -323,15 +339,12 @@ def param_part(node: Any) -> tuple[fx.Node, int, int] | None:
     node = upcast_source(node)
     if is_call(node, VIEWS) and same_sizes((numel(shape(node) or ()),), (numel(shape(node.args[0]) or ()),)):
         node = upcast_source(node.args[0])
-    part = split_part(node, last=False)
-    if part is None and is_(node, aten.slice.Tensor) and arg(node, 1, "dim", 0) in (0, -1) \
-            and arg(node, 4, "step", 1) == 1:
-        part = node.args[0], *span(arg(node, 2, "start"), arg(node, 3, "end"), int(shape(node.args[0])[0]))
-    if part is None and is_(node, aten.select.int) and node.args[1] in (0, -1):
-        index = node.args[2] % int(shape(node.args[0])[0])
-        part = node.args[0], index, index + 1
-    if part is None and rank(node) == 1 and shape(node)[0].is_Integer:
-        part = node, 0, int(shape(node)[0])
+    part = split_part(node, last=False) or _last_dim_slice(node)  # (a 2-D source is refused below)
+    size = static_size(node.args[0], 0) if is_(node, aten.select.int) else None
+    if part is None and size is not None and node.args[1] in (0, -1) and isinstance(node.args[2], int):
+        part = node.args[0], node.args[2] % size, node.args[2] % size + 1
+    if part is None and rank(node) == 1 and static_size(node, 0) is not None:
+        part = node, 0, static_size(node, 0)
     if part is None:
         return None
     source = upcast_source(part[0])
