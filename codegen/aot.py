@@ -29,6 +29,7 @@ The AOT kernels are general in N (Triton's JIT also specialises N == 1 and point
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import os
 import importlib.metadata
@@ -140,9 +141,12 @@ def compile_spec(t: Target, spec: KernelSpec):
 
 
 def _plain(value: Any) -> Any:
-    """Triton's metadata as plain JSON (GPUTarget and other tuples as lists, anything else as its str)."""
+    """Triton's metadata as plain JSON, as Triton's cache writes it (GPUTarget as a dict, tuples as lists,
+    anything else as its str)."""
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -1,10 +1,16 @@
 """Ahead-of-time mHC kernels (codegen/aot.py) in the artifact, the loader's message about them, and the CUDA
 implementations' registration (codegen/cuda_impls.py). Everything here runs without a GPU: Triton builds
 sm_90a and sm_103a code through `GPUTarget` (Blackwell code is never run here); the artifact then loads and
-runs on CPU with the reference implementations."""
+runs on CPU with the reference implementations.
 
+Triton is imported only in a spawned child process (the `child` fixture), as in test_mhc_kernels: Triton
+decides at import whether it is interpreted, and that module checks that this process never imports it."""
+
+import concurrent.futures
 import importlib.util
 import json
+import multiprocessing
+import os
 import subprocess
 import sys
 
@@ -30,19 +36,41 @@ def _target_lines(ptx: str) -> list[str]:
     return [line for line in ptx.splitlines() if line.startswith(".target")]
 
 
+def _start_child():
+    os.environ.pop("TRITON_INTERPRET", None)  # a compiling process: Triton builds for GPUs it lacks
+    torch.set_num_threads(1)
+
+
+def _build(targets, **kwargs):
+    from dsv4c.codegen import aot
+
+    return aot.build_kernels(targets, hidden=128, hc=4, iters=20, dtype=torch.float32, **kwargs)
+
+
+def _compile_tiny(root):
+    """tiny cut to one layer (C4 with the indexer), as in test_inspect: the full tiny captures for 90 s here."""
+    write_synthetic(tiny().replace(num_hidden_layers=1, compress_ratios=(4, 0), num_hash_layers=0), root / "ckpt",
+                    seed=3)
+    options = CompileOptions(targets=("h100", "gb300"), numerics=Numerics.plain(torch.float32), max_seq_len=64,
+                             prefill_chunk=2, mtp=False)
+    return compile_checkpoint(root / "ckpt", root / "art", options)
+
+
 @pytest.fixture(scope="module")
-def built():
+def child():
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=_start_child) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def built(child):
     """hc_pre at 1 token (FMA) and 64 tokens (tensor-core dots), for both GPUs and cpu (which adds nothing)."""
-    from dsv4c.codegen import aot
-
-    return aot.build_kernels(["cpu", "h100", "gb300"], hidden=128, hc=4, iters=20, dtype=torch.float32,
-                             ops=["hc_pre"], variant_tokens=[1, 64])
+    return child.submit(_build, ["cpu", "h100", "gb300"], ops=["hc_pre"], variant_tokens=[1, 64]).result()
 
 
-def test_cpu_only_builds_nothing():
-    from dsv4c.codegen import aot
-
-    assert aot.build_kernels(["cpu"], hidden=128, hc=4, iters=20, dtype=torch.float32) == ({}, {})
+def test_cpu_only_builds_nothing(child):
+    assert child.submit(_build, ["cpu"]).result() == ({}, {})
 
 
 def test_kernels_for_each_gpu_target_with_their_files(built):
@@ -60,6 +88,8 @@ def test_kernels_for_each_gpu_target_with_their_files(built):
             assert meta["target"]["sm"] == sm and meta["kernel"] == entry["kernel"]
             assert meta["num_warps"] == entry["num_warps"] and meta["constexprs"] == entry["constexprs"]
             assert meta["triton"] and meta["triton_metadata"]["name"] == entry["kernel"]
+            assert meta["triton_metadata"]["target"] == {"backend": "cuda", "arch": meta["target"]["arch"],
+                                                         "warp_size": 32}
             assert isinstance(meta["shared"], int)
         assert b"def _mix_partials_kernel" in files[f"kernels/{sm}/mhc.py"]
 
@@ -82,14 +112,8 @@ def test_ptx_targets_the_arch_and_multiplies_as_the_launch_says(built, sm):
 
 # ---- end to end: tiny compiled for h100 and gb300 on this CPU machine ---------------------------------
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    """tiny cut to one layer (C4 with the indexer), as in test_inspect: the full tiny captures for 90 s here."""
-    root = tmp_path_factory.mktemp("aot")
-    write_synthetic(tiny().replace(num_hidden_layers=1, compress_ratios=(4, 0), num_hash_layers=0), root / "ckpt",
-                    seed=3)
-    options = CompileOptions(targets=("h100", "gb300"), numerics=Numerics.plain(torch.float32), max_seq_len=64,
-                             prefill_chunk=2, mtp=False)
-    return compile_checkpoint(root / "ckpt", root / "art", options)
+def artifact(child, tmp_path_factory):
+    return child.submit(_compile_tiny, tmp_path_factory.mktemp("aot")).result()
 
 
 def test_artifact_holds_kernels_for_both_targets(artifact):
@@ -135,6 +159,10 @@ def test_cuda_implementations_registered_without_importing_triton():
             "for op in ('hc_pre', 'hc_post', 'hc_post_pre', 'hc_head'):\n"
             "    assert 'cuda' in _maybe_get_opdef(f'dsv4c::{op}')._backend_fns, op\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_this_process_never_imports_triton():
+    assert "dsv4c.codegen.kernels.mhc" not in sys.modules
 
 
 def test_cuda_implementations_match_the_reference_shapes():
