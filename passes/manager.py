@@ -136,7 +136,9 @@ def run_pipeline(gm: fx.GraphModule, passes: Sequence[PipelineEntry | tuple | Gr
 
 
 def lint_graph(gm: fx.GraphModule, where: str) -> None:
-    """fx's lint plus the contract: only OpOverloads, getitem and SymInt arithmetic are called."""
+    """fx's lint plus the contract: only OpOverloads, getitem and SymInt arithmetic are called, and the
+    higher-order ops AOTAutograd leaves in torch.compile graphs (`cond`, `auto_functionalized`, ...), which
+    every pass treats as impure and opaque."""
     try:
         gm.graph.lint()
     except Exception as err:
@@ -144,7 +146,8 @@ def lint_graph(gm: fx.GraphModule, where: str) -> None:
     for node in gm.graph.nodes:
         if node.op in ("call_module", "call_method"):
             raise PassError(f"{where}: node {node.name} is a {node.op} ({node.target}); graphs must be flat aten")
-        if node.op == "call_function" and not (is_op(node) or is_getitem(node) or is_sym_op(node)):
+        if node.op == "call_function" and not (is_op(node) or is_getitem(node) or is_sym_op(node)
+                                               or isinstance(node.target, torch._ops.HigherOrderOperator)):
             raise PassError(f"{where}: node {node.name} calls {node.target!r}, not an aten OpOverload")
 
 
