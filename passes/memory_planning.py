@@ -94,6 +94,12 @@ def memory_planning(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModul
         refresh_fake_values(gm)
     if any(tensor_val(n) is not None and "dsv4c_shape" not in n.meta for n in gm.graph.nodes):
         annotate_shapes(gm)
+    others = sorted(map(str, set().union(*(b.size.free_symbols for b in find_buffers(gm).values())) - {BATCH}))
+    if others:  # torch.compile graphs: several dynamic dims, unbacked sizes; a plan is a polynomial in B only
+        gm.meta.pop("dsv4c_memory_plan", None)
+        return gm, make_record("memory_planning", before, gm, 0,
+                               f"skipped: buffer sizes depend on {', '.join(others)} besides {BATCH}",
+                               skipped=others)
     plan = plan_memory(gm)
     gm.meta["dsv4c_memory_plan"] = plan
     at = {b: (plan.peak_bytes(b), plan.no_reuse_bytes(b)) for b in REPORT_BATCHES}
