@@ -97,3 +97,22 @@ def targets(gm: fx.GraphModule) -> list[str]:
     """The call_function targets in graph order, as short strings (for exact structural asserts)."""
     return [str(getattr(n.target, "__name__", n.target)) if not isinstance(n.target, torch._ops.OpOverload)
             else str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def step_input_maker(cfg, weights, step, max_seq_len: int) -> Callable[[int], list[torch.Tensor]]:
+    """Fresh inputs for a captured model step at any batch: the given weights, random tokens and positions
+    in range, random state."""
+    def make(batch: int) -> list[torch.Tensor]:
+        values = []
+        for name in step.input_names:
+            spec = step.input_specs[name]
+            if name.startswith("weights."):
+                values.append(weights[name[len("weights."):]])
+            elif name == "tokens":
+                values.append(torch.randint(0, cfg.vocab_size, spec.concrete(batch)))
+            elif name == "start":
+                values.append(torch.randint(0, max_seq_len - 1, spec.concrete(batch)))
+            else:
+                values.append(torch.randn(spec.concrete(batch), dtype=spec.dtype))
+        return values
+    return make

@@ -4,7 +4,6 @@ equals one-shot logits in fp32)."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch

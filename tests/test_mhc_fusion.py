@@ -18,7 +18,7 @@ from dsv4c.passes.dead_code import dead_code
 from dsv4c.passes.manager import PassContext, compare_values, run_pipeline
 from dsv4c.passes.mhc_fusion import FUSED, mhc_fusion
 from dsv4c.passes.noop_removal import noop_removal
-from pass_graphs import check_pass, export_flat, random_inputs, targets
+from pass_graphs import check_pass, export_flat, random_inputs, step_input_maker, targets
 
 MAX_SEQ_LEN = 128
 TOY = tiny().replace(hc_sinkhorn_iters=3)  # short Sinkhorn: the pass must read the count, not assume 20
@@ -45,28 +45,11 @@ def captured():
     return cfg, weights, step, gm
 
 
-def _step_inputs(cfg, weights, step):
-    def make(batch):
-        values = []
-        for name in step.input_names:
-            spec = step.input_specs[name]
-            if name.startswith("weights."):
-                values.append(weights[name[len("weights."):]])
-            elif name == "tokens":
-                values.append(torch.randint(0, cfg.vocab_size, spec.concrete(batch)))
-            elif name == "start":
-                values.append(torch.randint(0, MAX_SEQ_LEN - 1, spec.concrete(batch)))
-            else:
-                values.append(torch.randn(spec.concrete(batch), dtype=spec.dtype))
-        return values
-    return make
-
-
 def test_captured_step_fuses_every_boundary_exactly(captured):
     cfg, weights, step, gm = captured
     before = targets(gm)
     # check_pass: manager debug mode plus its own run of both graphs, bit-equal, at batches 1 and 3
-    gm, record = check_pass(mhc_fusion, gm, _step_inputs(cfg, weights, step))
+    gm, record = check_pass(mhc_fusion, gm, step_input_maker(cfg, weights, step, MAX_SEQ_LEN))
     # 3 layers x (attn, ffn): the first pre alone, 5 post+pre pairs, the last post, then the head
     assert counts(record) == {"hc_pre": 1, "hc_post_pre": 5, "hc_post": 1, "hc_head": 1}
     assert record.matches == 8

@@ -10,6 +10,7 @@ from dsv4c.compiler.presets import tiny
 from dsv4c.compiler.synthetic import synthetic_tensors
 from dsv4c.passes import MemoryPlan, PassContext, optimise, pipeline_for
 from dsv4c.passes.manager import compare_values
+from pass_graphs import step_input_maker
 
 MAX_SEQ_LEN = 128
 
@@ -32,26 +33,9 @@ def captured():
     return cfg, num, weights, step
 
 
-def _input_maker(cfg, weights, step):
-    def make(batch: int) -> list[torch.Tensor]:
-        values = []
-        for name in step.input_names:
-            spec = step.input_specs[name]
-            if name.startswith("weights."):
-                values.append(weights[name[len("weights."):]])
-            elif name == "tokens":
-                values.append(torch.randint(0, cfg.vocab_size, spec.concrete(batch)))
-            elif name == "start":
-                values.append(torch.randint(0, MAX_SEQ_LEN - 1, spec.concrete(batch)))
-            else:
-                values.append(torch.randn(spec.concrete(batch), dtype=spec.dtype))
-        return values
-    return make
-
-
 def test_cpu_pipeline_on_tiny_model(captured):
     cfg, num, weights, step = captured
-    make = _input_maker(cfg, weights, step)
+    make = step_input_maker(cfg, weights, step, MAX_SEQ_LEN)
     nodes_before = len(step.graph_module.graph.nodes)
     ctx = PassContext("cpu", True, make, 1e-5, (1, 3), tuple(step.output_names))
     gm, records = optimise(step.graph_module, "cpu", ctx)        # debug: each pass checked on fresh inputs
