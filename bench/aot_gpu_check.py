@@ -3,7 +3,9 @@ cuda and on cpu, generate 8 greedy tokens for two prompts on each and compare; t
 Triton kernels) against the CPU reference. Run there: `python3 bench/aot_gpu_check.py` (writes /tmp/ck, /tmp/art).
 """
 import shutil
-import sys, time, torch
+import time
+
+import torch
 torch.set_num_threads(8)
 from dsv4c.compiler.numerics import Numerics
 from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
