@@ -16,6 +16,7 @@ import functools
 import torch
 
 from . import mhc_reference
+from .mhc_shapes import flat_post_inputs, pre_outputs, tokens
 
 _registered = False
 
@@ -30,41 +31,24 @@ def _kernels():
     return mhc
 
 
-def _flat(streams: torch.Tensor) -> tuple[torch.Size, torch.Tensor]:
-    if streams.dim() < 2:
-        raise ValueError(f"mHC streams must be [..., n, D], got shape {tuple(streams.shape)}")
-    return streams.shape[:-2], streams.reshape(-1, *streams.shape[-2:])
-
-
-def _flat_post(block_out, streams, post, comb):
-    lead, flat = _flat(streams)
-    n = flat.shape[1]
-    return lead, (block_out.reshape(-1, block_out.shape[-1]), flat, post.reshape(-1, n), comb.reshape(-1, n, n))
-
-
-def _pre_out(lead, normed, post, comb):
-    n = post.shape[-1]
-    return normed.reshape(*lead, normed.shape[-1]), post.reshape(*lead, n), comb.reshape(*lead, n, n)
-
-
 def hc_pre(streams, fn, base, scale, norm_weight, rms_eps, hc_eps, iters):
-    lead, flat = _flat(streams)
-    return _pre_out(lead, *_kernels().hc_pre(flat, fn, base, scale, norm_weight, rms_eps, hc_eps, iters))
+    lead, flat = tokens(streams)
+    return pre_outputs(lead, *_kernels().hc_pre(flat, fn, base, scale, norm_weight, rms_eps, hc_eps, iters))
 
 
 def hc_post(block_out, streams, post, comb):
-    _, flat = _flat_post(block_out, streams, post, comb)
+    _, flat = flat_post_inputs(block_out, streams, post, comb)
     return _kernels().hc_post(*flat).reshape(streams.shape)
 
 
 def hc_post_pre(block_out, streams, post, comb, fn, base, scale, norm_weight, rms_eps, hc_eps, iters):
-    lead, flat = _flat_post(block_out, streams, post, comb)
+    lead, flat = flat_post_inputs(block_out, streams, post, comb)
     new, *pre = _kernels().hc_post_pre(*flat, fn, base, scale, norm_weight, rms_eps, hc_eps, iters)
-    return (new.reshape(streams.shape), *_pre_out(lead, *pre))
+    return (new.reshape(streams.shape), *pre_outputs(lead, *pre))
 
 
 def hc_head(streams, fn, base, scale, norm_weight, rms_eps, hc_eps):
-    lead, flat = _flat(streams)
+    lead, flat = tokens(streams)
     normed = _kernels().hc_head(flat, fn, base, scale, norm_weight, rms_eps, hc_eps)
     return normed.reshape(*lead, normed.shape[-1])
 

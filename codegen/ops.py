@@ -28,6 +28,7 @@ import torch
 
 from ..compiler import quant
 from . import mhc_reference
+from .mhc_shapes import flat_post_inputs, pre_outputs, tokens
 
 
 @torch.library.custom_op("dsv4c::dequant_fp8_weight", mutates_args=())
@@ -51,24 +52,6 @@ def _(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Te
 
 
 # ---- mHC -------------------------------------------------------------------------------------------
-def _tokens(streams: torch.Tensor) -> tuple[torch.Size, torch.Tensor]:
-    """(leading dims, streams flattened to `[N, n, D]`)."""
-    if streams.dim() < 2:
-        raise ValueError(f"mHC streams must be [..., n, D], got shape {tuple(streams.shape)}")
-    return streams.shape[:-2], streams.reshape(-1, *streams.shape[-2:])
-
-
-def _flat_post_inputs(block_out, streams, post, comb):
-    lead, flat = _tokens(streams)
-    n = flat.shape[1]
-    return lead, (block_out.reshape(-1, block_out.shape[-1]), flat, post.reshape(-1, n), comb.reshape(-1, n, n))
-
-
-def _pre_outputs(lead: torch.Size, normed, post, comb):
-    n = post.shape[-1]
-    return normed.reshape(*lead, normed.shape[-1]), post.reshape(*lead, n), comb.reshape(*lead, n, n)
-
-
 def _pre_fakes(streams: torch.Tensor):
     *lead, n, d = streams.shape
     return (streams.new_empty((*lead, d)), streams.new_empty((*lead, n), dtype=torch.float32),
@@ -79,8 +62,8 @@ def _pre_fakes(streams: torch.Tensor):
 def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
            norm_weight: torch.Tensor, rms_eps: float, hc_eps: float,
            iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lead, flat = _tokens(streams)
-    return _pre_outputs(lead, *mhc_reference.hc_pre(flat, fn, base, scale, norm_weight, rms_eps, hc_eps, iters))
+    lead, flat = tokens(streams)
+    return pre_outputs(lead, *mhc_reference.hc_pre(flat, fn, base, scale, norm_weight, rms_eps, hc_eps, iters))
 
 
 @hc_pre.register_fake
@@ -91,7 +74,7 @@ def _(streams, fn, base, scale, norm_weight, rms_eps, hc_eps, iters):
 @torch.library.custom_op("dsv4c::hc_post", mutates_args=())
 def hc_post(block_out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor,
             comb: torch.Tensor) -> torch.Tensor:
-    lead, flat = _flat_post_inputs(block_out, streams, post, comb)
+    lead, flat = flat_post_inputs(block_out, streams, post, comb)
     return mhc_reference.hc_post(*flat).reshape(streams.shape)
 
 
@@ -105,9 +88,9 @@ def hc_post_pre(block_out: torch.Tensor, streams: torch.Tensor, post: torch.Tens
                 fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_weight: torch.Tensor,
                 rms_eps: float, hc_eps: float,
                 iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    lead, flat = _flat_post_inputs(block_out, streams, post, comb)
+    lead, flat = flat_post_inputs(block_out, streams, post, comb)
     new, *pre = mhc_reference.hc_post_pre(*flat, fn, base, scale, norm_weight, rms_eps, hc_eps, iters)
-    return (new.reshape(streams.shape), *_pre_outputs(lead, *pre))
+    return (new.reshape(streams.shape), *pre_outputs(lead, *pre))
 
 
 @hc_post_pre.register_fake
@@ -118,7 +101,7 @@ def _(block_out, streams, post, comb, fn, base, scale, norm_weight, rms_eps, hc_
 @torch.library.custom_op("dsv4c::hc_head", mutates_args=())
 def hc_head(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
             norm_weight: torch.Tensor, rms_eps: float, hc_eps: float) -> torch.Tensor:
-    lead, flat = _tokens(streams)
+    lead, flat = tokens(streams)
     normed = mhc_reference.hc_head(flat, fn, base, scale, norm_weight, rms_eps, hc_eps)
     return normed.reshape(*lead, normed.shape[-1])
 
