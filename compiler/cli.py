@@ -230,6 +230,12 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _add_numerics_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--numerics", choices=("faithful", "plain"), default="faithful",
+                        help="faithful: DeepSeek's FP8 activation quantisation; plain: none (default faithful)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="activation dtype (default bf16)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv4c", description="A compiler for the decode step of DeepSeek-V4 models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -267,9 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--logits-out", metavar="FILE.safetensors", help="save every position's logits")
     sc.add_argument("--decode-from", type=int, metavar="N", help="prefill N tokens, then decode one at a time")
     sc.add_argument("--chunk", type=int, default=256, help="prefill chunk size (default 256)")
-    sc.add_argument("--numerics", choices=("faithful", "plain"), default="faithful",
-                    help="faithful: DeepSeek's FP8 activation quantisation; plain: none (default faithful)")
-    sc.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="activation dtype (default bf16)")
+    _add_numerics_arguments(sc)
     sc.add_argument("--device", default="cpu", help="torch device (default cpu)")
     sc.set_defaults(run=_score)
 
@@ -281,8 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--target", default="cpu", help="comma-separated targets: cpu, h100, h200, b200, gb300 "
                                                       "(default cpu)")
     comp.add_argument("--explain", action="store_true", help="print the pass log: what each pass matched and changed")
-    comp.add_argument("--numerics", choices=("faithful", "plain"), default="faithful")
-    comp.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="activation dtype (default bf16)")
+    _add_numerics_arguments(comp)
     comp.add_argument("--max-seq-len", type=int, default=4096, help="cache capacity per sequence (default 4096)")
     comp.add_argument("--prefill-chunk", type=int, default=32, help="tokens per prefill step (default 32)")
     comp.add_argument("--no-mtp", action="store_true", help="leave out the MTP variants")

@@ -6,15 +6,14 @@ runs on CPU with the reference implementations.
 Triton is imported only in a spawned child process (the `child` fixture), as in test_mhc_kernels: Triton
 decides at import whether it is interpreted, and that module checks that this process never imports it."""
 
-import concurrent.futures
 import importlib.util
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
 
 import pytest
+from child_pool import child_pool
 import torch
 
 from dsv4c.compiler.numerics import Numerics
@@ -58,8 +57,7 @@ def _compile_tiny(root):
 
 @pytest.fixture(scope="module")
 def child():
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=_start_child) as pool:
+    with child_pool(_start_child) as pool:
         yield pool
 
 

@@ -15,14 +15,13 @@ hc_post_pre / hc_post_head check their second half against the reference run on 
 (see _check_post_then_pre).
 """
 
-import concurrent.futures
 import dataclasses
 import importlib.util
-import multiprocessing
 import os
 import zlib
 
 import pytest
+from child_pool import child_pool
 import torch
 
 from dsv4c.codegen import mhc_reference as ref
@@ -94,15 +93,13 @@ def _ptx_facts(target_name, tokens):
 
 @pytest.fixture(scope="module")
 def compiler():
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=_start_compiler) as pool:
+    with child_pool(_start_compiler) as pool:
         yield pool
 
 
 @pytest.fixture(scope="module")
 def mhc():
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=_start_interpreter) as pool:
+    with child_pool(_start_interpreter) as pool:
         yield _Interpreter(pool)
 
 
