@@ -8,7 +8,8 @@ are several times the L2, so nothing is timed from cache):
   fused     codegen/kernels/mhc.py (2 launches)
   fused-ng  the same without a CUDA graph (host launch overhead included)
   eager     the unfused PyTorch sub-graph (compiler/layers.py hc_pre / hc_post / hc_head + rms_norm)
-  inductor  torch.compile of that same sub-graph (default mode, static shapes)
+  inductor  torch.compile of that same sub-graph (default mode, static shapes); with --max-autotune also
+            mode="max-autotune-no-cudagraphs" (our own CUDA graphs capture it)
 and the byte floor: bytes that must move (streams read, fn read, outputs written) over the copy bandwidth
 measured in this run. Usage (Flash dims by default):
   python bench/mhc_bench.py [--tokens 1 8 64 256] [--hidden 4096] [--hc 4] [--iters 20] [--json out.json]
@@ -157,7 +158,7 @@ def input_sets(tokens, hc, hidden, dtype, l2_bytes) -> list[dict]:
     return [make_set(tokens, hc, hidden, dtype, gen) for _ in range(count)]
 
 
-def bench_tokens(tokens, args, gbps, l2_bytes, compiled) -> list[dict]:
+def bench_tokens(tokens, args, gbps, l2_bytes, compiled, compiled_max) -> list[dict]:
     sets = input_sets(tokens, args.hc, args.hidden, torch.bfloat16, l2_bytes)
     rows = []
     for op in OPS:
@@ -168,6 +169,7 @@ def bench_tokens(tokens, args, gbps, l2_bytes, compiled) -> list[dict]:
                    fused_us=graph_us(getattr(mhc, op), arg_sets), fused_nograph_us=launch_us(getattr(mhc, op), arg_sets),
                    eager_us=graph_us(getattr(ref, op), arg_sets) if compiled else float("nan"),
                    inductor_us=graph_us(compiled[op], arg_sets) if compiled else float("nan"),
+                   inductor_max_us=graph_us(compiled_max[op], arg_sets) if compiled_max else float("nan"),
                    launch=str(mhc.mhc_launch(target_for_device("cuda"), tokens, args.hidden)))
         row["fused_gbps"] = floor / row["fused_us"] / 1e3
         rows.append(row)
@@ -176,28 +178,29 @@ def bench_tokens(tokens, args, gbps, l2_bytes, compiled) -> list[dict]:
 
 
 def candidate_launches(t, tokens: int, hidden: int) -> list:
-    """The default launch, then variants: twice the programs, tensor-core tf32x3 dots, and for a few tokens
-    the broadcast multiply-and-sum (no tl.dot, token blocks of 1-4 instead of 16)."""
+    """The default launch, then variants: without PDL, broadcast blocks of 1-4 tokens (up to 16 tokens) with
+    16-64 column chunks, tensor-core tf32x3 dots on 16 / 32 / 64-token blocks at 1, 2 or 4 programs an SM,
+    and 8 collapse warps."""
     default = mhc.mhc_launch(t, tokens, hidden)
     found = {default: None}
-    chunks, split_k = mhc.split_over(hidden, default.block_d, 2 * default.split_k)
-    found.setdefault(dataclasses.replace(default, chunks=chunks, split_k=split_k), None)
-    found.setdefault(tf32x3_launch(t, tokens, hidden, 4), None)
-    if tokens <= 8:
-        for block_d in (16, 32):
-            chunks, split_k = mhc.split_over(hidden, block_d, 2 * t.sm_count)
-            found.setdefault(dataclasses.replace(default, block_t=min(4, triton.next_power_of_2(tokens)),
-                                                 block_d=block_d, chunks=chunks, split_k=split_k, dot=False), None)
+    found.setdefault(dataclasses.replace(default, pdl=False), None)
+    found.setdefault(dataclasses.replace(default, collapse_warps=8), None)
+    if tokens <= 16:
+        for block_t in sorted({1, 2, 4} & set(range(1, 2 * tokens))):
+            for block_d in (16, 32, 64):
+                chunks, split_k = mhc.split_over(hidden, block_d, 2 * t.sm_count)
+                found.setdefault(dataclasses.replace(default, block_t=block_t, block_d=block_d, chunks=chunks,
+                                                     split_k=split_k, dot=False, precision="ieee"), None)
+    for block_t in (16, 32, 64):
+        if block_t <= 4 * tokens:
+            for per_sm in (1, 2, 4):
+                found.setdefault(mhc.dot_launch(t, tokens, hidden, 4, block_t, per_sm), None)
     return list(found)
 
 
 def tf32x3_launch(t, tokens: int, hidden: int, hc: int):
     """The default tl.dot launch with tensor-core tf32x3 products (16-token blocks where the default has none)."""
-    default = mhc.mhc_launch(t, tokens, hidden, hc)
-    if not default.dot:
-        chunks, split_k = mhc.split_over(hidden, 16, 2 * t.sm_count)
-        default = dataclasses.replace(default, block_t=16, block_d=16, chunks=chunks, split_k=split_k, dot=True)
-    return dataclasses.replace(default, precision="tf32x3")
+    return mhc.dot_launch(t, tokens, hidden, hc, mhc.MIN_DOT)
 
 
 def sweep(tokens, args, l2_bytes) -> None:
@@ -210,8 +213,9 @@ def sweep(tokens, args, l2_bytes) -> None:
         for launch in candidate_launches(t, tokens, args.hidden):
             fn = lambda *a, launch=launch: getattr(mhc, op)(*a, launch=launch)
             results.append((graph_us(fn, arg_sets, replays=10), launch))
-        print(f"sweep {op} T={tokens}: default {results[0][0]:.2f} us {results[0][1]}; best:", flush=True)
-        for us, launch in sorted(results, key=lambda r: r[0])[:4]:
+        print(f"sweep {op} T={tokens}: default {results[0][0]:.2f} us {results[0][1]}; "
+              f"no PDL {results[1][0]:.2f} us; best:", flush=True)
+        for us, launch in sorted(results, key=lambda r: r[0])[:5]:
             print(f"    {us:7.2f} us  {launch}", flush=True)
 
 
@@ -233,26 +237,28 @@ def kernel_breakdown(tokens, args, l2_bytes) -> None:
 
     def partials(s, part_mix, part_sq, new, post=False):
         post_in = (s["streams"], s["post"], s["comb"], new) if post else None
-        mhc.launch_mix_partials(s["block_out"] if post else s["streams"], post_in, s["fn"], part_mix, part_sq,
-                                default, args.hc)
+        mhc.JIT(mhc.mix_partials_launch(s["block_out"] if post else s["streams"], post_in, s["fn"], part_mix,
+                                        part_sq, default, args.hc))
 
     out.append(f"partials(pre) {graph_us(partials, work):.2f}")
     out.append(f"partials(post_pre) {graph_us(lambda *w: partials(*w, post=True), work):.2f}")
-    for warps, iters in ((4, 1), (2, args.iters), (4, args.iters), (8, args.iters)):
-        launch = dataclasses.replace(default, collapse_warps=warps)
+    for warps, iters, post in ((4, 1, False), (4, args.iters, False), (8, args.iters, False), (4, args.iters, True)):
+        launch = dataclasses.replace(default, collapse_warps=warps, pdl=False)
 
-        def collapse(s, part_mix, part_sq, new, launch=launch, iters=iters):
+        def collapse(s, part_mix, part_sq, new, launch=launch, iters=iters, post=post):
             normed = torch.empty((tokens, args.hidden), dtype=s["streams"].dtype, device="cuda")
-            mhc.launch_collapse(s["streams"], part_mix, part_sq, s["base"], s["scale"], s["norm_w"], normed,
-                                torch.empty_like(s["post"]), torch.empty_like(s["comb"]), RMS_EPS, HC_EPS,
-                                iters, launch)
-        out.append(f"collapse(w{warps},it{iters}) {graph_us(collapse, work):.2f}")
+            post_in = (s["block_out"], s["streams"], s["post"], s["comb"]) if post else None
+            mhc.JIT(mhc.collapse_launch(s["streams"], post_in, part_mix, part_sq, s["base"], s["scale"], s["norm_w"],
+                                        normed, torch.empty_like(s["post"]), torch.empty_like(s["comb"]), RMS_EPS,
+                                        HC_EPS, iters, launch))
+        out.append(f"collapse(w{warps},it{iters}{',post' if post else ''}) {graph_us(collapse, work):.2f}")
     print("  ".join(out), flush=True)
 
 
 def format_row(r: dict) -> str:
     return (f"{r['op']:<12}{r['tokens']:>5}  {r['check']:<28}{r['floor_us']:>7.2f}{r['fused_us']:>8.2f}"
-            f"{r['fused_gbps']:>8.0f}{r['fused_nograph_us']:>9.1f}{r['eager_us']:>9.1f}{r['inductor_us']:>9.1f}")
+            f"{r['fused_gbps']:>8.0f}{r['fused_nograph_us']:>9.1f}{r['eager_us']:>9.1f}{r['inductor_us']:>9.1f}"
+            f"{r['inductor_max_us']:>9.1f}")
 
 
 def main() -> None:
@@ -264,6 +270,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time a grid of launches of the fused ops")
     parser.add_argument("--kernels", action="store_true", help="time each kernel alone (launch gap, variants)")
     parser.add_argument("--no-baselines", action="store_true", help="skip eager and inductor (iterating)")
+    parser.add_argument("--max-autotune", action="store_true",
+                        help="also time Inductor's max-autotune-no-cudagraphs (autotuning takes minutes)")
     parser.add_argument("--check-tf32x3", action="store_true", help="check the tensor-core tf32x3 dots too")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -271,12 +279,12 @@ def main() -> None:
     l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
     gbps = copy_gbps()
     print(json.dumps(env), f"\ncopy bandwidth {gbps:.0f} GB/s (read + written), L2 {l2_bytes >> 20} MiB", flush=True)
-    compiled = {op: torch.compile(getattr(ref, op), dynamic=False) for op in OPS}
-    if args.no_baselines:
-        compiled = None
+    compiled = None if args.no_baselines else {op: torch.compile(getattr(ref, op), dynamic=False) for op in OPS}
+    compiled_max = None if args.no_baselines or not args.max_autotune else {
+        op: torch.compile(getattr(ref, op), dynamic=False, mode="max-autotune-no-cudagraphs") for op in OPS}
     print(f"{'op':<12}{'T':>5}  {'check (rel err per output)':<28}{'floor':>7}{'fused':>8}{'GB/s':>8}"
-          f"{'no-graph':>9}{'eager':>9}{'inductor':>9}   (us)", flush=True)
-    rows = [row for tokens in args.tokens for row in bench_tokens(tokens, args, gbps, l2_bytes, compiled)]
+          f"{'no-graph':>9}{'eager':>9}{'inductor':>9}{'ind-max':>9}   (us)", flush=True)
+    rows = [row for tokens in args.tokens for row in bench_tokens(tokens, args, gbps, l2_bytes, compiled, compiled_max)]
     for tokens in sorted({min(args.tokens), max(args.tokens)}):
         s = make_set(tokens, args.hc, args.hidden, torch.float32, torch.Generator(device="cuda").manual_seed(7))
         print(f"fp32 streams, T={tokens}: " + "; ".join(f"{op} {check(op, s, args.iters)}" for op in OPS), flush=True)

@@ -7,62 +7,44 @@ returns the artifact's extra files and its manifest "kernels" table:
     kernels/<sm>/mhc.py                       the Triton source all kernels of <sm> were built from
     kernels/<sm>/<name>.cubin / .ptx / .ttir  the binary, its PTX and Triton IR
     kernels/<sm>/<name>.json                  launch metadata: Triton kernel name, signature, constexprs,
-                                              num_warps, num_stages, shared memory, target, Triton version,
+                                              options (num_warps, num_stages, launch_pdl), shared memory, target, Triton version,
                                               the ops and token counts that use it, Triton's own metadata
 
-    manifest["kernels"] = {sm: [{"name", "kernel", "files", "constexprs", "signature", "num_warps",
-                                 "num_stages", "shared", "uses"}, ...]}
+    manifest["kernels"] = {sm: [{"name", "kernel", "files", "signature", "constexprs", "options",
+                                 "shared", "target", "triton", "uses"}, ...]}
 
 Specialisations. A boundary's launch (codegen/kernels/mhc.mhc_launch) depends on the target, the hidden
 size D, the streams n and the number of tokens N = batch x T (T: tokens per sequence of a step variant:
-1, 2 and the prefill chunk). The constexprs are those the host wrappers pass for that launch; pointer
-dtypes follow the activation dtype (fn, base, scale, post, comb, partials fp32). Token counts built:
+1, 2 and the prefill chunk). The specialisations are recorded from the host wrappers themselves, run on
+meta tensors (codegen/kernels/mhc.op_launches), so they are exactly what a call launches. Token counts built:
 T x b for every variant's T and b in `batch_buckets` (CompileOptions.kernel_batches; default (1,): one
 sequence, i.e. decode, MTP verification and prefill chunks of one request. Each token count costs about
 ten kernels a target at 1-4 s each to build, so buckets are opt-in: `(1, 8)` adds batch-8 decode and
 reaches the tensor-core (tf32x3 tl.dot) launches from 9 tokens). Other token counts have other
 launches: the registered CUDA implementations JIT-compile those from the same source. Specialisations
 shared by several (op, N) are built once (the json lists all their uses); builds run on a thread pool.
-The AOT kernels are general in N (Triton's JIT also specialises N == 1 and pointer alignment).
+The AOT kernels are general in N and assume 16-byte aligned pointers (Triton's JIT also specialises
+N == 1). The runtime launches them directly (runtime/stored_kernels.py).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import os
 import importlib.metadata
 import inspect
 import json
-from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import torch
 
+from .kernels.launcher import POINTER_ALIGN, KernelSpec
 from .targets import Target, target as lookup_target
 
 MHC_OPS = ("hc_pre", "hc_post_pre", "hc_post", "hc_head")
 DEFAULT_BATCH_BUCKETS = (1,)
 KERNELS_DIR = "kernels"
-_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-@dataclass(frozen=True)
-class KernelSpec:
-    """One specialisation: which Triton kernel, its signature (arg -> type, constexprs included) and values."""
-
-    kernel: str  # "mix_partials" or "collapse"
-    signature: tuple[tuple[str, str], ...]
-    constexprs: tuple[tuple[str, Any], ...]
-    num_warps: int
-    num_stages: int
-
-    @property
-    def name(self) -> str:
-        digest = hashlib.sha256(json.dumps([self.kernel, self.signature, self.constexprs, self.num_warps,
-                                            self.num_stages]).encode()).hexdigest()
-        return f"{self.kernel}_{digest[:12]}"
 
 
 def mhc_ops_in(plans: Mapping[str, Any]) -> list[str]:
@@ -72,59 +54,46 @@ def mhc_ops_in(plans: Mapping[str, Any]) -> list[str]:
     return [name for name in MHC_OPS if name in used]
 
 
-def _mix_spec(mhc, launch, hidden: int, hc: int, rows: int | None, post: bool, dtype: str) -> KernelSpec:
-    mix = rows is not None
-    m_pad = max(mhc.MIN_DOT, mhc.triton.next_power_of_2(rows)) if mix else mhc.MIN_DOT
-    x = dtype
-    pointers = dict(x_ptr=x, s_ptr=dtype if post else x, post_ptr="fp32" if post else x,
-                    comb_ptr="fp32" if post else x, new_ptr=dtype if post else x, fn_ptr="fp32" if mix else x,
-                    part_mix_ptr="fp32" if mix else x, part_sq_ptr="fp32" if mix else x)
-    constants = dict(D=hidden, HC=hc, HC_PAD=mhc.triton.next_power_of_2(hc), M_PAD=m_pad, BLOCK_T=launch.block_t,
-                     BLOCK_D=launch.block_d, CHUNKS=launch.chunks, SPLIT=launch.split_k, POST=post, MIX=mix,
-                     DOT=launch.dot, PRECISION=launch.precision)
-    signature = {**{k: "*" + v for k, v in pointers.items()}, "N": "i32", "M": "i32",
-                 **{k: "constexpr" for k in constants}}
-    return KernelSpec("mix_partials", tuple(signature.items()), tuple(constants.items()), launch.num_warps,
-                      launch.num_stages)
-
-
-def _collapse_spec(mhc, launch, hidden: int, hc: int, rows: int, head: bool, iters: int, dtype: str,
-                   norm_dtype: str) -> KernelSpec:
-    pointers = dict(streams_ptr=dtype, part_mix_ptr="fp32", part_sq_ptr="fp32", base_ptr="fp32", scale_ptr="fp32",
-                    norm_w_ptr=norm_dtype, normed_ptr=dtype, post_ptr=dtype if head else "fp32",
-                    comb_ptr=dtype if head else "fp32")
-    constants = dict(D=hidden, HC=hc, HC_PAD=mhc.triton.next_power_of_2(hc),
-                     M_PAD=max(mhc.MIN_DOT, mhc.triton.next_power_of_2(rows)), SPLIT=launch.split_k,
-                     SPLIT_PAD=mhc.triton.next_power_of_2(launch.split_k), ITERS=iters,
-                     BLOCK_T=launch.collapse_t, BLOCK_D=mhc.triton.next_power_of_2(hidden), HEAD=head)
-    signature = {**{k: "*" + v for k, v in pointers.items()}, "N": "i32", "rms_eps": "fp32", "hc_eps": "fp32",
-                 **{k: "constexpr" for k in constants}}
-    return KernelSpec("collapse", tuple(signature.items()), tuple(constants.items()), launch.collapse_warps, 1)
-
-
 def mhc_specs(t: Target, ops: Iterable[str], token_counts: Iterable[int], hidden: int, hc: int, iters: int,
               dtype: torch.dtype, norm_dtype: torch.dtype | None = None) -> dict[KernelSpec, list[dict]]:
     """Every specialisation the host wrappers of codegen/kernels/mhc.py launch for `ops` at `token_counts`
-    on target `t` -> its uses [{"op", "tokens"}]."""
+    on target `t` -> its uses [{"op", "tokens"}] (the wrappers run on meta tensors: `mhc.op_launches`)."""
     from .kernels import mhc
 
-    act, norm = _DTYPES[dtype], _DTYPES[norm_dtype or dtype]
-    mix_rows, head_rows = (2 + hc) * hc, hc
     specs: dict[KernelSpec, list[dict]] = {}
     for tokens in sorted(set(token_counts)):
         launch = mhc.mhc_launch(t, tokens, hidden, hc)
-        launch.check(hidden)
         for op in ops:
-            if op == "hc_post":
-                built = [_mix_spec(mhc, launch, hidden, hc, None, True, act)]
-            else:
-                head = op == "hc_head"
-                rows = head_rows if head else mix_rows
-                built = [_mix_spec(mhc, launch, hidden, hc, rows, op == "hc_post_pre", act),
-                         _collapse_spec(mhc, launch, hidden, hc, rows, head, 1 if head else iters, act, norm)]
-            for spec in built:
+            for spec in mhc.op_launches(op, tokens, hidden, hc, 1 if op == "hc_head" else iters, dtype,
+                                        norm_dtype or dtype, launch):
                 specs.setdefault(spec, []).append({"op": op, "tokens": tokens})
     return specs
+
+
+def kernel_source() -> bytes:
+    """The kernel module's source (stored beside the binaries; the runtime compares it with its own)."""
+    from .kernels import mhc
+
+    return inspect.getsource(mhc).encode()
+
+
+def kernel_function(name: str):
+    """The Triton JITFunction of codegen/kernels/mhc.py a spec names."""
+    from .kernels import mhc
+
+    kernels = {"_mix_partials_kernel": mhc._mix_partials_kernel, "_collapse_kernel": mhc._collapse_kernel}
+    if name not in kernels:
+        raise ValueError(f"no mHC kernel named {name!r} (have {sorted(kernels)})")
+    return kernels[name]
+
+
+def kernel_source_attrs(spec: KernelSpec):
+    """(the Triton JITFunction `spec` specialises, its `ASTSource` attrs): every pointer argument 16-byte
+    aligned (launcher.POINTER_ALIGN), as Triton's JIT specialises aligned pointers."""
+    fn = kernel_function(spec.kernel)
+    signature = dict(spec.signature)
+    return fn, {(index,): [["tt.divisibility", POINTER_ALIGN]] for index, name in enumerate(fn.arg_names)
+                if signature[name].startswith("*")}
 
 
 def compile_spec(t: Target, spec: KernelSpec):
@@ -132,12 +101,11 @@ def compile_spec(t: Target, spec: KernelSpec):
     import triton
     from triton.compiler import ASTSource
 
-    from .kernels import mhc
     from .targets import triton_gpu_target
 
-    fn = {"mix_partials": mhc._mix_partials_kernel, "collapse": mhc._collapse_kernel}[spec.kernel]
-    return triton.compile(ASTSource(fn, dict(spec.signature), dict(spec.constexprs)), target=triton_gpu_target(t),
-                          options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
+    fn, attrs = kernel_source_attrs(spec)
+    source = ASTSource(fn, dict(spec.signature), dict(spec.constexprs), attrs)
+    return triton.compile(source, target=triton_gpu_target(t), options=dict(spec.options))
 
 
 def _plain(value: Any) -> Any:
@@ -165,10 +133,8 @@ def build_kernels(targets: Iterable[str | Target], *, hidden: int, hc: int, iter
     table: dict[str, list[dict]] = {}
     if not gpu_targets or not ops:
         return files, table
-    from .kernels import mhc
-
     triton_version = importlib.metadata.version("triton")
-    source = inspect.getsource(mhc).encode()
+    source = kernel_source()
     token_counts = sorted({tokens * batch for tokens in variant_tokens for batch in batch_buckets})
     for t in gpu_targets:
         folder = f"{KERNELS_DIR}/{t.sm}"
@@ -180,10 +146,8 @@ def build_kernels(targets: Iterable[str | Target], *, hidden: int, hc: int, iter
         entries = []
         for (spec, uses), compiled in zip(specs.items(), built):
             meta = compiled.metadata
-            entry = {"name": spec.name, "kernel": meta.name, "constexprs": dict(spec.constexprs),
-                     "signature": dict(spec.signature), "num_warps": spec.num_warps, "num_stages": spec.num_stages,
-                     "shared": meta.shared, "target": {"backend": "cuda", "arch": t.arch, "sm": t.sm,
-                                                       "warp_size": t.warp_size},
+            entry = {"name": spec.name, **spec.to_json(), "shared": meta.shared,
+                     "target": {"backend": "cuda", "arch": t.arch, "sm": t.sm, "warp_size": t.warp_size},
                      "triton": triton_version, "uses": uses}
             kernel_files = {}
             for ext, text in (("cubin", compiled.asm["cubin"]), ("ptx", compiled.asm["ptx"]),

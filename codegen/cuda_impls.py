@@ -6,7 +6,8 @@ neither Triton nor the kernel module: each implementation imports them when a CU
 (Triton then JIT-compiles the kernel specialisation it needs, the same source as the artifact's
 ahead-of-time kernels, codegen/aot.py). Where Triton is not installed, the reference runs on the GPU.
 The ops take any leading dims; the wrappers take `[N, n, D]`, so the inputs are flattened and the outputs
-reshaped back.
+reshaped back. The runtime calls these functions directly with `launcher=` (runtime/stored_kernels.py) to run
+an artifact's ahead-of-time binaries instead of Triton's JIT.
 """
 
 from __future__ import annotations
@@ -31,25 +32,33 @@ def _kernels():
     return mhc
 
 
-def hc_pre(streams, fn, base, scale, norm_weight, rms_eps, hc_eps, iters):
+def _launcher(launcher) -> dict:
+    """The `launcher` keyword for the kernel wrappers (codegen/kernels/launcher.py); none means Triton's JIT."""
+    return {} if launcher is None else {"launcher": launcher}
+
+
+def hc_pre(streams, fn, base, scale, norm_weight, rms_eps, hc_eps, iters, *, launcher=None):
     lead, flat = tokens(streams)
-    return pre_outputs(lead, *_kernels().hc_pre(flat, fn, base, scale, norm_weight, rms_eps, hc_eps, iters))
+    return pre_outputs(lead, *_kernels().hc_pre(flat, fn, base, scale, norm_weight, rms_eps, hc_eps, iters,
+                                                **_launcher(launcher)))
 
 
-def hc_post(block_out, streams, post, comb):
+def hc_post(block_out, streams, post, comb, *, launcher=None):
     _, flat = flat_post_inputs(block_out, streams, post, comb)
-    return _kernels().hc_post(*flat).reshape(streams.shape)
+    return _kernels().hc_post(*flat, **_launcher(launcher)).reshape(streams.shape)
 
 
-def hc_post_pre(block_out, streams, post, comb, fn, base, scale, norm_weight, rms_eps, hc_eps, iters):
+def hc_post_pre(block_out, streams, post, comb, fn, base, scale, norm_weight, rms_eps, hc_eps, iters, *,
+                launcher=None):
     lead, flat = flat_post_inputs(block_out, streams, post, comb)
-    new, *pre = _kernels().hc_post_pre(*flat, fn, base, scale, norm_weight, rms_eps, hc_eps, iters)
+    new, *pre = _kernels().hc_post_pre(*flat, fn, base, scale, norm_weight, rms_eps, hc_eps, iters,
+                                       **_launcher(launcher))
     return (new.reshape(streams.shape), *pre_outputs(lead, *pre))
 
 
-def hc_head(streams, fn, base, scale, norm_weight, rms_eps, hc_eps):
+def hc_head(streams, fn, base, scale, norm_weight, rms_eps, hc_eps, *, launcher=None):
     lead, flat = tokens(streams)
-    normed = _kernels().hc_head(flat, fn, base, scale, norm_weight, rms_eps, hc_eps)
+    normed = _kernels().hc_head(flat, fn, base, scale, norm_weight, rms_eps, hc_eps, **_launcher(launcher))
     return normed.reshape(*lead, normed.shape[-1])
 
 

@@ -78,11 +78,15 @@ class Executor:
     """Executes one plan on one device; holds the constants (and any bound inputs) on that device."""
 
     def __init__(self, plan: Plan, constants: Mapping[str, torch.Tensor], device: str | torch.device,
-                 bound_inputs: Mapping[str, torch.Tensor] | None = None):
+                 bound_inputs: Mapping[str, torch.Tensor] | None = None,
+                 implementations: Mapping[str, Callable[..., Any]] | None = None):
         """`constants`: weight key -> tensor for every key in `plan.constants`. `bound_inputs`: inputs
-        fixed for every run (the weights, see `weight_inputs`); they are checked and moved once."""
+        fixed for every run (the weights, see `weight_inputs`); they are checked and moved once.
+        `implementations`: op name (`dsv4c::hc_pre`, any overload) -> the callable to run instead of the
+        registered op (the runtime's CUDA implementations bound to the artifact's stored kernels)."""
         self.plan = plan
         self.device = torch.device(device)
+        self._implementations = dict(implementations or {})
         self._specs = {spec.name: spec for spec in plan.inputs}
         self._steps = tuple(self._compile(index, op) for index, op in enumerate(plan.ops))
         self._constants = self._load_constants(constants)
@@ -110,6 +114,7 @@ class Executor:
             fn = resolve_op(op.op)
         except ExecutorError as error:
             raise ExecutorError(f"op {index}: {error}") from None
+        fn = self._implementations.get(op.op.split(".", 1)[0], fn)
         args = tuple(self._on_device(a) for a in op.args)
         kwargs = {k: self._on_device(v) for k, v in op.kwargs.items()}
         return _Step(fn, args, kwargs, op.outputs, op.free, label)

@@ -86,7 +86,12 @@ def _start_compiler():
 
 
 def _ptx_facts(target_name, tokens):
-    ptx = _kernel_module().compile_mix_partials(target(target_name), tokens, 4096).asm["ptx"]
+    from dsv4c.codegen import aot
+
+    t = target(target_name)
+    spec = next(spec for spec in aot.mhc_specs(t, ["hc_post_pre"], [tokens], 4096, 4, 20, torch.bfloat16)
+                if spec.kernel == "_mix_partials_kernel")
+    ptx = aot.compile_spec(t, spec).asm["ptx"]
     return [line for line in ptx.splitlines() if line.startswith(".target")], {
         op: op in ptx for op in ("wgmma", "tcgen05.mma", "mma.sync", "fma.rn.f32")}
 
@@ -195,6 +200,21 @@ def test_hc_head(mhc, tokens, hidden, dtype):
     _check(mhc.hc_head(*args, out=_poisoned(expected)[0]), expected, TOL[dtype])
 
 
+@pytest.mark.parametrize("hc, tokens, hidden", [(3, 5, 72), (2, 1, 96)])
+def test_other_stream_counts(mhc, hc, tokens, hidden):
+    """n != 4 streams take the tile form of the Sinkhorn (n = 4 is unrolled entry by entry): hc_pre and
+    hc_post_pre against the reference, fp32."""
+    gen, dtype = _gen("streams", hc, tokens, hidden), torch.float32
+    args = (_streams(gen, tokens, hc, hidden, dtype), *_mix_params(gen, (2 + hc) * hc, hc, hidden, dtype, 3),
+            RMS_EPS, HC_EPS, 20)
+    expected = ref.hc_pre(*args)
+    for g, e in zip(mhc.hc_pre(*args, out=_poisoned(*expected)), expected):
+        _check(g, e, FP32_TOL)
+    args = (*_post_inputs(gen, tokens, hc, hidden, dtype), *_mix_params(gen, (2 + hc) * hc, hc, hidden, dtype, 3),
+            RMS_EPS, HC_EPS, 20)
+    _check_post_then_pre(mhc.hc_post_pre(*args, out=_poisoned(*ref.hc_post_pre(*args))), args, dtype)
+
+
 @pytest.mark.parametrize("tokens, hidden", [(1, 200), (64, 96)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_hc_post_head(mhc, tokens, hidden, dtype):
@@ -236,7 +256,9 @@ def test_launch_heuristics_cover_every_column(mhc):
                 mhc.call(_check_launch, launch, hidden)
                 assert (launch["split_k"] - 1) * launch["chunks"] * launch["block_d"] < hidden, "an empty split"
     gpu = mhc.call(_launch_fields, "h100", 1, 4096)
-    assert gpu["split_k"] >= 0.9 * target("h100").sm_count, "one token must spread the fn read over the SMs"
+    # one token: the fn read spread over half the SMs or more (64 one-chunk programs at Flash's D = 4096 timed
+    # faster than 128 on an H100, BENCHMARKS.md)
+    assert gpu["split_k"] * 2 >= target("h100").sm_count - 4 and gpu["chunks"] == 1
 
 
 def test_launch_validation(mhc):

@@ -7,17 +7,24 @@ tests/test_mhc_kernels.py checks each against it. Two launches per boundary:
     takes `block_t` tokens and `chunks` chunks of `block_d` columns of all n streams, and writes the partial
     `x @ fn.T` and `sum(x^2)` of its slice. With `POST` it first builds its slice of the new streams
     `post[k] * out + sum_j comb[j,k] * streams[j]` and writes them (hc_post fused with the next hc_pre's
-    partials: the new streams are written once and read once more, by (b)). The fn matrix, the big read at
-    small batch ((2+n)n x nD fp32: 1.5 MiB for Flash), is spread over every SM.
+    partials). The fn matrix, the big read at small batch ((2+n)n x nD fp32: 1.5 MiB for Flash), is
+    spread over every SM.
 (b) `_collapse_kernel`, one program per token: sums the splits, applies the RMS scale, sigmoid / 2*sigmoid,
-    the Sinkhorn iterations on the n x n matrix in registers, the weighted collapse `sum_j pre[j] * x[j]`
-    over D (rounded to the activation dtype, as the model does) and the RMSNorm that follows it.
+    the Sinkhorn iterations on the n x n matrix (for n = 4 entry by entry, in each thread's registers), the
+    weighted collapse `sum_j pre[j] * x[j]` over D (rounded to the activation dtype, as the model does) and
+    the RMSNorm that follows it. After hc_post it recomputes the new streams from the same inputs as (a)
+    (the same function, so the same values) instead of reading (a)'s output: on GPUs it is launched as (a)'s
+    programmatic dependent (PDL), so it starts while (a) runs, loads everything but the partials, then waits.
 hc_head uses the same two kernels with the n head rows of fn and no post/comb.
 
 bf16 is converted to fp32 right after each load (and the math stays fp32): Triton's CPU interpreter gets
 bf16 arithmetic wrong, and the model's math is fp32 anyway. `x @ fn.T` is fp32-accurate: FMA ("ieee") or
 three tf32 tensor-core products ("tf32x3"); one plain tf32 product would move the mixes by ~1e-3 relative,
 more than the fp32 tolerance against the reference.
+
+Host wrappers describe each launch (`mix_partials_launch`, `collapse_launch`) and hand it to a launcher
+(codegen/kernels/launcher.py): Triton's JIT by default, the artifact's ahead-of-time binaries in the runtime,
+a recorder for ahead-of-time builds (`op_launches`).
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..targets import Target, target_for_device, triton_gpu_target
+from ..targets import Target, target_for_device
+from .launcher import JIT, KernelSpec, Launch, SpecRecorder
 
 MIN_DOT = 16  # tl.dot's smallest block side
 
@@ -45,6 +53,20 @@ def _round(x, DTYPE: tl.constexpr):
         return bits.to(tl.float32, bitcast=True)
     else:
         return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _new_streams(out, post, s_ptr, comb_ptr, t, td_mask, j, tj_mask, d, HC: tl.constexpr, D: tl.constexpr,
+                 DTYPE: tl.constexpr):
+    """hc_post on columns d of BLOCK_T tokens, rounded to DTYPE: new[k] = post[k] * out + sum_i comb[i, k] *
+    streams[i]; out [BLOCK_T, BLOCK_D] and post [BLOCK_T, HC_PAD] fp32, loaded by the caller. Both kernels
+    call this one function, so the collapse's recomputed streams equal the split-K kernel's stored ones."""
+    mixed = tl.zeros([out.shape[0], post.shape[1], out.shape[1]], dtype=tl.float32)
+    for i in tl.static_range(HC):
+        s_i = tl.load(s_ptr + t[:, None] * (HC * D) + i * D + d[None, :], mask=td_mask, other=0.0).to(tl.float32)
+        c_i = tl.load(comb_ptr + t[:, None] * (HC * HC) + i * HC + j[None, :], mask=tj_mask, other=0.0)
+        mixed += c_i[:, :, None] * s_i[:, None, :]
+    return _round(post[:, :, None] * out[:, None, :] + mixed, DTYPE)
 
 
 @triton.jit
@@ -71,11 +93,14 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
                          D: tl.constexpr, HC: tl.constexpr, HC_PAD: tl.constexpr, M_PAD: tl.constexpr,
                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr,
                          SPLIT: tl.constexpr, POST: tl.constexpr, MIX: tl.constexpr, DOT: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Partials of one (token block, D slice). Without POST x_ptr is streams [N, HC, D]; with POST it is the
     block output [N, D], and the slice of new streams [N, HC, D] is built from s_ptr/post_ptr/comb_ptr first.
     MIX=False (plain hc_post) skips the partials. Every load of a chunk is independent of the others, so
-    they are all in flight at once."""
+    they are all in flight at once. PDL: the collapse launch that follows may start now (it waits for this
+    grid's completion before reading the partials)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -92,18 +117,13 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
     for c in range(CHUNKS):
         d = (pid_s * CHUNKS + c) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_mask = d < D
-        td_mask = t_mask[:, None] & d_mask[None, :]
         x_mask = tj_mask[:, :, None] & d_mask[None, None, :]
         offsets = t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :]
         if POST:
+            td_mask = t_mask[:, None] & d_mask[None, :]
             out = tl.load(x_ptr + t[:, None] * D + d[None, :], mask=td_mask, other=0.0).to(tl.float32)
-            mixed = tl.zeros([BLOCK_T, HC_PAD, BLOCK_D], dtype=tl.float32)
-            for i in tl.static_range(HC):  # new[k] = post[k] * out + sum_i comb[i, k] * streams[i]
-                s_i = tl.load(s_ptr + t[:, None] * (HC * D) + i * D + d[None, :], mask=td_mask,
-                              other=0.0).to(tl.float32)
-                c_i = tl.load(comb_ptr + t[:, None] * (HC * HC) + i * HC + j[None, :], mask=tj_mask, other=0.0)
-                mixed += c_i[:, :, None] * s_i[:, None, :]
-            x3 = _round(post[:, :, None] * out[:, None, :] + mixed, new_ptr.dtype.element_ty)
+            x3 = _new_streams(out, post, s_ptr, comb_ptr, t, td_mask, j, tj_mask, d, HC, D,
+                              new_ptr.dtype.element_ty)
             tl.store(new_ptr + offsets, x3.to(new_ptr.dtype.element_ty), mask=x_mask)
         else:
             x3 = tl.load(x_ptr + offsets, mask=x_mask, other=0.0).to(tl.float32)
@@ -111,13 +131,15 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
             acc, sq = _accumulate(acc, sq, x3, fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC, D, BLOCK_T, HC_PAD,
                                   BLOCK_D, DOT, PRECISION)
     if MIX:
-        tl.store(part_mix_ptr + (t[:, None] * SPLIT + pid_s) * M_PAD + m[None, :], acc, mask=t_mask[:, None])
+        tl.store(part_mix_ptr + (t[:, None] * SPLIT + pid_s) * M_PAD + m[None, :], acc,
+                 mask=t_mask[:, None] & m_mask[None, :])
         tl.store(part_sq_ptr + t * SPLIT + pid_s, sq, mask=t_mask)
 
 
 @triton.jit
 def _sinkhorn(logits, mask, ITERS: tl.constexpr, eps):
-    """compiler/layers.sinkhorn on padded [tokens, HC_PAD, HC_PAD] tiles; padded entries stay 0."""
+    """compiler/layers.sinkhorn on padded [tokens, HC_PAD, HC_PAD] tiles; padded entries stay 0. (Any n;
+    the collapse uses `_sinkhorn4` for n = 4.)"""
     x = tl.where(mask, logits, float("-inf"))
     row_max = tl.max(x, axis=2)
     e = tl.where(mask, tl.exp(x - tl.where(row_max == float("-inf"), 0.0, row_max)[:, :, None]), 0.0)
@@ -131,48 +153,157 @@ def _sinkhorn(logits, mask, ITERS: tl.constexpr, eps):
 
 
 @triton.jit
-def _collapse_kernel(streams_ptr, part_mix_ptr, part_sq_ptr, base_ptr, scale_ptr, norm_w_ptr, normed_ptr,
-                     post_ptr, comb_ptr, N, rms_eps, hc_eps, D: tl.constexpr, HC: tl.constexpr,
-                     HC_PAD: tl.constexpr, M_PAD: tl.constexpr, SPLIT: tl.constexpr, SPLIT_PAD: tl.constexpr,
-                     ITERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HEAD: tl.constexpr):
-    """BLOCK_T tokens (1 on GPUs): mixes from the partials, pre (and post, comb unless HEAD), then
-    RMSNorm(sum_j pre[j] x[j]) with the norm weight."""
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = t < N
-    s = tl.arange(0, SPLIT_PAD)
-    ts_mask = t_mask[:, None] & (s < SPLIT)[None, :]
-    j = tl.arange(0, HC_PAD)
-    j_mask = j < HC
-    d = tl.arange(0, BLOCK_D)
-    td_mask = t_mask[:, None] & (d < D)[None, :]
-    # The streams and the norm weight first: their loads then overlap the mixes and the Sinkhorn.
-    x = tl.load(streams_ptr + t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :],
-                mask=td_mask[:, None, :] & j_mask[None, :, None], other=0.0).to(tl.float32)
-    w = tl.load(norm_w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
-    rows = part_mix_ptr + (t[:, None] * SPLIT + s[None, :]) * M_PAD  # [BLOCK_T, SPLIT_PAD]
-    sq = tl.sum(tl.load(part_sq_ptr + t[:, None] * SPLIT + s[None, :], mask=ts_mask, other=0.0), axis=1)
-    rs = 1.0 / tl.sqrt_rn(sq / (HC * D) + rms_eps)
-    tj_mask = t_mask[:, None] & j_mask[None, :]
-    mix_mask = ts_mask[:, :, None] & j_mask[None, None, :]
-    pre_mix = tl.sum(tl.load(rows[:, :, None] + j[None, None, :], mask=mix_mask, other=0.0), axis=1)
-    pre = tl.sigmoid(pre_mix * rs[:, None] * tl.load(scale_ptr) + tl.load(base_ptr + j, mask=j_mask)[None, :])
-    pre = tl.where(j_mask[None, :], pre + hc_eps, 0.0)
-    if not HEAD:
-        post_mix = tl.sum(tl.load(rows[:, :, None] + HC + j[None, None, :], mask=mix_mask, other=0.0), axis=1)
-        post = 2.0 * tl.sigmoid(post_mix * rs[:, None] * tl.load(scale_ptr + 1) +
-                                tl.load(base_ptr + HC + j, mask=j_mask)[None, :])
-        tl.store(post_ptr + t[:, None] * HC + j[None, :], post, mask=tj_mask)
-        q = tl.arange(0, HC_PAD * HC_PAD)  # comb entry (q // HC_PAD, q % HC_PAD), flattened for the loads
-        q_mask = (q // HC_PAD < HC) & (q % HC_PAD < HC)
-        cidx = 2 * HC + (q // HC_PAD) * HC + q % HC_PAD
-        comb_mix = tl.sum(tl.load(rows[:, :, None] + cidx[None, None, :],
-                                  mask=ts_mask[:, :, None] & q_mask[None, None, :], other=0.0), axis=1)
-        logits = comb_mix * rs[:, None] * tl.load(scale_ptr + 2) + tl.load(base_ptr + cidx, mask=q_mask)[None, :]
+def _softmax4(a, b, c, d, eps):
+    """One row of compiler/layers.sinkhorn's start: softmax(a, b, c, d) + eps, elementwise over tokens."""
+    top = tl.maximum(tl.maximum(a, b), tl.maximum(c, d))
+    a, b, c, d = tl.exp(a - top), tl.exp(b - top), tl.exp(c - top), tl.exp(d - top)
+    r = 1.0 / (a + b + c + d)
+    return a * r + eps, b * r + eps, c * r + eps, d * r + eps
+
+
+@triton.jit
+def _normalise4(a, b, c, d, eps):
+    """One row or column of a Sinkhorn step: each entry over (the four's sum + eps)."""
+    r = 1.0 / (a + b + c + d + eps)
+    return a * r, b * r, c * r, d * r
+
+
+@triton.jit
+def _sinkhorn4(c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33,
+               ITERS: tl.constexpr, eps):
+    """compiler/layers.sinkhorn for n = 4, entry by entry: every entry is a [BLOCK_T] tensor (one token a
+    lane), so the 2 x ITERS normalisations are elementwise arithmetic in each thread's registers, with no
+    reductions across threads (the tile form, `_sinkhorn`, pays a shuffle-and-broadcast for each)."""
+    c00, c01, c02, c03 = _softmax4(c00, c01, c02, c03, eps)
+    c10, c11, c12, c13 = _softmax4(c10, c11, c12, c13, eps)
+    c20, c21, c22, c23 = _softmax4(c20, c21, c22, c23, eps)
+    c30, c31, c32, c33 = _softmax4(c30, c31, c32, c33, eps)
+    c00, c10, c20, c30 = _normalise4(c00, c10, c20, c30, eps)
+    c01, c11, c21, c31 = _normalise4(c01, c11, c21, c31, eps)
+    c02, c12, c22, c32 = _normalise4(c02, c12, c22, c32, eps)
+    c03, c13, c23, c33 = _normalise4(c03, c13, c23, c33, eps)
+    for _ in range(ITERS - 1):
+        c00, c01, c02, c03 = _normalise4(c00, c01, c02, c03, eps)
+        c10, c11, c12, c13 = _normalise4(c10, c11, c12, c13, eps)
+        c20, c21, c22, c23 = _normalise4(c20, c21, c22, c23, eps)
+        c30, c31, c32, c33 = _normalise4(c30, c31, c32, c33, eps)
+        c00, c10, c20, c30 = _normalise4(c00, c10, c20, c30, eps)
+        c01, c11, c21, c31 = _normalise4(c01, c11, c21, c31, eps)
+        c02, c12, c22, c32 = _normalise4(c02, c12, c22, c32, eps)
+        c03, c13, c23, c33 = _normalise4(c03, c13, c23, c33, eps)
+    return c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33
+
+
+@triton.jit
+def _comb_logit(comb_mix, q, k: tl.constexpr, rs, scale, base_ptr, HC: tl.constexpr):
+    """Comb logit k (row k // n, column k % n) of every token, [BLOCK_T], from comb_mix [BLOCK_T, n*n]."""
+    column = tl.sum(tl.where(q[None, :] == k, comb_mix, 0.0), axis=1)
+    return column * rs * scale + tl.load(base_ptr + 2 * HC + k)
+
+
+@triton.jit
+def _store_comb4(comb_ptr, t, t_mask, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32,
+                 c33):
+    row = comb_ptr + t * 16
+    tl.store(row + 0, c00, mask=t_mask)
+    tl.store(row + 1, c01, mask=t_mask)
+    tl.store(row + 2, c02, mask=t_mask)
+    tl.store(row + 3, c03, mask=t_mask)
+    tl.store(row + 4, c10, mask=t_mask)
+    tl.store(row + 5, c11, mask=t_mask)
+    tl.store(row + 6, c12, mask=t_mask)
+    tl.store(row + 7, c13, mask=t_mask)
+    tl.store(row + 8, c20, mask=t_mask)
+    tl.store(row + 9, c21, mask=t_mask)
+    tl.store(row + 10, c22, mask=t_mask)
+    tl.store(row + 11, c23, mask=t_mask)
+    tl.store(row + 12, c30, mask=t_mask)
+    tl.store(row + 13, c31, mask=t_mask)
+    tl.store(row + 14, c32, mask=t_mask)
+    tl.store(row + 15, c33, mask=t_mask)
+
+
+@triton.jit
+def _comb(rows, ts_mask, rs, scale_ptr, base_ptr, comb_ptr, t, t_mask, j, tj_mask, j_mask, ITERS: tl.constexpr,
+          hc_eps, HC: tl.constexpr, HC_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    """comb = Sinkhorn(comb mixes * rs * scale[2] + base) of every token, stored to comb_ptr [N, n, n]; `rows`
+    [BLOCK_T, SPLIT_PAD] points at each split's partial mixes."""
+    scale = tl.load(scale_ptr + 2)
+    q = tl.arange(0, HC_PAD * HC_PAD)  # comb entry (q // HC_PAD, q % HC_PAD), flattened
+    q_mask = (q // HC_PAD < HC) & (q % HC_PAD < HC)
+    cidx = 2 * HC + (q // HC_PAD) * HC + q % HC_PAD
+    comb_mix = tl.sum(tl.load(rows[:, :, None] + cidx[None, None, :], mask=ts_mask[:, :, None] & q_mask[None, None, :],
+                              other=0.0), axis=1)  # [BLOCK_T, HC_PAD * HC_PAD]
+    if HC == 4:
+        c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33 = _sinkhorn4(
+            _comb_logit(comb_mix, q, 0, rs, scale, base_ptr, HC), _comb_logit(comb_mix, q, 1, rs, scale, base_ptr, HC),
+            _comb_logit(comb_mix, q, 2, rs, scale, base_ptr, HC), _comb_logit(comb_mix, q, 3, rs, scale, base_ptr, HC),
+            _comb_logit(comb_mix, q, 4, rs, scale, base_ptr, HC), _comb_logit(comb_mix, q, 5, rs, scale, base_ptr, HC),
+            _comb_logit(comb_mix, q, 6, rs, scale, base_ptr, HC), _comb_logit(comb_mix, q, 7, rs, scale, base_ptr, HC),
+            _comb_logit(comb_mix, q, 8, rs, scale, base_ptr, HC), _comb_logit(comb_mix, q, 9, rs, scale, base_ptr, HC),
+            _comb_logit(comb_mix, q, 10, rs, scale, base_ptr, HC),
+            _comb_logit(comb_mix, q, 11, rs, scale, base_ptr, HC),
+            _comb_logit(comb_mix, q, 12, rs, scale, base_ptr, HC),
+            _comb_logit(comb_mix, q, 13, rs, scale, base_ptr, HC),
+            _comb_logit(comb_mix, q, 14, rs, scale, base_ptr, HC),
+            _comb_logit(comb_mix, q, 15, rs, scale, base_ptr, HC), ITERS, hc_eps)
+        _store_comb4(comb_ptr, t, t_mask, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31,
+                     c32, c33)
+    else:
+        logits = comb_mix * rs[:, None] * scale + tl.load(base_ptr + cidx, mask=q_mask)[None, :]
         cmask = tj_mask[:, :, None] & j_mask[None, None, :]
         comb = _sinkhorn(tl.reshape(logits, [BLOCK_T, HC_PAD, HC_PAD]), cmask, ITERS, hc_eps)
         tl.store(comb_ptr + t[:, None, None] * (HC * HC) + j[None, :, None] * HC + j[None, None, :], comb,
                  mask=cmask)
+
+
+@triton.jit
+def _collapse_kernel(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, part_mix_ptr, part_sq_ptr, base_ptr, scale_ptr,
+                     norm_w_ptr, normed_ptr, post_ptr, comb_ptr, N, M, rms_eps, hc_eps, D: tl.constexpr,
+                     HC: tl.constexpr, HC_PAD: tl.constexpr, M_PAD: tl.constexpr, SPLIT: tl.constexpr,
+                     SPLIT_PAD: tl.constexpr, ITERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                     HEAD: tl.constexpr, POST: tl.constexpr, PDL: tl.constexpr):
+    """BLOCK_T tokens (1 on GPUs): mixes from the partials, pre (and post, comb unless HEAD), then
+    RMSNorm(sum_j pre[j] x[j]) with the norm weight. x: the streams [N, n, D] (x_ptr), or with POST the new
+    streams recomputed from the block output x_ptr [N, D] and s_ptr / post_in_ptr / comb_in_ptr exactly as the
+    split-K kernel computed them, so nothing this kernel reads before its partials comes from that kernel.
+    PDL: launched as the split-K kernel's dependent; the streams and weights are loaded before waiting for
+    it, only the partials after."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = t < N
+    j = tl.arange(0, HC_PAD)
+    j_mask = j < HC
+    tj_mask = t_mask[:, None] & j_mask[None, :]
+    d = tl.arange(0, BLOCK_D)
+    td_mask = t_mask[:, None] & (d < D)[None, :]
+    if POST:
+        out = tl.load(x_ptr + t[:, None] * D + d[None, :], mask=td_mask, other=0.0).to(tl.float32)
+        post_in = tl.load(post_in_ptr + t[:, None] * HC + j[None, :], mask=tj_mask, other=0.0)
+        x = _new_streams(out, post_in, s_ptr, comb_in_ptr, t, td_mask, j, tj_mask, d, HC, D,
+                         normed_ptr.dtype.element_ty)
+    else:
+        x = tl.load(x_ptr + t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :],
+                    mask=td_mask[:, None, :] & j_mask[None, :, None], other=0.0).to(tl.float32)
+    w = tl.load(norm_w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    s = tl.arange(0, SPLIT_PAD)
+    ts_mask = t_mask[:, None] & (s < SPLIT)[None, :]
+    rows = part_mix_ptr + (t[:, None] * SPLIT + s[None, :]) * M_PAD  # [BLOCK_T, SPLIT_PAD]
+    sq = tl.sum(tl.load(part_sq_ptr + t[:, None] * SPLIT + s[None, :], mask=ts_mask, other=0.0), axis=1)
+    rs = 1.0 / tl.sqrt_rn(sq / (HC * D) + rms_eps)
+    mix_mask = ts_mask[:, :, None] & j_mask[None, None, :]
+    pre_mix = tl.sum(tl.load(rows[:, :, None] + j[None, None, :], mask=mix_mask, other=0.0), axis=1)
+    pre = tl.sigmoid(pre_mix * rs[:, None] * tl.load(scale_ptr) + tl.load(base_ptr + j, mask=j_mask)[None, :])
+    pre = tl.where(j_mask[None, :], pre + hc_eps, 0.0)
     a = _round(tl.sum(pre[:, :, None] * x, axis=1), normed_ptr.dtype.element_ty)
+    if not HEAD:  # post and comb are off the normed output's path: their chain overlaps the collapse's
+        post_mix = tl.sum(tl.load(rows[:, :, None] + HC + j[None, None, :], mask=mix_mask, other=0.0), axis=1)
+        post = 2.0 * tl.sigmoid(post_mix * rs[:, None] * tl.load(scale_ptr + 1) +
+                                tl.load(base_ptr + HC + j, mask=j_mask)[None, :])
+        tl.store(post_ptr + t[:, None] * HC + j[None, :], post, mask=tj_mask)
+        _comb(rows, ts_mask, rs, scale_ptr, base_ptr, comb_ptr, t, t_mask, j, tj_mask, j_mask, ITERS, hc_eps, HC,
+              HC_PAD, BLOCK_T)
     r = 1.0 / tl.sqrt_rn(tl.sum(a * a, axis=1) / D + rms_eps)
     y = _round(a * r[:, None] * w[None, :], normed_ptr.dtype.element_ty)
     tl.store(normed_ptr + t[:, None] * D + d[None, :], y.to(normed_ptr.dtype.element_ty), mask=td_mask)
@@ -186,7 +317,9 @@ class MhcLaunch:
     `dot`: x @ fn.T through tl.dot (GPUs; needs block_t, block_d >= 16) or broadcast multiply-and-sum;
     `precision`: the dot's fp32 mode ("ieee": FMA; "tf32x3": tensor cores, three tf32 products);
     `num_warps`, `num_stages`. Collapse kernel: `collapse_t` tokens a program (1 on GPUs: one token's
-    n x D block already fills the registers), `collapse_warps`."""
+    n x D block already fills the registers), `collapse_warps`. `pdl`: the collapse is launched as the
+    split-K kernel's programmatic dependent (CUDA only): it starts, loads its streams and weights, and waits
+    for the partials, while the split-K kernel is still running."""
 
     block_t: int
     block_d: int
@@ -198,6 +331,7 @@ class MhcLaunch:
     collapse_warps: int
     dot: bool = True
     precision: str = "ieee"
+    pdl: bool = False
 
     def __post_init__(self):
         for name in ("block_t", "block_d", "collapse_t"):
@@ -232,36 +366,47 @@ def collapse_warps(hidden: int) -> int:
 MAX_TILE = 4096  # fp32 elements of one register tile of a 4-warp split-K program (32 a thread); more spills
 
 
+def dot_launch(t: Target, tokens: int, hidden: int, hc: int, block_t: int, programs_per_sm: int = 2,
+               precision: str = "tf32x3") -> MhcLaunch:
+    """A tl.dot launch on `block_t`-token blocks: about `programs_per_sm` programs an SM over all token blocks,
+    the column block as large as the register tiles allow (x [block_t, n, block_d] and fn [n * block_d, 32] at
+    most MAX_TILE: measured on an H200, a tile twice that spills and runs 5-10x slower) while D still has a
+    chunk for every program."""
+    hc_pad = triton.next_power_of_2(hc)
+    block_d = max(MIN_DOT, min(64, MAX_TILE // (block_t * hc_pad), MAX_TILE // (hc_pad * 32)))
+    programs_per_block = max(1, programs_per_sm * t.sm_count // triton.cdiv(tokens, block_t))
+    while block_d > MIN_DOT and triton.cdiv(hidden, block_d) < programs_per_block:
+        block_d //= 2
+    chunks, split_k = split_over(hidden, block_d, programs_per_block)
+    return MhcLaunch(block_t, block_d, chunks, split_k, 4, 2, 1, collapse_warps(hidden), precision=precision,
+                     pdl=True)
+
+
 def mhc_launch(t: Target, tokens: int, hidden: int, hc: int = 4) -> MhcLaunch:
     """The launch of an mHC boundary of `tokens` tokens, hidden size `hidden`, `hc` streams on target `t`.
 
-    GPUs: about two split-K programs per SM, so the fn read (the whole cost at small batch) is spread over
-    the chip. Up to 8 tokens: blocks of 1-4 tokens multiplied by broadcasting (a tl.dot pads to 16 rows).
-    Beyond: tl.dot on 16-token blocks up to 16 tokens, 64 beyond (fewer fn re-reads), the column block as
-    large as the register tiles allow (x [block_t, n, block_d] and fn [n * block_d, 32] at most MAX_TILE:
-    measured on an H200, a tile twice that spills and runs 5-10x slower), with tf32x3 tensor-core products
-    (H200, hc_post_pre: 18.6 against 27.0 us for FMA at T=64, 37.9 against 70.8 at T=256; relative error
-    against the fp32 reference 1e-7 to 3e-7, as FMA's). cpu (Triton's interpreter, tests only): few
-    large programs (the interpreter pays per program and per call), but still several splits and chunks so
-    both loops are exercised.
+    GPUs (chosen by `bench/mhc_bench.py --sweep` on an H100, hc_post_pre, BENCHMARKS.md): the collapse is
+    launched as the split-K kernel's programmatic dependent (11.8 against 14.5 us without at T = 1). Up to 8
+    tokens, blocks of 1-2 tokens multiplied by broadcasting (a tl.dot pads to 16 rows), one 64-column chunk
+    a program (11.2 us at T = 1, 14.3 at T = 8). 9-16 tokens: tf32x3 tensor-core dots on a 16-token block.
+    Beyond: tf32x3 dots on 64-token blocks (wgmma on Hopper, tcgen05 on Blackwell), 16-column chunks, about
+    one program an SM up to 64 tokens and two beyond (20.7 us at T = 64 against 27.3 for 16-token blocks,
+    40.6 against 73.9 at T = 256). tf32x3 is fp32-accurate: relative error against the fp32 reference 1e-7 to
+    3e-7, as FMA's. cpu (Triton's interpreter, tests only): few large programs (the interpreter pays per
+    program and per call), but still several splits and chunks so both loops are exercised.
     """
     if not t.is_gpu:
         block_d = max(MIN_DOT, min(1024, triton.next_power_of_2(triton.cdiv(hidden, 4))))
         chunks, split_k = split_over(hidden, block_d, triton.cdiv(triton.cdiv(hidden, block_d), 2))
         block_t = min(256, triton.next_power_of_2(tokens))
         return MhcLaunch(block_t, block_d, chunks, split_k, 4, 1, block_t, 4, dot=False)
-    if tokens <= 8:  # broadcast multiply-and-sum, no 16-row dot padding: 10.7 us against 16.9 at T=1 (H200)
-        block_t = min(4, triton.next_power_of_2(tokens))
-        chunks, split_k = split_over(hidden, 32, 2 * t.sm_count)
-        return MhcLaunch(block_t, 32, chunks, split_k, 4, 2, 1, collapse_warps(hidden), dot=False)
-    block_t = MIN_DOT if tokens <= 16 else 64
-    hc_pad = triton.next_power_of_2(hc)
-    block_d = max(MIN_DOT, min(64, MAX_TILE // (block_t * hc_pad), MAX_TILE // (hc_pad * 32)))
-    programs_per_block = max(1, 2 * t.sm_count // triton.cdiv(tokens, block_t))
-    while block_d > MIN_DOT and triton.cdiv(hidden, block_d) < programs_per_block:
-        block_d //= 2
-    chunks, split_k = split_over(hidden, block_d, programs_per_block)
-    return MhcLaunch(block_t, block_d, chunks, split_k, 4, 2, 1, collapse_warps(hidden), precision="tf32x3")
+    if tokens <= 8:
+        block_t = 1 if tokens <= 2 else 2
+        chunks, split_k = split_over(hidden, 64, triton.cdiv(hidden, 64))
+        return MhcLaunch(block_t, 64, chunks, split_k, 4, 2, 1, collapse_warps(hidden), dot=False, pdl=True)
+    if tokens <= 16:
+        return dot_launch(t, tokens, hidden, hc, MIN_DOT)
+    return dot_launch(t, tokens, hidden, hc, 64, programs_per_sm=1 if tokens <= 64 else 2)
 
 
 # ---- host wrappers -------------------------------------------------------------------------------------
@@ -303,44 +448,63 @@ def mix_workspace(n_tokens: int, rows: int, launch: MhcLaunch, device) -> tuple[
             torch.empty((n_tokens, launch.split_k), dtype=torch.float32, device=device))
 
 
-def launch_mix_partials(x, post_mix_inputs, fn, part_mix, part_sq, launch: MhcLaunch, hc: int) -> None:
+def _options(launch: MhcLaunch, warps: int, stages: int, pdl: bool) -> dict:
+    return {"num_warps": warps, "num_stages": stages, **({"launch_pdl": True} if pdl else {})}
+
+
+def _pdl(launch: MhcLaunch, tensor: torch.Tensor) -> bool:
+    """PDL is a CUDA launch attribute: never on cpu tensors (Triton's interpreter), kept on meta (ahead of
+    time builds) and cuda."""
+    return launch.pdl and tensor.device.type != "cpu"
+
+
+def mix_partials_launch(x, post_mix_inputs, fn, part_mix, part_sq, launch: MhcLaunch, hc: int) -> Launch:
     """Kernel (a). x: streams [N, n, D], or with `post_mix_inputs` = (streams, post, comb, new_streams) the
-    block output [N, D] (hc_post is computed and written on the way). fn None: hc_post alone, no partials."""
+    block output [N, D] (hc_post is computed and written on the way). fn None: hc_post alone, no partials
+    (and no dependent collapse)."""
     n_tokens, hidden = x.shape[0], x.shape[-1]
     s, p, c, new = post_mix_inputs if post_mix_inputs is not None else (x, x, x, x)
     mix = fn is not None
-    grid = (triton.cdiv(n_tokens, launch.block_t), launch.split_k)
-    _mix_partials_kernel[grid](
-        x, s, p, c, new, fn if mix else x, part_mix if mix else x, part_sq if mix else x, n_tokens,
-        fn.shape[0] if mix else 0, D=hidden, HC=hc, HC_PAD=triton.next_power_of_2(hc),
-        M_PAD=part_mix.shape[-1] if mix else MIN_DOT, BLOCK_T=launch.block_t, BLOCK_D=launch.block_d,
-        CHUNKS=launch.chunks, SPLIT=launch.split_k, POST=post_mix_inputs is not None, MIX=mix, DOT=launch.dot,
-        PRECISION=launch.precision,
-        num_warps=launch.num_warps, num_stages=launch.num_stages)
+    args = dict(x_ptr=x, s_ptr=s, post_ptr=p, comb_ptr=c, new_ptr=new, fn_ptr=fn if mix else x,
+                part_mix_ptr=part_mix if mix else x, part_sq_ptr=part_sq if mix else x, N=n_tokens,
+                M=fn.shape[0] if mix else 0)
+    constexprs = dict(D=hidden, HC=hc, HC_PAD=triton.next_power_of_2(hc),
+                      M_PAD=part_mix.shape[-1] if mix else MIN_DOT, BLOCK_T=launch.block_t, BLOCK_D=launch.block_d,
+                      CHUNKS=launch.chunks, SPLIT=launch.split_k, POST=post_mix_inputs is not None, MIX=mix,
+                      DOT=launch.dot, PRECISION=launch.precision, PDL=_pdl(launch, x) and mix)
+    return Launch(_mix_partials_kernel, (triton.cdiv(n_tokens, launch.block_t), launch.split_k), args, constexprs,
+                  _options(launch, launch.num_warps, launch.num_stages, False))
 
 
-def launch_collapse(streams, part_mix, part_sq, base, scale, norm_weight, normed, post, comb, rms_eps, hc_eps,
-                    iters: int, launch: MhcLaunch) -> None:
-    """Kernel (b). post and comb None: hc_head (pre only)."""
+def collapse_launch(streams, post_mix_inputs, part_mix, part_sq, base, scale, norm_weight, normed, post, comb,
+                    rms_eps, hc_eps, iters: int, launch: MhcLaunch) -> Launch:
+    """Kernel (b) over `streams` [N, n, D]; with `post_mix_inputs` = (block_out, streams, post, comb) it
+    recomputes the new streams from those instead. post and comb None: hc_head (pre only)."""
     n_tokens, hc, hidden = streams.shape
     head = post is None
-    _collapse_kernel[(triton.cdiv(n_tokens, launch.collapse_t),)](
-        streams, part_mix, part_sq, base, scale, norm_weight, normed, normed if head else post,
-        normed if head else comb, n_tokens, float(rms_eps), float(hc_eps), D=hidden, HC=hc,
-        HC_PAD=triton.next_power_of_2(hc), M_PAD=part_mix.shape[-1], SPLIT=launch.split_k,
-        SPLIT_PAD=triton.next_power_of_2(launch.split_k), ITERS=int(iters), BLOCK_T=launch.collapse_t,
-        BLOCK_D=triton.next_power_of_2(hidden), HEAD=head, num_warps=launch.collapse_warps)
+    x, s, p, c = post_mix_inputs if post_mix_inputs is not None else (streams, streams, streams, streams)
+    args = dict(x_ptr=x, s_ptr=s, post_in_ptr=p, comb_in_ptr=c, part_mix_ptr=part_mix, part_sq_ptr=part_sq,
+                base_ptr=base, scale_ptr=scale, norm_w_ptr=norm_weight, normed_ptr=normed,
+                post_ptr=normed if head else post, comb_ptr=normed if head else comb, N=n_tokens,
+                M=base.shape[0], rms_eps=float(rms_eps), hc_eps=float(hc_eps))
+    constexprs = dict(D=hidden, HC=hc, HC_PAD=triton.next_power_of_2(hc), M_PAD=part_mix.shape[-1],
+                      SPLIT=launch.split_k, SPLIT_PAD=triton.next_power_of_2(launch.split_k), ITERS=int(iters),
+                      BLOCK_T=launch.collapse_t, BLOCK_D=triton.next_power_of_2(hidden), HEAD=head,
+                      POST=post_mix_inputs is not None, PDL=_pdl(launch, streams))
+    return Launch(_collapse_kernel, (triton.cdiv(n_tokens, launch.collapse_t),), args, constexprs,
+                  _options(launch, launch.collapse_warps, 1, constexprs["PDL"]))
 
 
-def _mixes_and_collapse(x, streams_for_collapse, post_mix_inputs, fn, base, scale, norm_weight, rms_eps,
-                        hc_eps, iters, launch: MhcLaunch | None, normed, post, comb):
-    """Both launches of one boundary; `post_mix_inputs` = (streams, post, comb, new_streams) with hc_post."""
-    n_tokens, hc, _ = streams_for_collapse.shape
-    lc = _launch_for(streams_for_collapse, launch)
-    part_mix, part_sq = mix_workspace(n_tokens, fn.shape[0], lc, streams_for_collapse.device)
-    launch_mix_partials(x, post_mix_inputs, fn, part_mix, part_sq, lc, hc)
-    launch_collapse(streams_for_collapse, part_mix, part_sq, base, scale, norm_weight, normed, post, comb,
-                    rms_eps, hc_eps, iters, lc)
+def _mixes_and_collapse(x, streams, post_inputs, new, fn, base, scale, norm_weight, rms_eps, hc_eps, iters,
+                        launch: MhcLaunch | None, normed, post, comb, launcher):
+    """Both launches of one boundary. `post_inputs` = (streams, post, comb) with hc_post (x: block output,
+    `new` the new streams written by kernel (a)); None otherwise (x: the streams)."""
+    lc = _launch_for(streams, launch)
+    part_mix, part_sq = mix_workspace(streams.shape[0], fn.shape[0], lc, streams.device)
+    mix_in = (*post_inputs, new) if post_inputs is not None else None
+    launcher(mix_partials_launch(x, mix_in, fn, part_mix, part_sq, lc, streams.shape[1]))
+    launcher(collapse_launch(streams, (x, *post_inputs) if post_inputs is not None else None, part_mix, part_sq,
+                             base, scale, norm_weight, normed, post, comb, rms_eps, hc_eps, iters, lc))
 
 
 def _new_pre_outputs(streams: torch.Tensor):
@@ -352,15 +516,16 @@ def _new_pre_outputs(streams: torch.Tensor):
 
 def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
            norm_weight: torch.Tensor, rms_eps: float, hc_eps: float, iters: int, *,
-           launch: MhcLaunch | None = None, out=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           launch: MhcLaunch | None = None, out=None,
+           launcher=JIT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(normed [N, D] in streams' dtype, post [N, n] fp32, comb [N, n, n] fp32); see mhc_reference.hc_pre.
-    `out`: optional (normed, post, comb) to write into."""
+    `out`: optional (normed, post, comb) to write into. `launcher`: codegen/kernels/launcher.py."""
     _, hc, hidden = _check_streams(streams)
     _check_mix_params(fn, base, scale, norm_weight, (2 + hc) * hc, hc, hidden, 3)
     streams = streams.contiguous()
     normed, post, comb = _outputs(out, lambda: _new_pre_outputs(streams))
-    _mixes_and_collapse(streams, streams, None, fn.contiguous(), base.float(), scale.float(),
-                        norm_weight.contiguous(), rms_eps, hc_eps, iters, launch, normed, post, comb)
+    _mixes_and_collapse(streams, streams, None, None, fn.contiguous(), base.float(), scale.float(),
+                        norm_weight.contiguous(), rms_eps, hc_eps, iters, launch, normed, post, comb, launcher)
     return normed, post, comb
 
 
@@ -374,19 +539,19 @@ def _post_inputs(block_out, streams, post, comb):
 
 
 def hc_post(block_out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, *,
-            launch: MhcLaunch | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+            launch: MhcLaunch | None = None, out: torch.Tensor | None = None, launcher=JIT) -> torch.Tensor:
     """New streams [N, n, D] in streams' dtype; see mhc_reference.hc_post."""
     block_out, streams, post, comb = _post_inputs(block_out, streams, post, comb)
     new = _outputs(out, lambda: torch.empty_like(streams))
-    launch_mix_partials(block_out, (streams, post, comb, new), None, None, None, _launch_for(streams, launch),
-                        streams.shape[1])
+    launcher(mix_partials_launch(block_out, (streams, post, comb, new), None, None, None,
+                                 _launch_for(streams, launch), streams.shape[1]))
     return new
 
 
 def hc_post_pre(block_out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
                 fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_weight: torch.Tensor,
                 rms_eps: float, hc_eps: float, iters: int, *, launch: MhcLaunch | None = None,
-                out=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                out=None, launcher=JIT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(new streams, normed, post_next, comb_next); see mhc_reference.hc_post_pre.
     `out`: optional (new_streams, normed, post_next, comb_next) to write into."""
     block_out, streams, post, comb = _post_inputs(block_out, streams, post, comb)
@@ -394,55 +559,59 @@ def hc_post_pre(block_out: torch.Tensor, streams: torch.Tensor, post: torch.Tens
     _check_mix_params(fn, base, scale, norm_weight, (2 + hc) * hc, hc, hidden, 3)
     new, normed, post_next, comb_next = _outputs(out, lambda: (torch.empty_like(streams),
                                                                *_new_pre_outputs(streams)))
-    _mixes_and_collapse(block_out, new, (streams, post, comb, new), fn.contiguous(), base.float(), scale.float(),
-                        norm_weight.contiguous(), rms_eps, hc_eps, iters, launch, normed, post_next, comb_next)
+    _mixes_and_collapse(block_out, streams, (streams, post, comb), new, fn.contiguous(), base.float(),
+                        scale.float(), norm_weight.contiguous(), rms_eps, hc_eps, iters, launch, normed, post_next,
+                        comb_next, launcher)
     return new, normed, post_next, comb_next
 
 
 def hc_head(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
             norm_weight: torch.Tensor, rms_eps: float, hc_eps: float, *, launch: MhcLaunch | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, launcher=JIT) -> torch.Tensor:
     """normed [N, D] in streams' dtype; see mhc_reference.hc_head."""
     n_tokens, hc, hidden = _check_streams(streams)
     _check_mix_params(fn, base, scale, norm_weight, hc, hc, hidden, 1)
     streams = streams.contiguous()
     normed = _outputs(out, lambda: torch.empty((n_tokens, hidden), dtype=streams.dtype, device=streams.device))
-    _mixes_and_collapse(streams, streams, None, fn.contiguous(), base.float(), scale.float(),
-                        norm_weight.contiguous(), rms_eps, hc_eps, 1, launch, normed, None, None)
+    _mixes_and_collapse(streams, streams, None, None, fn.contiguous(), base.float(), scale.float(),
+                        norm_weight.contiguous(), rms_eps, hc_eps, 1, launch, normed, None, None, launcher)
     return normed
 
 
 def hc_post_head(block_out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
                  fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_weight: torch.Tensor,
                  rms_eps: float, hc_eps: float, *, launch: MhcLaunch | None = None,
-                 out=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 out=None, launcher=JIT) -> tuple[torch.Tensor, torch.Tensor]:
     """(new streams, normed): the last layer's hc_post fused with hc_head; see mhc_reference.hc_post_head."""
     block_out, streams, post, comb = _post_inputs(block_out, streams, post, comb)
     n_tokens, hc, hidden = streams.shape
     _check_mix_params(fn, base, scale, norm_weight, hc, hc, hidden, 1)
     new, normed = _outputs(out, lambda: (torch.empty_like(streams), torch.empty(
         (n_tokens, hidden), dtype=streams.dtype, device=streams.device)))
-    _mixes_and_collapse(block_out, new, (streams, post, comb, new), fn.contiguous(), base.float(), scale.float(),
-                        norm_weight.contiguous(), rms_eps, hc_eps, 1, launch, normed, None, None)
+    _mixes_and_collapse(block_out, streams, (streams, post, comb), new, fn.contiguous(), base.float(),
+                        scale.float(), norm_weight.contiguous(), rms_eps, hc_eps, 1, launch, normed, None, None,
+                        launcher)
     return new, normed
 
 
-# ---- compile-only inspection ---------------------------------------------------------------------------
-def compile_mix_partials(t: Target, tokens: int, hidden: int, hc: int = 4, post: bool = False,
-                         dtype: str = "bf16"):
-    """Triton's CompiledKernel of the split-K kernel with `t`'s launch, built for `t` on any machine, with no
-    GPU (sm_100a / sm_103a: built, never run here); `.asm["ptx"]` shows the products chosen (FMA, wgmma,
-    tcgen05.mma)."""
-    from triton.compiler import ASTSource
+# ---- what a call launches, without running it ------------------------------------------------------------
+OPS = {"hc_pre": hc_pre, "hc_post": hc_post, "hc_post_pre": hc_post_pre, "hc_head": hc_head}
 
-    launch = mhc_launch(t, tokens, hidden, hc)
-    pointers = dict(x_ptr=dtype, s_ptr=dtype, post_ptr="fp32", comb_ptr="fp32", new_ptr=dtype, fn_ptr="fp32",
-                    part_mix_ptr="fp32", part_sq_ptr="fp32")
-    constants = dict(D=hidden, HC=hc, HC_PAD=triton.next_power_of_2(hc),
-                     M_PAD=max(MIN_DOT, triton.next_power_of_2((2 + hc) * hc)), BLOCK_T=launch.block_t,
-                     BLOCK_D=launch.block_d, CHUNKS=launch.chunks, SPLIT=launch.split_k, POST=post, MIX=True,
-                     DOT=launch.dot, PRECISION=launch.precision)
-    signature = {**{k: "*" + v for k, v in pointers.items()}, "N": "i32", "M": "i32",
-                 **{k: "constexpr" for k in constants}}
-    return triton.compile(ASTSource(_mix_partials_kernel, signature, constants), target=triton_gpu_target(t),
-                          options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
+
+def op_launches(op: str, tokens: int, hidden: int, hc: int, iters: int, dtype: torch.dtype,
+                norm_dtype: torch.dtype, launch: MhcLaunch) -> list[KernelSpec]:
+    """The kernel specialisations one call of `op` on `tokens` tokens launches with `launch`: the host
+    wrapper itself runs on meta tensors (nothing is computed or compiled), so these are exactly the
+    specialisations a real call launches."""
+    meta = dict(device="meta")
+    rows = hc if op == "hc_head" else (2 + hc) * hc
+    streams = torch.empty((tokens, hc, hidden), dtype=dtype, **meta)
+    mix = (torch.empty((rows, hc * hidden), dtype=torch.float32, **meta), torch.empty(rows, **meta),
+           torch.empty(1 if op == "hc_head" else 3, **meta), torch.empty(hidden, dtype=norm_dtype, **meta))
+    post = (torch.empty((tokens, hidden), dtype=dtype, **meta), streams, torch.empty((tokens, hc), **meta),
+            torch.empty((tokens, hc, hc), **meta))
+    recorder = SpecRecorder()
+    args = {"hc_pre": (streams, *mix, 1e-6, 1e-6, iters), "hc_post": post,
+            "hc_post_pre": (*post, *mix, 1e-6, 1e-6, iters), "hc_head": (streams, *mix, 1e-6, 1e-6)}[op]
+    OPS[op](*args, launch=launch, launcher=recorder)
+    return list(recorder.specs)

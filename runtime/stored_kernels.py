@@ -1,0 +1,144 @@
+"""Run an artifact's ahead-of-time kernels (codegen/aot.py) on the local GPU, or say why they cannot run.
+
+`kernel_plan(manifest, files_root, target)` decides, from what the artifact records, which kernels the CUDA
+ops launch, and returns a `KernelPlan`: the line `runtime.load` prints, and the launcher the ops get.
+
+    stored   the artifact holds kernels for the GPU's sm, built by the local Triton version, from the kernel
+             source the installed dsv4c launches (same sha256): each launch whose specialisation the
+             artifact holds runs its stored cubin (`StoredKernelLauncher`; Triton's CompiledKernel over the
+             stored binary and launch metadata, nothing compiled); any other launch (a token count not
+             built, a misaligned pointer) is compiled from the source on first use, and the launcher says so
+             once per specialisation.
+    compile  kernels for this sm exist but were built by another Triton: the launches are compiled from the
+             source on first use (the stored source, which the installed one equals), and the line says so.
+    installed  the stored source differs from the installed kernel source (another dsv4c built the
+             artifact): its binaries' argument lists are not the installed launches', so the installed
+             kernels are compiled and run, and the line says so. The stored source is never executed
+             (nothing in an artifact runs as Python).
+    none     no kernels for this sm (or a cpu target): compiled on first use / the reference implementations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ..codegen.aot import kernel_source
+from .artifact_io import ArtifactError
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPlan:
+    """What runs the mHC kernels: `mode` (stored / compile / installed / none / reference), the message,
+    and the launcher to hand the CUDA ops (None: Triton's JIT, the ops' default)."""
+
+    mode: str
+    message: str
+    launcher: Any = None
+
+
+class StoredKernelLauncher:
+    """A launcher (codegen/kernels/launcher.py) that runs stored binaries by `KernelSpec`, falling back to
+    Triton's JIT for a launch it holds no binary for (saying so once per specialisation through `say`)."""
+
+    def __init__(self, compiled: Mapping[Any, Any], fallback: Callable, say: Callable[[str], None]):
+        self._compiled = dict(compiled)
+        self._fallback = fallback
+        self._say = say
+        self._missed: set = set()
+        self.launched_stored = 0
+        self.launched_jit = 0
+
+    def __call__(self, launch) -> None:
+        spec = launch.spec()
+        kernel = self._compiled.get(spec)
+        if kernel is not None and launch.pointers_aligned():
+            kernel[launch.grid](*launch.ordered_values())
+            self.launched_stored += 1
+            return
+        if spec not in self._missed:
+            self._missed.add(spec)
+            why = "its pointers are not 16-byte aligned" if kernel is not None else "the artifact has no binary for it"
+            self._say(f"dsv4c: compiling {spec.name} ({spec.kernel}) from source on first use: {why}")
+        self._fallback(launch)
+        self.launched_jit += 1
+
+
+def kernel_plan(manifest: Mapping[str, Any], root: Path, target: str, *, local_triton: str | None,
+                source: bytes | None = None, load_binaries: bool = True,
+                say: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> KernelPlan:
+    """Which kernels run the artifact at `root` on `target` (an sm string or "cpu"); see the module doc.
+    `source`: the installed kernel source (default: read it); `load_binaries` False decides without
+    building the launcher (no GPU, no Triton needed)."""
+    if target == "cpu":
+        return KernelPlan("reference", f"dsv4c: {root} runs on cpu: the reference implementations of the mHC ops")
+    table = manifest.get("kernels", {})
+    entries = table.get(target)
+    if not entries:
+        return KernelPlan("none", f"dsv4c: {root} holds no kernels for {target}; the mHC kernels will be compiled "
+                                  f"from their Triton source on first use")
+    built = sorted({str(entry.get("triton")) for entry in entries})
+    stored_source = _read_checked(manifest, root, entries[0]["files"]["source"])
+    if hashlib.sha256(stored_source).digest() != hashlib.sha256(source if source is not None else kernel_source()).digest():
+        return KernelPlan("installed", f"dsv4c: {root} holds {target} kernels built from another version of the "
+                                       f"kernel source than the installed dsv4c's; the installed kernels will be "
+                                       f"compiled on first use (the stored source is never executed)")
+    if built != [str(local_triton)]:
+        return KernelPlan("compile", f"dsv4c: {root} holds {target} kernels built with Triton {', '.join(built)}, "
+                                     f"local Triton is {local_triton}: the kernels will be recompiled from their "
+                                     f"stored source on first use")
+    names = ", ".join(entry["name"] for entry in entries)
+    message = (f"dsv4c: launching the {len(entries)} ahead-of-time mHC kernels of {root} for {target} "
+               f"(Triton {local_triton}) from their stored binaries: {names}")
+    if not load_binaries:
+        return KernelPlan("stored", message)
+    from ..codegen.kernels.launcher import JIT
+
+    return KernelPlan("stored", message, StoredKernelLauncher(_load_binaries(manifest, root, entries), JIT, say))
+
+
+def _read_checked(manifest: Mapping[str, Any], root: Path, rel: str) -> bytes:
+    """A file of the artifact, checked against the manifest's sha256 again as it is read."""
+    record = manifest.get("files", {}).get(rel)
+    if record is None:
+        raise ArtifactError(f"{root}: kernel file {rel!r} is not in the manifest's file table")
+    data = (root / rel).read_bytes()
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise ArtifactError(f"{root}: {rel} does not match its sha256 in the manifest (modified after loading?)")
+    return data
+
+
+def _load_binaries(manifest: Mapping[str, Any], root: Path, entries: list[dict]) -> dict:
+    """KernelSpec -> Triton CompiledKernel over each entry's stored cubin and Triton metadata."""
+    from triton.compiler import ASTSource, CompiledKernel
+
+    from ..codegen.aot import kernel_function, kernel_source_attrs
+    from ..codegen.kernels.launcher import KernelSpec
+
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="dsv4c-kernels-") as tmp:
+        for entry in entries:
+            meta = json.loads(_read_checked(manifest, root, entry["files"]["json"]))
+            try:
+                spec = KernelSpec.from_json(meta, kernel_function(meta["kernel"]).arg_names)
+            except (KeyError, TypeError, ValueError) as error:
+                raise ArtifactError(f"{root}: {entry['files']['json']}: not launch metadata of an mHC kernel "
+                                    f"({type(error).__name__}: {error})") from None
+            if spec.name != entry["name"]:
+                raise ArtifactError(f"{root}: kernel {entry['name']}: its launch metadata names "
+                                    f"specialisation {spec.name}")
+            fn, attrs = kernel_source_attrs(spec)
+            group = {}
+            for ext, data in (("json", json.dumps(meta["triton_metadata"]).encode()),
+                              ("cubin", _read_checked(manifest, root, entry["files"]["cubin"]))):
+                path = Path(tmp) / f"{spec.name}.{ext}"
+                path.write_bytes(data)
+                group[path.name] = str(path)
+            source = ASTSource(fn, dict(spec.signature), dict(spec.constexprs), attrs)
+            out[spec] = CompiledKernel(source, group, spec.name)
+    return out
