@@ -58,7 +58,7 @@ class StoredKernelLauncher:
         spec = launch.spec()
         kernel = self._compiled.get(spec)
         if kernel is not None and launch.pointers_aligned():
-            kernel[launch.grid](*launch.ordered_values())
+            kernel[tuple(launch.grid) + (1,) * (3 - len(launch.grid))](*launch.ordered_values())
             self.launched_stored += 1
             return
         if spec not in self._missed:
@@ -77,6 +77,9 @@ def kernel_plan(manifest: Mapping[str, Any], root: Path, target: str, *, local_t
     building the launcher (no GPU, no Triton needed)."""
     if target == "cpu":
         return KernelPlan("reference", f"dsv4c: {root} runs on cpu: the reference implementations of the mHC ops")
+    if local_triton is None:
+        return KernelPlan("reference", f"dsv4c: Triton is not installed: the reference implementations of the mHC "
+                                       f"ops run on {target}")
     table = manifest.get("kernels", {})
     entries = table.get(target)
     if not entries:
@@ -107,7 +110,10 @@ def _read_checked(manifest: Mapping[str, Any], root: Path, rel: str) -> bytes:
     record = manifest.get("files", {}).get(rel)
     if record is None:
         raise ArtifactError(f"{root}: kernel file {rel!r} is not in the manifest's file table")
-    data = (root / rel).read_bytes()
+    try:
+        data = (root / rel).read_bytes()
+    except OSError as error:
+        raise ArtifactError(f"{root}: kernel file {rel} cannot be read ({error.strerror or error})") from None
     if hashlib.sha256(data).hexdigest() != record["sha256"]:
         raise ArtifactError(f"{root}: {rel} does not match its sha256 in the manifest (modified after loading?)")
     return data

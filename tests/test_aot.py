@@ -16,12 +16,13 @@ import pytest
 from child_pool import child_pool
 import torch
 
+from dsv4c.codegen.kernels.launcher import KernelSpec
 from dsv4c.compiler.numerics import Numerics
 from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
 from dsv4c.compiler.presets import tiny
 from dsv4c.compiler.checkpoint import write_synthetic
 from dsv4c.runtime.artifact import load_artifact
-from dsv4c.runtime.loader import kernel_message, load
+from dsv4c.runtime.loader import load
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
@@ -44,6 +45,13 @@ def _build(targets, **kwargs):
     from dsv4c.codegen import aot
 
     return aot.build_kernels(targets, hidden=128, hc=4, iters=20, dtype=torch.float32, **kwargs)
+
+
+def _arg_names(kernel):
+    """The kernel's argument names, in its order (read in the child: they come from the Triton function)."""
+    from dsv4c.codegen.aot import kernel_function
+
+    return list(kernel_function(kernel).arg_names)
 
 
 def _compile_tiny(root):
@@ -84,7 +92,7 @@ def test_kernels_for_each_gpu_target_with_their_files(built):
             assert files[entry["files"]["cubin"]][:4] == b"\x7fELF"
             meta = json.loads(files[entry["files"]["json"]])
             assert meta["target"]["sm"] == sm and meta["kernel"] == entry["kernel"]
-            assert meta["num_warps"] == entry["num_warps"] and meta["constexprs"] == entry["constexprs"]
+            assert meta["options"] == entry["options"] and meta["constexprs"] == entry["constexprs"]
             assert meta["triton"] and meta["triton_metadata"]["name"] == entry["kernel"]
             assert meta["triton_metadata"]["target"] == {"backend": "cuda", "arch": meta["target"]["arch"],
                                                          "warp_size": 32}
@@ -131,23 +139,32 @@ def test_artifact_holds_kernels_for_both_targets(artifact):
             assert (artifact / entry["files"]["cubin"]).read_bytes()[:4] == b"\x7fELF"
 
 
+def test_artifact_launch_metadata_names_each_kernel_and_its_launch(artifact, child):
+    """Each kernel's json (written with sorted keys) gives back the spec the runtime looks binaries up by:
+    its name is the manifest entry's. Every launch fixes warps and stages; on GPUs the collapse is launched
+    as the split-K kernel's programmatic dependent, and the split-K kernel releases it only when it
+    computes partials (MIX; plain hc_post has no collapse after it)."""
+    manifest = load_artifact(artifact).manifest
+    arg_names = {kernel: child.submit(_arg_names, kernel).result()
+                 for kernel in ("_mix_partials_kernel", "_collapse_kernel")}
+    for entries in manifest["kernels"].values():
+        for entry in entries:
+            meta = json.loads((artifact / entry["files"]["json"]).read_bytes())
+            assert KernelSpec.from_json(meta, arg_names[entry["kernel"]]).name == entry["name"]
+            assert {"num_warps", "num_stages"} <= set(entry["options"]), entry["name"]
+            pdl, constexprs = entry["options"].get("launch_pdl", False), entry["constexprs"]
+            if entry["kernel"] == "_collapse_kernel":
+                assert pdl is True and constexprs["PDL"] is True, entry["name"]
+            else:
+                assert pdl is False and constexprs["PDL"] is constexprs["MIX"], entry["name"]
+        assert {e["constexprs"]["MIX"] for e in entries if e["kernel"] == "_mix_partials_kernel"} == {True, False}
+
+
 def test_artifact_loads_and_runs_on_cpu_with_the_reference(artifact, capfd):
     engine = load(artifact)
-    assert "holds no kernels for cpu; running the reference implementations" in capfd.readouterr().err
+    assert "runs on cpu: the reference implementations of the mHC ops" in capfd.readouterr().err
     result = engine.generate([[5, 7, 11]], 4)
     assert len(result.tokens[0]) == 4
-
-
-def test_loader_message_per_triton_version():
-    manifest = {"kernels": {"sm_90a": [{"name": "mix_partials_abc", "triton": "3.6.0"},
-                                       {"name": "collapse_def", "triton": "3.6.0"}]},
-                "versions": {"triton": "3.6.0"}}
-    same = kernel_message(manifest, "sm_90a", "art", local_triton="3.6.0")
-    assert "using the 2 ahead-of-time mHC kernels" in same and "mix_partials_abc, collapse_def" in same
-    other = kernel_message(manifest, "sm_90a", "art", local_triton="3.9.0")
-    assert "built with Triton 3.6.0, local Triton is 3.9.0: the kernels will be recompiled from source" in other
-    assert "compiled from their Triton source" in kernel_message(manifest, "sm_100a", "art", local_triton="3.6.0")
-    assert "running the reference" in kernel_message(manifest, "cpu", "art")
 
 
 def test_cuda_implementations_registered_without_importing_triton():
