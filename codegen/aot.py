@@ -54,19 +54,42 @@ def mhc_ops_in(plans: Mapping[str, Any]) -> list[str]:
     return [name for name in MHC_OPS if name in used]
 
 
+NORM_WEIGHT_ARG = {"hc_pre": 4, "hc_post_pre": 7, "hc_head": 4}  # position of norm_weight in each op's schema
+
+
+def mhc_norm_dtypes(plans: Mapping[str, Any], default: torch.dtype) -> list[torch.dtype]:
+    """The dtypes of the norm weights the plans pass to the mHC ops (checkpoint norms may be bf16 while the
+    activations are fp32): read from the plan input each op's norm_weight argument names; `default` where
+    the argument is computed inside the step."""
+    found = set()
+    for plan in plans.values():
+        inputs = {spec.name: spec for spec in plan.inputs}
+        for op in plan.ops:
+            name = op.op.split("::", 1)[1].split(".")[0] if op.op.startswith("dsv4c::") else None
+            if name not in NORM_WEIGHT_ARG or len(op.args) <= NORM_WEIGHT_ARG[name]:
+                continue
+            ref = getattr(op.args[NORM_WEIGHT_ARG[name]], "name", None)
+            found.add(inputs[ref].torch_dtype() if ref in inputs else default)
+    return sorted(found or {default}, key=str)
+
+
 def mhc_specs(t: Target, ops: Iterable[str], token_counts: Iterable[int], hidden: int, hc: int, iters: int,
-              dtype: torch.dtype, norm_dtype: torch.dtype | None = None) -> dict[KernelSpec, list[dict]]:
+              dtype: torch.dtype, norm_dtypes: Iterable[torch.dtype] = ()) -> dict[KernelSpec, list[dict]]:
     """Every specialisation the host wrappers of codegen/kernels/mhc.py launch for `ops` at `token_counts`
-    on target `t` -> its uses [{"op", "tokens"}] (the wrappers run on meta tensors: `mhc.op_launches`)."""
+    on target `t` (norm weights of each of `norm_dtypes`, default the activation dtype) -> its uses
+    [{"op", "tokens"}] (the wrappers run on meta tensors: `mhc.op_launches`)."""
     from .kernels import mhc
 
     specs: dict[KernelSpec, list[dict]] = {}
     for tokens in sorted(set(token_counts)):
         launch = mhc.mhc_launch(t, tokens, hidden, hc)
         for op in ops:
-            for spec in mhc.op_launches(op, tokens, hidden, hc, 1 if op == "hc_head" else iters, dtype,
-                                        norm_dtype or dtype, launch):
-                specs.setdefault(spec, []).append({"op": op, "tokens": tokens})
+            for norm_dtype in list(norm_dtypes) or [dtype]:
+                for spec in mhc.op_launches(op, tokens, hidden, hc, 1 if op == "hc_head" else iters, dtype,
+                                            norm_dtype, launch):
+                    uses = specs.setdefault(spec, [])
+                    if {"op": op, "tokens": tokens} not in uses:
+                        uses.append({"op": op, "tokens": tokens})
     return specs
 
 
@@ -124,7 +147,7 @@ def _plain(value: Any) -> Any:
 
 def build_kernels(targets: Iterable[str | Target], *, hidden: int, hc: int, iters: int, dtype: torch.dtype,
                   ops: Iterable[str] = MHC_OPS, variant_tokens: Iterable[int] = (1,),
-                  batch_buckets: Iterable[int] = DEFAULT_BATCH_BUCKETS, norm_dtype: torch.dtype | None = None,
+                  batch_buckets: Iterable[int] = DEFAULT_BATCH_BUCKETS, norm_dtypes: Iterable[torch.dtype] = (),
                   progress=lambda message: None) -> tuple[dict[str, bytes], dict[str, list[dict]]]:
     """(extra files, manifest "kernels" table) for the GPU targets among `targets`; cpu adds nothing."""
     gpu_targets = [t for t in (lookup_target(x) for x in targets) if t.is_gpu]
@@ -139,7 +162,7 @@ def build_kernels(targets: Iterable[str | Target], *, hidden: int, hc: int, iter
     for t in gpu_targets:
         folder = f"{KERNELS_DIR}/{t.sm}"
         files[f"{folder}/mhc.py"] = source
-        specs = mhc_specs(t, ops, token_counts, hidden, hc, iters, dtype, norm_dtype)
+        specs = mhc_specs(t, ops, token_counts, hidden, hc, iters, dtype, norm_dtypes)
         progress(f"building {len(specs)} mHC kernels for {t.sm}")
         with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
             built = list(pool.map(lambda spec: compile_spec(t, spec), specs))

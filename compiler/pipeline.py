@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from ..codegen.aot import build_kernels, mhc_ops_in
+from ..codegen.aot import build_kernels, mhc_norm_dtypes, mhc_ops_in
 from ..passes.manager import PassContext
 from ..passes.pipeline import canonical_target, optimise
 from ..runtime.artifact import describe_numerics, write_artifact
@@ -80,6 +80,7 @@ def compile_checkpoint(checkpoint: str | Path, out: str | Path, options: Compile
     kernel_files, kernels = build_kernels(
         options.targets, hidden=cfg.hidden_size, hc=cfg.hc_mult, iters=cfg.hc_sinkhorn_iters,
         dtype=options.numerics.dtype, ops=mhc_ops_in(plans),
+        norm_dtypes=mhc_norm_dtypes(plans, options.numerics.dtype),
         variant_tokens=[v.tokens for v in options.variants()], batch_buckets=options.kernel_batches,
         progress=progress)
     progress("writing artifact")
