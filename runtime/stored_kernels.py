@@ -15,7 +15,8 @@ ops launch, and returns a `KernelPlan`: the line `runtime.load` prints, and the 
              artifact): its binaries' argument lists are not the installed launches', so the installed
              kernels are compiled and run, and the line says so. The stored source is never executed
              (nothing in an artifact runs as Python).
-    none     no kernels for this sm (or a cpu target): compiled on first use / the reference implementations.
+    none     no kernels for this sm: compiled on first use.
+    reference  cpu, or a GPU without Triton: the ops' PyTorch reference implementations.
 """
 
 from __future__ import annotations
