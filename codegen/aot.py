@@ -7,8 +7,9 @@ returns the artifact's extra files and its manifest "kernels" table:
     kernels/<sm>/mhc.py                       the Triton source all kernels of <sm> were built from
     kernels/<sm>/<name>.cubin / .ptx / .ttir  the binary, its PTX and Triton IR
     kernels/<sm>/<name>.json                  launch metadata: Triton kernel name, signature, constexprs,
-                                              options (num_warps, num_stages, launch_pdl), shared memory, target, Triton version,
-                                              the ops and token counts that use it, Triton's own metadata
+                                              options (num_warps, num_stages, launch_pdl), shared memory,
+                                              target, Triton version, the ops and token counts that use
+                                              it, Triton's own metadata
 
     manifest["kernels"] = {sm: [{"name", "kernel", "files", "signature", "constexprs", "options",
                                  "shared", "target", "triton", "uses"}, ...]}
@@ -16,7 +17,9 @@ returns the artifact's extra files and its manifest "kernels" table:
 Specialisations. A boundary's launch (codegen/kernels/mhc.mhc_launch) depends on the target, the hidden
 size D, the streams n and the number of tokens N = batch x T (T: tokens per sequence of a step variant:
 1, 2 and the prefill chunk). The specialisations are recorded from the host wrappers themselves, run on
-meta tensors (codegen/kernels/mhc.op_launches), so they are exactly what a call launches. Token counts built:
+meta tensors (codegen/kernels/mhc.op_specs), so they are exactly what a call launches, for the activation
+dtype and each dtype of the norm weights the plans pass (`mhc_norm_dtypes`: a checkpoint's bf16 norms next
+to fp32 activations make other collapse specialisations). Token counts built:
 T x b for every variant's T and b in `batch_buckets` (CompileOptions.kernel_batches; default (1,): one
 sequence, i.e. decode, MTP verification and prefill chunks of one request. Each token count costs about
 ten kernels a target at 1-4 s each to build, so buckets are opt-in: `(1, 8)` adds batch-8 decode and
@@ -31,15 +34,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import os
+import importlib
 import importlib.metadata
-import inspect
+import os
 import json
 from typing import Any, Iterable, Mapping
 
 import torch
 
-from .kernels.launcher import POINTER_ALIGN, KernelSpec
+from .kernel_catalog import kernel_source, kernel_source_attrs
+from .kernels.launcher import KernelSpec
 from .targets import Target, target as lookup_target
 
 MHC_OPS = ("hc_pre", "hc_post_pre", "hc_post", "hc_head")
@@ -54,21 +58,23 @@ def mhc_ops_in(plans: Mapping[str, Any]) -> list[str]:
     return [name for name in MHC_OPS if name in used]
 
 
-NORM_WEIGHT_ARG = {"hc_pre": 4, "hc_post_pre": 7, "hc_head": 4}  # position of norm_weight in each op's schema
-
-
 def mhc_norm_dtypes(plans: Mapping[str, Any], default: torch.dtype) -> list[torch.dtype]:
     """The dtypes of the norm weights the plans pass to the mHC ops (checkpoint norms may be bf16 while the
     activations are fp32): read from the plan input each op's norm_weight argument names; `default` where
     the argument is computed inside the step."""
+    importlib.import_module(f"{__package__}.ops")  # registers the dsv4c ops, whose schemas name the argument
+
     found = set()
     for plan in plans.values():
         inputs = {spec.name: spec for spec in plan.inputs}
         for op in plan.ops:
             name = op.op.split("::", 1)[1].split(".")[0] if op.op.startswith("dsv4c::") else None
-            if name not in NORM_WEIGHT_ARG or len(op.args) <= NORM_WEIGHT_ARG[name]:
+            if name not in MHC_OPS:
                 continue
-            ref = getattr(op.args[NORM_WEIGHT_ARG[name]], "name", None)
+            names = [arg.name for arg in getattr(torch.ops.dsv4c, name).default._schema.arguments]
+            if "norm_weight" not in names or len(op.args) <= names.index("norm_weight"):
+                continue
+            ref = getattr(op.args[names.index("norm_weight")], "name", None)
             found.add(inputs[ref].torch_dtype() if ref in inputs else default)
     return sorted(found or {default}, key=str)
 
@@ -77,7 +83,7 @@ def mhc_specs(t: Target, ops: Iterable[str], token_counts: Iterable[int], hidden
               dtype: torch.dtype, norm_dtypes: Iterable[torch.dtype] = ()) -> dict[KernelSpec, list[dict]]:
     """Every specialisation the host wrappers of codegen/kernels/mhc.py launch for `ops` at `token_counts`
     on target `t` (norm weights of each of `norm_dtypes`, default the activation dtype) -> its uses
-    [{"op", "tokens"}] (the wrappers run on meta tensors: `mhc.op_launches`)."""
+    [{"op", "tokens"}] (the wrappers run on meta tensors: `mhc.op_specs`)."""
     from .kernels import mhc
 
     specs: dict[KernelSpec, list[dict]] = {}
@@ -85,38 +91,12 @@ def mhc_specs(t: Target, ops: Iterable[str], token_counts: Iterable[int], hidden
         launch = mhc.mhc_launch(t, tokens, hidden, hc)
         for op in ops:
             for norm_dtype in list(norm_dtypes) or [dtype]:
-                for spec in mhc.op_launches(op, tokens, hidden, hc, 1 if op == "hc_head" else iters, dtype,
+                for spec in mhc.op_specs(op, tokens, hidden, hc, 1 if op == "hc_head" else iters, dtype,
                                             norm_dtype, launch):
                     uses = specs.setdefault(spec, [])
                     if {"op": op, "tokens": tokens} not in uses:
                         uses.append({"op": op, "tokens": tokens})
     return specs
-
-
-def kernel_source() -> bytes:
-    """The kernel module's source (stored beside the binaries; the runtime compares it with its own)."""
-    from .kernels import mhc
-
-    return inspect.getsource(mhc).encode()
-
-
-def kernel_function(name: str):
-    """The Triton JITFunction of codegen/kernels/mhc.py a spec names."""
-    from .kernels import mhc
-
-    kernels = {"_mix_partials_kernel": mhc._mix_partials_kernel, "_collapse_kernel": mhc._collapse_kernel}
-    if name not in kernels:
-        raise ValueError(f"no mHC kernel named {name!r} (have {sorted(kernels)})")
-    return kernels[name]
-
-
-def kernel_source_attrs(spec: KernelSpec):
-    """(the Triton JITFunction `spec` specialises, its `ASTSource` attrs): every pointer argument 16-byte
-    aligned (launcher.POINTER_ALIGN), as Triton's JIT specialises aligned pointers."""
-    fn = kernel_function(spec.kernel)
-    signature = dict(spec.signature)
-    return fn, {(index,): [["tt.divisibility", POINTER_ALIGN]] for index, name in enumerate(fn.arg_names)
-                if signature[name].startswith("*")}
 
 
 def compile_spec(t: Target, spec: KernelSpec):

@@ -1,10 +1,10 @@
 """Load a compiled artifact into a generation engine: `dsv4c.runtime.load(path)`.
 
-Each step variant's plan becomes an `Executor` with the weights bound once. `load` says once, on stderr,
-which kernels run (runtime/stored_kernels.py decides): on cpu the ops' PyTorch reference implementations;
-on a GPU the Triton mHC kernels, launched from the artifact's stored binaries where it holds them for this
-GPU's sm, built by the local Triton from the kernel source the installed dsv4c has; compiled from that
-source on first use otherwise.
+Each step variant's plan becomes an `Executor` with the weights bound once. `load` says on stderr which
+kernels run (runtime/stored_kernels.py decides): on cpu, or on a GPU without Triton, the ops' PyTorch
+reference implementations; on a GPU the Triton mHC kernels, launched from the artifact's stored binaries
+where it holds them for this GPU's sm, built by the local Triton from the kernel source the installed dsv4c
+has; compiled from that source on first use otherwise.
 """
 
 from __future__ import annotations

@@ -9,12 +9,13 @@ ops launch, and returns a `KernelPlan`: the line `runtime.load` prints, and the 
              stored binary and launch metadata, nothing compiled); any other launch (a token count not
              built, a misaligned pointer) is compiled from the source on first use, and the launcher says so
              once per specialisation.
-    compile  kernels for this sm exist but were built by another Triton: the launches are compiled from the
-             source on first use (the stored source, which the installed one equals), and the line says so.
-    installed  the stored source differs from the installed kernel source (another dsv4c built the
-             artifact): its binaries' argument lists are not the installed launches', so the installed
-             kernels are compiled and run, and the line says so. The stored source is never executed
-             (nothing in an artifact runs as Python).
+    compile  kernels for this sm exist but were built by another Triton: the launches are compiled on first
+             use from the installed kernel source, byte-identical to the stored one, and the line says so.
+    installed  the stored source differs from the installed kernel source, or the stored launch metadata
+             names its specialisations differently (another dsv4c built the artifact): its binaries'
+             arguments may not be the installed launches', so the installed kernels are compiled and run,
+             and the line says so. The stored source is never executed (nothing in an artifact runs as
+             Python).
     none     no kernels for this sm: compiled on first use.
     reference  cpu, or a GPU without Triton: the ops' PyTorch reference implementations.
 """
@@ -29,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ..codegen.aot import kernel_source
+from ..codegen.kernel_catalog import kernel_source
 from .artifact_io import ArtifactError
 
 
@@ -47,7 +48,8 @@ class StoredKernelLauncher:
     """A launcher (codegen/kernels/launcher.py) that runs stored binaries by `KernelSpec`, falling back to
     Triton's JIT for a launch it holds no binary for (saying so once per specialisation through `say`)."""
 
-    def __init__(self, compiled: Mapping[Any, Any], fallback: Callable, say: Callable[[str], None]):
+    def __init__(self, compiled: Mapping[Any, tuple[Any, str]], fallback: Callable, say: Callable[[str], None]):
+        """`compiled`: KernelSpec -> (Triton CompiledKernel, the artifact path of its cubin)."""
         self._compiled = dict(compiled)
         self._fallback = fallback
         self._say = say
@@ -57,9 +59,13 @@ class StoredKernelLauncher:
 
     def __call__(self, launch) -> None:
         spec = launch.spec()
-        kernel = self._compiled.get(spec)
+        kernel, cubin = self._compiled.get(spec, (None, None))
         if kernel is not None and launch.pointers_aligned():
-            kernel[tuple(launch.grid) + (1,) * (3 - len(launch.grid))](*launch.ordered_values())
+            try:  # the cubin is loaded into the current CUDA context at its first launch
+                kernel[tuple(launch.grid) + (1,) * (3 - len(launch.grid))](*launch.ordered_values())
+            except Exception as error:
+                raise RuntimeError(f"stored kernel {spec.name} ({cubin}) failed to launch: "
+                                   f"{type(error).__name__}: {error}") from error
             self.launched_stored += 1
             return
         if spec not in self._missed:
@@ -87,15 +93,14 @@ def kernel_plan(manifest: Mapping[str, Any], root: Path, target: str, *, local_t
         return KernelPlan("none", f"dsv4c: {root} holds no kernels for {target}; the mHC kernels will be compiled "
                                   f"from their Triton source on first use")
     built = sorted({str(entry.get("triton")) for entry in entries})
-    stored_source = _read_checked(manifest, root, entries[0]["files"]["source"])
-    if hashlib.sha256(stored_source).digest() != hashlib.sha256(source if source is not None else kernel_source()).digest():
-        return KernelPlan("installed", f"dsv4c: {root} holds {target} kernels built from another version of the "
-                                       f"kernel source than the installed dsv4c's; the installed kernels will be "
-                                       f"compiled on first use (the stored source is never executed)")
+    installed = source if source is not None else kernel_source()
+    sources = {entry["files"]["source"] for entry in entries}
+    if any(_read_checked(manifest, root, rel) != installed for rel in sorted(sources)):
+        return _installed(root, target, "from another version of the kernel source than the installed dsv4c's")
     if built != [str(local_triton)]:
         return KernelPlan("compile", f"dsv4c: {root} holds {target} kernels built with Triton {', '.join(built)}, "
-                                     f"local Triton is {local_triton}: the kernels will be recompiled from their "
-                                     f"stored source on first use")
+                                     f"local Triton is {local_triton}: the kernels will be compiled on first use "
+                                     f"from the installed kernel source, byte-identical to the stored one")
     names = ", ".join(entry["name"] for entry in entries)
     message = (f"dsv4c: launching the {len(entries)} ahead-of-time mHC kernels of {root} for {target} "
                f"(Triton {local_triton}) from their stored binaries: {names}")
@@ -103,7 +108,21 @@ def kernel_plan(manifest: Mapping[str, Any], root: Path, target: str, *, local_t
         return KernelPlan("stored", message)
     from ..codegen.kernels.launcher import JIT
 
-    return KernelPlan("stored", message, StoredKernelLauncher(_load_binaries(manifest, root, entries), JIT, say))
+    try:
+        binaries = _load_binaries(manifest, root, entries)
+    except _OtherLaunchDescriptions as other:
+        return _installed(root, target, f"with launch descriptions of another dsv4c ({other})")
+    return KernelPlan("stored", message, StoredKernelLauncher(binaries, JIT, say))
+
+
+class _OtherLaunchDescriptions(Exception):
+    """A verified entry whose recorded specialisation this dsv4c names differently (codegen/kernels/launcher.py
+    changed since the artifact was built): its binary cannot be matched to this dsv4c's launches."""
+
+
+def _installed(root: Path, target: str, why: str) -> KernelPlan:
+    return KernelPlan("installed", f"dsv4c: {root} holds {target} kernels built {why}; the installed kernels will "
+                                   f"be compiled on first use (the stored source is never executed)")
 
 
 def _read_checked(manifest: Mapping[str, Any], root: Path, rel: str) -> bytes:
@@ -121,31 +140,38 @@ def _read_checked(manifest: Mapping[str, Any], root: Path, rel: str) -> bytes:
 
 
 def _load_binaries(manifest: Mapping[str, Any], root: Path, entries: list[dict]) -> dict:
-    """KernelSpec -> Triton CompiledKernel over each entry's stored cubin and Triton metadata."""
+    """KernelSpec -> (Triton CompiledKernel over the entry's stored cubin and Triton metadata, cubin path)."""
     from triton.compiler import ASTSource, CompiledKernel
 
-    from ..codegen.aot import kernel_function, kernel_source_attrs
+    from ..codegen.kernel_catalog import kernel_function, kernel_source_attrs
     from ..codegen.kernels.launcher import KernelSpec
 
     out = {}
     with tempfile.TemporaryDirectory(prefix="dsv4c-kernels-") as tmp:
         for entry in entries:
-            meta = json.loads(_read_checked(manifest, root, entry["files"]["json"]))
+            files = entry["files"]
+            meta_bytes = _read_checked(manifest, root, files["json"])
+            cubin = _read_checked(manifest, root, files["cubin"])
             try:
+                meta = json.loads(meta_bytes)
                 spec = KernelSpec.from_json(meta, kernel_function(meta["kernel"]).arg_names)
+                triton_metadata = json.dumps(meta["triton_metadata"]).encode()
             except (KeyError, TypeError, ValueError) as error:
-                raise ArtifactError(f"{root}: {entry['files']['json']}: not launch metadata of an mHC kernel "
+                raise ArtifactError(f"{root}: {files['json']}: not launch metadata of an mHC kernel "
                                     f"({type(error).__name__}: {error})") from None
             if spec.name != entry["name"]:
-                raise ArtifactError(f"{root}: kernel {entry['name']}: its launch metadata names "
-                                    f"specialisation {spec.name}")
+                raise _OtherLaunchDescriptions(f"{files['json']} describes {entry['name']}, named {spec.name} here")
             fn, attrs = kernel_source_attrs(spec)
             group = {}
-            for ext, data in (("json", json.dumps(meta["triton_metadata"]).encode()),
-                              ("cubin", _read_checked(manifest, root, entry["files"]["cubin"]))):
+            for ext, data in (("json", triton_metadata), ("cubin", cubin)):
                 path = Path(tmp) / f"{spec.name}.{ext}"
                 path.write_bytes(data)
                 group[path.name] = str(path)
-            source = ASTSource(fn, dict(spec.signature), dict(spec.constexprs), attrs)
-            out[spec] = CompiledKernel(source, group, spec.name)
+            try:
+                compiled = CompiledKernel(ASTSource(fn, dict(spec.signature), dict(spec.constexprs), attrs), group,
+                                          spec.name)
+            except Exception as error:
+                raise ArtifactError(f"{root}: {files['cubin']} with {files['json']}: Triton cannot load it "
+                                    f"({type(error).__name__}: {error})") from None
+            out[spec] = (compiled, files["cubin"])
     return out

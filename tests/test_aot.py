@@ -49,9 +49,26 @@ def _build(targets, **kwargs):
 
 def _arg_names(kernel):
     """The kernel's argument names, in its order (read in the child: they come from the Triton function)."""
-    from dsv4c.codegen.aot import kernel_function
+    from dsv4c.codegen.kernel_catalog import kernel_function
 
     return list(kernel_function(kernel).arg_names)
+
+
+def _stored_plans(root):
+    """(mode, kernels held) of kernel_plan for the artifact's sm_90a binaries with this Triton (binaries loaded
+    into Triton CompiledKernels: no GPU needed until a launch), then with the manifest naming one entry
+    differently (as another dsv4c's launch descriptions would)."""
+    import importlib.metadata
+
+    from dsv4c.runtime.artifact import load_artifact
+    from dsv4c.runtime.stored_kernels import kernel_plan
+
+    manifest, version = load_artifact(root).manifest, importlib.metadata.version("triton")
+    plan = kernel_plan(manifest, root, "sm_90a", local_triton=version, say=print)
+    renamed = json.loads(json.dumps(manifest))
+    renamed["kernels"]["sm_90a"][0]["name"] += "0"
+    other = kernel_plan(renamed, root, "sm_90a", local_triton=version, say=print)
+    return (plan.mode, len(plan.launcher._compiled)), (other.mode, other.message)
 
 
 def _compile_tiny(root):
@@ -158,6 +175,12 @@ def test_artifact_launch_metadata_names_each_kernel_and_its_launch(artifact, chi
             else:
                 assert pdl is False and constexprs["PDL"] is constexprs["MIX"], entry["name"]
         assert {e["constexprs"]["MIX"] for e in entries if e["kernel"] == "_mix_partials_kernel"} == {True, False}
+
+
+def test_stored_binaries_load_into_triton_and_foreign_descriptions_are_not_launched(artifact, child):
+    (mode, held), (other_mode, message) = child.submit(_stored_plans, artifact).result()
+    assert mode == "stored" and held == len(load_artifact(artifact).manifest["kernels"]["sm_90a"])
+    assert other_mode == "installed" and "with launch descriptions of another dsv4c" in message
 
 
 def test_artifact_loads_and_runs_on_cpu_with_the_reference(artifact, capfd):

@@ -13,13 +13,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dsv4c.codegen.kernels.launcher import KernelSpec, Launch, triton_type
+from dsv4c.codegen.kernels.launcher import KernelSpec, KernelLaunch, triton_type
 from dsv4c.runtime.artifact_io import ArtifactError
 from dsv4c.runtime.stored_kernels import StoredKernelLauncher, kernel_plan
 
 SOURCE = b"@triton.jit\ndef _mix_partials_kernel(x_ptr, N, BLOCK_T: tl.constexpr): ...\n"
 SOURCE_REL = "kernels/sm_90a/mhc.py"
 NAMES = ["_mix_partials_kernel_0123456789ab", "_collapse_kernel_ba9876543210"]
+CUBIN = "kernels/sm_90a/_mix_partials_kernel_0123456789ab.cubin"
 
 
 # ---- kernel_plan ------------------------------------------------------------------------------------------
@@ -47,7 +48,7 @@ def test_other_triton_recompiles_from_the_stored_source(stored):
     plan = kernel_plan(manifest, root, "sm_90a", local_triton="3.9.0", source=SOURCE, load_binaries=False)
     assert plan.mode == "compile" and plan.launcher is None
     assert ("holds sm_90a kernels built with Triton 3.6.0, local Triton is 3.9.0: the kernels will be "
-            "recompiled from their stored source on first use") in plan.message
+            "compiled on first use from the installed kernel source, byte-identical to the stored one") in plan.message
 
 
 def test_other_installed_source_runs_the_installed_kernels(stored):
@@ -122,19 +123,33 @@ class FakeCompiled:
 
 
 def _launch(x, y, n=8, warps=4):
-    return Launch(KERNEL, (n // 4, 1), {"y_ptr": y, "x_ptr": x, "N": n, "alpha": 0.5},
+    return KernelLaunch(KERNEL, (n // 4, 1), {"y_ptr": y, "x_ptr": x, "N": n, "alpha": 0.5},
                   {"BLOCK": 4, "PDL": True}, {"num_warps": warps, "num_stages": 2})
 
 
 def test_held_spec_runs_its_binary_with_every_argument_in_order():
     x, y = torch.zeros(8), torch.zeros(8)
     launch, compiled, jit, lines = _launch(x, y), FakeCompiled(), [], []
-    launcher = StoredKernelLauncher({launch.spec(): compiled}, jit.append, lines.append)
+    launcher = StoredKernelLauncher({launch.spec(): (compiled, CUBIN)}, jit.append, lines.append)
     launcher(launch)
     [(grid, values)] = compiled.calls
     assert grid == (2, 1, 1)  # compiled kernels take a 3-d grid (the JIT pads, CompiledKernel does not)
     assert values[0] is y and values[1] is x and values[2:] == (4, 8, 0.5, True)
     assert (jit, lines, launcher.launched_stored, launcher.launched_jit) == ([], [], 1, 0)
+
+
+def test_a_failing_stored_launch_names_the_kernel_and_its_cubin():
+    """A binary that cannot run (it is loaded at its first launch) fails with its specialisation and file
+    named, not with Triton's bare error."""
+    class Broken:
+        def __getitem__(self, grid):
+            raise RuntimeError("CUDA_ERROR_NO_BINARY_FOR_GPU")
+
+    launch = _launch(torch.zeros(8), torch.zeros(8))
+    launcher = StoredKernelLauncher({launch.spec(): (Broken(), CUBIN)}, [].append, [].append)
+    with pytest.raises(RuntimeError, match=f"stored kernel {launch.spec().name} \\({CUBIN}\\) failed to launch: "
+                                           "RuntimeError: CUDA_ERROR_NO_BINARY_FOR_GPU"):
+        launcher(launch)
 
 
 def test_spec_without_binary_falls_back_and_says_so_once():
@@ -143,7 +158,7 @@ def test_spec_without_binary_falls_back_and_says_so_once():
     x, y = torch.zeros(8), torch.zeros(8)
     held, other = _launch(x, y), _launch(x, y, warps=8)
     compiled, jit, lines = FakeCompiled(), [], []
-    launcher = StoredKernelLauncher({held.spec(): compiled}, jit.append, lines.append)
+    launcher = StoredKernelLauncher({held.spec(): (compiled, CUBIN)}, jit.append, lines.append)
     launcher(other)
     launcher(other)
     assert compiled.calls == [] and jit == [other, other]
@@ -159,7 +174,7 @@ def test_misaligned_pointer_falls_back():
     aligned, misaligned = _launch(x[:8], y), _launch(x[1:], y)
     assert misaligned.spec() == aligned.spec()
     compiled, jit, lines = FakeCompiled(), [], []
-    launcher = StoredKernelLauncher({aligned.spec(): compiled}, jit.append, lines.append)
+    launcher = StoredKernelLauncher({aligned.spec(): (compiled, CUBIN)}, jit.append, lines.append)
     launcher(misaligned)
     launcher(aligned)
     assert jit == [misaligned] and len(compiled.calls) == 1

@@ -1,6 +1,6 @@
 """How a host wrapper's kernel launch reaches the device: Triton's JIT, or a kernel built ahead of time.
 
-A host wrapper (codegen/kernels/mhc.py) describes each launch as a `Launch`: the Triton kernel, the grid,
+A host wrapper (codegen/kernels/mhc.py) describes each launch as a `KernelLaunch`: the Triton kernel, the grid,
 the runtime arguments and the constexprs (both by the kernel's argument names) and the options (num_warps,
 num_stages, launch_pdl). A launcher runs it:
 
@@ -64,7 +64,7 @@ class KernelSpec:
 
 
 @dataclass(frozen=True)
-class Launch:
+class KernelLaunch:
     """One kernel launch, described: `fn` a triton.JITFunction; `args` its runtime arguments (tensors and
     scalars) and `constexprs` by argument name; `options` Triton's launch options."""
 
@@ -91,6 +91,7 @@ class Launch:
         return [self.args[name] if name in self.args else self.constexprs[name] for name in self.fn.arg_names]
 
     def pointers_aligned(self) -> bool:
+        """Every tensor argument starts on a POINTER_ALIGN boundary (what ahead-of-time binaries assume)."""
         return all(value.data_ptr() % POINTER_ALIGN == 0 for value in self.args.values()
                    if isinstance(value, torch.Tensor))
 
@@ -113,7 +114,7 @@ def triton_type(value: Any, name: str) -> str:
 class JitLauncher:
     """Launches through Triton's JIT (compiles and caches each specialisation on first use)."""
 
-    def __call__(self, launch: Launch) -> None:
+    def __call__(self, launch: KernelLaunch) -> None:
         launch.fn[launch.grid](**launch.args, **launch.constexprs, **launch.options)
 
 
@@ -123,7 +124,7 @@ class SpecRecorder:
     def __init__(self):
         self.specs: dict[KernelSpec, None] = {}
 
-    def __call__(self, launch: Launch) -> None:
+    def __call__(self, launch: KernelLaunch) -> None:
         self.specs.setdefault(launch.spec(), None)
 
 

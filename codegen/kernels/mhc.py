@@ -1,7 +1,7 @@
 """Fused mHC layer boundaries in Triton: kernels, host wrappers, launch heuristics per target.
 
 The PyTorch twin of every wrapper is codegen/mhc_reference.py (same signature, same math, fp32 inside);
-tests/test_mhc_kernels.py checks each against it. Two launches per boundary:
+tests/test_mhc_kernels.py checks each against it. Two launches per boundary (plain hc_post: (a) alone):
 
 (a) `_mix_partials_kernel`, grid (token blocks, split_k): split-K over the hidden dimension. Each program
     takes `block_t` tokens and `chunks` chunks of `block_d` columns of all n streams, and writes the partial
@@ -13,7 +13,8 @@ tests/test_mhc_kernels.py checks each against it. Two launches per boundary:
     the Sinkhorn iterations on the n x n matrix (for n = 4 entry by entry, in each thread's registers), the
     weighted collapse `sum_j pre[j] * x[j]` over D (rounded to the activation dtype, as the model does) and
     the RMSNorm that follows it. After hc_post it recomputes the new streams from the same inputs as (a)
-    (the same function, so the same values) instead of reading (a)'s output: on GPUs it is launched as (a)'s
+    (the same function and rounding dtype, so the same values; the wrappers refuse an `out` that aliases an
+    input or has another dtype) instead of reading (a)'s output: on GPUs it is launched as (a)'s
     programmatic dependent (PDL), so it starts while (a) runs, loads everything but the partials, then waits.
 hc_head uses the same two kernels with the n head rows of fn and no post/comb.
 
@@ -24,7 +25,7 @@ more than the fp32 tolerance against the reference.
 
 Host wrappers describe each launch (`mix_partials_launch`, `collapse_launch`) and hand it to a launcher
 (codegen/kernels/launcher.py): Triton's JIT by default, the artifact's ahead-of-time binaries in the runtime,
-a recorder for ahead-of-time builds (`op_launches`).
+a recorder for ahead-of-time builds (`op_specs`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ..targets import Target, target_for_device
-from .launcher import JIT, KernelSpec, Launch, SpecRecorder
+from .launcher import JIT, KernelSpec, KernelLaunch, SpecRecorder
 
 MIN_DOT = 16  # tl.dot's smallest block side
 
@@ -204,6 +205,7 @@ def _comb_logit(comb_mix, q, k: tl.constexpr, rs, scale, base_ptr, HC: tl.conste
 @triton.jit
 def _store_comb4(comb_ptr, t, t_mask, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32,
                  c33):
+    """comb[t] = the 4 x 4 entries, row-major, for every token of the block."""
     row = comb_ptr + t * 16
     tl.store(row + 0, c00, mask=t_mask)
     tl.store(row + 1, c01, mask=t_mask)
@@ -448,7 +450,8 @@ def mix_workspace(n_tokens: int, rows: int, launch: MhcLaunch, device) -> tuple[
             torch.empty((n_tokens, launch.split_k), dtype=torch.float32, device=device))
 
 
-def _options(launch: MhcLaunch, warps: int, stages: int, pdl: bool) -> dict:
+def _options(warps: int, stages: int, pdl: bool) -> dict:
+    """Triton's launch options; launch_pdl only where set (the interpreter takes no such option)."""
     return {"num_warps": warps, "num_stages": stages, **({"launch_pdl": True} if pdl else {})}
 
 
@@ -458,7 +461,7 @@ def _pdl(launch: MhcLaunch, tensor: torch.Tensor) -> bool:
     return launch.pdl and tensor.device.type != "cpu"
 
 
-def mix_partials_launch(x, post_mix_inputs, fn, part_mix, part_sq, launch: MhcLaunch, hc: int) -> Launch:
+def mix_partials_launch(x, post_mix_inputs, fn, part_mix, part_sq, launch: MhcLaunch, hc: int) -> KernelLaunch:
     """Kernel (a). x: streams [N, n, D], or with `post_mix_inputs` = (streams, post, comb, new_streams) the
     block output [N, D] (hc_post is computed and written on the way). fn None: hc_post alone, no partials
     (and no dependent collapse)."""
@@ -472,12 +475,12 @@ def mix_partials_launch(x, post_mix_inputs, fn, part_mix, part_sq, launch: MhcLa
                       M_PAD=part_mix.shape[-1] if mix else MIN_DOT, BLOCK_T=launch.block_t, BLOCK_D=launch.block_d,
                       CHUNKS=launch.chunks, SPLIT=launch.split_k, POST=post_mix_inputs is not None, MIX=mix,
                       DOT=launch.dot, PRECISION=launch.precision, PDL=_pdl(launch, x) and mix)
-    return Launch(_mix_partials_kernel, (triton.cdiv(n_tokens, launch.block_t), launch.split_k), args, constexprs,
-                  _options(launch, launch.num_warps, launch.num_stages, False))
+    return KernelLaunch(_mix_partials_kernel, (triton.cdiv(n_tokens, launch.block_t), launch.split_k), args, constexprs,
+                  _options(launch.num_warps, launch.num_stages, False))
 
 
 def collapse_launch(streams, post_mix_inputs, part_mix, part_sq, base, scale, norm_weight, normed, post, comb,
-                    rms_eps, hc_eps, iters: int, launch: MhcLaunch) -> Launch:
+                    rms_eps, hc_eps, iters: int, launch: MhcLaunch) -> KernelLaunch:
     """Kernel (b) over `streams` [N, n, D]; with `post_mix_inputs` = (block_out, streams, post, comb) it
     recomputes the new streams from those instead. post and comb None: hc_head (pre only)."""
     n_tokens, hc, hidden = streams.shape
@@ -491,14 +494,27 @@ def collapse_launch(streams, post_mix_inputs, part_mix, part_sq, base, scale, no
                       SPLIT=launch.split_k, SPLIT_PAD=triton.next_power_of_2(launch.split_k), ITERS=int(iters),
                       BLOCK_T=launch.collapse_t, BLOCK_D=triton.next_power_of_2(hidden), HEAD=head,
                       POST=post_mix_inputs is not None, PDL=_pdl(launch, streams))
-    return Launch(_collapse_kernel, (triton.cdiv(n_tokens, launch.collapse_t),), args, constexprs,
-                  _options(launch, launch.collapse_warps, 1, constexprs["PDL"]))
+    return KernelLaunch(_collapse_kernel, (triton.cdiv(n_tokens, launch.collapse_t),), args, constexprs,
+                  _options(launch.collapse_warps, 1, constexprs["PDL"]))
+
+
+def _check_new_streams(new: torch.Tensor, normed: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> None:
+    """The collapse recomputes the new streams from hc_post's inputs while kernel (a) writes them: `new` may
+    not share memory with an input, and both kernels round to one dtype (the streams')."""
+    if new.device.type != "meta" and any(new.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+                                         for x in inputs):
+        raise ValueError("out: the new streams may not share memory with block_out, streams, post or comb")
+    if new.dtype != inputs[1].dtype or normed.dtype != inputs[1].dtype:
+        raise ValueError(f"out: new streams and normed must have the streams' dtype {inputs[1].dtype}, got "
+                         f"{new.dtype} / {normed.dtype}")
 
 
 def _mixes_and_collapse(x, streams, post_inputs, new, fn, base, scale, norm_weight, rms_eps, hc_eps, iters,
                         launch: MhcLaunch | None, normed, post, comb, launcher):
     """Both launches of one boundary. `post_inputs` = (streams, post, comb) with hc_post (x: block output,
     `new` the new streams written by kernel (a)); None otherwise (x: the streams)."""
+    if post_inputs is not None:
+        _check_new_streams(new, normed, (x, *post_inputs))
     lc = _launch_for(streams, launch)
     part_mix, part_sq = mix_workspace(streams.shape[0], fn.shape[0], lc, streams.device)
     mix_in = (*post_inputs, new) if post_inputs is not None else None
@@ -598,7 +614,7 @@ def hc_post_head(block_out: torch.Tensor, streams: torch.Tensor, post: torch.Ten
 OPS = {"hc_pre": hc_pre, "hc_post": hc_post, "hc_post_pre": hc_post_pre, "hc_head": hc_head}
 
 
-def op_launches(op: str, tokens: int, hidden: int, hc: int, iters: int, dtype: torch.dtype,
+def op_specs(op: str, tokens: int, hidden: int, hc: int, iters: int, dtype: torch.dtype,
                 norm_dtype: torch.dtype, launch: MhcLaunch) -> list[KernelSpec]:
     """The kernel specialisations one call of `op` on `tokens` tokens launches with `launch`: the host
     wrapper itself runs on meta tensors (nothing is computed or compiled), so these are exactly the
