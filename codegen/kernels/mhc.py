@@ -71,18 +71,14 @@ def _new_streams(out, post, s_ptr, comb_ptr, t, td_mask, j, tj_mask, d, HC: tl.c
 
 
 @triton.jit
-def _fn_chunk(fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC: tl.constexpr, D: tl.constexpr):
-    """fn[m, k*D + d] for stream k = j and columns d: [HC_PAD, BLOCK_D, M_PAD] fp32."""
-    return tl.load(fn_ptr + m[None, None, :] * (HC * D) + j[:, None, None] * D + d[None, :, None],
-                   mask=j_mask[:, None, None] & d_mask[None, :, None] & m_mask[None, None, :], other=0.0)
-
-
-@triton.jit
-def _accumulate(acc, sq, x3, w3, BLOCK_T: tl.constexpr, HC_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-                DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += x @ fn.T and sq += rowsum(x^2) over one chunk of columns of all streams: x3 [BLOCK_T, HC_PAD,
-    BLOCK_D] against its fn chunk w3 (`_fn_chunk`), as one dot of depth HC_PAD*BLOCK_D. DOT=False multiplies
-    by broadcasting instead (the interpreter's fp32 tl.dot is a slow numpy loop)."""
+def _accumulate(acc, sq, x3, fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC: tl.constexpr, D: tl.constexpr,
+                BLOCK_T: tl.constexpr, HC_PAD: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """acc += x @ fn.T and sq += rowsum(x^2) over one chunk of columns d of all streams: x3 [BLOCK_T, HC_PAD,
+    BLOCK_D] against fn[:, k*D + d], as one dot of depth HC_PAD*BLOCK_D. DOT=False multiplies by
+    broadcasting instead (the interpreter's fp32 tl.dot is a slow numpy loop)."""
+    w3 = tl.load(fn_ptr + m[None, None, :] * (HC * D) + j[:, None, None] * D + d[None, :, None],
+                 mask=j_mask[:, None, None] & d_mask[None, :, None] & m_mask[None, None, :], other=0.0)
     x2 = tl.reshape(x3, [BLOCK_T, HC_PAD * BLOCK_D])
     w2 = tl.reshape(w3, [HC_PAD * BLOCK_D, w3.shape[2]])
     if DOT:
@@ -124,8 +120,6 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
         d_mask = d < D
         x_mask = tj_mask[:, :, None] & d_mask[None, None, :]
         offsets = t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :]
-        if MIX:  # issued first: the compiler may not move it above the new-streams store below (they may alias)
-            w3 = _fn_chunk(fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC, D)
         if POST:
             td_mask = t_mask[:, None] & d_mask[None, :]
             out = tl.load(x_ptr + t[:, None] * D + d[None, :], mask=td_mask, other=0.0).to(tl.float32)
@@ -135,7 +129,8 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
         else:
             x3 = tl.load(x_ptr + offsets, mask=x_mask, other=0.0).to(tl.float32)
         if MIX:
-            acc, sq = _accumulate(acc, sq, x3, w3, BLOCK_T, HC_PAD, BLOCK_D, DOT, PRECISION)
+            acc, sq = _accumulate(acc, sq, x3, fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC, D, BLOCK_T, HC_PAD,
+                                  BLOCK_D, DOT, PRECISION)
     if MIX:
         tl.store(part_mix_ptr + (t[:, None] * SPLIT + pid_s) * M_PAD + m[None, :], acc,
                  mask=t_mask[:, None] & m_mask[None, :])
