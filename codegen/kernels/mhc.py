@@ -170,6 +170,26 @@ def _normalise4(a, b, c, d, eps):
 
 
 @triton.jit
+def _rows4(c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, eps):
+    """Every row of the 4 x 4 matrix over (its sum + eps)."""
+    c00, c01, c02, c03 = _normalise4(c00, c01, c02, c03, eps)
+    c10, c11, c12, c13 = _normalise4(c10, c11, c12, c13, eps)
+    c20, c21, c22, c23 = _normalise4(c20, c21, c22, c23, eps)
+    c30, c31, c32, c33 = _normalise4(c30, c31, c32, c33, eps)
+    return c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33
+
+
+@triton.jit
+def _columns4(c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, eps):
+    """Every column of the 4 x 4 matrix over (its sum + eps)."""
+    c00, c10, c20, c30 = _normalise4(c00, c10, c20, c30, eps)
+    c01, c11, c21, c31 = _normalise4(c01, c11, c21, c31, eps)
+    c02, c12, c22, c32 = _normalise4(c02, c12, c22, c32, eps)
+    c03, c13, c23, c33 = _normalise4(c03, c13, c23, c33, eps)
+    return c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33
+
+
+@triton.jit
 def _sinkhorn4(c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33,
                ITERS: tl.constexpr, eps):
     """compiler/layers.sinkhorn for n = 4, entry by entry: every entry is a [BLOCK_T] tensor (one token a
@@ -179,19 +199,13 @@ def _sinkhorn4(c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, 
     c10, c11, c12, c13 = _softmax4(c10, c11, c12, c13, eps)
     c20, c21, c22, c23 = _softmax4(c20, c21, c22, c23, eps)
     c30, c31, c32, c33 = _softmax4(c30, c31, c32, c33, eps)
-    c00, c10, c20, c30 = _normalise4(c00, c10, c20, c30, eps)
-    c01, c11, c21, c31 = _normalise4(c01, c11, c21, c31, eps)
-    c02, c12, c22, c32 = _normalise4(c02, c12, c22, c32, eps)
-    c03, c13, c23, c33 = _normalise4(c03, c13, c23, c33, eps)
+    c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33 = _columns4(
+        c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, eps)
     for _ in range(ITERS - 1):
-        c00, c01, c02, c03 = _normalise4(c00, c01, c02, c03, eps)
-        c10, c11, c12, c13 = _normalise4(c10, c11, c12, c13, eps)
-        c20, c21, c22, c23 = _normalise4(c20, c21, c22, c23, eps)
-        c30, c31, c32, c33 = _normalise4(c30, c31, c32, c33, eps)
-        c00, c10, c20, c30 = _normalise4(c00, c10, c20, c30, eps)
-        c01, c11, c21, c31 = _normalise4(c01, c11, c21, c31, eps)
-        c02, c12, c22, c32 = _normalise4(c02, c12, c22, c32, eps)
-        c03, c13, c23, c33 = _normalise4(c03, c13, c23, c33, eps)
+        c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33 = _rows4(
+            c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, eps)
+        c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33 = _columns4(
+            c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, eps)
     return c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33
 
 
