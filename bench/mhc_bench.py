@@ -177,24 +177,31 @@ def bench_tokens(tokens, args, gbps, l2_bytes, compiled, compiled_max) -> list[d
     return rows
 
 
-def candidate_launches(t, tokens: int, hidden: int) -> list:
-    """The default launch, then variants: without PDL, broadcast blocks of 1-4 tokens (up to 16 tokens) with
-    16-64 column chunks, tensor-core tf32x3 dots on 16 / 32 / 64-token blocks at 1, 2 or 4 programs an SM,
-    and 8 collapse warps."""
-    default = mhc.mhc_launch(t, tokens, hidden)
+def candidate_launches(t, tokens: int, hidden: int, hc: int = 4) -> list:
+    """The default launch, then variants of one kernel at a time: without PDL; the collapse at 4-16 warps; the
+    split-K kernel with broadcast blocks of 1-4 tokens (up to 16 tokens) and 32-128 column chunks at 0.5 or 1
+    program an SM, and tensor-core tf32x3 dots on 16 / 32 / 64-token blocks at 1 or 2 programs an SM, 4 or 8
+    warps."""
+    default = mhc.mhc_launch(t, tokens, hidden, hc)
     found = {default: None}
     found.setdefault(dataclasses.replace(default, pdl=False), None)
-    found.setdefault(dataclasses.replace(default, collapse_warps=8), None)
+    for warps in (4, 8, 16):
+        found.setdefault(dataclasses.replace(default, collapse_warps=warps), None)
+    split_fields = ("block_t", "block_d", "chunks", "split_k", "num_warps", "num_stages", "dot", "precision")
     if tokens <= 16:
         for block_t in sorted({1, 2, 4} & set(range(1, 2 * tokens))):
-            for block_d in (16, 32, 64):
-                chunks, split_k = mhc.split_over(hidden, block_d, 2 * t.sm_count)
-                found.setdefault(dataclasses.replace(default, block_t=block_t, block_d=block_d, chunks=chunks,
-                                                     split_k=split_k, dot=False, precision="ieee"), None)
+            for block_d in (32, 64, 128):
+                for programs in (t.sm_count // 2, t.sm_count):
+                    chunks, split_k = mhc.split_over(hidden, block_d, programs)
+                    found.setdefault(dataclasses.replace(default, block_t=block_t, block_d=block_d, chunks=chunks,
+                                                         split_k=split_k, dot=False, precision="ieee"), None)
     for block_t in (16, 32, 64):
         if block_t <= 4 * tokens:
-            for per_sm in (1, 2, 4):
-                found.setdefault(mhc.dot_launch(t, tokens, hidden, 4, block_t, per_sm), None)
+            for per_sm in (1, 2):
+                dot = mhc.dot_launch(t, tokens, hidden, hc, block_t, per_sm)
+                for warps in (4, 8):
+                    found.setdefault(dataclasses.replace(default, **{f: getattr(dot, f) for f in split_fields},
+                                                         num_warps=warps), None)
     return list(found)
 
 
@@ -204,7 +211,7 @@ def tf32x3_launch(t, tokens: int, hidden: int, hc: int):
 
 
 def sweep(tokens, args, l2_bytes) -> None:
-    """hc_post_pre (both kernels) over `candidate_launches`; prints the default and the best."""
+    """hc_post_pre (both kernels) over `candidate_launches`; prints the default and the best, each checked."""
     sets = input_sets(tokens, args.hc, args.hidden, torch.bfloat16, l2_bytes)
     t = target_for_device("cuda")
     for op in ("hc_post_pre",):
@@ -215,8 +222,8 @@ def sweep(tokens, args, l2_bytes) -> None:
             results.append((graph_us(fn, arg_sets, replays=10), launch))
         print(f"sweep {op} T={tokens}: default {results[0][0]:.2f} us {results[0][1]}; "
               f"no PDL {results[1][0]:.2f} us; best:", flush=True)
-        for us, launch in sorted(results, key=lambda r: r[0])[:5]:
-            print(f"    {us:7.2f} us  {launch}", flush=True)
+        for us, launch in sorted(results, key=lambda r: r[0])[:6]:
+            print(f"    {us:7.2f} us  {check(op, sets[0], args.iters, launch=launch)}  {launch}", flush=True)
 
 
 @triton.jit
@@ -226,32 +233,34 @@ def _nop_kernel(x_ptr):
 
 def kernel_breakdown(tokens, args, l2_bytes) -> None:
     """Each kernel alone, in CUDA graphs over the rotating sets: an empty kernel (the launch gap), the split-K
-    partials of hc_pre / hc_post_pre at the default launch, and the collapse over warps and iterations."""
+    partials of hc_pre / hc_post_pre at the default launch, and the collapse (with its post / Sinkhorn
+    program) over iterations and with the new streams recomputed (hc_post_pre)."""
     sets = input_sets(tokens, args.hc, args.hidden, torch.bfloat16, l2_bytes)
     t = target_for_device("cuda")
-    default = mhc.mhc_launch(t, tokens, args.hidden)
+    default = mhc.mhc_launch(t, tokens, args.hidden, args.hc)
     rows = (2 + args.hc) * args.hc
     nop = torch.empty(132, device="cuda")
     out = [f"T={tokens:<4} nop {graph_us(lambda: _nop_kernel[(1,)](nop), [()] * len(sets)):.2f}"]
-    work = [(s, *mhc.mix_workspace(tokens, rows, default, "cuda"), torch.empty_like(s["streams"])) for s in sets]
+    work = [(s, mhc.mix_workspace(tokens, rows, default, "cuda"), torch.empty_like(s["streams"]))
+            for s in sets]
 
-    def partials(s, part_mix, part_sq, new, post=False):
+    def partials(s, part, new, post=False):
         post_in = (s["streams"], s["post"], s["comb"], new) if post else None
-        mhc.JIT(mhc.mix_partials_launch(s["block_out"] if post else s["streams"], post_in, s["fn"], part_mix,
-                                        part_sq, default, args.hc))
+        mhc.JIT(mhc.mix_partials_launch(s["block_out"] if post else s["streams"], post_in, s["fn"], part, default,
+                                        args.hc))
 
     out.append(f"partials(pre) {graph_us(partials, work):.2f}")
     out.append(f"partials(post_pre) {graph_us(lambda *w: partials(*w, post=True), work):.2f}")
-    for warps, iters, post in ((4, 1, False), (4, args.iters, False), (8, args.iters, False), (4, args.iters, True)):
-        launch = dataclasses.replace(default, collapse_warps=warps, pdl=False)
+    for iters, post in ((1, False), (args.iters, False), (args.iters, True)):
+        launch = dataclasses.replace(default, pdl=False)
 
-        def collapse(s, part_mix, part_sq, new, launch=launch, iters=iters, post=post):
+        def collapse(s, part, new, launch=launch, iters=iters, post=post):
             normed = torch.empty((tokens, args.hidden), dtype=s["streams"].dtype, device="cuda")
             post_in = (s["block_out"], s["streams"], s["post"], s["comb"]) if post else None
-            mhc.JIT(mhc.collapse_launch(s["streams"], post_in, part_mix, part_sq, s["base"], s["scale"], s["norm_w"],
-                                        normed, torch.empty_like(s["post"]), torch.empty_like(s["comb"]), RMS_EPS,
-                                        HC_EPS, iters, launch))
-        out.append(f"collapse(w{warps},it{iters}{',post' if post else ''}) {graph_us(collapse, work):.2f}")
+            mhc.JIT(mhc.collapse_launch(s["streams"], post_in, part, s["base"], s["scale"], s["norm_w"], normed,
+                                        torch.empty_like(s["post"]), torch.empty_like(s["comb"]), RMS_EPS, HC_EPS,
+                                        iters, launch))
+        out.append(f"collapse(it{iters}{',post' if post else ''}) {graph_us(collapse, work):.2f}")
     print("  ".join(out), flush=True)
 
 

@@ -9,10 +9,10 @@ tests/test_mhc_kernels.py checks each against it. Two launches per boundary (pla
     `post[k] * out + sum_j comb[j,k] * streams[j]` and writes them (hc_post fused with the next hc_pre's
     partials). The fn matrix, the big read at small batch ((2+n)n x nD fp32: 1.5 MiB for Flash), is
     spread over every SM.
-(b) `_collapse_kernel`, one program per token: sums the splits, applies the RMS scale, sigmoid / 2*sigmoid,
-    the Sinkhorn iterations on the n x n matrix (for n = 4 entry by entry, in each thread's registers), the
-    weighted collapse `sum_j pre[j] * x[j]` over D (rounded to the activation dtype, as the model does) and
-    the RMSNorm that follows it. After hc_post it recomputes the new streams from the same inputs as (a)
+(b) `_collapse_kernel`, two programs per token: each sums the splits and applies the RMS scale; one takes
+    sigmoid, the weighted collapse `sum_j pre[j] * x[j]` over D (rounded to the activation dtype, as the
+    model does) and the RMSNorm that follows it, the other, at the same time, 2*sigmoid and the Sinkhorn
+    iterations on the n x n matrix (for n = 4 entry by entry, in each thread's registers). After hc_post it recomputes the new streams from the same inputs as (a)
     (the same function and rounding dtype, so the same values; the wrappers refuse an `out` that aliases an
     input or has another dtype) instead of reading (a)'s output: on GPUs it is launched as (a)'s
     programmatic dependent (PDL), so it starts while (a) runs, loads everything but the partials, then waits.
@@ -90,16 +90,17 @@ def _accumulate(acc, sq, x3, fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC: tl.con
 
 
 @triton.jit
-def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part_mix_ptr, part_sq_ptr, N, M,
+def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part_ptr, N, M,
                          D: tl.constexpr, HC: tl.constexpr, HC_PAD: tl.constexpr, M_PAD: tl.constexpr,
                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr,
                          SPLIT: tl.constexpr, POST: tl.constexpr, MIX: tl.constexpr, DOT: tl.constexpr,
                          PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Partials of one (token block, D slice). Without POST x_ptr is streams [N, HC, D]; with POST it is the
     block output [N, D], and the slice of new streams [N, HC, D] is built from s_ptr/post_ptr/comb_ptr first.
-    MIX=False (plain hc_post) skips the partials. Every load of a chunk is independent of the others, so
-    they are all in flight at once. PDL: the collapse launch that follows may start now (it waits for this
-    grid's completion before reading the partials)."""
+    Partials [N, SPLIT, M_PAD]: the slice's `x @ fn.T` in columns < M and its sum(x^2) in column M (M_PAD >
+    M). MIX=False (plain hc_post) skips the partials. Every load of a chunk is
+    independent of the others, so they are all in flight at once. PDL: the collapse launch that follows may
+    start now (it waits for this grid's completion before reading the partials)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     pid_t = tl.program_id(0)
@@ -132,9 +133,9 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
             acc, sq = _accumulate(acc, sq, x3, fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC, D, BLOCK_T, HC_PAD,
                                   BLOCK_D, DOT, PRECISION)
     if MIX:
-        tl.store(part_mix_ptr + (t[:, None] * SPLIT + pid_s) * M_PAD + m[None, :], acc,
-                 mask=t_mask[:, None] & m_mask[None, :])
-        tl.store(part_sq_ptr + t * SPLIT + pid_s, sq, mask=t_mask)
+        acc = tl.where(m[None, :] == M, sq[:, None], acc)
+        tl.store(part_ptr + (t[:, None] * SPLIT + pid_s) * M_PAD + m[None, :], acc,
+                 mask=t_mask[:, None] & (m <= M)[None, :])
 
 
 @triton.jit
@@ -274,22 +275,23 @@ def _comb(rows, ts_mask, rs, scale_ptr, base_ptr, comb_ptr, t, t_mask, j, tj_mas
 
 
 @triton.jit
-def _collapse_kernel(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, part_mix_ptr, part_sq_ptr, base_ptr, scale_ptr,
-                     norm_w_ptr, normed_ptr, post_ptr, comb_ptr, N, M, rms_eps, hc_eps, D: tl.constexpr,
-                     HC: tl.constexpr, HC_PAD: tl.constexpr, M_PAD: tl.constexpr, SPLIT: tl.constexpr,
-                     SPLIT_PAD: tl.constexpr, ITERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                     HEAD: tl.constexpr, POST: tl.constexpr, PDL: tl.constexpr):
-    """BLOCK_T tokens (1 on GPUs): mixes from the partials, pre (and post, comb unless HEAD), then
-    RMSNorm(sum_j pre[j] x[j]) with the norm weight. x: the streams [N, n, D] (x_ptr), or with POST the new
-    streams recomputed from the block output x_ptr [N, D] and s_ptr / post_in_ptr / comb_in_ptr exactly as the
-    split-K kernel computed them, so nothing this kernel reads before its partials comes from that kernel.
-    PDL: launched as the split-K kernel's dependent; the streams and weights are loaded before waiting for
-    it, only the partials after."""
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = t < N
-    j = tl.arange(0, HC_PAD)
-    j_mask = j < HC
-    tj_mask = t_mask[:, None] & j_mask[None, :]
+def _split_sum(rows, ts_mask, column):
+    """Column `column` of every token's partials, summed over the splits: [BLOCK_T]. (Loaded one column at a
+    time: a [BLOCK_T, SPLIT, n] load would set the layout of the collapse's stream tile too.)"""
+    return tl.sum(tl.load(rows + column, mask=ts_mask, other=0.0), axis=1)
+
+
+@triton.jit
+def _rms_scale(sum_sq, count, eps):
+    return 1.0 / tl.sqrt_rn(sum_sq / count + eps)
+
+
+@triton.jit
+def _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, rows, ts_mask, base_ptr, scale_ptr, norm_w_ptr, normed_ptr, M,
+              t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D: tl.constexpr, HC: tl.constexpr,
+              BLOCK_D: tl.constexpr, POST: tl.constexpr, PDL: tl.constexpr):
+    """normed = RMSNorm(sum_j pre[j] x[j]) * w over all of D: the collapse is rounded to the activation dtype
+    and its sum of squares taken from the rounded values, as the model does."""
     d = tl.arange(0, BLOCK_D)
     td_mask = t_mask[:, None] & (d < D)[None, :]
     if POST:
@@ -303,26 +305,63 @@ def _collapse_kernel(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, part_mix_ptr, part_
     w = tl.load(norm_w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
     if PDL:
         tl.extra.cuda.gdc_wait()
-    s = tl.arange(0, SPLIT_PAD)
-    ts_mask = t_mask[:, None] & (s < SPLIT)[None, :]
-    rows = part_mix_ptr + (t[:, None] * SPLIT + s[None, :]) * M_PAD  # [BLOCK_T, SPLIT_PAD]
-    sq = tl.sum(tl.load(part_sq_ptr + t[:, None] * SPLIT + s[None, :], mask=ts_mask, other=0.0), axis=1)
-    rs = 1.0 / tl.sqrt_rn(sq / (HC * D) + rms_eps)
-    mix_mask = ts_mask[:, :, None] & j_mask[None, None, :]
-    pre_mix = tl.sum(tl.load(rows[:, :, None] + j[None, None, :], mask=mix_mask, other=0.0), axis=1)
+    rs = _rms_scale(_split_sum(rows, ts_mask, M), HC * D, rms_eps)
+    pre_mix = tl.sum(tl.load(rows[:, :, None] + j[None, None, :], mask=ts_mask[:, :, None] & j_mask[None, None, :],
+                             other=0.0), axis=1)
     pre = tl.sigmoid(pre_mix * rs[:, None] * tl.load(scale_ptr) + tl.load(base_ptr + j, mask=j_mask)[None, :])
     pre = tl.where(j_mask[None, :], pre + hc_eps, 0.0)
     a = _round(tl.sum(pre[:, :, None] * x, axis=1), normed_ptr.dtype.element_ty)
-    if not HEAD:  # post and comb are off the normed output's path: their chain overlaps the collapse's
-        post_mix = tl.sum(tl.load(rows[:, :, None] + HC + j[None, None, :], mask=mix_mask, other=0.0), axis=1)
-        post = 2.0 * tl.sigmoid(post_mix * rs[:, None] * tl.load(scale_ptr + 1) +
-                                tl.load(base_ptr + HC + j, mask=j_mask)[None, :])
-        tl.store(post_ptr + t[:, None] * HC + j[None, :], post, mask=tj_mask)
-        _comb(rows, ts_mask, rs, scale_ptr, base_ptr, comb_ptr, t, t_mask, j, tj_mask, j_mask, ITERS, hc_eps, HC,
-              HC_PAD, BLOCK_T)
-    r = 1.0 / tl.sqrt_rn(tl.sum(a * a, axis=1) / D + rms_eps)
-    y = _round(a * r[:, None] * w[None, :], normed_ptr.dtype.element_ty)
+    y = _round(a * _rms_scale(tl.sum(a * a, axis=1), D, rms_eps)[:, None] * w[None, :], normed_ptr.dtype.element_ty)
     tl.store(normed_ptr + t[:, None] * D + d[None, :], y.to(normed_ptr.dtype.element_ty), mask=td_mask)
+
+
+@triton.jit
+def _post_and_comb(rows, ts_mask, base_ptr, scale_ptr, post_ptr, comb_ptr, M, t, t_mask, j, j_mask, tj_mask,
+                   rms_eps, hc_eps, D: tl.constexpr, HC: tl.constexpr, HC_PAD: tl.constexpr, ITERS: tl.constexpr,
+                   BLOCK_T: tl.constexpr, PDL: tl.constexpr):
+    """post = 2 sigmoid(post mixes) and comb = Sinkhorn(comb mixes) of every token of the block."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    rs = _rms_scale(_split_sum(rows, ts_mask, M), HC * D, rms_eps)
+    post_mix = tl.sum(tl.load(rows[:, :, None] + HC + j[None, None, :],
+                              mask=ts_mask[:, :, None] & j_mask[None, None, :], other=0.0), axis=1)
+    post = 2.0 * tl.sigmoid(post_mix * rs[:, None] * tl.load(scale_ptr + 1) +
+                            tl.load(base_ptr + HC + j, mask=j_mask)[None, :])
+    tl.store(post_ptr + t[:, None] * HC + j[None, :], post, mask=tj_mask)
+    _comb(rows, ts_mask, rs, scale_ptr, base_ptr, comb_ptr, t, t_mask, j, tj_mask, j_mask, ITERS, hc_eps, HC,
+          HC_PAD, BLOCK_T)
+
+
+@triton.jit
+def _collapse_kernel(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, part_ptr, base_ptr, scale_ptr, norm_w_ptr,
+                     normed_ptr, post_ptr, comb_ptr, N, M, rms_eps, hc_eps, D: tl.constexpr, HC: tl.constexpr,
+                     HC_PAD: tl.constexpr, M_PAD: tl.constexpr, SPLIT: tl.constexpr, SPLIT_PAD: tl.constexpr,
+                     ITERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HEAD: tl.constexpr,
+                     POST: tl.constexpr, PDL: tl.constexpr):
+    """Grid (token blocks, 2; 1 with HEAD). Each program sums the split-K partials of its BLOCK_T tokens
+    itself (M: the column of sum(x^2)). Programs (b, 0): the collapse and RMSNorm (`_collapse`); programs
+    (b, 1): post and the Sinkhorn comb (`_post_and_comb`), in parallel with the collapse. x: the streams
+    [N, n, D] (x_ptr), or with POST the new streams recomputed from the block output x_ptr [N, D] and s_ptr /
+    post_in_ptr / comb_in_ptr exactly as the split-K kernel computed them, so nothing this kernel reads before
+    its partials comes from that kernel. PDL: launched as the split-K kernel's dependent; the streams and
+    weights are loaded before waiting for it, only the partials after."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = t < N
+    j = tl.arange(0, HC_PAD)
+    j_mask = j < HC
+    tj_mask = t_mask[:, None] & j_mask[None, :]
+    s = tl.arange(0, SPLIT_PAD)
+    ts_mask = t_mask[:, None] & (s < SPLIT)[None, :]
+    rows = part_ptr + (t[:, None] * SPLIT + s[None, :]) * M_PAD  # [BLOCK_T, SPLIT_PAD]
+    if HEAD:
+        _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, rows, ts_mask, base_ptr, scale_ptr, norm_w_ptr, normed_ptr,
+                  M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D, HC, BLOCK_D, POST, PDL)
+    elif tl.program_id(1) == 0:
+        _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, rows, ts_mask, base_ptr, scale_ptr, norm_w_ptr, normed_ptr,
+                  M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D, HC, BLOCK_D, POST, PDL)
+    else:
+        _post_and_comb(rows, ts_mask, base_ptr, scale_ptr, post_ptr, comb_ptr, M, t, t_mask, j, j_mask, tj_mask,
+                       rms_eps, hc_eps, D, HC, HC_PAD, ITERS, BLOCK_T, PDL)
 
 
 # ---- launch heuristics ---------------------------------------------------------------------------------
@@ -332,10 +371,10 @@ class MhcLaunch:
     covering `chunks` chunks of `block_d` columns (of all n streams), so split_k * chunks * block_d >= D;
     `dot`: x @ fn.T through tl.dot (GPUs; needs block_t, block_d >= 16) or broadcast multiply-and-sum;
     `precision`: the dot's fp32 mode ("ieee": FMA; "tf32x3": tensor cores, three tf32 products);
-    `num_warps`, `num_stages`. Collapse kernel: `collapse_t` tokens a program (1 on GPUs: one token's
-    n x D block already fills the registers), `collapse_warps`. `pdl`: the collapse is launched as the
-    split-K kernel's programmatic dependent (CUDA only): it starts, loads its streams and weights, and waits
-    for the partials, while the split-K kernel is still running."""
+    `num_warps`, `num_stages`. Collapse kernel: `collapse_t` tokens a program over all of D (a second
+    program a token block computes post and comb), `collapse_warps`. `pdl`: the collapse is
+    launched as the split-K kernel's programmatic dependent (CUDA only): it starts, loads its streams and
+    weights, and waits for the partials, while the split-K kernel is still running."""
 
     block_t: int
     block_d: int
@@ -374,9 +413,9 @@ def split_over(hidden: int, block_d: int, programs_wanted: int) -> tuple[int, in
     return chunks, triton.cdiv(n_chunks, chunks)
 
 
-def collapse_warps(hidden: int) -> int:
-    """Warps of the collapse kernel, which holds one token's n x next_pow2(D) stream block in registers."""
-    return 4 if hidden <= 4096 else 8 if hidden <= 8192 else 16
+def collapse_warps(hidden: int, hc: int) -> int:
+    """Warps of a one-token collapse program on GPUs: its n x D stream tile at 32 elements a thread."""
+    return min(16, max(4, triton.next_power_of_2(hidden) * triton.next_power_of_2(hc) // (32 * 32)))
 
 
 MAX_TILE = 4096  # fp32 elements of one register tile of a 4-warp split-K program (32 a thread); more spills
@@ -394,7 +433,7 @@ def dot_launch(t: Target, tokens: int, hidden: int, hc: int, block_t: int, progr
     while block_d > MIN_DOT and triton.cdiv(hidden, block_d) < programs_per_block:
         block_d //= 2
     chunks, split_k = split_over(hidden, block_d, programs_per_block)
-    return MhcLaunch(block_t, block_d, chunks, split_k, 4, 2, 1, collapse_warps(hidden), precision=precision,
+    return MhcLaunch(block_t, block_d, chunks, split_k, 4, 2, 1, collapse_warps(hidden, hc), precision=precision,
                      pdl=True)
 
 
@@ -419,7 +458,7 @@ def mhc_launch(t: Target, tokens: int, hidden: int, hc: int = 4) -> MhcLaunch:
     if tokens <= 8:
         block_t = 1 if tokens <= 2 else 2
         chunks, split_k = split_over(hidden, 64, triton.cdiv(hidden, 64))
-        return MhcLaunch(block_t, 64, chunks, split_k, 4, 2, 1, collapse_warps(hidden), dot=False, pdl=True)
+        return MhcLaunch(block_t, 64, chunks, split_k, 4, 2, 1, collapse_warps(hidden, hc), dot=False, pdl=True)
     if tokens <= 16:
         return dot_launch(t, tokens, hidden, hc, MIN_DOT)
     return dot_launch(t, tokens, hidden, hc, 64, programs_per_sm=1 if tokens <= 64 else 2)
@@ -457,11 +496,15 @@ def _outputs(out, make):
     return out if out is not None else make()
 
 
-def mix_workspace(n_tokens: int, rows: int, launch: MhcLaunch, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split-K partials: x @ fn.T `[N, split_k, M_PAD]` and sum(x^2) `[N, split_k]`, fp32."""
-    m_pad = max(MIN_DOT, triton.next_power_of_2(rows))
-    return (torch.empty((n_tokens, launch.split_k, m_pad), dtype=torch.float32, device=device),
-            torch.empty((n_tokens, launch.split_k), dtype=torch.float32, device=device))
+def _m_pad(rows: int) -> int:
+    """Columns of a token's partials: the `rows` mixes, sum(x^2), padding to a power of two (>= 16 for dots)."""
+    return max(MIN_DOT, triton.next_power_of_2(rows + 1))
+
+
+def mix_workspace(n_tokens: int, rows: int, launch: MhcLaunch, device) -> torch.Tensor:
+    """The split-K partials `[N, split_k, M_PAD]` fp32: each split's `x @ fn.T` (`rows` columns) and its
+    sum(x^2) (column `rows`)."""
+    return torch.empty((n_tokens, launch.split_k, _m_pad(rows)), dtype=torch.float32, device=device)
 
 
 def _options(warps: int, stages: int, pdl: bool) -> dict:
@@ -475,7 +518,7 @@ def _pdl(launch: MhcLaunch, tensor: torch.Tensor) -> bool:
     return launch.pdl and tensor.device.type != "cpu"
 
 
-def mix_partials_launch(x, post_mix_inputs, fn, part_mix, part_sq, launch: MhcLaunch, hc: int) -> KernelLaunch:
+def mix_partials_launch(x, post_mix_inputs, fn, partials, launch: MhcLaunch, hc: int) -> KernelLaunch:
     """Kernel (a). x: streams [N, n, D], or with `post_mix_inputs` = (streams, post, comb, new_streams) the
     block output [N, D] (hc_post is computed and written on the way). fn None: hc_post alone, no partials
     (and no dependent collapse)."""
@@ -483,33 +526,33 @@ def mix_partials_launch(x, post_mix_inputs, fn, part_mix, part_sq, launch: MhcLa
     s, p, c, new = post_mix_inputs if post_mix_inputs is not None else (x, x, x, x)
     mix = fn is not None
     args = dict(x_ptr=x, s_ptr=s, post_ptr=p, comb_ptr=c, new_ptr=new, fn_ptr=fn if mix else x,
-                part_mix_ptr=part_mix if mix else x, part_sq_ptr=part_sq if mix else x, N=n_tokens,
-                M=fn.shape[0] if mix else 0)
-    constexprs = dict(D=hidden, HC=hc, HC_PAD=triton.next_power_of_2(hc),
-                      M_PAD=part_mix.shape[-1] if mix else MIN_DOT, BLOCK_T=launch.block_t, BLOCK_D=launch.block_d,
-                      CHUNKS=launch.chunks, SPLIT=launch.split_k, POST=post_mix_inputs is not None, MIX=mix,
-                      DOT=launch.dot, PRECISION=launch.precision, PDL=_pdl(launch, x) and mix)
-    return KernelLaunch(_mix_partials_kernel, (triton.cdiv(n_tokens, launch.block_t), launch.split_k), args, constexprs,
-                  _options(launch.num_warps, launch.num_stages, False))
+                part_ptr=partials if mix else x, N=n_tokens, M=fn.shape[0] if mix else 0)
+    constexprs = dict(D=hidden, HC=hc, HC_PAD=triton.next_power_of_2(hc), M_PAD=_m_pad(fn.shape[0] if mix else 1),
+                      BLOCK_T=launch.block_t, BLOCK_D=launch.block_d, CHUNKS=launch.chunks, SPLIT=launch.split_k,
+                      POST=post_mix_inputs is not None, MIX=mix, DOT=launch.dot, PRECISION=launch.precision,
+                      PDL=_pdl(launch, x) and mix)
+    return KernelLaunch(_mix_partials_kernel, (triton.cdiv(n_tokens, launch.block_t), launch.split_k), args,
+                        constexprs, _options(launch.num_warps, launch.num_stages, False))
 
 
-def collapse_launch(streams, post_mix_inputs, part_mix, part_sq, base, scale, norm_weight, normed, post, comb,
-                    rms_eps, hc_eps, iters: int, launch: MhcLaunch) -> KernelLaunch:
+def collapse_launch(streams, post_mix_inputs, partials, base, scale, norm_weight, normed, post, comb, rms_eps,
+                    hc_eps, iters: int, launch: MhcLaunch) -> KernelLaunch:
     """Kernel (b) over `streams` [N, n, D]; with `post_mix_inputs` = (block_out, streams, post, comb) it
     recomputes the new streams from those instead. post and comb None: hc_head (pre only)."""
     n_tokens, hc, hidden = streams.shape
     head = post is None
     x, s, p, c = post_mix_inputs if post_mix_inputs is not None else (streams, streams, streams, streams)
-    args = dict(x_ptr=x, s_ptr=s, post_in_ptr=p, comb_in_ptr=c, part_mix_ptr=part_mix, part_sq_ptr=part_sq,
-                base_ptr=base, scale_ptr=scale, norm_w_ptr=norm_weight, normed_ptr=normed,
-                post_ptr=normed if head else post, comb_ptr=normed if head else comb, N=n_tokens,
-                M=base.shape[0], rms_eps=float(rms_eps), hc_eps=float(hc_eps))
-    constexprs = dict(D=hidden, HC=hc, HC_PAD=triton.next_power_of_2(hc), M_PAD=part_mix.shape[-1],
+    args = dict(x_ptr=x, s_ptr=s, post_in_ptr=p, comb_in_ptr=c, part_ptr=partials, base_ptr=base,
+                scale_ptr=scale, norm_w_ptr=norm_weight, normed_ptr=normed, post_ptr=normed if head else post,
+                comb_ptr=normed if head else comb, N=n_tokens, M=base.shape[0], rms_eps=float(rms_eps),
+                hc_eps=float(hc_eps))
+    constexprs = dict(D=hidden, HC=hc, HC_PAD=triton.next_power_of_2(hc), M_PAD=_m_pad(base.shape[0]),
                       SPLIT=launch.split_k, SPLIT_PAD=triton.next_power_of_2(launch.split_k), ITERS=int(iters),
                       BLOCK_T=launch.collapse_t, BLOCK_D=triton.next_power_of_2(hidden), HEAD=head,
                       POST=post_mix_inputs is not None, PDL=_pdl(launch, streams))
-    return KernelLaunch(_collapse_kernel, (triton.cdiv(n_tokens, launch.collapse_t),), args, constexprs,
-                  _options(launch.collapse_warps, 1, constexprs["PDL"]))
+    grid = (triton.cdiv(n_tokens, launch.collapse_t), 1 if head else 2)
+    return KernelLaunch(_collapse_kernel, grid, args, constexprs,
+                        _options(launch.collapse_warps, 1, constexprs["PDL"]))
 
 
 def _check_new_streams(new: torch.Tensor, normed: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -530,11 +573,11 @@ def _mixes_and_collapse(x, streams, post_inputs, new, fn, base, scale, norm_weig
     if post_inputs is not None:
         _check_new_streams(new, normed, (x, *post_inputs))
     lc = _launch_for(streams, launch)
-    part_mix, part_sq = mix_workspace(streams.shape[0], fn.shape[0], lc, streams.device)
+    partials = mix_workspace(streams.shape[0], fn.shape[0], lc, streams.device)
     mix_in = (*post_inputs, new) if post_inputs is not None else None
-    launcher(mix_partials_launch(x, mix_in, fn, part_mix, part_sq, lc, streams.shape[1]))
-    launcher(collapse_launch(streams, (x, *post_inputs) if post_inputs is not None else None, part_mix, part_sq,
-                             base, scale, norm_weight, normed, post, comb, rms_eps, hc_eps, iters, lc))
+    launcher(mix_partials_launch(x, mix_in, fn, partials, lc, streams.shape[1]))
+    launcher(collapse_launch(streams, (x, *post_inputs) if post_inputs is not None else None, partials, base,
+                             scale, norm_weight, normed, post, comb, rms_eps, hc_eps, iters, lc))
 
 
 def _new_pre_outputs(streams: torch.Tensor):
@@ -573,8 +616,8 @@ def hc_post(block_out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, 
     """New streams [N, n, D] in streams' dtype; see mhc_reference.hc_post."""
     block_out, streams, post, comb = _post_inputs(block_out, streams, post, comb)
     new = _outputs(out, lambda: torch.empty_like(streams))
-    launcher(mix_partials_launch(block_out, (streams, post, comb, new), None, None, None,
-                                 _launch_for(streams, launch), streams.shape[1]))
+    launcher(mix_partials_launch(block_out, (streams, post, comb, new), None, None, _launch_for(streams, launch),
+                                 streams.shape[1]))
     return new
 
 
