@@ -187,7 +187,7 @@ def candidate_launches(t, tokens: int, hidden: int, hc: int = 4) -> list:
     found.setdefault(dataclasses.replace(default, pdl=False), None)
     for warps in (4, 8, 16):
         found.setdefault(dataclasses.replace(default, collapse_warps=warps), None)
-    split_fields = ("block_t", "block_d", "chunks", "split_k", "num_warps", "num_stages", "dot", "precision")
+    split_fields = ("block_t", "block_d", "chunks", "split_k", "num_stages", "dot", "precision")
     if tokens <= 16:
         for block_t in sorted({1, 2, 4} & set(range(1, 2 * tokens))):
             for block_d in (32, 64, 128):
