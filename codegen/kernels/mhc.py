@@ -442,15 +442,17 @@ def dot_launch(t: Target, tokens: int, hidden: int, hc: int, block_t: int, progr
 def mhc_launch(t: Target, tokens: int, hidden: int, hc: int = 4) -> MhcLaunch:
     """The launch of an mHC boundary of `tokens` tokens, hidden size `hidden`, `hc` streams on target `t`.
 
-    GPUs (chosen by `bench/mhc_bench.py --sweep` on an H100, hc_post_pre, BENCHMARKS.md): the collapse is
-    launched as the split-K kernel's programmatic dependent (11.8 against 14.5 us without at T = 1). Up to 8
-    tokens, blocks of 1-2 tokens multiplied by broadcasting (a tl.dot pads to 16 rows), one 64-column chunk
-    a program (11.2 us at T = 1, 14.3 at T = 8). 9-16 tokens: tf32x3 tensor-core dots on a 16-token block.
-    Beyond: tf32x3 dots on 64-token blocks (wgmma on Hopper, tcgen05 on Blackwell), 16-column chunks, about
-    one program an SM up to 64 tokens and two beyond (20.7 us at T = 64 against 27.3 for 16-token blocks,
-    40.6 against 73.9 at T = 256). tf32x3 is fp32-accurate: relative error against the fp32 reference 1e-7 to
-    3e-7, as FMA's. cpu (Triton's interpreter, tests only): few large programs (the interpreter pays per
-    program and per call), but still several splits and chunks so both loops are exercised.
+    GPUs (chosen by `bench/mhc_bench.py --sweep` on an H100, hc_post_pre at Flash dimensions, BENCHMARKS.md):
+    the collapse is launched as the split-K kernel's programmatic dependent, one token a program at 4 warps
+    (`collapse_warps`). Up to 8 tokens the split-K kernel multiplies
+    by broadcasting (a tl.dot pads to 16 rows) on one token a program: one 64-column chunk a program up to 2
+    tokens (9.1 us at T = 1 against 12.9 for 32 columns and 13.7 for 128), 128 columns for 3-8 (10.1 us at
+    T = 8 against 11.4 for 2-token blocks of 64). 9-16 tokens: tf32x3 tensor-core dots on a 16-token block.
+    Beyond: tf32x3 dots on 64-token blocks (wgmma on Hopper, tcgen05 on Blackwell), one 16-column chunk a
+    program, about two programs an SM (15.2 us at T = 64 against 18.0 for two chunks on half the programs).
+    tf32x3 is fp32-accurate: relative error against the fp32 reference 1e-7 to 3e-7, as FMA's. cpu
+    (Triton's interpreter, tests only): few large programs (the interpreter pays per program and per call),
+    but still several splits and chunks so both loops are exercised.
     """
     if not t.is_gpu:
         block_d = max(MIN_DOT, min(1024, triton.next_power_of_2(triton.cdiv(hidden, 4))))
@@ -458,12 +460,12 @@ def mhc_launch(t: Target, tokens: int, hidden: int, hc: int = 4) -> MhcLaunch:
         block_t = min(256, triton.next_power_of_2(tokens))
         return MhcLaunch(block_t, block_d, chunks, split_k, 4, 1, block_t, 4, dot=False)
     if tokens <= 8:
-        block_t = 1 if tokens <= 2 else 2
-        chunks, split_k = split_over(hidden, 64, triton.cdiv(hidden, 64))
-        return MhcLaunch(block_t, 64, chunks, split_k, 4, 2, 1, collapse_warps(hidden, hc), dot=False, pdl=True)
+        block_d = 64 if tokens <= 2 else 128
+        chunks, split_k = split_over(hidden, block_d, triton.cdiv(hidden, block_d))
+        return MhcLaunch(1, block_d, chunks, split_k, 4, 2, 1, collapse_warps(hidden, hc), dot=False, pdl=True)
     if tokens <= 16:
         return dot_launch(t, tokens, hidden, hc, MIN_DOT)
-    return dot_launch(t, tokens, hidden, hc, 64, programs_per_sm=1 if tokens <= 64 else 2)
+    return dot_launch(t, tokens, hidden, hc, 64)
 
 
 # ---- host wrappers -------------------------------------------------------------------------------------
