@@ -179,7 +179,7 @@ def bench_tokens(tokens, args, gbps, l2_bytes, compiled, compiled_max) -> list[d
 
 def candidate_launches(t, tokens: int, hidden: int, hc: int = 4) -> list:
     """The default launch, then variants of one kernel at a time: without PDL; the collapse at 4-16 warps; the
-    split-K kernel with broadcast blocks of 1-4 tokens (up to 16 tokens) and 32-128 column chunks at 0.5 or 1
+    split-K kernel with broadcast blocks of 1-4 tokens (up to 16 tokens) and 32-256 column chunks at 0.5 or 1
     program an SM, and tensor-core tf32x3 dots on 16 / 32 / 64-token blocks at 1 or 2 programs an SM, 4 or 8
     warps."""
     default = mhc.mhc_launch(t, tokens, hidden, hc)
@@ -190,7 +190,7 @@ def candidate_launches(t, tokens: int, hidden: int, hc: int = 4) -> list:
     split_fields = ("block_t", "block_d", "chunks", "split_k", "num_stages", "dot", "precision")
     if tokens <= 16:
         for block_t in sorted({1, 2, 4} & set(range(1, 2 * tokens))):
-            for block_d in (32, 64, 128):
+            for block_d in (32, 64, 128, 256):
                 for programs in (t.sm_count // 2, t.sm_count):
                     chunks, split_k = mhc.split_over(hidden, block_d, programs)
                     found.setdefault(dataclasses.replace(default, block_t=block_t, block_d=block_d, chunks=chunks,
