@@ -443,11 +443,11 @@ def mhc_launch(t: Target, tokens: int, hidden: int, hc: int = 4) -> MhcLaunch:
     """The launch of an mHC boundary of `tokens` tokens, hidden size `hidden`, `hc` streams on target `t`.
 
     GPUs (chosen by `bench/mhc_bench.py --sweep` on an H100, hc_post_pre at Flash dimensions, BENCHMARKS.md):
-    the collapse is launched as the split-K kernel's programmatic dependent, one token a program at 4 warps
-    (`collapse_warps`). Up to 8 tokens the split-K kernel multiplies
-    by broadcasting (a tl.dot pads to 16 rows) on one token a program: one 64-column chunk a program up to 2
-    tokens (9.1 us at T = 1 against 12.9 for 32 columns and 13.7 for 128), 128 columns for 3-8 (10.1 us at
-    T = 8 against 11.4 for 2-token blocks of 64). 9-16 tokens: tf32x3 tensor-core dots on a 16-token block.
+    the collapse is launched as the split-K kernel's programmatic dependent (9.1 against 10.2 us without at
+    T = 1, 10.1 against 11.2 at T = 8), one token a program at 4 warps (`collapse_warps`). Up to 8 tokens the split-K kernel multiplies
+    by broadcasting (a tl.dot pads to 16 rows) on one token a program: one 32-column chunk a program up to 2
+    tokens (8.2 us at T = 1 against 9.1 for 64 or 128 columns), 128 columns for 3-8 (10.1 us at T = 8
+    against 11.5 for 2-token blocks of 64 and 11.8 for 32 columns). 9-16 tokens: tf32x3 tensor-core dots on a 16-token block.
     Beyond: tf32x3 dots on 64-token blocks (wgmma on Hopper, tcgen05 on Blackwell), one 16-column chunk a
     program, about two programs an SM (15.2 us at T = 64 against 18.0 for two chunks on half the programs).
     tf32x3 is fp32-accurate: relative error against the fp32 reference 1e-7 to 3e-7, as FMA's. cpu
@@ -460,7 +460,7 @@ def mhc_launch(t: Target, tokens: int, hidden: int, hc: int = 4) -> MhcLaunch:
         block_t = min(256, triton.next_power_of_2(tokens))
         return MhcLaunch(block_t, block_d, chunks, split_k, 4, 1, block_t, 4, dot=False)
     if tokens <= 8:
-        block_d = 64 if tokens <= 2 else 128
+        block_d = 32 if tokens <= 2 else 128
         chunks, split_k = split_over(hidden, block_d, triton.cdiv(hidden, block_d))
         return MhcLaunch(1, block_d, chunks, split_k, 4, 2, 1, collapse_warps(hidden, hc), dot=False, pdl=True)
     if tokens <= 16:
