@@ -216,16 +216,18 @@ def sweep(tokens, args, l2_bytes) -> None:
     t = target_for_device("cuda")
     for op in ("hc_post_pre",):
         arg_sets = [op_args(op, s, args.iters) for s in sets]
-        results = []
-        for launch in candidate_launches(t, tokens, args.hidden):
+        results = {}
+        for launch in candidate_launches(t, tokens, args.hidden, args.hc):
             fn = lambda *a, launch=launch: getattr(mhc, op)(*a, launch=launch)
             try:
-                results.append((graph_us(fn, arg_sets, replays=10), launch))
+                results[launch] = graph_us(fn, arg_sets, replays=10)
             except Exception as error:  # noqa: BLE001 -- a tile too large for this GPU, say: reported, skipped
                 print(f"    skipped {launch}: {error}", flush=True)
-        print(f"sweep {op} T={tokens}: default {results[0][0]:.2f} us {results[0][1]}; "
-              f"no PDL {results[1][0]:.2f} us; best:", flush=True)
-        for us, launch in sorted(results, key=lambda r: r[0])[:6]:
+        default = mhc.mhc_launch(t, tokens, args.hidden, args.hc)
+        no_pdl = dataclasses.replace(default, pdl=False)
+        print(f"sweep {op} T={tokens}: default {results.get(default, float('nan')):.2f} us {default}; "
+              f"no PDL {results.get(no_pdl, float('nan')):.2f} us; best:", flush=True)
+        for launch, us in sorted(results.items(), key=lambda r: r[1])[:6]:
             print(f"    {us:7.2f} us  {check(op, sets[0], args.iters, launch=launch)}  {launch}", flush=True)
 
 

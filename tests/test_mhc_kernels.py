@@ -65,6 +65,18 @@ def _check_launch(fields, hidden):
     _kernel_module().MhcLaunch(**fields).check(hidden)
 
 
+def _wrong_partials_message():
+    """The error a launch gives for a partials buffer that is not mix_workspace's shape."""
+    module = _kernel_module()
+    launch = module.mhc_launch(target("cpu"), 2, 32)
+    try:
+        module.mix_partials_launch(torch.randn(2, 4, 32), None, torch.randn(24, 128),
+                                   torch.empty(2, launch.split_k, 24), launch, 4)
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
 class _Interpreter:
     """Calls into the child process: `mhc.hc_pre(...)` runs the kernel wrapper there and returns its outputs."""
 
@@ -269,6 +281,9 @@ def test_launch_validation(mhc):
     with pytest.raises(ValueError, match="covers 64 < D=96"):
         mhc.call(_check_launch, fields, 96)
     streams = torch.randn(2, 4, 32)
+    # the kernels index the partials by their own constants (24 mixes + sum(x^2), padded to 32 columns)
+    assert "partials must be a contiguous float32 (2, " in mhc.call(_wrong_partials_message)
+    assert ", 32) tensor (mix_workspace), got torch.float32 (2, " in mhc.call(_wrong_partials_message)
     with pytest.raises(ValueError, match="fn must have shape"):
         mhc.hc_pre(streams, torch.randn(24, 64), torch.randn(24), torch.ones(3), torch.ones(32), 1e-6, 1e-6, 20)
 

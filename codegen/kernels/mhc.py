@@ -9,14 +9,16 @@ tests/test_mhc_kernels.py checks each against it. Two launches per boundary (pla
     `post[k] * out + sum_j comb[j,k] * streams[j]` and writes them (hc_post fused with the next hc_pre's
     partials). The fn matrix, the big read at small batch ((2+n)n x nD fp32: 1.5 MiB for Flash), is
     spread over every SM.
-(b) `_collapse_kernel`, two programs per token: each sums the splits and applies the RMS scale; one takes
-    sigmoid, the weighted collapse `sum_j pre[j] * x[j]` over D (rounded to the activation dtype, as the
-    model does) and the RMSNorm that follows it, the other, at the same time, 2*sigmoid and the Sinkhorn
-    iterations on the n x n matrix (for n = 4 entry by entry, in each thread's registers). After hc_post it recomputes the new streams from the same inputs as (a)
-    (the same function and rounding dtype, so the same values; the wrappers refuse an `out` that aliases an
+(b) `_collapse_kernel`, two programs per token block (one token on GPUs): each sums the splits and applies
+    the RMS scale; one takes sigmoid, the weighted collapse `sum_j pre[j] * x[j]` over D (rounded to the
+    activation dtype, as the model does) and the RMSNorm that follows it, the other, at the same time,
+    2*sigmoid and the Sinkhorn iterations on the n x n matrix (for n = 4 entry by entry, in each thread's
+    registers). After hc_post the collapse recomputes the new streams from the same inputs as (a) (the
+    same function and rounding dtype, so the same values; the wrappers refuse an `out` that aliases an
     input or has another dtype) instead of reading (a)'s output: on GPUs it is launched as (a)'s
     programmatic dependent (PDL), so it starts while (a) runs, loads everything but the partials, then waits.
-hc_head uses the same two kernels with the n head rows of fn and no post/comb.
+hc_head uses the same two kernels with the n head rows of fn and no post/comb: one collapse program a token
+block.
 
 bf16 is converted to fp32 right after each load (and the math stays fp32): Triton's CPU interpreter gets
 bf16 arithmetic wrong, and the model's math is fp32 anyway. `x @ fn.T` is fp32-accurate: FMA ("ieee") or
@@ -276,8 +278,7 @@ def _comb(rows, ts_mask, rs, scale_ptr, base_ptr, comb_ptr, t, t_mask, j, tj_mas
 
 @triton.jit
 def _split_sum(rows, ts_mask, column):
-    """Column `column` of every token's partials, summed over the splits: [BLOCK_T]. (Loaded one column at a
-    time: a [BLOCK_T, SPLIT, n] load would set the layout of the collapse's stream tile too.)"""
+    """Column `column` of every token's partials, summed over the splits: [BLOCK_T]."""
     return tl.sum(tl.load(rows + column, mask=ts_mask, other=0.0), axis=1)
 
 
@@ -414,9 +415,11 @@ def split_over(hidden: int, block_d: int, programs_wanted: int) -> tuple[int, in
 
 
 def collapse_warps(hidden: int, hc: int) -> int:
-    """Warps of a one-token collapse program on GPUs: its n x D stream tile at 128 elements a thread (4 warps
-    at Flash's D = 4096: 9.1 us for hc_post_pre at T = 1 on an H100 against 10.5 at 8 warps and 14.0 at 16,
-    where the post / Sinkhorn program, every thread of which computes the whole Sinkhorn, takes longer)."""
+    """Warps of a one-token collapse program on GPUs: its n x D stream tile at 128 elements a thread, the
+    most that stays in registers. Fewer warps are faster: every thread of the post / Sinkhorn program
+    computes the whole Sinkhorn, and more warps queue for the reciprocal unit (hc_post_pre at Flash's
+    D = 4096, T = 1, on an H100: 9.1 us at 4 warps, 10.5 at 8, 14.0 at 16). Larger D gets more warps only
+    so its tile fits (8 at Pro's D = 7168, not timed)."""
     return min(16, max(4, triton.next_power_of_2(hidden) * triton.next_power_of_2(hc) // (32 * 128)))
 
 
@@ -444,12 +447,14 @@ def mhc_launch(t: Target, tokens: int, hidden: int, hc: int = 4) -> MhcLaunch:
 
     GPUs (chosen by `bench/mhc_bench.py --sweep` on an H100, hc_post_pre at Flash dimensions, BENCHMARKS.md):
     the collapse is launched as the split-K kernel's programmatic dependent (9.1 against 10.2 us without at
-    T = 1, 10.1 against 11.2 at T = 8), one token a program at 4 warps (`collapse_warps`). Up to 8 tokens the split-K kernel multiplies
+    T = 1 with 64-column chunks, 10.1 against 11.2 at T = 8), one token a program at 4 warps
+    (`collapse_warps`). Up to 8 tokens the split-K kernel multiplies
     by broadcasting (a tl.dot pads to 16 rows) on one token a program: one 32-column chunk a program up to 2
     tokens (8.2 us at T = 1 against 9.1 for 64 or 128 columns), 128 columns for 3-8 (10.1 us at T = 8
-    against 11.5 for 2-token blocks of 64 and 11.8 for 32 columns). 9-16 tokens: tf32x3 tensor-core dots on a 16-token block.
-    Beyond: tf32x3 dots on 64-token blocks (wgmma on Hopper, tcgen05 on Blackwell), one 16-column chunk a
-    program, about two programs an SM (15.2 us at T = 64 against 18.0 for two chunks on half the programs).
+    against 11.5 for 2-token blocks of 64 columns and 11.45 for 16-token dots). 9-16 tokens: tf32x3 tensor-core dots on a 16-token block.
+    Beyond: tf32x3 dots on 64-token blocks (wgmma on Hopper, tcgen05 on Blackwell), 16-column chunks, about
+    two programs an SM (at T = 64 one chunk a program: 15.2 us against 18.0 for two chunks on half the
+    programs; at T = 256 four).
     tf32x3 is fp32-accurate: relative error against the fp32 reference 1e-7 to 3e-7, as FMA's. cpu
     (Triton's interpreter, tests only): few large programs (the interpreter pays per program and per call),
     but still several splits and chunks so both loops are exercised.
@@ -522,6 +527,14 @@ def _pdl(launch: MhcLaunch, tensor: torch.Tensor) -> bool:
     return launch.pdl and tensor.device.type != "cpu"
 
 
+def _check_partials(partials: torch.Tensor, n_tokens: int, rows: int, launch: MhcLaunch) -> None:
+    """The kernels index the partials by their own constants: the buffer must be `mix_workspace`'s shape."""
+    expected = (n_tokens, launch.split_k, _m_pad(rows))
+    if tuple(partials.shape) != expected or partials.dtype != torch.float32 or not partials.is_contiguous():
+        raise ValueError(f"partials must be a contiguous float32 {expected} tensor (mix_workspace), got "
+                         f"{partials.dtype} {tuple(partials.shape)}")
+
+
 def mix_partials_launch(x, post_mix_inputs, fn, partials, launch: MhcLaunch, hc: int) -> KernelLaunch:
     """Kernel (a). x: streams [N, n, D], or with `post_mix_inputs` = (streams, post, comb, new_streams) the
     block output [N, D] (hc_post is computed and written on the way). fn None: hc_post alone, no partials
@@ -529,6 +542,8 @@ def mix_partials_launch(x, post_mix_inputs, fn, partials, launch: MhcLaunch, hc:
     n_tokens, hidden = x.shape[0], x.shape[-1]
     s, p, c, new = post_mix_inputs if post_mix_inputs is not None else (x, x, x, x)
     mix = fn is not None
+    if mix:
+        _check_partials(partials, n_tokens, fn.shape[0], launch)
     args = dict(x_ptr=x, s_ptr=s, post_ptr=p, comb_ptr=c, new_ptr=new, fn_ptr=fn if mix else x,
                 part_ptr=partials if mix else x, N=n_tokens, M=fn.shape[0] if mix else 0)
     constexprs = dict(D=hidden, HC=hc, HC_PAD=triton.next_power_of_2(hc), M_PAD=_m_pad(fn.shape[0] if mix else 1),
@@ -544,6 +559,7 @@ def collapse_launch(streams, post_mix_inputs, partials, base, scale, norm_weight
     """Kernel (b) over `streams` [N, n, D]; with `post_mix_inputs` = (block_out, streams, post, comb) it
     recomputes the new streams from those instead. post and comb None: hc_head (pre only)."""
     n_tokens, hc, hidden = streams.shape
+    _check_partials(partials, n_tokens, base.shape[0], launch)
     head = post is None
     x, s, p, c = post_mix_inputs if post_mix_inputs is not None else (streams, streams, streams, streams)
     args = dict(x_ptr=x, s_ptr=s, post_in_ptr=p, comb_in_ptr=c, part_ptr=partials, base_ptr=base,
