@@ -178,8 +178,7 @@ def bench_tokens(tokens, args, gbps, l2_bytes, compiled, compiled_max) -> list[d
 
 
 def candidate_launches(t, tokens: int, hidden: int, hc: int = 4) -> list:
-    """The default launch, then variants of one kernel at a time: without PDL; the collapse at 4-16 warps, and
-    writing the new streams itself at 4 or 8 warps; the
+    """The default launch, then variants of one kernel at a time: without PDL; the collapse at 4-16 warps; the
     split-K kernel with broadcast blocks of 1-4 tokens (up to 16 tokens) and 32-256 column chunks at 0.5 or 1
     program an SM, and tensor-core tf32x3 dots on 16 / 32 / 64-token blocks at 1 or 2 programs an SM, 4 or 8
     warps."""
@@ -188,9 +187,6 @@ def candidate_launches(t, tokens: int, hidden: int, hc: int = 4) -> list:
     found.setdefault(dataclasses.replace(default, pdl=False), None)
     for warps in (4, 8, 16):
         found.setdefault(dataclasses.replace(default, collapse_warps=warps), None)
-    for warps in (4, 8):
-        found.setdefault(dataclasses.replace(default, collapse_stores_new=not default.collapse_stores_new,
-                                             collapse_warps=warps), None)
     split_fields = ("block_t", "block_d", "chunks", "split_k", "num_stages", "dot", "precision")
     if tokens <= 16:
         for block_t in sorted({1, 2, 4} & set(range(1, 2 * tokens))):
@@ -265,7 +261,7 @@ def kernel_breakdown(tokens, args, l2_bytes) -> None:
 
         def collapse(s, part, new, launch=launch, iters=iters, post=post):
             normed = torch.empty((tokens, args.hidden), dtype=s["streams"].dtype, device="cuda")
-            post_in = (s["block_out"], s["streams"], s["post"], s["comb"], new) if post else None
+            post_in = (s["block_out"], s["streams"], s["post"], s["comb"]) if post else None
             mhc.JIT(mhc.collapse_launch(s["streams"], post_in, part, s["base"], s["scale"], s["norm_w"], normed,
                                         torch.empty_like(s["post"]), torch.empty_like(s["comb"]), RMS_EPS, HC_EPS,
                                         iters, launch))

@@ -95,8 +95,8 @@ def _accumulate(acc, sq, x3, fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC: tl.con
 def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part_ptr, N, M,
                          D: tl.constexpr, HC: tl.constexpr, HC_PAD: tl.constexpr, M_PAD: tl.constexpr,
                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr,
-                         SPLIT: tl.constexpr, POST: tl.constexpr, STORE_NEW: tl.constexpr, MIX: tl.constexpr,
-                         DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+                         SPLIT: tl.constexpr, POST: tl.constexpr, MIX: tl.constexpr, DOT: tl.constexpr,
+                         PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Partials of one (token block, D slice). Without POST x_ptr is streams [N, HC, D]; with POST it is the
     block output [N, D], and the slice of new streams [N, HC, D] is built from s_ptr/post_ptr/comb_ptr first.
     Partials [N, SPLIT, M_PAD]: the slice's `x @ fn.T` in columns < M and its sum(x^2) in column M (M_PAD >
@@ -128,8 +128,7 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
             out = tl.load(x_ptr + t[:, None] * D + d[None, :], mask=td_mask, other=0.0).to(tl.float32)
             x3 = _new_streams(out, post, s_ptr, comb_ptr, t, td_mask, j, tj_mask, d, HC, D,
                               new_ptr.dtype.element_ty)
-            if STORE_NEW:
-                tl.store(new_ptr + offsets, x3.to(new_ptr.dtype.element_ty), mask=x_mask)
+            tl.store(new_ptr + offsets, x3.to(new_ptr.dtype.element_ty), mask=x_mask)
         else:
             x3 = tl.load(x_ptr + offsets, mask=x_mask, other=0.0).to(tl.float32)
         if MIX:
@@ -289,12 +288,11 @@ def _rms_scale(sum_sq, count, eps):
 
 
 @triton.jit
-def _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, base_ptr, scale_ptr, norm_w_ptr,
-              normed_ptr, M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D: tl.constexpr, HC: tl.constexpr,
-              BLOCK_D: tl.constexpr, POST: tl.constexpr, STORE_NEW: tl.constexpr, PDL: tl.constexpr):
+def _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, rows, ts_mask, base_ptr, scale_ptr, norm_w_ptr, normed_ptr, M,
+              t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D: tl.constexpr, HC: tl.constexpr,
+              BLOCK_D: tl.constexpr, POST: tl.constexpr, PDL: tl.constexpr):
     """normed = RMSNorm(sum_j pre[j] x[j]) * w over all of D: the collapse is rounded to the activation dtype
-    and its sum of squares taken from the rounded values, as the model does. STORE_NEW (with POST): this
-    program writes the recomputed new streams to new_ptr, before it waits for the partials."""
+    and its sum of squares taken from the rounded values, as the model does."""
     d = tl.arange(0, BLOCK_D)
     td_mask = t_mask[:, None] & (d < D)[None, :]
     if POST:
@@ -302,9 +300,6 @@ def _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, ba
         post_in = tl.load(post_in_ptr + t[:, None] * HC + j[None, :], mask=tj_mask, other=0.0)
         x = _new_streams(out, post_in, s_ptr, comb_in_ptr, t, td_mask, j, tj_mask, d, HC, D,
                          normed_ptr.dtype.element_ty)
-        if STORE_NEW:
-            tl.store(new_ptr + t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :],
-                     x.to(new_ptr.dtype.element_ty), mask=td_mask[:, None, :] & j_mask[None, :, None])
     else:
         x = tl.load(x_ptr + t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :],
                     mask=td_mask[:, None, :] & j_mask[None, :, None], other=0.0).to(tl.float32)
@@ -339,11 +334,11 @@ def _post_and_comb(rows, ts_mask, base_ptr, scale_ptr, post_ptr, comb_ptr, M, t,
 
 
 @triton.jit
-def _collapse_kernel(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, part_ptr, base_ptr, scale_ptr, norm_w_ptr,
+def _collapse_kernel(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, part_ptr, base_ptr, scale_ptr, norm_w_ptr,
                      normed_ptr, post_ptr, comb_ptr, N, M, rms_eps, hc_eps, D: tl.constexpr, HC: tl.constexpr,
                      HC_PAD: tl.constexpr, M_PAD: tl.constexpr, SPLIT: tl.constexpr, SPLIT_PAD: tl.constexpr,
                      ITERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HEAD: tl.constexpr,
-                     POST: tl.constexpr, STORE_NEW: tl.constexpr, PDL: tl.constexpr):
+                     POST: tl.constexpr, PDL: tl.constexpr):
     """Grid (token blocks, 2; 1 with HEAD). Each program sums the split-K partials of its BLOCK_T tokens
     itself (M: the column of sum(x^2)). Programs (b, 0): the collapse and RMSNorm (`_collapse`); programs
     (b, 1): post and the Sinkhorn comb (`_post_and_comb`), in parallel with the collapse. x: the streams
@@ -360,13 +355,11 @@ def _collapse_kernel(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, part_ptr, 
     ts_mask = t_mask[:, None] & (s < SPLIT)[None, :]
     rows = part_ptr + (t[:, None] * SPLIT + s[None, :]) * M_PAD  # [BLOCK_T, SPLIT_PAD]
     if HEAD:
-        _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, base_ptr, scale_ptr, norm_w_ptr,
-                  normed_ptr, M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D, HC, BLOCK_D, POST, STORE_NEW,
-                  PDL)
+        _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, rows, ts_mask, base_ptr, scale_ptr, norm_w_ptr, normed_ptr,
+                  M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D, HC, BLOCK_D, POST, PDL)
     elif tl.program_id(1) == 0:
-        _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, base_ptr, scale_ptr, norm_w_ptr,
-                  normed_ptr, M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D, HC, BLOCK_D, POST, STORE_NEW,
-                  PDL)
+        _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, rows, ts_mask, base_ptr, scale_ptr, norm_w_ptr, normed_ptr,
+                  M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D, HC, BLOCK_D, POST, PDL)
     else:
         _post_and_comb(rows, ts_mask, base_ptr, scale_ptr, post_ptr, comb_ptr, M, t, t_mask, j, j_mask, tj_mask,
                        rms_eps, hc_eps, D, HC, HC_PAD, ITERS, BLOCK_T, PDL)
@@ -382,9 +375,7 @@ class MhcLaunch:
     `num_warps`, `num_stages`. Collapse kernel: `collapse_t` tokens a program over all of D (a second
     program a token block computes post and comb), `collapse_warps`. `pdl`: the collapse is
     launched as the split-K kernel's programmatic dependent (CUDA only): it starts, loads its streams and
-    weights, and waits for the partials, while the split-K kernel is still running. `collapse_stores_new`
-    (hc_post fused with a collapse): the collapse program, which recomputes the new streams anyway, writes
-    them (before its wait, on the split-K kernel's time) and the split-K kernel only reads."""
+    weights, and waits for the partials, while the split-K kernel is still running."""
 
     block_t: int
     block_d: int
@@ -397,7 +388,6 @@ class MhcLaunch:
     dot: bool = True
     precision: str = "ieee"
     pdl: bool = False
-    collapse_stores_new: bool = False
 
     def __post_init__(self):
         for name in ("block_t", "block_d", "collapse_t"):
@@ -558,31 +548,28 @@ def mix_partials_launch(x, post_mix_inputs, fn, partials, launch: MhcLaunch, hc:
                 part_ptr=partials if mix else x, N=n_tokens, M=fn.shape[0] if mix else 0)
     constexprs = dict(D=hidden, HC=hc, HC_PAD=triton.next_power_of_2(hc), M_PAD=_m_pad(fn.shape[0] if mix else 1),
                       BLOCK_T=launch.block_t, BLOCK_D=launch.block_d, CHUNKS=launch.chunks, SPLIT=launch.split_k,
-                      POST=post_mix_inputs is not None,
-                      STORE_NEW=post_mix_inputs is not None and not (mix and launch.collapse_stores_new), MIX=mix,
-                      DOT=launch.dot, PRECISION=launch.precision, PDL=_pdl(launch, x) and mix)
+                      POST=post_mix_inputs is not None, MIX=mix, DOT=launch.dot, PRECISION=launch.precision,
+                      PDL=_pdl(launch, x) and mix)
     return KernelLaunch(_mix_partials_kernel, (triton.cdiv(n_tokens, launch.block_t), launch.split_k), args,
                         constexprs, _options(launch.num_warps, launch.num_stages, False))
 
 
 def collapse_launch(streams, post_mix_inputs, partials, base, scale, norm_weight, normed, post, comb, rms_eps,
                     hc_eps, iters: int, launch: MhcLaunch) -> KernelLaunch:
-    """Kernel (b) over `streams` [N, n, D]; with `post_mix_inputs` = (block_out, streams, post, comb, new) it
-    recomputes the new streams from those instead (and writes them to `new` with
-    `launch.collapse_stores_new`). post and comb None: hc_head (pre only)."""
+    """Kernel (b) over `streams` [N, n, D]; with `post_mix_inputs` = (block_out, streams, post, comb) it
+    recomputes the new streams from those instead. post and comb None: hc_head (pre only)."""
     n_tokens, hc, hidden = streams.shape
     _check_partials(partials, n_tokens, base.shape[0], launch)
     head = post is None
-    x, s, p, c, new = post_mix_inputs if post_mix_inputs is not None else (streams,) * 5
-    store_new = post_mix_inputs is not None and launch.collapse_stores_new
-    args = dict(x_ptr=x, s_ptr=s, post_in_ptr=p, comb_in_ptr=c, new_ptr=new, part_ptr=partials, base_ptr=base,
+    x, s, p, c = post_mix_inputs if post_mix_inputs is not None else (streams, streams, streams, streams)
+    args = dict(x_ptr=x, s_ptr=s, post_in_ptr=p, comb_in_ptr=c, part_ptr=partials, base_ptr=base,
                 scale_ptr=scale, norm_w_ptr=norm_weight, normed_ptr=normed, post_ptr=normed if head else post,
                 comb_ptr=normed if head else comb, N=n_tokens, M=base.shape[0], rms_eps=float(rms_eps),
                 hc_eps=float(hc_eps))
     constexprs = dict(D=hidden, HC=hc, HC_PAD=triton.next_power_of_2(hc), M_PAD=_m_pad(base.shape[0]),
                       SPLIT=launch.split_k, SPLIT_PAD=triton.next_power_of_2(launch.split_k), ITERS=int(iters),
                       BLOCK_T=launch.collapse_t, BLOCK_D=triton.next_power_of_2(hidden), HEAD=head,
-                      POST=post_mix_inputs is not None, STORE_NEW=store_new, PDL=_pdl(launch, streams))
+                      POST=post_mix_inputs is not None, PDL=_pdl(launch, streams))
     grid = (triton.cdiv(n_tokens, launch.collapse_t), 1 if head else 2)
     return KernelLaunch(_collapse_kernel, grid, args, constexprs,
                         _options(launch.collapse_warps, 1, constexprs["PDL"]))
@@ -609,7 +596,7 @@ def _mixes_and_collapse(x, streams, post_inputs, new, fn, base, scale, norm_weig
     partials = mix_workspace(streams.shape[0], fn.shape[0], lc, streams.device)
     mix_in = (*post_inputs, new) if post_inputs is not None else None
     launcher(mix_partials_launch(x, mix_in, fn, partials, lc, streams.shape[1]))
-    launcher(collapse_launch(streams, (x, *post_inputs, new) if post_inputs is not None else None, partials, base,
+    launcher(collapse_launch(streams, (x, *post_inputs) if post_inputs is not None else None, partials, base,
                              scale, norm_weight, normed, post, comb, rms_eps, hc_eps, iters, lc))
 
 
