@@ -100,9 +100,9 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
     """Partials of one (token block, D slice). Without POST x_ptr is streams [N, HC, D]; with POST it is the
     block output [N, D], and the slice of new streams [N, HC, D] is built from s_ptr/post_ptr/comb_ptr first.
     Partials [N, SPLIT, M_PAD]: the slice's `x @ fn.T` in columns < M and its sum(x^2) in column M (M_PAD >
-    M). MIX=False (plain hc_post) skips the partials. Every load of a chunk is
-    independent of the others, so they are all in flight at once. PDL: the collapse launch that follows may
-    start now (it waits for this grid's completion before reading the partials)."""
+    M). MIX=False (plain hc_post) skips the partials. Every load of a chunk is independent of the others,
+    so they are all in flight at once. PDL: the collapse launch that follows may start now (it waits for
+    this grid's completion before reading the partials)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     pid_t = tl.program_id(0)
@@ -354,13 +354,10 @@ def _collapse_kernel(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, part_ptr, base_ptr,
     s = tl.arange(0, SPLIT_PAD)
     ts_mask = t_mask[:, None] & (s < SPLIT)[None, :]
     rows = part_ptr + (t[:, None] * SPLIT + s[None, :]) * M_PAD  # [BLOCK_T, SPLIT_PAD]
-    if HEAD:
+    if tl.program_id(1) == 0:
         _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, rows, ts_mask, base_ptr, scale_ptr, norm_w_ptr, normed_ptr,
                   M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D, HC, BLOCK_D, POST, PDL)
-    elif tl.program_id(1) == 0:
-        _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, rows, ts_mask, base_ptr, scale_ptr, norm_w_ptr, normed_ptr,
-                  M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D, HC, BLOCK_D, POST, PDL)
-    else:
+    elif not HEAD:  # hc_head's grid has no second program: nothing of this is compiled for it
         _post_and_comb(rows, ts_mask, base_ptr, scale_ptr, post_ptr, comb_ptr, M, t, t_mask, j, j_mask, tj_mask,
                        rms_eps, hc_eps, D, HC, HC_PAD, ITERS, BLOCK_T, PDL)
 
