@@ -178,13 +178,15 @@ def bench_tokens(tokens, args, gbps, l2_bytes, compiled, compiled_max) -> list[d
 
 
 def candidate_launches(t, tokens: int, hidden: int, hc: int = 4) -> list:
-    """The default launch, then variants of one kernel at a time: without PDL; the collapse at 4-16 warps; the
+    """The default launch, then variants of one kernel at a time: without PDL; the new streams written by the
+    other kernel; the collapse at 4-16 warps; the
     split-K kernel with broadcast blocks of 1-4 tokens (up to 16 tokens) and 32-256 column chunks at 0.5 or 1
-    program an SM, and tensor-core tf32x3 dots on 16 / 32 / 64-token blocks at 1 or 2 programs an SM, 4 or 8
-    warps."""
+    program an SM, and tensor-core tf32x3 dots on 16 / 32 / 64-token blocks of 16-64 columns (and
+    `dot_launch`'s width) at 1 or 2 programs an SM, 4 or 8 warps."""
     default = mhc.mhc_launch(t, tokens, hidden, hc)
     found = {default: None}
     found.setdefault(dataclasses.replace(default, pdl=False), None)
+    found.setdefault(dataclasses.replace(default, collapse_stores_new=not default.collapse_stores_new), None)
     for warps in (4, 8, 16):
         found.setdefault(dataclasses.replace(default, collapse_warps=warps), None)
     split_fields = ("block_t", "block_d", "chunks", "split_k", "num_stages", "dot", "precision")
@@ -199,9 +201,13 @@ def candidate_launches(t, tokens: int, hidden: int, hc: int = 4) -> list:
         if block_t <= 4 * tokens:
             for per_sm in (1, 2):
                 dot = mhc.dot_launch(t, tokens, hidden, hc, block_t, per_sm)
-                for warps in (4, 8):
-                    found.setdefault(dataclasses.replace(default, **{f: getattr(dot, f) for f in split_fields},
-                                                         num_warps=warps), None)
+                programs = max(1, per_sm * t.sm_count // triton.cdiv(tokens, block_t))
+                for block_d in sorted({dot.block_d, 16, 32, 64}):
+                    chunks, split_k = mhc.split_over(hidden, block_d, programs)
+                    for warps in (4, 8):
+                        fields = {f: getattr(dot, f) for f in split_fields}
+                        fields.update(block_d=block_d, chunks=chunks, split_k=split_k, num_warps=warps)
+                        found.setdefault(dataclasses.replace(default, **fields), None)
     return list(found)
 
 
@@ -261,7 +267,7 @@ def kernel_breakdown(tokens, args, l2_bytes) -> None:
 
         def collapse(s, part, new, launch=launch, iters=iters, post=post):
             normed = torch.empty((tokens, args.hidden), dtype=s["streams"].dtype, device="cuda")
-            post_in = (s["block_out"], s["streams"], s["post"], s["comb"]) if post else None
+            post_in = (s["block_out"], s["streams"], s["post"], s["comb"], new) if post else None
             mhc.JIT(mhc.collapse_launch(s["streams"], post_in, part, s["base"], s["scale"], s["norm_w"], normed,
                                         torch.empty_like(s["post"]), torch.empty_like(s["comb"]), RMS_EPS, HC_EPS,
                                         iters, launch))

@@ -254,10 +254,27 @@ def test_gpu_launch_heuristics_under_the_interpreter(mhc, name, tokens, dot):
     gen = _gen("gpu-launch", name)
     launch = mhc.call(_launch_fields, name, tokens, hidden)
     assert launch["collapse_t"] == 1 and launch["split_k"] > 1 and launch["dot"] == dot
+    assert launch["collapse_stores_new"]  # from 3 tokens the collapse program writes the new streams
     args = (*_post_inputs(gen, tokens, hc, hidden, dtype), *_mix_params(gen, (2 + hc) * hc, hc, hidden, dtype, 3),
             RMS_EPS, HC_EPS, 20)
     _check_post_then_pre(mhc.hc_post_pre(*args, launch=launch, out=_poisoned(*ref.hc_post_pre(*args))), args,
                          dtype)
+
+
+@pytest.mark.parametrize("collapse_stores_new", [False, True])
+def test_either_kernel_may_write_the_new_streams(mhc, collapse_stores_new):
+    """hc_post_pre and hc_post_head with the new streams written by the split-K kernel or by the collapse
+    program (which recomputes them from the same inputs): the same outputs, none left unwritten."""
+    tokens, hidden, hc, dtype = 7, 200, 4, torch.bfloat16
+    gen = _gen("stores-new", collapse_stores_new)
+    launch = {**mhc.call(_launch_fields, "cpu", tokens, hidden), "collapse_stores_new": collapse_stores_new}
+    post_inputs = _post_inputs(gen, tokens, hc, hidden, dtype)
+    args = (*post_inputs, *_mix_params(gen, (2 + hc) * hc, hc, hidden, dtype, 3), RMS_EPS, HC_EPS, 20)
+    _check_post_then_pre(mhc.hc_post_pre(*args, launch=launch, out=_poisoned(*ref.hc_post_pre(*args))), args,
+                         dtype)
+    args = (*post_inputs, *_mix_params(gen, hc, hc, hidden, dtype, 1), RMS_EPS, HC_EPS)
+    _check_post_then_pre(mhc.hc_post_head(*args, launch=launch, out=_poisoned(*ref.hc_post_head(*args))), args,
+                         dtype, head=True)
 
 
 def test_launch_heuristics_cover_every_column(mhc):

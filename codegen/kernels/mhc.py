@@ -6,8 +6,8 @@ tests/test_mhc_kernels.py checks each against it. Two launches per boundary (pla
 (a) `_mix_partials_kernel`, grid (token blocks, split_k): split-K over the hidden dimension. Each program
     takes `block_t` tokens and `chunks` chunks of `block_d` columns of all n streams, and writes the partial
     `x @ fn.T` and `sum(x^2)` of its slice. With `POST` it first builds its slice of the new streams
-    `post[k] * out + sum_j comb[j,k] * streams[j]` and writes them (hc_post fused with the next hc_pre's
-    partials). The fn matrix, the big read at small batch ((2+n)n x nD fp32: 1.5 MiB for Flash), is
+    `post[k] * out + sum_j comb[j,k] * streams[j]` (hc_post fused with the next hc_pre's partials) and
+    writes them, unless the collapse does (`MhcLaunch.collapse_stores_new`). The fn matrix, the big read at small batch ((2+n)n x nD fp32: 1.5 MiB for Flash), is
     spread over every SM.
 (b) `_collapse_kernel`, two programs per token block (one token on GPUs): each sums the splits and applies
     the RMS scale; one takes sigmoid, the weighted collapse `sum_j pre[j] * x[j]` over D (rounded to the
@@ -15,8 +15,9 @@ tests/test_mhc_kernels.py checks each against it. Two launches per boundary (pla
     2*sigmoid and the Sinkhorn iterations on the n x n matrix (for n = 4 entry by entry, in each thread's
     registers). After hc_post the collapse recomputes the new streams from the same inputs as (a) (the
     same function and rounding dtype, so the same values; the wrappers refuse an `out` that aliases an
-    input or has another dtype) instead of reading (a)'s output: on GPUs it is launched as (a)'s
-    programmatic dependent (PDL), so it starts while (a) runs, loads everything but the partials, then waits.
+    input or has another dtype) instead of reading (a)'s output, and may write them itself: on GPUs it is
+    launched as (a)'s programmatic dependent (PDL), so it starts while (a) runs, loads (and writes)
+    everything but what needs the partials, then waits.
 hc_head uses the same two kernels with the n head rows of fn and no post/comb: one collapse program a token
 block.
 
@@ -59,17 +60,21 @@ def _round(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _new_streams(out, post, s_ptr, comb_ptr, t, td_mask, j, tj_mask, d, HC: tl.constexpr, D: tl.constexpr,
+def _new_streams(out_ptr, s_ptr, post_ptr, comb_ptr, t, k, d, td_mask, tk_mask, HC: tl.constexpr, D: tl.constexpr,
                  DTYPE: tl.constexpr):
-    """hc_post on columns d of BLOCK_T tokens, rounded to DTYPE: new[k] = post[k] * out + sum_i comb[i, k] *
-    streams[i]; out [BLOCK_T, BLOCK_D] and post [BLOCK_T, HC_PAD] fp32, loaded by the caller. Both kernels
-    call this one function, so the collapse's recomputed streams equal the split-K kernel's stored ones."""
-    mixed = tl.zeros([out.shape[0], post.shape[1], out.shape[1]], dtype=tl.float32)
-    for i in tl.static_range(HC):
-        s_i = tl.load(s_ptr + t[:, None] * (HC * D) + i * D + d[None, :], mask=td_mask, other=0.0).to(tl.float32)
-        c_i = tl.load(comb_ptr + t[:, None] * (HC * HC) + i * HC + j[None, :], mask=tj_mask, other=0.0)
-        mixed += c_i[:, :, None] * s_i[:, None, :]
-    return _round(post[:, :, None] * out[:, None, :] + mixed, DTYPE)
+    """hc_post at (token t, stream k, column d), rounded to DTYPE: post[k] * out + sum_i comb[i, k] *
+    streams[i], fp32 inside. t, k, d: broadcastable index tensors (k may be a constant); td_mask / tk_mask:
+    the masks of the out and streams loads (t and d's shape) and of the post and comb loads (t and k's). The
+    split-K kernel builds one stream's [tokens, columns] tile a call, the collapse all streams' [tokens, n,
+    D] tile in one; both call this one function, so the collapse's recomputed streams equal the split-K
+    kernel's stored ones."""
+    mixed = (tl.load(comb_ptr + t * (HC * HC) + k, mask=tk_mask, other=0.0) *
+             tl.load(s_ptr + t * (HC * D) + d, mask=td_mask, other=0.0).to(tl.float32))
+    for i in tl.static_range(1, HC):
+        s_i = tl.load(s_ptr + t * (HC * D) + i * D + d, mask=td_mask, other=0.0).to(tl.float32)
+        mixed += tl.load(comb_ptr + t * (HC * HC) + i * HC + k, mask=tk_mask, other=0.0) * s_i
+    out = tl.load(out_ptr + t * D + d, mask=td_mask, other=0.0).to(tl.float32)
+    return _round(tl.load(post_ptr + t * HC + k, mask=tk_mask, other=0.0) * out + mixed, DTYPE)
 
 
 @triton.jit
@@ -83,11 +88,11 @@ def _accumulate(acc, sq, x3, fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC: tl.con
                  mask=j_mask[:, None, None] & d_mask[None, :, None] & m_mask[None, None, :], other=0.0)
     x2 = tl.reshape(x3, [BLOCK_T, HC_PAD * BLOCK_D])
     w2 = tl.reshape(w3, [HC_PAD * BLOCK_D, w3.shape[2]])
+    sq += tl.sum(tl.sum(x3 * x3, axis=2), axis=1)
     if DOT:
         acc = tl.dot(x2, w2, acc, input_precision=PRECISION)
     else:
         acc += tl.sum(x2[:, :, None] * w2[None, :, :], axis=1)
-    sq += tl.sum(x2 * x2, axis=1)
     return acc, sq
 
 
@@ -95,11 +100,11 @@ def _accumulate(acc, sq, x3, fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC: tl.con
 def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part_ptr, N, M,
                          D: tl.constexpr, HC: tl.constexpr, HC_PAD: tl.constexpr, M_PAD: tl.constexpr,
                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr,
-                         SPLIT: tl.constexpr, POST: tl.constexpr, MIX: tl.constexpr, DOT: tl.constexpr,
-                         PRECISION: tl.constexpr, PDL: tl.constexpr):
+                         SPLIT: tl.constexpr, POST: tl.constexpr, STORE_NEW: tl.constexpr, MIX: tl.constexpr,
+                         DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Partials of one (token block, D slice). Without POST x_ptr is streams [N, HC, D]; with POST it is the
-    block output [N, D], and the slice of new streams [N, HC, D] is built from s_ptr/post_ptr/comb_ptr first.
-    Partials [N, SPLIT, M_PAD]: the slice's `x @ fn.T` in columns < M and its sum(x^2) in column M (M_PAD >
+    block output [N, D], and the slice of new streams [N, HC, D] is built from s_ptr/post_ptr/comb_ptr first
+    (and written to new_ptr with STORE_NEW; otherwise the collapse writes them). Partials [N, SPLIT, M_PAD]: the slice's `x @ fn.T` in columns < M and its sum(x^2) in column M (M_PAD >
     M). MIX=False (plain hc_post) skips the partials. Every load of a chunk is independent of the others,
     so they are all in flight at once. PDL: the collapse launch that follows may start now (it waits for
     this grid's completion before reading the partials)."""
@@ -116,21 +121,19 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
     tj_mask = t_mask[:, None] & j_mask[None, :]
     acc = tl.zeros([BLOCK_T, M_PAD], dtype=tl.float32)
     sq = tl.zeros([BLOCK_T], dtype=tl.float32)
-    if POST:
-        post = tl.load(post_ptr + t[:, None] * HC + j[None, :], mask=tj_mask, other=0.0)
     for c in range(CHUNKS):
         d = (pid_s * CHUNKS + c) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_mask = d < D
+        td_mask = t_mask[:, None] & d_mask[None, :]
         x_mask = tj_mask[:, :, None] & d_mask[None, None, :]
         offsets = t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :]
         if POST:
-            td_mask = t_mask[:, None] & d_mask[None, :]
-            out = tl.load(x_ptr + t[:, None] * D + d[None, :], mask=td_mask, other=0.0).to(tl.float32)
-            x3 = _new_streams(out, post, s_ptr, comb_ptr, t, td_mask, j, tj_mask, d, HC, D,
-                              new_ptr.dtype.element_ty)
-            tl.store(new_ptr + offsets, x3.to(new_ptr.dtype.element_ty), mask=x_mask)
+            x3 = _new_streams(x_ptr, s_ptr, post_ptr, comb_ptr, t[:, None, None], j[None, :, None], d[None, None, :],
+                              td_mask[:, None, :], tj_mask[:, :, None], HC, D, new_ptr.dtype.element_ty)
         else:
             x3 = tl.load(x_ptr + offsets, mask=x_mask, other=0.0).to(tl.float32)
+        if STORE_NEW:
+            tl.store(new_ptr + offsets, x3.to(new_ptr.dtype.element_ty), mask=x_mask)
         if MIX:
             acc, sq = _accumulate(acc, sq, x3, fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC, D, BLOCK_T, HC_PAD,
                                   BLOCK_D, DOT, PRECISION)
@@ -288,18 +291,20 @@ def _rms_scale(sum_sq, count, eps):
 
 
 @triton.jit
-def _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, rows, ts_mask, base_ptr, scale_ptr, norm_w_ptr, normed_ptr, M,
-              t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D: tl.constexpr, HC: tl.constexpr,
-              BLOCK_D: tl.constexpr, POST: tl.constexpr, PDL: tl.constexpr):
+def _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, base_ptr, scale_ptr, norm_w_ptr,
+              normed_ptr, M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D: tl.constexpr, HC: tl.constexpr,
+              BLOCK_D: tl.constexpr, POST: tl.constexpr, STORE_NEW: tl.constexpr, PDL: tl.constexpr):
     """normed = RMSNorm(sum_j pre[j] x[j]) * w over all of D: the collapse is rounded to the activation dtype
-    and its sum of squares taken from the rounded values, as the model does."""
+    and its sum of squares taken from the rounded values, as the model does. STORE_NEW (with POST): the
+    recomputed new streams are written to new_ptr, before the wait for the partials."""
     d = tl.arange(0, BLOCK_D)
     td_mask = t_mask[:, None] & (d < D)[None, :]
     if POST:
-        out = tl.load(x_ptr + t[:, None] * D + d[None, :], mask=td_mask, other=0.0).to(tl.float32)
-        post_in = tl.load(post_in_ptr + t[:, None] * HC + j[None, :], mask=tj_mask, other=0.0)
-        x = _new_streams(out, post_in, s_ptr, comb_in_ptr, t, td_mask, j, tj_mask, d, HC, D,
-                         normed_ptr.dtype.element_ty)
+        x = _new_streams(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, t[:, None, None], j[None, :, None],
+                         d[None, None, :], td_mask[:, None, :], tj_mask[:, :, None], HC, D, normed_ptr.dtype.element_ty)
+        if STORE_NEW:
+            tl.store(new_ptr + t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :],
+                     x.to(new_ptr.dtype.element_ty), mask=td_mask[:, None, :] & j_mask[None, :, None])
     else:
         x = tl.load(x_ptr + t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :],
                     mask=td_mask[:, None, :] & j_mask[None, :, None], other=0.0).to(tl.float32)
@@ -334,11 +339,11 @@ def _post_and_comb(rows, ts_mask, base_ptr, scale_ptr, post_ptr, comb_ptr, M, t,
 
 
 @triton.jit
-def _collapse_kernel(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, part_ptr, base_ptr, scale_ptr, norm_w_ptr,
+def _collapse_kernel(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, part_ptr, base_ptr, scale_ptr, norm_w_ptr,
                      normed_ptr, post_ptr, comb_ptr, N, M, rms_eps, hc_eps, D: tl.constexpr, HC: tl.constexpr,
                      HC_PAD: tl.constexpr, M_PAD: tl.constexpr, SPLIT: tl.constexpr, SPLIT_PAD: tl.constexpr,
                      ITERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HEAD: tl.constexpr,
-                     POST: tl.constexpr, PDL: tl.constexpr):
+                     POST: tl.constexpr, STORE_NEW: tl.constexpr, PDL: tl.constexpr):
     """Grid (token blocks, 2; 1 with HEAD). Each program sums the split-K partials of its BLOCK_T tokens
     itself (M: the column of sum(x^2)). Programs (b, 0): the collapse and RMSNorm (`_collapse`); programs
     (b, 1): post and the Sinkhorn comb (`_post_and_comb`), in parallel with the collapse. x: the streams
@@ -355,8 +360,8 @@ def _collapse_kernel(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, part_ptr, base_ptr,
     ts_mask = t_mask[:, None] & (s < SPLIT)[None, :]
     rows = part_ptr + (t[:, None] * SPLIT + s[None, :]) * M_PAD  # [BLOCK_T, SPLIT_PAD]
     if tl.program_id(1) == 0:
-        _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, rows, ts_mask, base_ptr, scale_ptr, norm_w_ptr, normed_ptr,
-                  M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D, HC, BLOCK_D, POST, PDL)
+        _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, base_ptr, scale_ptr, norm_w_ptr,
+                  normed_ptr, M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D, HC, BLOCK_D, POST, STORE_NEW, PDL)
     elif not HEAD:  # hc_head's grid has no second program: nothing of this is compiled for it
         _post_and_comb(rows, ts_mask, base_ptr, scale_ptr, post_ptr, comb_ptr, M, t, t_mask, j, j_mask, tj_mask,
                        rms_eps, hc_eps, D, HC, HC_PAD, ITERS, BLOCK_T, PDL)
@@ -372,7 +377,9 @@ class MhcLaunch:
     `num_warps`, `num_stages`. Collapse kernel: `collapse_t` tokens a program over all of D (a second
     program a token block computes post and comb), `collapse_warps`. `pdl`: the collapse is
     launched as the split-K kernel's programmatic dependent (CUDA only): it starts, loads its streams and
-    weights, and waits for the partials, while the split-K kernel is still running."""
+    weights, and waits for the partials, while the split-K kernel is still running. `collapse_stores_new`
+    (hc_post fused with a collapse): the collapse program, which recomputes the new streams anyway, writes
+    them (before its wait, while the split-K kernel runs) and the split-K kernel only uses them."""
 
     block_t: int
     block_d: int
@@ -385,6 +392,7 @@ class MhcLaunch:
     dot: bool = True
     precision: str = "ieee"
     pdl: bool = False
+    collapse_stores_new: bool = False
 
     def __post_init__(self):
         for name in ("block_t", "block_d", "collapse_t"):
@@ -436,22 +444,23 @@ def dot_launch(t: Target, tokens: int, hidden: int, hc: int, block_t: int, progr
         block_d //= 2
     chunks, split_k = split_over(hidden, block_d, programs_per_block)
     return MhcLaunch(block_t, block_d, chunks, split_k, 4, 2, 1, collapse_warps(hidden, hc), precision=precision,
-                     pdl=True)
+                     pdl=True, collapse_stores_new=True)
 
 
 def mhc_launch(t: Target, tokens: int, hidden: int, hc: int = 4) -> MhcLaunch:
     """The launch of an mHC boundary of `tokens` tokens, hidden size `hidden`, `hc` streams on target `t`.
 
     GPUs (chosen by `bench/mhc_bench.py --sweep` on an H100, hc_post_pre at Flash dimensions, BENCHMARKS.md):
-    the collapse is launched as the split-K kernel's programmatic dependent (9.1 against 10.2 us without at
-    T = 1 with 64-column chunks, 10.1 against 11.2 at T = 8), one token a program at 4 warps
-    (`collapse_warps`). Up to 8 tokens the split-K kernel multiplies
-    by broadcasting (a tl.dot pads to 16 rows) on one token a program: one 32-column chunk a program up to 2
-    tokens (8.2 us at T = 1 against 9.1 for 64 or 128 columns), 128 columns for 3-8 (10.1 us at T = 8
-    against 11.5 for 2-token blocks of 64 columns and 11.45 for 16-token dots). 9-16 tokens: tf32x3 tensor-core dots on a 16-token block.
-    Beyond: tf32x3 dots on 64-token blocks (wgmma on Hopper, tcgen05 on Blackwell), 16-column chunks, about
-    two programs an SM (at T = 64 one chunk a program: 15.2 us against 18.0 for two chunks on half the
-    programs; at T = 256 four).
+    the collapse is launched as the split-K kernel's programmatic dependent (9.35 against 10.5 us without at
+    T = 8), one token a program at 4 warps (`collapse_warps`); from 3 tokens it writes the new streams
+    (`collapse_stores_new`: 9.6 against 11.3 us at T = 8, 13.8 against 13.9 at T = 64, 27.5 against 30.7 at
+    T = 256; at T = 1 the split-K kernel writing them is faster, 8.0 against 9.0). Up to 8 tokens the
+    split-K kernel multiplies by broadcasting (a tl.dot pads to 16 rows): one token and one 32-column chunk a
+    program up to 2 tokens (8.2 us at T = 1 against 9.1 for 64 or 128 columns), 2-token blocks of 64 columns
+    for 3-8 (8.9 us at T = 8 against 9.35 for one token and 128 columns). 9-16 tokens: tf32x3 tensor-core
+    dots on a 16-token block. Beyond: tf32x3 dots on 64-token blocks (wgmma on Hopper, tcgen05 on Blackwell),
+    16-column chunks, about two programs an SM (at T = 64 one chunk a program: 13.8 us, 13.5 for two chunks
+    on half the programs, 14.9 for 32-column chunks; at T = 256 four).
     tf32x3 is fp32-accurate: relative error against the fp32 reference 1e-7 to 3e-7, as FMA's. cpu
     (Triton's interpreter, tests only): few large programs (the interpreter pays per program and per call),
     but still several splits and chunks so both loops are exercised.
@@ -462,9 +471,10 @@ def mhc_launch(t: Target, tokens: int, hidden: int, hc: int = 4) -> MhcLaunch:
         block_t = min(256, triton.next_power_of_2(tokens))
         return MhcLaunch(block_t, block_d, chunks, split_k, 4, 1, block_t, 4, dot=False)
     if tokens <= 8:
-        block_d = 32 if tokens <= 2 else 128
+        block_t, block_d = (1, 32) if tokens <= 2 else (2, 64)
         chunks, split_k = split_over(hidden, block_d, triton.cdiv(hidden, block_d))
-        return MhcLaunch(1, block_d, chunks, split_k, 4, 2, 1, collapse_warps(hidden, hc), dot=False, pdl=True)
+        return MhcLaunch(block_t, block_d, chunks, split_k, 4, 2, 1, collapse_warps(hidden, hc), dot=False,
+                         pdl=True, collapse_stores_new=tokens > 2)
     if tokens <= 16:
         return dot_launch(t, tokens, hidden, hc, MIN_DOT)
     return dot_launch(t, tokens, hidden, hc, 64)
@@ -545,28 +555,31 @@ def mix_partials_launch(x, post_mix_inputs, fn, partials, launch: MhcLaunch, hc:
                 part_ptr=partials if mix else x, N=n_tokens, M=fn.shape[0] if mix else 0)
     constexprs = dict(D=hidden, HC=hc, HC_PAD=triton.next_power_of_2(hc), M_PAD=_m_pad(fn.shape[0] if mix else 1),
                       BLOCK_T=launch.block_t, BLOCK_D=launch.block_d, CHUNKS=launch.chunks, SPLIT=launch.split_k,
-                      POST=post_mix_inputs is not None, MIX=mix, DOT=launch.dot, PRECISION=launch.precision,
-                      PDL=_pdl(launch, x) and mix)
+                      POST=post_mix_inputs is not None,
+                      STORE_NEW=post_mix_inputs is not None and not (mix and launch.collapse_stores_new), MIX=mix,
+                      DOT=launch.dot, PRECISION=launch.precision, PDL=_pdl(launch, x) and mix)
     return KernelLaunch(_mix_partials_kernel, (triton.cdiv(n_tokens, launch.block_t), launch.split_k), args,
                         constexprs, _options(launch.num_warps, launch.num_stages, False))
 
 
 def collapse_launch(streams, post_mix_inputs, partials, base, scale, norm_weight, normed, post, comb, rms_eps,
                     hc_eps, iters: int, launch: MhcLaunch) -> KernelLaunch:
-    """Kernel (b) over `streams` [N, n, D]; with `post_mix_inputs` = (block_out, streams, post, comb) it
-    recomputes the new streams from those instead. post and comb None: hc_head (pre only)."""
+    """Kernel (b) over `streams` [N, n, D]; with `post_mix_inputs` = (block_out, streams, post, comb, new) it
+    recomputes the new streams from those instead (and writes them to `new` with
+    `launch.collapse_stores_new`). post and comb None: hc_head (pre only)."""
     n_tokens, hc, hidden = streams.shape
     _check_partials(partials, n_tokens, base.shape[0], launch)
     head = post is None
-    x, s, p, c = post_mix_inputs if post_mix_inputs is not None else (streams, streams, streams, streams)
-    args = dict(x_ptr=x, s_ptr=s, post_in_ptr=p, comb_in_ptr=c, part_ptr=partials, base_ptr=base,
+    x, s, p, c, new = post_mix_inputs if post_mix_inputs is not None else (streams,) * 5
+    args = dict(x_ptr=x, s_ptr=s, post_in_ptr=p, comb_in_ptr=c, new_ptr=new, part_ptr=partials, base_ptr=base,
                 scale_ptr=scale, norm_w_ptr=norm_weight, normed_ptr=normed, post_ptr=normed if head else post,
                 comb_ptr=normed if head else comb, N=n_tokens, M=base.shape[0], rms_eps=float(rms_eps),
                 hc_eps=float(hc_eps))
     constexprs = dict(D=hidden, HC=hc, HC_PAD=triton.next_power_of_2(hc), M_PAD=_m_pad(base.shape[0]),
                       SPLIT=launch.split_k, SPLIT_PAD=triton.next_power_of_2(launch.split_k), ITERS=int(iters),
                       BLOCK_T=launch.collapse_t, BLOCK_D=triton.next_power_of_2(hidden), HEAD=head,
-                      POST=post_mix_inputs is not None, PDL=_pdl(launch, streams))
+                      POST=post_mix_inputs is not None,
+                      STORE_NEW=post_mix_inputs is not None and launch.collapse_stores_new, PDL=_pdl(launch, streams))
     grid = (triton.cdiv(n_tokens, launch.collapse_t), 1 if head else 2)
     return KernelLaunch(_collapse_kernel, grid, args, constexprs,
                         _options(launch.collapse_warps, 1, constexprs["PDL"]))
@@ -593,7 +606,7 @@ def _mixes_and_collapse(x, streams, post_inputs, new, fn, base, scale, norm_weig
     partials = mix_workspace(streams.shape[0], fn.shape[0], lc, streams.device)
     mix_in = (*post_inputs, new) if post_inputs is not None else None
     launcher(mix_partials_launch(x, mix_in, fn, partials, lc, streams.shape[1]))
-    launcher(collapse_launch(streams, (x, *post_inputs) if post_inputs is not None else None, partials, base,
+    launcher(collapse_launch(streams, (x, *post_inputs, new) if post_inputs is not None else None, partials, base,
                              scale, norm_weight, normed, post, comb, rms_eps, hc_eps, iters, lc))
 
 
