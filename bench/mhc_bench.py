@@ -179,7 +179,7 @@ def bench_tokens(tokens, args, gbps, l2_bytes, compiled, compiled_max) -> list[d
 
 def candidate_launches(t, tokens: int, hidden: int, hc: int = 4) -> list:
     """The default launch, then variants of one kernel at a time: without PDL; the new streams written by the
-    other kernel; the collapse at 4-16 warps; the
+    other kernel; the sums of squares in the other kernel; the collapse at 4-16 warps; the
     split-K kernel with broadcast blocks of 1-4 tokens (up to 16 tokens) and 32-256 column chunks at 0.5 or 1
     program an SM, and tensor-core tf32x3 dots on 16 / 32 / 64-token blocks of 16-64 columns (and
     `dot_launch`'s width) at 1 or 2 programs an SM, 4 or 8 warps."""
@@ -187,6 +187,7 @@ def candidate_launches(t, tokens: int, hidden: int, hc: int = 4) -> list:
     found = {default: None}
     found.setdefault(dataclasses.replace(default, pdl=False), None)
     found.setdefault(dataclasses.replace(default, collapse_stores_new=not default.collapse_stores_new), None)
+    found.setdefault(dataclasses.replace(default, collapse_sums_squares=not default.collapse_sums_squares), None)
     for warps in (4, 8, 16):
         found.setdefault(dataclasses.replace(default, collapse_warps=warps), None)
     split_fields = ("block_t", "block_d", "chunks", "split_k", "num_stages", "dot", "precision")

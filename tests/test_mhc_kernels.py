@@ -262,12 +262,16 @@ def test_gpu_launch_heuristics_under_the_interpreter(mhc, name, tokens, dot):
 
 
 @pytest.mark.parametrize("collapse_stores_new", [False, True])
-def test_either_kernel_may_write_the_new_streams(mhc, collapse_stores_new):
-    """hc_post_pre and hc_post_head with the new streams written by the split-K kernel or by the collapse
-    program (which recomputes them from the same inputs): the same outputs, none left unwritten."""
+@pytest.mark.parametrize("collapse_sums_squares", [False, True])
+def test_either_kernel_may_write_the_new_streams_and_sum_their_squares(mhc, collapse_stores_new,
+                                                                       collapse_sums_squares):
+    """hc_post_pre and hc_post_head with the new streams written, and the RMS scale of the next mixes taken
+    from them, by the split-K kernel or by the collapse programs (which rebuild them from the same inputs):
+    the same outputs, none left unwritten."""
     tokens, hidden, hc, dtype = 7, 200, 4, torch.bfloat16
-    gen = _gen("stores-new", collapse_stores_new)
-    launch = {**mhc.call(_launch_fields, "cpu", tokens, hidden), "collapse_stores_new": collapse_stores_new}
+    gen = _gen("stores-new", collapse_stores_new, collapse_sums_squares)
+    launch = {**mhc.call(_launch_fields, "cpu", tokens, hidden), "collapse_stores_new": collapse_stores_new,
+              "collapse_sums_squares": collapse_sums_squares}
     post_inputs = _post_inputs(gen, tokens, hc, hidden, dtype)
     args = (*post_inputs, *_mix_params(gen, (2 + hc) * hc, hc, hidden, dtype, 3), RMS_EPS, HC_EPS, 20)
     _check_post_then_pre(mhc.hc_post_pre(*args, launch=launch, out=_poisoned(*ref.hc_post_pre(*args))), args,

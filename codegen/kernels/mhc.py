@@ -79,8 +79,8 @@ def _new_streams(out_ptr, s_ptr, post_ptr, comb_ptr, t, k, d, td_mask, tk_mask, 
 
 @triton.jit
 def _accumulate(acc, sq, x3, fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC: tl.constexpr, D: tl.constexpr,
-                BLOCK_T: tl.constexpr, HC_PAD: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
-                PRECISION: tl.constexpr):
+                BLOCK_T: tl.constexpr, HC_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SQ: tl.constexpr,
+                DOT: tl.constexpr, PRECISION: tl.constexpr):
     """acc += x @ fn.T and sq += rowsum(x^2) over one chunk of columns d of all streams: x3 [BLOCK_T, HC_PAD,
     BLOCK_D] against fn[:, k*D + d], as one dot of depth HC_PAD*BLOCK_D. DOT=False multiplies by
     broadcasting instead (the interpreter's fp32 tl.dot is a slow numpy loop)."""
@@ -88,7 +88,8 @@ def _accumulate(acc, sq, x3, fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC: tl.con
                  mask=j_mask[:, None, None] & d_mask[None, :, None] & m_mask[None, None, :], other=0.0)
     x2 = tl.reshape(x3, [BLOCK_T, HC_PAD * BLOCK_D])
     w2 = tl.reshape(w3, [HC_PAD * BLOCK_D, w3.shape[2]])
-    sq += tl.sum(tl.sum(x3 * x3, axis=2), axis=1)
+    if SQ:
+        sq += tl.sum(tl.sum(x3 * x3, axis=2), axis=1)
     if DOT:
         acc = tl.dot(x2, w2, acc, input_precision=PRECISION)
     else:
@@ -101,13 +102,16 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
                          D: tl.constexpr, HC: tl.constexpr, HC_PAD: tl.constexpr, M_PAD: tl.constexpr,
                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr,
                          SPLIT: tl.constexpr, POST: tl.constexpr, STORE_NEW: tl.constexpr, MIX: tl.constexpr,
-                         DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+                         SQ: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Partials of one (token block, D slice). Without POST x_ptr is streams [N, HC, D]; with POST it is the
     block output [N, D], and the slice of new streams [N, HC, D] is built from s_ptr/post_ptr/comb_ptr first
-    (and written to new_ptr with STORE_NEW; otherwise the collapse writes them). Partials [N, SPLIT, M_PAD]: the slice's `x @ fn.T` in columns < M and its sum(x^2) in column M (M_PAD >
-    M). MIX=False (plain hc_post) skips the partials. Every load of a chunk is independent of the others,
-    so they are all in flight at once. PDL: the collapse launch that follows may start now (it waits for
-    this grid's completion before reading the partials)."""
+    (and written to new_ptr with STORE_NEW; otherwise the collapse writes them). Partials [N, SPLIT, M_PAD]:
+    the slice's `x @ fn.T` in columns < M and, with SQ, its sum(x^2) in column M (M_PAD > M). Without SQ
+    (POST only) the collapse sums the squares of the new streams it rebuilds, and here they only feed the
+    dot (a second consumer makes the compiler build them in two layouts). MIX=False (plain hc_post) skips the partials.
+    Every load of a chunk is independent of the others, so they are all in flight at once. PDL: the
+    collapse launch that follows may start now (it waits for this grid's completion before reading the
+    partials)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     pid_t = tl.program_id(0)
@@ -136,11 +140,11 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
             tl.store(new_ptr + offsets, x3.to(new_ptr.dtype.element_ty), mask=x_mask)
         if MIX:
             acc, sq = _accumulate(acc, sq, x3, fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC, D, BLOCK_T, HC_PAD,
-                                  BLOCK_D, DOT, PRECISION)
+                                  BLOCK_D, SQ, DOT, PRECISION)
     if MIX:
         acc = tl.where(m[None, :] == M, sq[:, None], acc)
         tl.store(part_ptr + (t[:, None] * SPLIT + pid_s) * M_PAD + m[None, :], acc,
-                 mask=t_mask[:, None] & (m <= M)[None, :])
+                 mask=t_mask[:, None] & (m < M + (1 if SQ else 0))[None, :])
 
 
 @triton.jit
@@ -291,12 +295,20 @@ def _rms_scale(sum_sq, count, eps):
 
 
 @triton.jit
+def _own_rms_scale(x, count: tl.constexpr, eps):
+    """The RMS scale of each token's rebuilt streams x [BLOCK_T, HC_PAD, D] (padding 0): 1/sqrt(mean(x^2) + eps)."""
+    return _rms_scale(tl.sum(tl.sum(x * x, axis=2), axis=1), count, eps)
+
+
+@triton.jit
 def _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, base_ptr, scale_ptr, norm_w_ptr,
               normed_ptr, M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D: tl.constexpr, HC: tl.constexpr,
-              BLOCK_D: tl.constexpr, POST: tl.constexpr, STORE_NEW: tl.constexpr, PDL: tl.constexpr):
+              BLOCK_D: tl.constexpr, POST: tl.constexpr, STORE_NEW: tl.constexpr, OWN_SQ: tl.constexpr,
+              PDL: tl.constexpr):
     """normed = RMSNorm(sum_j pre[j] x[j]) * w over all of D: the collapse is rounded to the activation dtype
-    and its sum of squares taken from the rounded values, as the model does. STORE_NEW (with POST): the
-    recomputed new streams are written to new_ptr, before the wait for the partials."""
+    and its sum of squares taken from the rounded values, as the model does. With POST the new streams are
+    rebuilt before the wait; STORE_NEW: written to new_ptr; OWN_SQ: the mixes' RMS scale taken from them
+    instead of the partials."""
     d = tl.arange(0, BLOCK_D)
     td_mask = t_mask[:, None] & (d < D)[None, :]
     if POST:
@@ -305,13 +317,16 @@ def _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, ba
         if STORE_NEW:
             tl.store(new_ptr + t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :],
                      x.to(new_ptr.dtype.element_ty), mask=td_mask[:, None, :] & j_mask[None, :, None])
+        if OWN_SQ:
+            rs = _own_rms_scale(x, HC * D, rms_eps)
     else:
         x = tl.load(x_ptr + t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :],
                     mask=td_mask[:, None, :] & j_mask[None, :, None], other=0.0).to(tl.float32)
     w = tl.load(norm_w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
     if PDL:
         tl.extra.cuda.gdc_wait()
-    rs = _rms_scale(_split_sum(rows, ts_mask, M), HC * D, rms_eps)
+    if not OWN_SQ:
+        rs = _rms_scale(_split_sum(rows, ts_mask, M), HC * D, rms_eps)
     pre_mix = tl.sum(tl.load(rows[:, :, None] + j[None, None, :], mask=ts_mask[:, :, None] & j_mask[None, None, :],
                              other=0.0), axis=1)
     pre = tl.sigmoid(pre_mix * rs[:, None] * tl.load(scale_ptr) + tl.load(base_ptr + j, mask=j_mask)[None, :])
@@ -322,13 +337,23 @@ def _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, ba
 
 
 @triton.jit
-def _post_and_comb(rows, ts_mask, base_ptr, scale_ptr, post_ptr, comb_ptr, M, t, t_mask, j, j_mask, tj_mask,
-                   rms_eps, hc_eps, D: tl.constexpr, HC: tl.constexpr, HC_PAD: tl.constexpr, ITERS: tl.constexpr,
-                   BLOCK_T: tl.constexpr, PDL: tl.constexpr):
-    """post = 2 sigmoid(post mixes) and comb = Sinkhorn(comb mixes) of every token of the block."""
+def _post_and_comb(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, rows, ts_mask, base_ptr, scale_ptr, post_ptr, comb_ptr, M,
+                   t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D: tl.constexpr, HC: tl.constexpr,
+                   HC_PAD: tl.constexpr, ITERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                   OWN_SQ: tl.constexpr, PDL: tl.constexpr):
+    """post = 2 sigmoid(post mixes) and comb = Sinkhorn(comb mixes) of every token of the block. OWN_SQ (with
+    hc_post): the RMS scale comes from the new streams, rebuilt here too (before the wait, while the split-K
+    kernel runs)."""
+    if OWN_SQ:
+        d = tl.arange(0, BLOCK_D)
+        td_mask = t_mask[:, None] & (d < D)[None, :]
+        rs = _own_rms_scale(_new_streams(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, t[:, None, None], j[None, :, None],
+                                         d[None, None, :], td_mask[:, None, :], tj_mask[:, :, None], HC, D,
+                                         s_ptr.dtype.element_ty), HC * D, rms_eps)
     if PDL:
         tl.extra.cuda.gdc_wait()
-    rs = _rms_scale(_split_sum(rows, ts_mask, M), HC * D, rms_eps)
+    if not OWN_SQ:
+        rs = _rms_scale(_split_sum(rows, ts_mask, M), HC * D, rms_eps)
     post_mix = tl.sum(tl.load(rows[:, :, None] + HC + j[None, None, :],
                               mask=ts_mask[:, :, None] & j_mask[None, None, :], other=0.0), axis=1)
     post = 2.0 * tl.sigmoid(post_mix * rs[:, None] * tl.load(scale_ptr + 1) +
@@ -343,9 +368,9 @@ def _collapse_kernel(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, part_ptr, 
                      normed_ptr, post_ptr, comb_ptr, N, M, rms_eps, hc_eps, D: tl.constexpr, HC: tl.constexpr,
                      HC_PAD: tl.constexpr, M_PAD: tl.constexpr, SPLIT: tl.constexpr, SPLIT_PAD: tl.constexpr,
                      ITERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HEAD: tl.constexpr,
-                     POST: tl.constexpr, STORE_NEW: tl.constexpr, PDL: tl.constexpr):
+                     POST: tl.constexpr, STORE_NEW: tl.constexpr, OWN_SQ: tl.constexpr, PDL: tl.constexpr):
     """Grid (token blocks, 2; 1 with HEAD). Each program sums the split-K partials of its BLOCK_T tokens
-    itself (M: the column of sum(x^2)). Programs (b, 0): the collapse and RMSNorm (`_collapse`); programs
+    itself (M: the column of sum(x^2), unless OWN_SQ). Programs (b, 0): the collapse and RMSNorm (`_collapse`); programs
     (b, 1): post and the Sinkhorn comb (`_post_and_comb`), in parallel with the collapse. x: the streams
     [N, n, D] (x_ptr), or with POST the new streams recomputed from the block output x_ptr [N, D] and s_ptr /
     post_in_ptr / comb_in_ptr exactly as the split-K kernel computed them, so nothing this kernel reads before
@@ -361,10 +386,12 @@ def _collapse_kernel(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, part_ptr, 
     rows = part_ptr + (t[:, None] * SPLIT + s[None, :]) * M_PAD  # [BLOCK_T, SPLIT_PAD]
     if tl.program_id(1) == 0:
         _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, base_ptr, scale_ptr, norm_w_ptr,
-                  normed_ptr, M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D, HC, BLOCK_D, POST, STORE_NEW, PDL)
+                  normed_ptr, M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D, HC, BLOCK_D, POST, STORE_NEW, OWN_SQ,
+                  PDL)
     elif not HEAD:  # hc_head's grid has no second program: nothing of this is compiled for it
-        _post_and_comb(rows, ts_mask, base_ptr, scale_ptr, post_ptr, comb_ptr, M, t, t_mask, j, j_mask, tj_mask,
-                       rms_eps, hc_eps, D, HC, HC_PAD, ITERS, BLOCK_T, PDL)
+        _post_and_comb(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, rows, ts_mask, base_ptr, scale_ptr, post_ptr, comb_ptr,
+                       M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D, HC, HC_PAD, ITERS, BLOCK_T, BLOCK_D, OWN_SQ,
+                       PDL)
 
 
 # ---- launch heuristics ---------------------------------------------------------------------------------
@@ -379,7 +406,9 @@ class MhcLaunch:
     launched as the split-K kernel's programmatic dependent (CUDA only): it starts, loads its streams and
     weights, and waits for the partials, while the split-K kernel is still running. `collapse_stores_new`
     (hc_post fused with a collapse): the collapse program, which recomputes the new streams anyway, writes
-    them (before its wait, while the split-K kernel runs) and the split-K kernel only uses them."""
+    them (before its wait, while the split-K kernel runs) and the split-K kernel only uses them.
+    `collapse_sums_squares` (hc_post fused with a collapse): both collapse programs take the mixes' RMS
+    scale from the new streams they rebuild, and the split-K kernel feeds them to its dot only."""
 
     block_t: int
     block_d: int
@@ -393,6 +422,7 @@ class MhcLaunch:
     precision: str = "ieee"
     pdl: bool = False
     collapse_stores_new: bool = False
+    collapse_sums_squares: bool = False
 
     def __post_init__(self):
         for name in ("block_t", "block_d", "collapse_t"):
@@ -436,7 +466,9 @@ def dot_launch(t: Target, tokens: int, hidden: int, hc: int, block_t: int, progr
     """A tl.dot launch on `block_t`-token blocks: about `programs_per_sm` programs an SM over all token blocks,
     the column block as large as the register tiles allow (x [block_t, n, block_d] and fn [n * block_d, 32] at
     most MAX_TILE: measured on an H200, a tile twice that spills and runs 5-10x slower) while D still has a
-    chunk for every program."""
+    chunk for every program. Up to 64 tokens the collapse programs sum the squares of the new streams (hc_post
+    fused with hc_pre on an H100: 11.1 against 11.75 us at T = 16, 12.9 against 13.9 at T = 64; at T = 256,
+    where the collapse runs more than one wave of programs, 29.5 against 26.9)."""
     hc_pad = triton.next_power_of_2(hc)
     block_d = max(MIN_DOT, min(64, MAX_TILE // (block_t * hc_pad), MAX_TILE // (hc_pad * 32)))
     programs_per_block = max(1, programs_per_sm * t.sm_count // triton.cdiv(tokens, block_t))
@@ -444,7 +476,7 @@ def dot_launch(t: Target, tokens: int, hidden: int, hc: int, block_t: int, progr
         block_d //= 2
     chunks, split_k = split_over(hidden, block_d, programs_per_block)
     return MhcLaunch(block_t, block_d, chunks, split_k, 4, 2, 1, collapse_warps(hidden, hc), precision=precision,
-                     pdl=True, collapse_stores_new=True)
+                     pdl=True, collapse_stores_new=True, collapse_sums_squares=tokens <= 64)
 
 
 def mhc_launch(t: Target, tokens: int, hidden: int, hc: int = 4) -> MhcLaunch:
@@ -557,7 +589,8 @@ def mix_partials_launch(x, post_mix_inputs, fn, partials, launch: MhcLaunch, hc:
                       BLOCK_T=launch.block_t, BLOCK_D=launch.block_d, CHUNKS=launch.chunks, SPLIT=launch.split_k,
                       POST=post_mix_inputs is not None,
                       STORE_NEW=post_mix_inputs is not None and not (mix and launch.collapse_stores_new), MIX=mix,
-                      DOT=launch.dot, PRECISION=launch.precision, PDL=_pdl(launch, x) and mix)
+                      SQ=post_mix_inputs is None or not launch.collapse_sums_squares, DOT=launch.dot,
+                      PRECISION=launch.precision, PDL=_pdl(launch, x) and mix)
     return KernelLaunch(_mix_partials_kernel, (triton.cdiv(n_tokens, launch.block_t), launch.split_k), args,
                         constexprs, _options(launch.num_warps, launch.num_stages, False))
 
@@ -579,7 +612,8 @@ def collapse_launch(streams, post_mix_inputs, partials, base, scale, norm_weight
                       SPLIT=launch.split_k, SPLIT_PAD=triton.next_power_of_2(launch.split_k), ITERS=int(iters),
                       BLOCK_T=launch.collapse_t, BLOCK_D=triton.next_power_of_2(hidden), HEAD=head,
                       POST=post_mix_inputs is not None,
-                      STORE_NEW=post_mix_inputs is not None and launch.collapse_stores_new, PDL=_pdl(launch, streams))
+                      STORE_NEW=post_mix_inputs is not None and launch.collapse_stores_new,
+                      OWN_SQ=post_mix_inputs is not None and launch.collapse_sums_squares, PDL=_pdl(launch, streams))
     grid = (triton.cdiv(n_tokens, launch.collapse_t), 1 if head else 2)
     return KernelLaunch(_collapse_kernel, grid, args, constexprs,
                         _options(launch.collapse_warps, 1, constexprs["PDL"]))
