@@ -7,8 +7,9 @@ tests/test_mhc_kernels.py checks each against it. Two launches per boundary (pla
     takes `block_t` tokens and `chunks` chunks of `block_d` columns of all n streams, and writes the partial
     `x @ fn.T` and `sum(x^2)` of its slice. With `POST` it first builds its slice of the new streams
     `post[k] * out + sum_j comb[j,k] * streams[j]` (hc_post fused with the next hc_pre's partials) and
-    writes them, unless the collapse does (`MhcLaunch.collapse_stores_new`). The fn matrix, the big read at small batch ((2+n)n x nD fp32: 1.5 MiB for Flash), is
-    spread over every SM.
+    writes them, unless the collapse does (`MhcLaunch.collapse_stores_new`; with `collapse_sums_squares`
+    the collapse also takes sum(x^2) of them). The fn matrix, the big read at small batch ((2+n)n x nD
+    fp32: 1.5 MiB for Flash), is spread over every SM.
 (b) `_collapse_kernel`, two programs per token block (one token on GPUs): each sums the splits and applies
     the RMS scale; one takes sigmoid, the weighted collapse `sum_j pre[j] * x[j]` over D (rounded to the
     activation dtype, as the model does) and the RMSNorm that follows it, the other, at the same time,
@@ -81,8 +82,8 @@ def _new_streams(out_ptr, s_ptr, post_ptr, comb_ptr, t, k, d, td_mask, tk_mask, 
 def _accumulate(acc, sq, x3, fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC: tl.constexpr, D: tl.constexpr,
                 BLOCK_T: tl.constexpr, HC_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SQ: tl.constexpr,
                 DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += x @ fn.T and sq += rowsum(x^2) over one chunk of columns d of all streams: x3 [BLOCK_T, HC_PAD,
-    BLOCK_D] against fn[:, k*D + d], as one dot of depth HC_PAD*BLOCK_D. DOT=False multiplies by
+    """acc += x @ fn.T and (SQ) sq += rowsum(x^2) over one chunk of columns d of all streams: x3 [BLOCK_T,
+    HC_PAD, BLOCK_D] against fn[:, k*D + d], as one dot of depth HC_PAD*BLOCK_D. DOT=False multiplies by
     broadcasting instead (the interpreter's fp32 tl.dot is a slow numpy loop)."""
     w3 = tl.load(fn_ptr + m[None, None, :] * (HC * D) + j[:, None, None] * D + d[None, :, None],
                  mask=j_mask[:, None, None] & d_mask[None, :, None] & m_mask[None, None, :], other=0.0)
@@ -386,12 +387,12 @@ def _collapse_kernel(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, part_ptr, 
     rows = part_ptr + (t[:, None] * SPLIT + s[None, :]) * M_PAD  # [BLOCK_T, SPLIT_PAD]
     if tl.program_id(1) == 0:
         _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, base_ptr, scale_ptr, norm_w_ptr,
-                  normed_ptr, M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D, HC, BLOCK_D, POST, STORE_NEW, OWN_SQ,
-                  PDL)
+                  normed_ptr, M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D, HC, BLOCK_D, POST, STORE_NEW,
+                  OWN_SQ, PDL)
     elif not HEAD:  # hc_head's grid has no second program: nothing of this is compiled for it
         _post_and_comb(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, rows, ts_mask, base_ptr, scale_ptr, post_ptr, comb_ptr,
-                       M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D, HC, HC_PAD, ITERS, BLOCK_T, BLOCK_D, OWN_SQ,
-                       PDL)
+                       M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D, HC, HC_PAD, ITERS, BLOCK_T, BLOCK_D,
+                       OWN_SQ, PDL)
 
 
 # ---- launch heuristics ---------------------------------------------------------------------------------
@@ -490,9 +491,11 @@ def mhc_launch(t: Target, tokens: int, hidden: int, hc: int = 4) -> MhcLaunch:
     split-K kernel multiplies by broadcasting (a tl.dot pads to 16 rows): one token and one 32-column chunk a
     program up to 2 tokens (8.2 us at T = 1 against 9.1 for 64 or 128 columns), 2-token blocks of 64 columns
     for 3-8 (8.9 us at T = 8 against 9.35 for one token and 128 columns). 9-16 tokens: tf32x3 tensor-core
-    dots on a 16-token block. Beyond: tf32x3 dots on 64-token blocks (wgmma on Hopper, tcgen05 on Blackwell),
-    16-column chunks, about two programs an SM (at T = 64 one chunk a program: 13.8 us, 13.5 for two chunks
-    on half the programs, 14.9 for 32-column chunks; at T = 256 four).
+    dots on a 16-token block, about one program an SM (10.7 us at T = 16 against 11.2 for two). Beyond:
+    tf32x3 dots on 64-token blocks (wgmma on Hopper, tcgen05 on Blackwell), 16-column chunks, about two
+    programs an SM (at T = 64 one chunk a program: 13.0 us against 13.7 for two chunks on half the programs
+    and 13.6 for 32-column chunks; at T = 256 four). Up to 64 tokens the collapse programs also sum the
+    squares (`dot_launch`). Each figure: hc_post_pre, every other field as the default, one run.
     tf32x3 is fp32-accurate: relative error against the fp32 reference 1e-7 to 3e-7, as FMA's. cpu
     (Triton's interpreter, tests only): few large programs (the interpreter pays per program and per call),
     but still several splits and chunks so both loops are exercised.
@@ -508,7 +511,7 @@ def mhc_launch(t: Target, tokens: int, hidden: int, hc: int = 4) -> MhcLaunch:
         return MhcLaunch(block_t, block_d, chunks, split_k, 4, 2, 1, collapse_warps(hidden, hc), dot=False,
                          pdl=True, collapse_stores_new=tokens > 2)
     if tokens <= 16:
-        return dot_launch(t, tokens, hidden, hc, MIN_DOT)
+        return dot_launch(t, tokens, hidden, hc, MIN_DOT, programs_per_sm=1)
     return dot_launch(t, tokens, hidden, hc, 64)
 
 
