@@ -486,7 +486,7 @@ def mhc_launch(t: Target, tokens: int, hidden: int, hc: int = 4) -> MhcLaunch:
     GPUs (chosen by `bench/mhc_bench.py --sweep` on an H100, hc_post_pre at Flash dimensions, BENCHMARKS.md):
     the collapse is launched as the split-K kernel's programmatic dependent (9.35 against 10.5 us without at
     T = 8), one token a program at 4 warps (`collapse_warps`); from 3 tokens it writes the new streams
-    (`collapse_stores_new`: 9.6 against 11.3 us at T = 8, 13.8 against 13.9 at T = 64, 27.5 against 30.7 at
+    (`collapse_stores_new`: 9.6 against 11.3 us at T = 8, 13.8 against 13.9 at T = 64, 27.5 against 31.0 at
     T = 256; at T = 1 the split-K kernel writing them is faster, 8.0 against 9.0). Up to 8 tokens the
     split-K kernel multiplies by broadcasting (a tl.dot pads to 16 rows): one token and one 32-column chunk a
     program up to 2 tokens (8.2 us at T = 1 against 9.1 for 64 or 128 columns), 2-token blocks of 64 columns
