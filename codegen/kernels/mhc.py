@@ -65,10 +65,10 @@ def _new_streams(out_ptr, s_ptr, post_ptr, comb_ptr, t, k, d, td_mask, tk_mask, 
                  DTYPE: tl.constexpr):
     """hc_post at (token t, stream k, column d), rounded to DTYPE: post[k] * out + sum_i comb[i, k] *
     streams[i], fp32 inside. t, k, d: broadcastable index tensors (k may be a constant); td_mask / tk_mask:
-    the masks of the out and streams loads (t and d's shape) and of the post and comb loads (t and k's). The
-    split-K kernel builds one stream's [tokens, columns] tile a call, the collapse all streams' [tokens, n,
-    D] tile in one; both call this one function, so the collapse's recomputed streams equal the split-K
-    kernel's stored ones."""
+    the masks of the out and streams loads (t and d's shape) and of the post and comb loads (t and k's): the
+    [tokens, n, columns] tile is built from [tokens, 1, columns] and [tokens, n, 1] loads. The split-K kernel
+    (a chunk's columns) and the collapse (all of D) both call this one function, so the collapse's rebuilt
+    streams equal the split-K kernel's."""
     mixed = (tl.load(comb_ptr + t * (HC * HC) + k, mask=tk_mask, other=0.0) *
              tl.load(s_ptr + t * (HC * D) + d, mask=td_mask, other=0.0).to(tl.float32))
     for i in tl.static_range(1, HC):
@@ -109,10 +109,10 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
     (and written to new_ptr with STORE_NEW; otherwise the collapse writes them). Partials [N, SPLIT, M_PAD]:
     the slice's `x @ fn.T` in columns < M and, with SQ, its sum(x^2) in column M (M_PAD > M). Without SQ
     (POST only) the collapse sums the squares of the new streams it rebuilds, and here they only feed the
-    dot (a second consumer makes the compiler build them in two layouts). MIX=False (plain hc_post) skips the partials.
-    Every load of a chunk is independent of the others, so they are all in flight at once. PDL: the
-    collapse launch that follows may start now (it waits for this grid's completion before reading the
-    partials)."""
+    dot (a second consumer makes the compiler build them in two layouts). MIX=False (plain hc_post) skips
+    the partials. Every load of a chunk is independent of the others, so they are all in flight at once.
+    PDL: the collapse launch that follows may start now (it waits for this grid's completion before reading
+    the partials)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     pid_t = tl.program_id(0)
@@ -304,12 +304,12 @@ def _own_rms_scale(x, count: tl.constexpr, eps):
 @triton.jit
 def _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, base_ptr, scale_ptr, norm_w_ptr,
               normed_ptr, M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D: tl.constexpr, HC: tl.constexpr,
-              BLOCK_D: tl.constexpr, POST: tl.constexpr, STORE_NEW: tl.constexpr, OWN_SQ: tl.constexpr,
-              PDL: tl.constexpr):
+              BLOCK_D: tl.constexpr, POST: tl.constexpr, STORE_NEW: tl.constexpr, NEW_SPLIT: tl.constexpr,
+              OWN_SQ: tl.constexpr, PDL: tl.constexpr):
     """normed = RMSNorm(sum_j pre[j] x[j]) * w over all of D: the collapse is rounded to the activation dtype
     and its sum of squares taken from the rounded values, as the model does. With POST the new streams are
-    rebuilt before the wait; STORE_NEW: written to new_ptr; OWN_SQ: the mixes' RMS scale taken from them
-    instead of the partials."""
+    rebuilt before the wait; STORE_NEW: streams j < NEW_SPLIT written to new_ptr (the post / Sinkhorn
+    program writes the others); OWN_SQ: the mixes' RMS scale taken from them instead of the partials."""
     d = tl.arange(0, BLOCK_D)
     td_mask = t_mask[:, None] & (d < D)[None, :]
     if POST:
@@ -317,7 +317,7 @@ def _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, ba
                          d[None, None, :], td_mask[:, None, :], tj_mask[:, :, None], HC, D, normed_ptr.dtype.element_ty)
         if STORE_NEW:
             tl.store(new_ptr + t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :],
-                     x.to(new_ptr.dtype.element_ty), mask=td_mask[:, None, :] & j_mask[None, :, None])
+                     x.to(new_ptr.dtype.element_ty), mask=td_mask[:, None, :] & (j < NEW_SPLIT)[None, :, None])
         if OWN_SQ:
             rs = _own_rms_scale(x, HC * D, rms_eps)
     else:
@@ -338,19 +338,23 @@ def _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, ba
 
 
 @triton.jit
-def _post_and_comb(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, rows, ts_mask, base_ptr, scale_ptr, post_ptr, comb_ptr, M,
-                   t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D: tl.constexpr, HC: tl.constexpr,
+def _post_and_comb(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, base_ptr, scale_ptr, post_ptr,
+                   comb_ptr, M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D: tl.constexpr, HC: tl.constexpr,
                    HC_PAD: tl.constexpr, ITERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                   OWN_SQ: tl.constexpr, PDL: tl.constexpr):
+                   STORE_NEW: tl.constexpr, NEW_SPLIT: tl.constexpr, OWN_SQ: tl.constexpr, PDL: tl.constexpr):
     """post = 2 sigmoid(post mixes) and comb = Sinkhorn(comb mixes) of every token of the block. OWN_SQ (with
     hc_post): the RMS scale comes from the new streams, rebuilt here too (before the wait, while the split-K
-    kernel runs)."""
+    kernel runs), and with STORE_NEW streams j >= NEW_SPLIT are written from here."""
     if OWN_SQ:
         d = tl.arange(0, BLOCK_D)
         td_mask = t_mask[:, None] & (d < D)[None, :]
-        rs = _own_rms_scale(_new_streams(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, t[:, None, None], j[None, :, None],
-                                         d[None, None, :], td_mask[:, None, :], tj_mask[:, :, None], HC, D,
-                                         s_ptr.dtype.element_ty), HC * D, rms_eps)
+        x = _new_streams(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, t[:, None, None], j[None, :, None],
+                         d[None, None, :], td_mask[:, None, :], tj_mask[:, :, None], HC, D, s_ptr.dtype.element_ty)
+        if STORE_NEW:
+            tl.store(new_ptr + t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :],
+                     x.to(new_ptr.dtype.element_ty),
+                     mask=td_mask[:, None, :] & ((j >= NEW_SPLIT) & j_mask)[None, :, None])
+        rs = _own_rms_scale(x, HC * D, rms_eps)
     if PDL:
         tl.extra.cuda.gdc_wait()
     if not OWN_SQ:
@@ -369,14 +373,16 @@ def _collapse_kernel(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, part_ptr, 
                      normed_ptr, post_ptr, comb_ptr, N, M, rms_eps, hc_eps, D: tl.constexpr, HC: tl.constexpr,
                      HC_PAD: tl.constexpr, M_PAD: tl.constexpr, SPLIT: tl.constexpr, SPLIT_PAD: tl.constexpr,
                      ITERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HEAD: tl.constexpr,
-                     POST: tl.constexpr, STORE_NEW: tl.constexpr, OWN_SQ: tl.constexpr, PDL: tl.constexpr):
+                     POST: tl.constexpr, STORE_NEW: tl.constexpr, NEW_SPLIT: tl.constexpr, OWN_SQ: tl.constexpr,
+                     PDL: tl.constexpr):
     """Grid (token blocks, 2; 1 with HEAD). Each program sums the split-K partials of its BLOCK_T tokens
-    itself (M: the column of sum(x^2), unless OWN_SQ). Programs (b, 0): the collapse and RMSNorm (`_collapse`); programs
-    (b, 1): post and the Sinkhorn comb (`_post_and_comb`), in parallel with the collapse. x: the streams
-    [N, n, D] (x_ptr), or with POST the new streams recomputed from the block output x_ptr [N, D] and s_ptr /
-    post_in_ptr / comb_in_ptr exactly as the split-K kernel computed them, so nothing this kernel reads before
-    its partials comes from that kernel. PDL: launched as the split-K kernel's dependent; the streams and
-    weights are loaded before waiting for it, only the partials after."""
+    itself (M: the column of sum(x^2), unless OWN_SQ). Programs (b, 0): the collapse and RMSNorm
+    (`_collapse`); programs (b, 1): post and the Sinkhorn comb (`_post_and_comb`), in parallel with the
+    collapse. x: the streams [N, n, D] (x_ptr), or with POST the new streams recomputed from the block output
+    x_ptr [N, D] and s_ptr / post_in_ptr / comb_in_ptr exactly as the split-K kernel computed them, so
+    nothing this kernel reads before its partials comes from that kernel. PDL: launched as the split-K
+    kernel's dependent; the streams and weights are loaded (the new streams rebuilt, written, squared)
+    before waiting for it, only the partials after."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = t < N
     j = tl.arange(0, HC_PAD)
@@ -388,11 +394,11 @@ def _collapse_kernel(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, part_ptr, 
     if tl.program_id(1) == 0:
         _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, base_ptr, scale_ptr, norm_w_ptr,
                   normed_ptr, M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D, HC, BLOCK_D, POST, STORE_NEW,
-                  OWN_SQ, PDL)
+                  NEW_SPLIT, OWN_SQ, PDL)
     elif not HEAD:  # hc_head's grid has no second program: nothing of this is compiled for it
-        _post_and_comb(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, rows, ts_mask, base_ptr, scale_ptr, post_ptr, comb_ptr,
-                       M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D, HC, HC_PAD, ITERS, BLOCK_T, BLOCK_D,
-                       OWN_SQ, PDL)
+        _post_and_comb(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, base_ptr, scale_ptr, post_ptr,
+                       comb_ptr, M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D, HC, HC_PAD, ITERS, BLOCK_T,
+                       BLOCK_D, STORE_NEW, NEW_SPLIT, OWN_SQ, PDL)
 
 
 # ---- launch heuristics ---------------------------------------------------------------------------------
@@ -409,7 +415,8 @@ class MhcLaunch:
     (hc_post fused with a collapse): the collapse program, which recomputes the new streams anyway, writes
     them (before its wait, while the split-K kernel runs) and the split-K kernel only uses them.
     `collapse_sums_squares` (hc_post fused with a collapse): both collapse programs take the mixes' RMS
-    scale from the new streams they rebuild, and the split-K kernel feeds them to its dot only."""
+    scale from the new streams they rebuild (and, with `collapse_stores_new`, each writes half of them), and
+    the split-K kernel feeds them to its dot only."""
 
     block_t: int
     block_d: int
@@ -611,12 +618,13 @@ def collapse_launch(streams, post_mix_inputs, partials, base, scale, norm_weight
                 scale_ptr=scale, norm_w_ptr=norm_weight, normed_ptr=normed, post_ptr=normed if head else post,
                 comb_ptr=normed if head else comb, N=n_tokens, M=base.shape[0], rms_eps=float(rms_eps),
                 hc_eps=float(hc_eps))
+    own_sq = post_mix_inputs is not None and launch.collapse_sums_squares
     constexprs = dict(D=hidden, HC=hc, HC_PAD=triton.next_power_of_2(hc), M_PAD=_m_pad(base.shape[0]),
                       SPLIT=launch.split_k, SPLIT_PAD=triton.next_power_of_2(launch.split_k), ITERS=int(iters),
                       BLOCK_T=launch.collapse_t, BLOCK_D=triton.next_power_of_2(hidden), HEAD=head,
                       POST=post_mix_inputs is not None,
                       STORE_NEW=post_mix_inputs is not None and launch.collapse_stores_new,
-                      OWN_SQ=post_mix_inputs is not None and launch.collapse_sums_squares, PDL=_pdl(launch, streams))
+                      NEW_SPLIT=hc // 2 if own_sq and not head else hc, OWN_SQ=own_sq, PDL=_pdl(launch, streams))
     grid = (triton.cdiv(n_tokens, launch.collapse_t), 1 if head else 2)
     return KernelLaunch(_collapse_kernel, grid, args, constexprs,
                         _options(launch.collapse_warps, 1, constexprs["PDL"]))
