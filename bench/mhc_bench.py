@@ -246,7 +246,10 @@ def _nop_kernel(x_ptr):
 def kernel_breakdown(tokens, args, l2_bytes) -> None:
     """Each kernel alone, in CUDA graphs over the rotating sets: an empty kernel (the launch gap), the split-K
     partials of hc_pre / hc_post_pre at the default launch, and the collapse (with its post / Sinkhorn
-    program) over iterations and with the new streams recomputed (hc_post_pre)."""
+    program) over iterations and with the new streams rebuilt (hc_post_pre). What each hc_post_pre kernel
+    does follows the default launch: from 3 tokens the collapse, not the split-K kernel, writes the new
+    streams (`collapse_stores_new`), and from 9 to 64 tokens it also takes their sum of squares
+    (`collapse_sums_squares`), so these figures compare across runs only at the same launch."""
     sets = input_sets(tokens, args.hc, args.hidden, torch.bfloat16, l2_bytes)
     t = target_for_device("cuda")
     default = mhc.mhc_launch(t, tokens, args.hidden, args.hc)

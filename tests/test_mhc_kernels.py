@@ -261,15 +261,16 @@ def test_gpu_launch_heuristics_under_the_interpreter(mhc, name, tokens, dot):
                          dtype)
 
 
-@pytest.mark.parametrize("collapse_stores_new", [False, True])
-@pytest.mark.parametrize("collapse_sums_squares", [False, True])
+@pytest.mark.parametrize("collapse_stores_new, collapse_sums_squares, hc",
+                         [(False, False, 4), (True, False, 4), (False, True, 4), (True, True, 4), (True, True, 3)])
 def test_either_kernel_may_write_the_new_streams_and_sum_their_squares(mhc, collapse_stores_new,
-                                                                       collapse_sums_squares):
+                                                                       collapse_sums_squares, hc):
     """hc_post_pre and hc_post_head with the new streams written, and the RMS scale of the next mixes taken
-    from them, by the split-K kernel or by the collapse programs (which rebuild them from the same inputs):
-    the same outputs, none left unwritten."""
-    tokens, hidden, hc, dtype = 7, 200, 4, torch.bfloat16
-    gen = _gen("stores-new", collapse_stores_new, collapse_sums_squares)
+    from them, by the split-K kernel or by the collapse programs (which rebuild them from the same inputs,
+    each writing half of them when both sum the squares; n = 3 splits them around a padded lane): the same
+    outputs, none left unwritten."""
+    tokens, hidden, dtype = 7, 200, torch.bfloat16
+    gen = _gen("stores-new", collapse_stores_new, collapse_sums_squares, hc)
     launch = {**mhc.call(_launch_fields, "cpu", tokens, hidden), "collapse_stores_new": collapse_stores_new,
               "collapse_sums_squares": collapse_sums_squares}
     post_inputs = _post_inputs(gen, tokens, hc, hidden, dtype)

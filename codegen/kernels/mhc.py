@@ -8,7 +8,7 @@ tests/test_mhc_kernels.py checks each against it. Two launches per boundary (pla
     `x @ fn.T` and `sum(x^2)` of its slice. With `POST` it first builds its slice of the new streams
     `post[k] * out + sum_j comb[j,k] * streams[j]` (hc_post fused with the next hc_pre's partials) and
     writes them, unless the collapse does (`MhcLaunch.collapse_stores_new`; with `collapse_sums_squares`
-    the collapse also takes sum(x^2) of them). The fn matrix, the big read at small batch ((2+n)n x nD
+    the collapse takes their sum(x^2) instead of this kernel). The fn matrix, the big read at small batch ((2+n)n x nD
     fp32: 1.5 MiB for Flash), is spread over every SM.
 (b) `_collapse_kernel`, two programs per token block (one token on GPUs): each sums the splits and applies
     the RMS scale; one takes sigmoid, the weighted collapse `sum_j pre[j] * x[j]` over D (rounded to the
@@ -16,9 +16,10 @@ tests/test_mhc_kernels.py checks each against it. Two launches per boundary (pla
     2*sigmoid and the Sinkhorn iterations on the n x n matrix (for n = 4 entry by entry, in each thread's
     registers). After hc_post the collapse recomputes the new streams from the same inputs as (a) (the
     same function and rounding dtype, so the same values; the wrappers refuse an `out` that aliases an
-    input or has another dtype) instead of reading (a)'s output, and may write them itself: on GPUs it is
-    launched as (a)'s programmatic dependent (PDL), so it starts while (a) runs, loads (and writes)
-    everything but what needs the partials, then waits.
+    input or has another dtype) instead of reading (a)'s output, and may write them itself (with
+    `collapse_sums_squares` the post / Sinkhorn program rebuilds them too, for their sum of squares, and
+    each program writes half): on GPUs it is launched as (a)'s programmatic dependent (PDL), so it starts
+    while (a) runs, loads (and writes) everything but what needs the partials, then waits.
 hc_head uses the same two kernels with the n head rows of fn and no post/comb: one collapse program a token
 block.
 
@@ -143,7 +144,8 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
             acc, sq = _accumulate(acc, sq, x3, fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC, D, BLOCK_T, HC_PAD,
                                   BLOCK_D, SQ, DOT, PRECISION)
     if MIX:
-        acc = tl.where(m[None, :] == M, sq[:, None], acc)
+        if SQ:
+            acc = tl.where(m[None, :] == M, sq[:, None], acc)
         tl.store(part_ptr + (t[:, None] * SPLIT + pid_s) * M_PAD + m[None, :], acc,
                  mask=t_mask[:, None] & (m < M + (1 if SQ else 0))[None, :])
 
@@ -297,7 +299,8 @@ def _rms_scale(sum_sq, count, eps):
 
 @triton.jit
 def _own_rms_scale(x, count: tl.constexpr, eps):
-    """The RMS scale of each token's rebuilt streams x [BLOCK_T, HC_PAD, D] (padding 0): 1/sqrt(mean(x^2) + eps)."""
+    """The RMS scale of each token's rebuilt streams x [BLOCK_T, HC_PAD, BLOCK_D] (padding 0): 1/sqrt(sum(x^2) /
+    count + eps)."""
     return _rms_scale(tl.sum(tl.sum(x * x, axis=2), axis=1), count, eps)
 
 
@@ -314,7 +317,7 @@ def _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, ba
     td_mask = t_mask[:, None] & (d < D)[None, :]
     if POST:
         x = _new_streams(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, t[:, None, None], j[None, :, None],
-                         d[None, None, :], td_mask[:, None, :], tj_mask[:, :, None], HC, D, normed_ptr.dtype.element_ty)
+                         d[None, None, :], td_mask[:, None, :], tj_mask[:, :, None], HC, D, new_ptr.dtype.element_ty)
         if STORE_NEW:
             tl.store(new_ptr + t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :],
                      x.to(new_ptr.dtype.element_ty), mask=td_mask[:, None, :] & (j < NEW_SPLIT)[None, :, None])
@@ -349,7 +352,7 @@ def _post_and_comb(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mas
         d = tl.arange(0, BLOCK_D)
         td_mask = t_mask[:, None] & (d < D)[None, :]
         x = _new_streams(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, t[:, None, None], j[None, :, None],
-                         d[None, None, :], td_mask[:, None, :], tj_mask[:, :, None], HC, D, s_ptr.dtype.element_ty)
+                         d[None, None, :], td_mask[:, None, :], tj_mask[:, :, None], HC, D, new_ptr.dtype.element_ty)
         if STORE_NEW:
             tl.store(new_ptr + t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :],
                      x.to(new_ptr.dtype.element_ty),
@@ -501,7 +504,7 @@ def mhc_launch(t: Target, tokens: int, hidden: int, hc: int = 4) -> MhcLaunch:
     dots on a 16-token block, about one program an SM (10.7 us at T = 16 against 11.2 for two). Beyond:
     tf32x3 dots on 64-token blocks (wgmma on Hopper, tcgen05 on Blackwell), 16-column chunks, about two
     programs an SM (at T = 64 one chunk a program: 13.0 us against 13.7 for two chunks on half the programs
-    and 13.6 for 32-column chunks; at T = 256 four). Up to 64 tokens the collapse programs also sum the
+    and 13.6 for 32-column chunks; at T = 256 four). From 9 to 64 tokens the collapse programs sum the
     squares (`dot_launch`). Each figure: hc_post_pre, every other field as the default, one run.
     tf32x3 is fp32-accurate: relative error against the fp32 reference 1e-7 to 3e-7, as FMA's. cpu
     (Triton's interpreter, tests only): few large programs (the interpreter pays per program and per call),
@@ -561,7 +564,7 @@ def _m_pad(rows: int) -> int:
 
 def mix_workspace(n_tokens: int, rows: int, launch: MhcLaunch, device) -> torch.Tensor:
     """The split-K partials `[N, split_k, M_PAD]` fp32: each split's `x @ fn.T` (`rows` columns) and its
-    sum(x^2) (column `rows`)."""
+    sum(x^2) (column `rows`; left unwritten where the collapse sums the squares, `collapse_sums_squares`)."""
     return torch.empty((n_tokens, launch.split_k, _m_pad(rows)), dtype=torch.float32, device=device)
 
 
@@ -586,8 +589,8 @@ def _check_partials(partials: torch.Tensor, n_tokens: int, rows: int, launch: Mh
 
 def mix_partials_launch(x, post_mix_inputs, fn, partials, launch: MhcLaunch, hc: int) -> KernelLaunch:
     """Kernel (a). x: streams [N, n, D], or with `post_mix_inputs` = (streams, post, comb, new_streams) the
-    block output [N, D] (hc_post is computed and written on the way). fn None: hc_post alone, no partials
-    (and no dependent collapse)."""
+    block output [N, D] (hc_post is computed on the way, and written unless the collapse writes it,
+    `launch.collapse_stores_new`). fn None: hc_post alone, no partials (and no dependent collapse)."""
     n_tokens, hidden = x.shape[0], x.shape[-1]
     s, p, c, new = post_mix_inputs if post_mix_inputs is not None else (x, x, x, x)
     mix = fn is not None
@@ -599,7 +602,7 @@ def mix_partials_launch(x, post_mix_inputs, fn, partials, launch: MhcLaunch, hc:
                       BLOCK_T=launch.block_t, BLOCK_D=launch.block_d, CHUNKS=launch.chunks, SPLIT=launch.split_k,
                       POST=post_mix_inputs is not None,
                       STORE_NEW=post_mix_inputs is not None and not (mix and launch.collapse_stores_new), MIX=mix,
-                      SQ=post_mix_inputs is None or not launch.collapse_sums_squares, DOT=launch.dot,
+                      SQ=not (mix and post_mix_inputs is not None and launch.collapse_sums_squares), DOT=launch.dot,
                       PRECISION=launch.precision, PDL=_pdl(launch, x) and mix)
     return KernelLaunch(_mix_partials_kernel, (triton.cdiv(n_tokens, launch.block_t), launch.split_k), args,
                         constexprs, _options(launch.num_warps, launch.num_stages, False))
@@ -631,8 +634,9 @@ def collapse_launch(streams, post_mix_inputs, partials, base, scale, norm_weight
 
 
 def _check_new_streams(new: torch.Tensor, normed: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> None:
-    """The collapse recomputes the new streams from hc_post's inputs while kernel (a) writes them: `new` may
-    not share memory with an input, and both kernels round to one dtype (the streams')."""
+    """The collapse rebuilds the new streams from hc_post's inputs while kernel (a) builds them too, and
+    either may write them: `new` may not share memory with an input, and both kernels round to one dtype
+    (the streams')."""
     if new.device.type != "meta" and any(new.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
                                          for x in inputs):
         raise ValueError("out: the new streams may not share memory with block_out, streams, post or comb")
@@ -644,7 +648,7 @@ def _check_new_streams(new: torch.Tensor, normed: torch.Tensor, inputs: tuple[to
 def _mixes_and_collapse(x, streams, post_inputs, new, fn, base, scale, norm_weight, rms_eps, hc_eps, iters,
                         launch: MhcLaunch | None, normed, post, comb, launcher):
     """Both launches of one boundary. `post_inputs` = (streams, post, comb) with hc_post (x: block output,
-    `new` the new streams written by kernel (a)); None otherwise (x: the streams)."""
+    `new` the new streams, written by kernel (a) or the collapse); None otherwise (x: the streams)."""
     if post_inputs is not None:
         _check_new_streams(new, normed, (x, *post_inputs))
     lc = _launch_for(streams, launch)
