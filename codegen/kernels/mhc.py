@@ -298,6 +298,20 @@ def _rms_scale(sum_sq, count, eps):
 
 
 @triton.jit
+def _rebuilt_streams(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, t, j, tj_mask, d, td_mask, store_j,
+                     HC: tl.constexpr, D: tl.constexpr, STORE_NEW: tl.constexpr):
+    """The collapse's view of hc_post: the new streams of the block's tokens over all of D, [BLOCK_T, HC_PAD,
+    BLOCK_D] fp32, rebuilt from hc_post's inputs; with STORE_NEW the streams where store_j [HC_PAD] holds are
+    written to new_ptr (before the caller waits for the partials)."""
+    x = _new_streams(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, t[:, None, None], j[None, :, None], d[None, None, :],
+                     td_mask[:, None, :], tj_mask[:, :, None], HC, D, new_ptr.dtype.element_ty)
+    if STORE_NEW:
+        tl.store(new_ptr + t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :],
+                 x.to(new_ptr.dtype.element_ty), mask=td_mask[:, None, :] & store_j[None, :, None])
+    return x
+
+
+@triton.jit
 def _own_rms_scale(x, count: tl.constexpr, eps):
     """The RMS scale of each token's rebuilt streams x [BLOCK_T, HC_PAD, BLOCK_D] (padding 0): 1/sqrt(sum(x^2) /
     count + eps)."""
@@ -316,11 +330,8 @@ def _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, ba
     d = tl.arange(0, BLOCK_D)
     td_mask = t_mask[:, None] & (d < D)[None, :]
     if POST:
-        x = _new_streams(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, t[:, None, None], j[None, :, None],
-                         d[None, None, :], td_mask[:, None, :], tj_mask[:, :, None], HC, D, new_ptr.dtype.element_ty)
-        if STORE_NEW:
-            tl.store(new_ptr + t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :],
-                     x.to(new_ptr.dtype.element_ty), mask=td_mask[:, None, :] & (j < NEW_SPLIT)[None, :, None])
+        x = _rebuilt_streams(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, t, j, tj_mask, d, td_mask,
+                             j < NEW_SPLIT, HC, D, STORE_NEW)
         if OWN_SQ:
             rs = _own_rms_scale(x, HC * D, rms_eps)
     else:
@@ -351,13 +362,8 @@ def _post_and_comb(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mas
     if OWN_SQ:
         d = tl.arange(0, BLOCK_D)
         td_mask = t_mask[:, None] & (d < D)[None, :]
-        x = _new_streams(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, t[:, None, None], j[None, :, None],
-                         d[None, None, :], td_mask[:, None, :], tj_mask[:, :, None], HC, D, new_ptr.dtype.element_ty)
-        if STORE_NEW:
-            tl.store(new_ptr + t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :],
-                     x.to(new_ptr.dtype.element_ty),
-                     mask=td_mask[:, None, :] & ((j >= NEW_SPLIT) & j_mask)[None, :, None])
-        rs = _own_rms_scale(x, HC * D, rms_eps)
+        rs = _own_rms_scale(_rebuilt_streams(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, t, j, tj_mask, d, td_mask,
+                                             (j >= NEW_SPLIT) & j_mask, HC, D, STORE_NEW), HC * D, rms_eps)
     if PDL:
         tl.extra.cuda.gdc_wait()
     if not OWN_SQ:
