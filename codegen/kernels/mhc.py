@@ -167,66 +167,79 @@ def _sinkhorn(logits, mask, ITERS: tl.constexpr, eps):
 
 
 @triton.jit
-def _softmax4(a, b, c, d, eps):
+def _reciprocal(x, FAST: tl.constexpr):
+    """1 / x in fp32. FAST (GPUs): one `rcp.approx.ftz.f32` (at most 1 ulp off; Triton's `1.0 / x`, div.full,
+    adds range checks and rescaling around it, half the Sinkhorn loop's instructions); Triton's CPU interpreter
+    runs no inline PTX, so it divides."""
+    if FAST:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _softmax4(a, b, c, d, eps, FAST: tl.constexpr):
     """One row of compiler/layers.sinkhorn's start: softmax(a, b, c, d) + eps, elementwise over tokens."""
     top = tl.maximum(tl.maximum(a, b), tl.maximum(c, d))
     a, b, c, d = tl.exp(a - top), tl.exp(b - top), tl.exp(c - top), tl.exp(d - top)
-    r = 1.0 / (a + b + c + d)
+    r = _reciprocal(a + b + c + d, FAST)
     return a * r + eps, b * r + eps, c * r + eps, d * r + eps
 
 
 @triton.jit
-def _normalise4(a, b, c, d, eps):
+def _normalise4(a, b, c, d, eps, FAST: tl.constexpr):
     """One row or column of a Sinkhorn step: each entry over (the four's sum + eps)."""
-    r = 1.0 / (a + b + c + d + eps)
+    r = _reciprocal(a + b + c + d + eps, FAST)
     return a * r, b * r, c * r, d * r
 
 
 @triton.jit
-def _rows4(c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, eps):
+def _rows4(c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, eps,
+           FAST: tl.constexpr):
     """Every row of the 4 x 4 matrix over (its sum + eps)."""
-    c00, c01, c02, c03 = _normalise4(c00, c01, c02, c03, eps)
-    c10, c11, c12, c13 = _normalise4(c10, c11, c12, c13, eps)
-    c20, c21, c22, c23 = _normalise4(c20, c21, c22, c23, eps)
-    c30, c31, c32, c33 = _normalise4(c30, c31, c32, c33, eps)
+    c00, c01, c02, c03 = _normalise4(c00, c01, c02, c03, eps, FAST)
+    c10, c11, c12, c13 = _normalise4(c10, c11, c12, c13, eps, FAST)
+    c20, c21, c22, c23 = _normalise4(c20, c21, c22, c23, eps, FAST)
+    c30, c31, c32, c33 = _normalise4(c30, c31, c32, c33, eps, FAST)
     return c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33
 
 
 @triton.jit
-def _columns4(c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, eps):
+def _columns4(c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, eps,
+              FAST: tl.constexpr):
     """Every column of the 4 x 4 matrix over (its sum + eps)."""
-    c00, c10, c20, c30 = _normalise4(c00, c10, c20, c30, eps)
-    c01, c11, c21, c31 = _normalise4(c01, c11, c21, c31, eps)
-    c02, c12, c22, c32 = _normalise4(c02, c12, c22, c32, eps)
-    c03, c13, c23, c33 = _normalise4(c03, c13, c23, c33, eps)
+    c00, c10, c20, c30 = _normalise4(c00, c10, c20, c30, eps, FAST)
+    c01, c11, c21, c31 = _normalise4(c01, c11, c21, c31, eps, FAST)
+    c02, c12, c22, c32 = _normalise4(c02, c12, c22, c32, eps, FAST)
+    c03, c13, c23, c33 = _normalise4(c03, c13, c23, c33, eps, FAST)
     return c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33
 
 
 @triton.jit
 def _sinkhorn4(c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33,
-               ITERS: tl.constexpr, eps):
+               ITERS: tl.constexpr, eps, FAST: tl.constexpr):
     """compiler/layers.sinkhorn for n = 4, entry by entry: every entry is a [BLOCK_T] tensor (one token a
     lane), so the 2 x ITERS normalisations are elementwise arithmetic in each thread's registers, with no
     reductions across threads (the tile form, `_sinkhorn`, pays a shuffle-and-broadcast for each)."""
-    c00, c01, c02, c03 = _softmax4(c00, c01, c02, c03, eps)
-    c10, c11, c12, c13 = _softmax4(c10, c11, c12, c13, eps)
-    c20, c21, c22, c23 = _softmax4(c20, c21, c22, c23, eps)
-    c30, c31, c32, c33 = _softmax4(c30, c31, c32, c33, eps)
+    c00, c01, c02, c03 = _softmax4(c00, c01, c02, c03, eps, FAST)
+    c10, c11, c12, c13 = _softmax4(c10, c11, c12, c13, eps, FAST)
+    c20, c21, c22, c23 = _softmax4(c20, c21, c22, c23, eps, FAST)
+    c30, c31, c32, c33 = _softmax4(c30, c31, c32, c33, eps, FAST)
     c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33 = _columns4(
-        c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, eps)
+        c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, eps, FAST)
     for _ in range(ITERS - 1):
         c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33 = _rows4(
-            c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, eps)
+            c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, eps, FAST)
         c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33 = _columns4(
-            c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, eps)
+            c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, eps, FAST)
     return c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33
 
 
 @triton.jit
-def _comb_logit(comb_mix, q, k: tl.constexpr, rs, scale, base_ptr, HC: tl.constexpr):
-    """Comb logit k (row k // n, column k % n) of every token, [BLOCK_T], from comb_mix [BLOCK_T, n*n]."""
-    column = tl.sum(tl.where(q[None, :] == k, comb_mix, 0.0), axis=1)
-    return column * rs * scale + tl.load(base_ptr + 2 * HC + k)
+def _entry(logits, q, k: tl.constexpr):
+    """Entry k (row k // n, column k % n) of every token's flattened n x n logits [BLOCK_T, n*n]: [BLOCK_T]."""
+    return tl.sum(tl.where(q[None, :] == k, logits, 0.0), axis=1)
 
 
 @triton.jit
@@ -253,43 +266,33 @@ def _store_comb4(comb_ptr, t, t_mask, c00, c01, c02, c03, c10, c11, c12, c13, c2
 
 
 @triton.jit
-def _comb(rows, ts_mask, rs, scale_ptr, base_ptr, comb_ptr, t, t_mask, j, tj_mask, j_mask, ITERS: tl.constexpr,
-          hc_eps, HC: tl.constexpr, HC_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
-    """comb = Sinkhorn(comb mixes * rs * scale[2] + base) of every token, stored to comb_ptr [N, n, n]; `rows`
-    [BLOCK_T, SPLIT_PAD] points at each split's partial mixes."""
-    scale = tl.load(scale_ptr + 2)
-    q = tl.arange(0, HC_PAD * HC_PAD)  # comb entry (q // HC_PAD, q % HC_PAD), flattened
-    q_mask = (q // HC_PAD < HC) & (q % HC_PAD < HC)
-    cidx = 2 * HC + (q // HC_PAD) * HC + q % HC_PAD
-    comb_mix = tl.sum(tl.load(rows[:, :, None] + cidx[None, None, :], mask=ts_mask[:, :, None] & q_mask[None, None, :],
-                              other=0.0), axis=1)  # [BLOCK_T, HC_PAD * HC_PAD]
+def _comb_columns(HC: tl.constexpr, HC_PAD: tl.constexpr):
+    """(q, q_mask, cidx): comb entry q = (q // HC_PAD, q % HC_PAD) flattened, whether it is a real entry, and
+    its column among the mixes."""
+    q = tl.arange(0, HC_PAD * HC_PAD)
+    return q, (q // HC_PAD < HC) & (q % HC_PAD < HC), 2 * HC + (q // HC_PAD) * HC + q % HC_PAD
+
+
+@triton.jit
+def _comb(logits, comb_ptr, t, t_mask, j, tj_mask, j_mask, ITERS: tl.constexpr, hc_eps, HC: tl.constexpr,
+          HC_PAD: tl.constexpr, BLOCK_T: tl.constexpr, FAST: tl.constexpr):
+    """comb = Sinkhorn(logits) of every token, stored to comb_ptr [N, n, n]; logits [BLOCK_T, HC_PAD * HC_PAD]
+    (comb mixes * rs * scale[2] + base) in `_comb_columns` order."""
+    q = tl.arange(0, HC_PAD * HC_PAD)
     if HC == 4:
         c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33 = _sinkhorn4(
-            _comb_logit(comb_mix, q, 0, rs, scale, base_ptr, HC), _comb_logit(comb_mix, q, 1, rs, scale, base_ptr, HC),
-            _comb_logit(comb_mix, q, 2, rs, scale, base_ptr, HC), _comb_logit(comb_mix, q, 3, rs, scale, base_ptr, HC),
-            _comb_logit(comb_mix, q, 4, rs, scale, base_ptr, HC), _comb_logit(comb_mix, q, 5, rs, scale, base_ptr, HC),
-            _comb_logit(comb_mix, q, 6, rs, scale, base_ptr, HC), _comb_logit(comb_mix, q, 7, rs, scale, base_ptr, HC),
-            _comb_logit(comb_mix, q, 8, rs, scale, base_ptr, HC), _comb_logit(comb_mix, q, 9, rs, scale, base_ptr, HC),
-            _comb_logit(comb_mix, q, 10, rs, scale, base_ptr, HC),
-            _comb_logit(comb_mix, q, 11, rs, scale, base_ptr, HC),
-            _comb_logit(comb_mix, q, 12, rs, scale, base_ptr, HC),
-            _comb_logit(comb_mix, q, 13, rs, scale, base_ptr, HC),
-            _comb_logit(comb_mix, q, 14, rs, scale, base_ptr, HC),
-            _comb_logit(comb_mix, q, 15, rs, scale, base_ptr, HC), ITERS, hc_eps)
+            _entry(logits, q, 0), _entry(logits, q, 1), _entry(logits, q, 2), _entry(logits, q, 3),
+            _entry(logits, q, 4), _entry(logits, q, 5), _entry(logits, q, 6), _entry(logits, q, 7),
+            _entry(logits, q, 8), _entry(logits, q, 9), _entry(logits, q, 10), _entry(logits, q, 11),
+            _entry(logits, q, 12), _entry(logits, q, 13), _entry(logits, q, 14), _entry(logits, q, 15), ITERS,
+            hc_eps, FAST)
         _store_comb4(comb_ptr, t, t_mask, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31,
                      c32, c33)
     else:
-        logits = comb_mix * rs[:, None] * scale + tl.load(base_ptr + cidx, mask=q_mask)[None, :]
         cmask = tj_mask[:, :, None] & j_mask[None, None, :]
         comb = _sinkhorn(tl.reshape(logits, [BLOCK_T, HC_PAD, HC_PAD]), cmask, ITERS, hc_eps)
         tl.store(comb_ptr + t[:, None, None] * (HC * HC) + j[None, :, None] * HC + j[None, None, :], comb,
                  mask=cmask)
-
-
-@triton.jit
-def _split_sum(rows, ts_mask, column):
-    """Column `column` of every token's partials, summed over the splits: [BLOCK_T]."""
-    return tl.sum(tl.load(rows + column, mask=ts_mask, other=0.0), axis=1)
 
 
 @triton.jit
@@ -338,13 +341,15 @@ def _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, ba
         x = tl.load(x_ptr + t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :],
                     mask=td_mask[:, None, :] & j_mask[None, :, None], other=0.0).to(tl.float32)
     w = tl.load(norm_w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+    pre_scale, pre_base = tl.load(scale_ptr), tl.load(base_ptr + j, mask=j_mask)
     if PDL:
         tl.extra.cuda.gdc_wait()
+    pre_parts = tl.load(rows[:, :, None] + j[None, None, :], mask=ts_mask[:, :, None] & j_mask[None, None, :],
+                        other=0.0)
     if not OWN_SQ:
-        rs = _rms_scale(_split_sum(rows, ts_mask, M), HC * D, rms_eps)
-    pre_mix = tl.sum(tl.load(rows[:, :, None] + j[None, None, :], mask=ts_mask[:, :, None] & j_mask[None, None, :],
-                             other=0.0), axis=1)
-    pre = tl.sigmoid(pre_mix * rs[:, None] * tl.load(scale_ptr) + tl.load(base_ptr + j, mask=j_mask)[None, :])
+        sq_parts = tl.load(rows + M, mask=ts_mask, other=0.0)  # loaded before either partial is summed
+        rs = _rms_scale(tl.sum(sq_parts, axis=1), HC * D, rms_eps)
+    pre = tl.sigmoid(tl.sum(pre_parts, axis=1) * rs[:, None] * pre_scale + pre_base[None, :])
     pre = tl.where(j_mask[None, :], pre + hc_eps, 0.0)
     a = _round(tl.sum(pre[:, :, None] * x, axis=1), normed_ptr.dtype.element_ty)
     y = _round(a * _rms_scale(tl.sum(a * a, axis=1), D, rms_eps)[:, None] * w[None, :], normed_ptr.dtype.element_ty)
@@ -355,7 +360,8 @@ def _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, ba
 def _post_and_comb(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, base_ptr, scale_ptr, post_ptr,
                    comb_ptr, M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D: tl.constexpr, HC: tl.constexpr,
                    HC_PAD: tl.constexpr, ITERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                   STORE_NEW: tl.constexpr, NEW_SPLIT: tl.constexpr, OWN_SQ: tl.constexpr, PDL: tl.constexpr):
+                   STORE_NEW: tl.constexpr, NEW_SPLIT: tl.constexpr, OWN_SQ: tl.constexpr, FAST: tl.constexpr,
+                   PDL: tl.constexpr):
     """post = 2 sigmoid(post mixes) and comb = Sinkhorn(comb mixes) of every token of the block. OWN_SQ (with
     hc_post): the RMS scale comes from the new streams, rebuilt here too (before the wait, while the split-K
     kernel runs), and with STORE_NEW streams j >= NEW_SPLIT are written from here."""
@@ -364,17 +370,24 @@ def _post_and_comb(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mas
         td_mask = t_mask[:, None] & (d < D)[None, :]
         rs = _own_rms_scale(_rebuilt_streams(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, t, j, tj_mask, d, td_mask,
                                              (j >= NEW_SPLIT) & j_mask, HC, D, STORE_NEW), HC * D, rms_eps)
+    _, q_mask, cidx = _comb_columns(HC, HC_PAD)
+    post_scale, comb_scale = tl.load(scale_ptr + 1), tl.load(scale_ptr + 2)
+    post_base = tl.load(base_ptr + HC + j, mask=j_mask)
+    comb_base = tl.load(base_ptr + cidx, mask=q_mask)
     if PDL:
         tl.extra.cuda.gdc_wait()
+    # every partial is loaded before any is summed: a sum's barrier would hold back the loads after it
+    post_parts = tl.load(rows[:, :, None] + HC + j[None, None, :], mask=ts_mask[:, :, None] & j_mask[None, None, :],
+                         other=0.0)
+    comb_parts = tl.load(rows[:, :, None] + cidx[None, None, :], mask=ts_mask[:, :, None] & q_mask[None, None, :],
+                         other=0.0)
     if not OWN_SQ:
-        rs = _rms_scale(_split_sum(rows, ts_mask, M), HC * D, rms_eps)
-    post_mix = tl.sum(tl.load(rows[:, :, None] + HC + j[None, None, :],
-                              mask=ts_mask[:, :, None] & j_mask[None, None, :], other=0.0), axis=1)
-    post = 2.0 * tl.sigmoid(post_mix * rs[:, None] * tl.load(scale_ptr + 1) +
-                            tl.load(base_ptr + HC + j, mask=j_mask)[None, :])
+        sq_parts = tl.load(rows + M, mask=ts_mask, other=0.0)
+        rs = _rms_scale(tl.sum(sq_parts, axis=1), HC * D, rms_eps)
+    post = 2.0 * tl.sigmoid(tl.sum(post_parts, axis=1) * rs[:, None] * post_scale + post_base[None, :])
     tl.store(post_ptr + t[:, None] * HC + j[None, :], post, mask=tj_mask)
-    _comb(rows, ts_mask, rs, scale_ptr, base_ptr, comb_ptr, t, t_mask, j, tj_mask, j_mask, ITERS, hc_eps, HC,
-          HC_PAD, BLOCK_T)
+    _comb(tl.sum(comb_parts, axis=1) * rs[:, None] * comb_scale + comb_base[None, :], comb_ptr, t, t_mask, j, tj_mask,
+          j_mask, ITERS, hc_eps, HC, HC_PAD, BLOCK_T, FAST)
 
 
 @triton.jit
@@ -383,7 +396,7 @@ def _collapse_kernel(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, part_ptr, 
                      HC_PAD: tl.constexpr, M_PAD: tl.constexpr, SPLIT: tl.constexpr, SPLIT_PAD: tl.constexpr,
                      ITERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HEAD: tl.constexpr,
                      POST: tl.constexpr, STORE_NEW: tl.constexpr, NEW_SPLIT: tl.constexpr, OWN_SQ: tl.constexpr,
-                     PDL: tl.constexpr):
+                     FAST: tl.constexpr, PDL: tl.constexpr):
     """Grid (token blocks, 2; 1 with HEAD). Each program sums the split-K partials of its BLOCK_T tokens
     itself (M: the column of sum(x^2), unless OWN_SQ). Programs (b, 0): the collapse and RMSNorm
     (`_collapse`); programs (b, 1): post and the Sinkhorn comb (`_post_and_comb`), in parallel with the
@@ -407,7 +420,7 @@ def _collapse_kernel(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, part_ptr, 
     elif not HEAD:  # hc_head's grid has no second program: nothing of this is compiled for it
         _post_and_comb(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, base_ptr, scale_ptr, post_ptr,
                        comb_ptr, M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D, HC, HC_PAD, ITERS, BLOCK_T,
-                       BLOCK_D, STORE_NEW, NEW_SPLIT, OWN_SQ, PDL)
+                       BLOCK_D, STORE_NEW, NEW_SPLIT, OWN_SQ, FAST, PDL)
 
 
 # ---- launch heuristics ---------------------------------------------------------------------------------
@@ -425,7 +438,8 @@ class MhcLaunch:
     them (before its wait, while the split-K kernel runs) and the split-K kernel only uses them.
     `collapse_sums_squares` (hc_post fused with a collapse): both collapse programs take the mixes' RMS
     scale from the new streams they rebuild (and, with `collapse_stores_new`, each writes half of them), and
-    the split-K kernel feeds them to its dot only."""
+    the split-K kernel feeds them to its dot only. `fast_reciprocal` (GPUs): the Sinkhorn's reciprocals are
+    one `rcp.approx.ftz.f32` each, at most 1 ulp off (`_reciprocal`)."""
 
     block_t: int
     block_d: int
@@ -440,6 +454,7 @@ class MhcLaunch:
     pdl: bool = False
     collapse_stores_new: bool = False
     collapse_sums_squares: bool = False
+    fast_reciprocal: bool = False
 
     def __post_init__(self):
         for name in ("block_t", "block_d", "collapse_t"):
@@ -493,7 +508,7 @@ def dot_launch(t: Target, tokens: int, hidden: int, hc: int, block_t: int, progr
         block_d //= 2
     chunks, split_k = split_over(hidden, block_d, programs_per_block)
     return MhcLaunch(block_t, block_d, chunks, split_k, 4, 2, 1, collapse_warps(hidden, hc), precision=precision,
-                     pdl=True, collapse_stores_new=True, collapse_sums_squares=tokens <= 64)
+                     pdl=True, collapse_stores_new=True, collapse_sums_squares=tokens <= 64, fast_reciprocal=True)
 
 
 def mhc_launch(t: Target, tokens: int, hidden: int, hc: int = 4) -> MhcLaunch:
@@ -525,7 +540,7 @@ def mhc_launch(t: Target, tokens: int, hidden: int, hc: int = 4) -> MhcLaunch:
         block_t, block_d = (1, 32) if tokens <= 2 else (2, 64)
         chunks, split_k = split_over(hidden, block_d, triton.cdiv(hidden, block_d))
         return MhcLaunch(block_t, block_d, chunks, split_k, 4, 2, 1, collapse_warps(hidden, hc), dot=False,
-                         pdl=True, collapse_stores_new=tokens > 2)
+                         pdl=True, collapse_stores_new=tokens > 2, fast_reciprocal=True)
     if tokens <= 16:
         return dot_launch(t, tokens, hidden, hc, MIN_DOT, programs_per_sm=1)
     return dot_launch(t, tokens, hidden, hc, 64)
@@ -585,6 +600,11 @@ def _pdl(launch: MhcLaunch, tensor: torch.Tensor) -> bool:
     return launch.pdl and tensor.device.type != "cpu"
 
 
+def _fast_reciprocal(launch: MhcLaunch, tensor: torch.Tensor) -> bool:
+    """Inline PTX runs on CUDA only: never on cpu tensors (Triton's interpreter), kept on meta and cuda."""
+    return launch.fast_reciprocal and tensor.device.type != "cpu"
+
+
 def _check_partials(partials: torch.Tensor, n_tokens: int, rows: int, launch: MhcLaunch) -> None:
     """The kernels index the partials by their own constants: the buffer must be `mix_workspace`'s shape."""
     expected = (n_tokens, launch.split_k, _m_pad(rows))
@@ -633,7 +653,8 @@ def collapse_launch(streams, post_mix_inputs, partials, base, scale, norm_weight
                       BLOCK_T=launch.collapse_t, BLOCK_D=triton.next_power_of_2(hidden), HEAD=head,
                       POST=post_mix_inputs is not None,
                       STORE_NEW=post_mix_inputs is not None and launch.collapse_stores_new,
-                      NEW_SPLIT=hc // 2 if own_sq and not head else hc, OWN_SQ=own_sq, PDL=_pdl(launch, streams))
+                      NEW_SPLIT=hc // 2 if own_sq and not head else hc, OWN_SQ=own_sq,
+                      FAST=_fast_reciprocal(launch, streams) and not head, PDL=_pdl(launch, streams))
     grid = (triton.cdiv(n_tokens, launch.collapse_t), 1 if head else 2)
     return KernelLaunch(_collapse_kernel, grid, args, constexprs,
                         _options(launch.collapse_warps, 1, constexprs["PDL"]))
