@@ -80,19 +80,34 @@ def _new_streams(out_ptr, s_ptr, post_ptr, comb_ptr, t, k, d, td_mask, tk_mask, 
 
 
 @triton.jit
-def _accumulate(acc, sq, x3, fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC: tl.constexpr, D: tl.constexpr,
-                BLOCK_T: tl.constexpr, HC_PAD: tl.constexpr, BLOCK_D: tl.constexpr, SQ: tl.constexpr,
-                DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += x @ fn.T and (SQ) sq += rowsum(x^2) over one chunk of columns d of all streams: x3 [BLOCK_T,
-    HC_PAD, BLOCK_D] against fn[:, k*D + d], as one dot of depth HC_PAD*BLOCK_D. DOT=False multiplies by
-    broadcasting instead (the interpreter's fp32 tl.dot is a slow numpy loop)."""
-    w3 = tl.load(fn_ptr + m[None, None, :] * (HC * D) + j[:, None, None] * D + d[None, :, None],
-                 mask=j_mask[:, None, None] & d_mask[None, :, None] & m_mask[None, None, :], other=0.0)
+def _fn_tile(fn_ptr, j, j_mask, d, m, m_mask, HC: tl.constexpr, D: tl.constexpr):
+    """fn[m, k*D + d] for every stream k (j) and column d of one chunk: [HC_PAD, BLOCK_D, M_PAD]."""
+    return tl.load(fn_ptr + m[None, None, :] * (HC * D) + j[:, None, None] * D + d[None, :, None],
+                   mask=j_mask[:, None, None] & (d < D)[None, :, None] & m_mask[None, None, :], other=0.0)
+
+
+@triton.jit
+def _accumulate(acc, sq, x3, w3, BLOCK_T: tl.constexpr, HC_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                SQ: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BF16_X: tl.constexpr):
+    """acc += x @ fn.T and (SQ) sq += rowsum(x^2) over one chunk of columns of all streams: x3 [BLOCK_T,
+    HC_PAD, BLOCK_D] against its `_fn_tile` w3, as one dot of depth HC_PAD*BLOCK_D. DOT=False multiplies by
+    broadcasting instead (the interpreter's fp32 tl.dot is a slow numpy loop). tf32x3 with BF16_X (x holds
+    bf16 values exactly: bf16 streams, or new streams rounded to bf16): fn is split into three bf16 parts
+    (8 + 8 + 8 significant bits, all of fp32's 24) and x is multiplied by each exactly, smallest first, in
+    three bf16 tensor-core products (half the instructions of three tf32 ones, and x needs no split)."""
     x2 = tl.reshape(x3, [BLOCK_T, HC_PAD * BLOCK_D])
     w2 = tl.reshape(w3, [HC_PAD * BLOCK_D, w3.shape[2]])
     if SQ:
         sq += tl.sum(tl.sum(x3 * x3, axis=2), axis=1)
-    if DOT:
+    if DOT and PRECISION == "tf32x3" and BF16_X:
+        xb = x2.to(tl.bfloat16)
+        hi = w2.to(tl.bfloat16)
+        rest = w2 - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        acc = tl.dot(xb, (rest - mid.to(tl.float32)).to(tl.bfloat16), acc)
+        acc = tl.dot(xb, mid, acc)
+        acc = tl.dot(xb, hi, acc)
+    elif DOT:
         acc = tl.dot(x2, w2, acc, input_precision=PRECISION)
     else:
         acc += tl.sum(x2[:, :, None] * w2[None, :, :], axis=1)
@@ -104,7 +119,8 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
                          D: tl.constexpr, HC: tl.constexpr, HC_PAD: tl.constexpr, M_PAD: tl.constexpr,
                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr,
                          SPLIT: tl.constexpr, POST: tl.constexpr, STORE_NEW: tl.constexpr, MIX: tl.constexpr,
-                         SQ: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+                         SQ: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+                         WAIT: tl.constexpr, BF16_X: tl.constexpr):
     """Partials of one (token block, D slice). Without POST x_ptr is streams [N, HC, D]; with POST it is the
     block output [N, D], and the slice of new streams [N, HC, D] is built from s_ptr/post_ptr/comb_ptr first
     (and written to new_ptr with STORE_NEW; otherwise the collapse writes them). Partials [N, SPLIT, M_PAD]:
@@ -113,7 +129,10 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
     dot (a second consumer makes the compiler build them in two layouts). MIX=False (plain hc_post) skips
     the partials. Every load of a chunk is independent of the others, so they are all in flight at once.
     PDL: the collapse launch that follows may start now (it waits for this grid's completion before reading
-    the partials)."""
+    the partials). WAIT: this kernel is itself launched as a programmatic dependent of the kernel before it
+    (whatever that is), so it may start while that kernel finishes: it waits for it before reading any
+    input; with one chunk it loads its fn tile (a weight, which no kernel writes) before waiting. BF16_X: the
+    tile holds bf16 values exactly (see `_accumulate`)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     pid_t = tl.program_id(0)
@@ -127,8 +146,14 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
     tj_mask = t_mask[:, None] & j_mask[None, :]
     acc = tl.zeros([BLOCK_T, M_PAD], dtype=tl.float32)
     sq = tl.zeros([BLOCK_T], dtype=tl.float32)
+    if WAIT and CHUNKS > 1:
+        tl.extra.cuda.gdc_wait()
     for c in range(CHUNKS):
         d = (pid_s * CHUNKS + c) * BLOCK_D + tl.arange(0, BLOCK_D)
+        if MIX:  # first: a load after the build would wait for its layout conversions (one round trip each)
+            w3 = _fn_tile(fn_ptr, j, j_mask, d, m, m_mask, HC, D)
+        if WAIT and CHUNKS == 1:  # one chunk: the loop is straight-line code, and fn was loaded before waiting
+            tl.extra.cuda.gdc_wait()
         d_mask = d < D
         td_mask = t_mask[:, None] & d_mask[None, :]
         x_mask = tj_mask[:, :, None] & d_mask[None, None, :]
@@ -141,13 +166,12 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
         if STORE_NEW:
             tl.store(new_ptr + offsets, x3.to(new_ptr.dtype.element_ty), mask=x_mask)
         if MIX:
-            acc, sq = _accumulate(acc, sq, x3, fn_ptr, j, j_mask, d, d_mask, m, m_mask, HC, D, BLOCK_T, HC_PAD,
-                                  BLOCK_D, SQ, DOT, PRECISION)
+            acc, sq = _accumulate(acc, sq, x3, w3, BLOCK_T, HC_PAD, BLOCK_D, SQ, DOT, PRECISION, BF16_X)
     if MIX:
         if SQ:
             acc = tl.where(m[None, :] == M, sq[:, None], acc)
-        tl.store(part_ptr + (t[:, None] * SPLIT + pid_s) * M_PAD + m[None, :], acc,
-                 mask=t_mask[:, None] & (m < M + (1 if SQ else 0))[None, :])
+        # every column: the padding too (zeros, never read), so each row is one run of 16-byte stores
+        tl.store(part_ptr + (t[:, None] * SPLIT + pid_s) * M_PAD + m[None, :], acc, mask=t_mask[:, None])
 
 
 @triton.jit
@@ -455,6 +479,7 @@ class MhcLaunch:
     collapse_stores_new: bool = False
     collapse_sums_squares: bool = False
     fast_reciprocal: bool = False
+    split_k_pdl: bool = False
 
     def __post_init__(self):
         for name in ("block_t", "block_d", "collapse_t"):
@@ -508,7 +533,8 @@ def dot_launch(t: Target, tokens: int, hidden: int, hc: int, block_t: int, progr
         block_d //= 2
     chunks, split_k = split_over(hidden, block_d, programs_per_block)
     return MhcLaunch(block_t, block_d, chunks, split_k, 4, 2, 1, collapse_warps(hidden, hc), precision=precision,
-                     pdl=True, collapse_stores_new=True, collapse_sums_squares=tokens <= 64, fast_reciprocal=True)
+                     pdl=True, collapse_stores_new=True, collapse_sums_squares=tokens <= 64, fast_reciprocal=True,
+                     split_k_pdl=True)
 
 
 def mhc_launch(t: Target, tokens: int, hidden: int, hc: int = 4) -> MhcLaunch:
@@ -540,7 +566,7 @@ def mhc_launch(t: Target, tokens: int, hidden: int, hc: int = 4) -> MhcLaunch:
         block_t, block_d = (1, 32) if tokens <= 2 else (2, 64)
         chunks, split_k = split_over(hidden, block_d, triton.cdiv(hidden, block_d))
         return MhcLaunch(block_t, block_d, chunks, split_k, 4, 2, 1, collapse_warps(hidden, hc), dot=False,
-                         pdl=True, collapse_stores_new=tokens > 2, fast_reciprocal=True)
+                         pdl=True, collapse_stores_new=tokens > 2, fast_reciprocal=True, split_k_pdl=True)
     if tokens <= 16:
         return dot_launch(t, tokens, hidden, hc, MIN_DOT, programs_per_sm=1)
     return dot_launch(t, tokens, hidden, hc, 64)
@@ -605,6 +631,13 @@ def _fast_reciprocal(launch: MhcLaunch, tensor: torch.Tensor) -> bool:
     return launch.fast_reciprocal and tensor.device.type != "cpu"
 
 
+def _bf16_products(tile_source: torch.Tensor) -> bool:
+    """Whether the split-K tile holds bf16 values exactly (the streams, or the new streams, are bf16), so
+    tf32x3 may multiply it in bf16 (`_accumulate`). Not on cpu tensors: Triton's interpreter gets bf16
+    tl.dot wrong."""
+    return tile_source.dtype == torch.bfloat16 and tile_source.device.type != "cpu"
+
+
 def _check_partials(partials: torch.Tensor, n_tokens: int, rows: int, launch: MhcLaunch) -> None:
     """The kernels index the partials by their own constants: the buffer must be `mix_workspace`'s shape."""
     expected = (n_tokens, launch.split_k, _m_pad(rows))
@@ -629,9 +662,11 @@ def mix_partials_launch(x, post_mix_inputs, fn, partials, launch: MhcLaunch, hc:
                       POST=post_mix_inputs is not None,
                       STORE_NEW=post_mix_inputs is not None and not (mix and launch.collapse_stores_new), MIX=mix,
                       SQ=not (mix and post_mix_inputs is not None and launch.collapse_sums_squares), DOT=launch.dot,
-                      PRECISION=launch.precision, PDL=_pdl(launch, x) and mix)
+                      PRECISION=launch.precision, PDL=_pdl(launch, x) and mix,
+                      WAIT=launch.split_k_pdl and x.device.type != "cpu",
+                      BF16_X=_bf16_products(new if post_mix_inputs is not None else x))
     return KernelLaunch(_mix_partials_kernel, (triton.cdiv(n_tokens, launch.block_t), launch.split_k), args,
-                        constexprs, _options(launch.num_warps, launch.num_stages, False))
+                        constexprs, _options(launch.num_warps, launch.num_stages, constexprs["WAIT"]))
 
 
 def collapse_launch(streams, post_mix_inputs, partials, base, scale, norm_weight, normed, post, comb, rms_eps,
