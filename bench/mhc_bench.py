@@ -179,7 +179,8 @@ def bench_tokens(tokens, args, gbps, l2_bytes, compiled, compiled_max) -> list[d
 
 def candidate_launches(t, tokens: int, hidden: int, hc: int = 4) -> list:
     """The default launch, then variants of one kernel at a time: without PDL; the new streams written by the
-    other kernel; the sums of squares in the other kernel; the collapse at 4-16 warps; the
+    other kernel; the sums of squares in the other kernel; the split-K kernel launched without waiting on
+    the kernel before it; the Sinkhorn dividing in full; the collapse at 4-16 warps; the
     split-K kernel with broadcast blocks of 1-4 tokens (up to 16 tokens) and 32-256 column chunks at 0.5 or 1
     program an SM, and tensor-core tf32x3 dots on 16 / 32 / 64-token blocks of 16-64 columns (and
     `dot_launch`'s width) at 1 or 2 programs an SM, 4 or 8 warps."""
@@ -188,6 +189,8 @@ def candidate_launches(t, tokens: int, hidden: int, hc: int = 4) -> list:
     found.setdefault(dataclasses.replace(default, pdl=False), None)
     found.setdefault(dataclasses.replace(default, collapse_stores_new=not default.collapse_stores_new), None)
     found.setdefault(dataclasses.replace(default, collapse_sums_squares=not default.collapse_sums_squares), None)
+    found.setdefault(dataclasses.replace(default, split_k_pdl=False), None)
+    found.setdefault(dataclasses.replace(default, fast_reciprocal=False), None)
     for warps in (4, 8, 16):
         found.setdefault(dataclasses.replace(default, collapse_warps=warps), None)
     split_fields = ("block_t", "block_d", "chunks", "split_k", "num_stages", "dot", "precision")

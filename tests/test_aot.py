@@ -159,8 +159,10 @@ def test_artifact_holds_kernels_for_both_targets(artifact):
 def test_artifact_launch_metadata_names_each_kernel_and_its_launch(artifact, child):
     """Each kernel's json (written with sorted keys) gives back the spec the runtime looks binaries up by:
     its name is the manifest entry's. Every launch fixes warps and stages; on GPUs the collapse is launched
-    as the split-K kernel's programmatic dependent, and the split-K kernel releases it only when it
-    computes partials (MIX; plain hc_post has no collapse after it)."""
+    as the split-K kernel's programmatic dependent, the split-K kernel releases it only when it computes
+    partials (MIX; plain hc_post has no collapse after it) and is itself launched as a dependent of the
+    kernel before it (WAIT); the collapse's Sinkhorn takes one-instruction reciprocals (FAST) unless it is
+    hc_head's (no Sinkhorn)."""
     manifest = load_artifact(artifact).manifest
     arg_names = {kernel: child.submit(_arg_names, kernel).result()
                  for kernel in ("_mix_partials_kernel", "_collapse_kernel")}
@@ -172,8 +174,10 @@ def test_artifact_launch_metadata_names_each_kernel_and_its_launch(artifact, chi
             pdl, constexprs = entry["options"].get("launch_pdl", False), entry["constexprs"]
             if entry["kernel"] == "_collapse_kernel":
                 assert pdl is True and constexprs["PDL"] is True, entry["name"]
+                assert constexprs["FAST"] is not constexprs["HEAD"], entry["name"]
             else:
-                assert pdl is False and constexprs["PDL"] is constexprs["MIX"], entry["name"]
+                assert pdl is True and constexprs["WAIT"] is True, entry["name"]
+                assert constexprs["PDL"] is constexprs["MIX"], entry["name"]
         assert {e["constexprs"]["MIX"] for e in entries if e["kernel"] == "_mix_partials_kernel"} == {True, False}
 
 

@@ -8,8 +8,10 @@ tests/test_mhc_kernels.py checks each against it. Two launches per boundary (pla
     `x @ fn.T` and `sum(x^2)` of its slice. With `POST` it first builds its slice of the new streams
     `post[k] * out + sum_j comb[j,k] * streams[j]` (hc_post fused with the next hc_pre's partials) and
     writes them, unless the collapse does (`MhcLaunch.collapse_stores_new`; with `collapse_sums_squares`
-    the collapse takes their sum(x^2) instead of this kernel). The fn matrix, the big read at small batch ((2+n)n x nD
-    fp32: 1.5 MiB for Flash), is spread over every SM.
+    the collapse takes their sum(x^2) instead of this kernel). The fn matrix, the big read at small batch
+    ((2+n)n x nD fp32: 1.5 MiB for Flash), is spread over every SM. On GPUs this kernel is itself launched
+    as a programmatic dependent of whatever kernel precedes it (`split_k_pdl`): it starts while that kernel
+    finishes, loads its fn tile (a weight) and waits before reading anything a kernel writes.
 (b) `_collapse_kernel`, two programs per token block (one token on GPUs): each sums the splits and applies
     the RMS scale; one takes sigmoid, the weighted collapse `sum_j pre[j] * x[j]` over D (rounded to the
     activation dtype, as the model does) and the RMSNorm that follows it, the other, at the same time,
@@ -19,14 +21,19 @@ tests/test_mhc_kernels.py checks each against it. Two launches per boundary (pla
     input or has another dtype) instead of reading (a)'s output, and may write them itself (with
     `collapse_sums_squares` the post / Sinkhorn program rebuilds them too, for their sum of squares, and
     each program writes half): on GPUs it is launched as (a)'s programmatic dependent (PDL), so it starts
-    while (a) runs, loads (and writes) everything but what needs the partials, then waits.
+    while (a) runs, loads (and writes) everything but what needs the partials, then waits, and then loads
+    all the partials it needs at once (each load written after a sum would wait for the sum's barrier).
 hc_head uses the same two kernels with the n head rows of fn and no post/comb: one collapse program a token
 block.
 
 bf16 is converted to fp32 right after each load (and the math stays fp32): Triton's CPU interpreter gets
 bf16 arithmetic wrong, and the model's math is fp32 anyway. `x @ fn.T` is fp32-accurate: FMA ("ieee") or
-three tf32 tensor-core products ("tf32x3"); one plain tf32 product would move the mixes by ~1e-3 relative,
-more than the fp32 tolerance against the reference.
+tensor-core products ("tf32x3": three tf32 products, or, where the tile holds bf16 values exactly, three
+exact bf16 products against fn split into three bf16 parts, `_accumulate`); one plain tf32 product would
+move the mixes by ~1e-3 relative, more than the fp32 tolerance against the reference. Triton's interpreter
+(tests) runs neither inline PTX nor bf16 dots correctly, so the wrappers never ask it for either
+(`_fast_reciprocal`, `_bf16_products`); the GPU paths are checked against the reference by
+bench/mhc_bench.py on the GPU.
 
 Host wrappers describe each launch (`mix_partials_launch`, `collapse_launch`) and hand it to a launcher
 (codegen/kernels/launcher.py): Triton's JIT by default, the artifact's ahead-of-time binaries in the runtime,
@@ -453,7 +460,8 @@ class MhcLaunch:
     """How the two kernels are launched. Split-K kernel: grid (cdiv(N, block_t), split_k), each program
     covering `chunks` chunks of `block_d` columns (of all n streams), so split_k * chunks * block_d >= D;
     `dot`: x @ fn.T through tl.dot (GPUs; needs block_t, block_d >= 16) or broadcast multiply-and-sum;
-    `precision`: the dot's fp32 mode ("ieee": FMA; "tf32x3": tensor cores, three tf32 products);
+    `precision`: the dot's fp32 mode ("ieee": FMA; "tf32x3": tensor cores, three tf32 products, or three
+    bf16 products for a tile of bf16 values, `_accumulate`);
     `num_warps`, `num_stages`. Collapse kernel: `collapse_t` tokens a program over all of D (a second
     program a token block computes post and comb), `collapse_warps`. `pdl`: the collapse is
     launched as the split-K kernel's programmatic dependent (CUDA only): it starts, loads its streams and
@@ -463,7 +471,8 @@ class MhcLaunch:
     `collapse_sums_squares` (hc_post fused with a collapse): both collapse programs take the mixes' RMS
     scale from the new streams they rebuild (and, with `collapse_stores_new`, each writes half of them), and
     the split-K kernel feeds them to its dot only. `fast_reciprocal` (GPUs): the Sinkhorn's reciprocals are
-    one `rcp.approx.ftz.f32` each, at most 1 ulp off (`_reciprocal`)."""
+    one `rcp.approx.ftz.f32` each, at most 1 ulp off (`_reciprocal`). `split_k_pdl` (CUDA only): the split-K
+    kernel is launched as a programmatic dependent of the kernel before it, whatever that is."""
 
     block_t: int
     block_d: int
@@ -540,19 +549,23 @@ def dot_launch(t: Target, tokens: int, hidden: int, hc: int, block_t: int, progr
 def mhc_launch(t: Target, tokens: int, hidden: int, hc: int = 4) -> MhcLaunch:
     """The launch of an mHC boundary of `tokens` tokens, hidden size `hidden`, `hc` streams on target `t`.
 
-    GPUs (chosen by `bench/mhc_bench.py --sweep` on an H100, hc_post_pre at Flash dimensions, BENCHMARKS.md):
-    the collapse is launched as the split-K kernel's programmatic dependent (9.35 against 10.5 us without at
-    T = 8), one token a program at 4 warps (`collapse_warps`); from 3 tokens it writes the new streams
-    (`collapse_stores_new`: 9.6 against 11.3 us at T = 8, 13.8 against 13.9 at T = 64, 27.5 against 31.0 at
-    T = 256; at T = 1 the split-K kernel writing them is faster, 8.0 against 9.0). Up to 8 tokens the
-    split-K kernel multiplies by broadcasting (a tl.dot pads to 16 rows): one token and one 32-column chunk a
-    program up to 2 tokens (8.2 us at T = 1 against 9.1 for 64 or 128 columns), 2-token blocks of 64 columns
-    for 3-8 (8.9 us at T = 8 against 9.35 for one token and 128 columns). 9-16 tokens: tf32x3 tensor-core
-    dots on a 16-token block, about one program an SM (10.7 us at T = 16 against 11.2 for two). Beyond:
-    tf32x3 dots on 64-token blocks (wgmma on Hopper, tcgen05 on Blackwell), 16-column chunks, about two
-    programs an SM (at T = 64 one chunk a program: 13.0 us against 13.7 for two chunks on half the programs
-    and 13.6 for 32-column chunks; at T = 256 four). From 9 to 64 tokens the collapse programs sum the
-    squares (`dot_launch`). Each figure: hc_post_pre, every other field as the default, one run.
+    GPUs (chosen by `bench/mhc_bench.py --sweep` and same-process A/B runs on an H100, hc_post_pre at Flash
+    dimensions, BENCHMARKS.md): the collapse is launched as the split-K kernel's programmatic dependent (9.35
+    against 10.5 us without at T = 8), one token a program at 4 warps (`collapse_warps`; 8 warps: 11.44
+    against 11.21 us at T = 64, 7.70 against 6.30 at T = 1); from 3 tokens it writes the new streams
+    (`collapse_stores_new`: 9.23 against 9.66 us at T = 16, 11.21 against 11.97 at T = 64; at T = 1 the
+    split-K kernel writing them is faster, 6.30 against 7.06). The split-K kernel is launched as a
+    dependent of the kernel before it and the Sinkhorn takes one-instruction reciprocals (`split_k_pdl`,
+    `fast_reciprocal`). Up to 8 tokens the split-K kernel multiplies by broadcasting (a tl.dot pads to 16
+    rows): one token and one 32-column chunk a program up to 2 tokens (8.2 us at T = 1 against 9.1 for 64 or
+    128 columns), 2-token blocks of 64 columns for 3-8 (8.9 us at T = 8 against 9.35 for one token and 128
+    columns). 9-16 tokens: tf32x3 tensor-core dots on a 16-token block, about one program an SM (10.7 us at
+    T = 16 against 11.2 for two). Beyond: tf32x3 dots on 64-token blocks (wgmma on Hopper, tcgen05 on
+    Blackwell), 16-column chunks, about two programs an SM (at T = 64 one chunk a program: 10.49 us against
+    10.94 for two chunks on half the programs and 11.03 for 32-column chunks; at T = 256 four). From 9 to 64
+    tokens the collapse programs sum the squares (`dot_launch`; at T = 64 without: 12.59 against 11.21).
+    Each figure: hc_post_pre, every other field as the default, one run (the older ones with the kernels of
+    their day, BENCHMARKS.md).
     tf32x3 is fp32-accurate: relative error against the fp32 reference 1e-7 to 3e-7, as FMA's. cpu
     (Triton's interpreter, tests only): few large programs (the interpreter pays per program and per call),
     but still several splits and chunks so both loops are exercised.
