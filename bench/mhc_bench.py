@@ -306,6 +306,9 @@ def main() -> None:
     l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
     gbps = copy_gbps()
     print(json.dumps(env), f"\ncopy bandwidth {gbps:.0f} GB/s (read + written), L2 {l2_bytes >> 20} MiB", flush=True)
+    # every token count is its own static-shape graph: past dynamo's default limit (8) it would silently
+    # run the sub-graph eagerly and the Inductor columns would time eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(args.tokens))
     compiled = None if args.no_baselines else {op: torch.compile(getattr(ref, op), dynamic=False) for op in OPS}
     compiled_max = None if args.no_baselines or not args.max_autotune else {
         op: torch.compile(getattr(ref, op), dynamic=False, mode="max-autotune-no-cudagraphs") for op in OPS}
