@@ -228,7 +228,8 @@ def _normalise4(a, b, c, d, eps, FAST: tl.constexpr):
 @triton.jit
 def _rows4(c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, eps,
            FAST: tl.constexpr):
-    """Every row of the 4 x 4 matrix over (its sum + eps)."""
+    """Every row of the 4 x 4 matrix over (its sum + eps); given (and giving back) the entries in column
+    order, every column."""
     c00, c01, c02, c03 = _normalise4(c00, c01, c02, c03, eps, FAST)
     c10, c11, c12, c13 = _normalise4(c10, c11, c12, c13, eps, FAST)
     c20, c21, c22, c23 = _normalise4(c20, c21, c22, c23, eps, FAST)
@@ -237,33 +238,23 @@ def _rows4(c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31,
 
 
 @triton.jit
-def _columns4(c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, eps,
-              FAST: tl.constexpr):
-    """Every column of the 4 x 4 matrix over (its sum + eps)."""
-    c00, c10, c20, c30 = _normalise4(c00, c10, c20, c30, eps, FAST)
-    c01, c11, c21, c31 = _normalise4(c01, c11, c21, c31, eps, FAST)
-    c02, c12, c22, c32 = _normalise4(c02, c12, c22, c32, eps, FAST)
-    c03, c13, c23, c33 = _normalise4(c03, c13, c23, c33, eps, FAST)
-    return c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33
-
-
-@triton.jit
 def _sinkhorn4(c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33,
                ITERS: tl.constexpr, eps, FAST: tl.constexpr):
     """compiler/layers.sinkhorn for n = 4, entry by entry: every entry is a [BLOCK_T] tensor (one token a
     lane), so the 2 x ITERS normalisations are elementwise arithmetic in each thread's registers, with no
-    reductions across threads (the tile form, `_sinkhorn`, pays a shuffle-and-broadcast for each)."""
+    reductions across threads (the tile form, `_sinkhorn`, pays a shuffle-and-broadcast for each). A column
+    step is `_rows4` of the entries in column order."""
     c00, c01, c02, c03 = _softmax4(c00, c01, c02, c03, eps, FAST)
     c10, c11, c12, c13 = _softmax4(c10, c11, c12, c13, eps, FAST)
     c20, c21, c22, c23 = _softmax4(c20, c21, c22, c23, eps, FAST)
     c30, c31, c32, c33 = _softmax4(c30, c31, c32, c33, eps, FAST)
-    c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33 = _columns4(
-        c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, eps, FAST)
+    c00, c10, c20, c30, c01, c11, c21, c31, c02, c12, c22, c32, c03, c13, c23, c33 = _rows4(
+        c00, c10, c20, c30, c01, c11, c21, c31, c02, c12, c22, c32, c03, c13, c23, c33, eps, FAST)
     for _ in range(ITERS - 1):
         c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33 = _rows4(
             c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, eps, FAST)
-        c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33 = _columns4(
-            c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, eps, FAST)
+        c00, c10, c20, c30, c01, c11, c21, c31, c02, c12, c22, c32, c03, c13, c23, c33 = _rows4(
+            c00, c10, c20, c30, c01, c11, c21, c31, c02, c12, c22, c32, c03, c13, c23, c33, eps, FAST)
     return c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33
 
 
