@@ -134,9 +134,10 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
     the slice's `x @ fn.T` in columns < M and, with SQ, its sum(x^2) in column M (M_PAD > M). Without SQ
     (POST only) the collapse sums the squares of the new streams it rebuilds, and here they only feed the
     dot (a second consumer makes the compiler build them in two layouts). MIX=False (plain hc_post) skips
-    the partials. Every load of a chunk is independent of the others, so they are all in flight at once.
-    PDL: the collapse launch that follows may start now (it waits for this grid's completion before reading
-    the partials). WAIT: this kernel is itself launched as a programmatic dependent of the kernel before it
+    the partials. The fn tile is loaded first: every other load of a chunk is followed by a layout conversion
+    whose barrier holds back the loads written after it (one memory round trip each, BENCHMARKS.md). PDL:
+    the collapse launch that follows may start now (it waits for this grid's completion before reading the
+    partials). WAIT: this kernel is itself launched as a programmatic dependent of the kernel before it
     (whatever that is), so it may start while that kernel finishes: it waits for it before reading any
     input; with one chunk it loads its fn tile (a weight, which no kernel writes) before waiting. BF16_X: the
     tile holds bf16 values exactly (see `_accumulate`)."""
