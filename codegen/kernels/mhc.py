@@ -32,7 +32,7 @@ tensor-core products ("tf32x3": three tf32 products, or, where the tile holds bf
 exact bf16 products against fn split into three bf16 parts, `_accumulate`); one plain tf32 product would
 move the mixes by ~1e-3 relative, more than the fp32 tolerance against the reference. Triton's interpreter
 (tests) runs neither inline PTX nor bf16 dots correctly, so the wrappers never ask it for either
-(`_fast_reciprocal`, `_bf16_products`); the GPU paths are checked against the reference by
+(`_on_gpu`); the GPU paths are checked against the reference by
 bench/mhc_bench.py on the GPU.
 
 Host wrappers describe each launch (`mix_partials_launch`, `collapse_launch`) and hand it to a launcher
@@ -140,7 +140,7 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
     partials). WAIT: this kernel is itself launched as a programmatic dependent of the kernel before it
     (whatever that is), so it may start while that kernel finishes: it waits for it before reading any
     input; with one chunk it loads its fn tile (a weight, which no kernel writes) before waiting. BF16_X: the
-    tile holds bf16 values exactly (see `_accumulate`)."""
+    tile holds bf16 values exactly (bf16 streams, or new streams rounded to bf16; see `_accumulate`)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     pid_t = tl.program_id(0)
@@ -616,7 +616,7 @@ def _m_pad(rows: int) -> int:
 
 def mix_workspace(n_tokens: int, rows: int, launch: MhcLaunch, device) -> torch.Tensor:
     """The split-K partials `[N, split_k, M_PAD]` fp32: each split's `x @ fn.T` (`rows` columns) and its
-    sum(x^2) (column `rows`; left unwritten where the collapse sums the squares, `collapse_sums_squares`)."""
+    sum(x^2) (column `rows`; zero where the collapse sums the squares, `collapse_sums_squares`)."""
     return torch.empty((n_tokens, launch.split_k, _m_pad(rows)), dtype=torch.float32, device=device)
 
 
@@ -625,22 +625,11 @@ def _options(warps: int, stages: int, pdl: bool) -> dict:
     return {"num_warps": warps, "num_stages": stages, **({"launch_pdl": True} if pdl else {})}
 
 
-def _pdl(launch: MhcLaunch, tensor: torch.Tensor) -> bool:
-    """PDL is a CUDA launch attribute: never on cpu tensors (Triton's interpreter), kept on meta (ahead of
-    time builds) and cuda."""
-    return launch.pdl and tensor.device.type != "cpu"
-
-
-def _fast_reciprocal(launch: MhcLaunch, tensor: torch.Tensor) -> bool:
-    """Inline PTX runs on CUDA only: never on cpu tensors (Triton's interpreter), kept on meta and cuda."""
-    return launch.fast_reciprocal and tensor.device.type != "cpu"
-
-
-def _bf16_products(tile_source: torch.Tensor) -> bool:
-    """Whether the split-K tile holds bf16 values exactly (the streams, or the new streams, are bf16), so
-    tf32x3 may multiply it in bf16 (`_accumulate`). Not on cpu tensors: Triton's interpreter gets bf16
-    tl.dot wrong."""
-    return tile_source.dtype == torch.bfloat16 and tile_source.device.type != "cpu"
+def _on_gpu(tensor: torch.Tensor) -> bool:
+    """Whether a launch over `tensor` may take the GPU-only paths: PDL (a CUDA launch attribute), inline PTX
+    and bf16 tl.dot (which Triton's CPU interpreter gets wrong). cpu tensors (the interpreter) take none;
+    meta (ahead-of-time builds) and cuda take them all."""
+    return tensor.device.type != "cpu"
 
 
 def _check_partials(partials: torch.Tensor, n_tokens: int, rows: int, launch: MhcLaunch) -> None:
@@ -667,9 +656,9 @@ def mix_partials_launch(x, post_mix_inputs, fn, partials, launch: MhcLaunch, hc:
                       POST=post_mix_inputs is not None,
                       STORE_NEW=post_mix_inputs is not None and not (mix and launch.collapse_stores_new), MIX=mix,
                       SQ=not (mix and post_mix_inputs is not None and launch.collapse_sums_squares), DOT=launch.dot,
-                      PRECISION=launch.precision, PDL=_pdl(launch, x) and mix,
-                      WAIT=launch.split_k_pdl and x.device.type != "cpu",
-                      BF16_X=_bf16_products(new if post_mix_inputs is not None else x))
+                      PRECISION=launch.precision, PDL=launch.pdl and mix and _on_gpu(x),
+                      WAIT=launch.split_k_pdl and _on_gpu(x),
+                      BF16_X=(new if post_mix_inputs is not None else x).dtype == torch.bfloat16 and _on_gpu(x))
     return KernelLaunch(_mix_partials_kernel, (triton.cdiv(n_tokens, launch.block_t), launch.split_k), args,
                         constexprs, _options(launch.num_warps, launch.num_stages, constexprs["WAIT"]))
 
@@ -694,7 +683,8 @@ def collapse_launch(streams, post_mix_inputs, partials, base, scale, norm_weight
                       POST=post_mix_inputs is not None,
                       STORE_NEW=post_mix_inputs is not None and launch.collapse_stores_new,
                       NEW_SPLIT=hc // 2 if own_sq and not head else hc, OWN_SQ=own_sq,
-                      FAST=_fast_reciprocal(launch, streams) and not head, PDL=_pdl(launch, streams))
+                      FAST=launch.fast_reciprocal and not head and _on_gpu(streams),
+                      PDL=launch.pdl and _on_gpu(streams))
     grid = (triton.cdiv(n_tokens, launch.collapse_t), 1 if head else 2)
     return KernelLaunch(_collapse_kernel, grid, args, constexprs,
                         _options(launch.collapse_warps, 1, constexprs["PDL"]))
