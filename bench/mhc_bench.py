@@ -141,6 +141,17 @@ def check(op: str, s: dict, iters: int, bf16_tol: float = 1e-2, fp32_tol: float 
     return ("ok  " if ok else "FAIL") + " ".join(f"{rel:.1e}" for _, rel in errors)
 
 
+def writers_agree(tokens: int, hc: int, hidden: int, iters: int, dtype: torch.dtype) -> bool:
+    """Whether hc_post_pre's new streams are bitwise the same whichever kernel writes them
+    (`collapse_stores_new`): the collapse rebuilds them with the split-K kernel's own function."""
+    s = make_set(tokens, hc, hidden, dtype, torch.Generator(device="cuda").manual_seed(11))
+    args = op_args("hc_post_pre", s, iters)
+    launch = mhc.mhc_launch(target_for_device("cuda"), tokens, hidden, hc)
+    by_collapse, by_split_k = (mhc.hc_post_pre(*args, launch=dataclasses.replace(launch, collapse_stores_new=flag))[0]
+                               for flag in (True, False))
+    return torch.equal(by_collapse, by_split_k)
+
+
 # ---- the run ---------------------------------------------------------------------------------------------
 def environment() -> dict:
     smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
@@ -318,6 +329,9 @@ def main() -> None:
     for tokens in sorted({min(args.tokens), max(args.tokens)}):
         s = make_set(tokens, args.hc, args.hidden, torch.float32, torch.Generator(device="cuda").manual_seed(7))
         print(f"fp32 streams, T={tokens}: " + "; ".join(f"{op} {check(op, s, args.iters)}" for op in OPS), flush=True)
+    print("new streams bitwise equal, written by the collapse or the split-K kernel: " + "; ".join(
+        f"T={tokens} {dtype} {writers_agree(tokens, args.hc, args.hidden, args.iters, dtype)}"
+        for tokens in args.tokens for dtype in (torch.bfloat16, torch.float32)), flush=True)
     for tokens in (1, 64, 256) if args.check_tf32x3 else ():
         launch = tf32x3_launch(target_for_device("cuda"), tokens, args.hidden, args.hc)
         for dtype in (torch.float32, torch.bfloat16):

@@ -11,7 +11,8 @@ tests/test_mhc_kernels.py checks each against it. Two launches per boundary (pla
     the collapse takes their sum(x^2) instead of this kernel). The fn matrix, the big read at small batch
     ((2+n)n x nD fp32: 1.5 MiB for Flash), is spread over every SM. On GPUs this kernel is itself launched
     as a programmatic dependent of whatever kernel precedes it (`split_k_pdl`): it starts while that kernel
-    finishes, loads its fn tile (a weight) and waits before reading anything a kernel writes.
+    finishes, loads its fn tile (a weight) and waits before reading anything a kernel writes. It releases
+    the collapse only after that wait, since the collapse reads hc_post's inputs before its own wait.
 (b) `_collapse_kernel`, two programs per token block (one token on GPUs): each sums the splits and applies
     the RMS scale; one takes sigmoid, the weighted collapse `sum_j pre[j] * x[j]` over D (rounded to the
     activation dtype, as the model does) and the RMSNorm that follows it, the other, at the same time,
@@ -69,21 +70,56 @@ def _round(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _opaque(x, OPAQUE: tl.constexpr):
+    """x (fp32), unchanged. OPAQUE (GPUs): through an inline-PTX move, which Triton's layout passes treat as a
+    boundary: a layout conversion that a value needs is then placed after the move, not after the load that
+    produced the value (the interpreter runs no inline PTX)."""
+    if OPAQUE:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x.to(tl.int32, bitcast=True)], dtype=tl.int32,
+                                         is_pure=False, pack=1).to(tl.float32, bitcast=True)
+    else:
+        return x
+
+
+@triton.jit
 def _new_streams(out_ptr, s_ptr, post_ptr, comb_ptr, t, k, d, td_mask, tk_mask, HC: tl.constexpr, D: tl.constexpr,
-                 DTYPE: tl.constexpr):
+                 DTYPE: tl.constexpr, OPAQUE: tl.constexpr):
     """hc_post at (token t, stream k, column d), rounded to DTYPE: post[k] * out + sum_i comb[i, k] *
-    streams[i], fp32 inside. t, k, d: broadcastable index tensors (k may be a constant); td_mask / tk_mask:
+    streams[i], fp32 inside, in explicit FMAs (the compiler's own contraction differs between kernels and
+    layouts, which would change the last bit of a few values). t, k, d: broadcastable index tensors (k may be a constant); td_mask / tk_mask:
     the masks of the out and streams loads (t and d's shape) and of the post and comb loads (t and k's): the
     [tokens, n, columns] tile is built from [tokens, 1, columns] and [tokens, n, 1] loads. The split-K kernel
     (a chunk's columns) and the collapse (all of D) both call this one function, so the collapse's rebuilt
-    streams equal the split-K kernel's."""
-    mixed = (tl.load(comb_ptr + t * (HC * HC) + k, mask=tk_mask, other=0.0) *
-             tl.load(s_ptr + t * (HC * D) + d, mask=td_mask, other=0.0).to(tl.float32))
-    for i in tl.static_range(1, HC):
-        s_i = tl.load(s_ptr + t * (HC * D) + i * D + d, mask=td_mask, other=0.0).to(tl.float32)
-        mixed += tl.load(comb_ptr + t * (HC * HC) + i * HC + k, mask=tk_mask, other=0.0) * s_i
-    out = tl.load(out_ptr + t * D + d, mask=td_mask, other=0.0).to(tl.float32)
-    return _round(tl.load(post_ptr + t * HC + k, mask=tk_mask, other=0.0) * out + mixed, DTYPE)
+    streams equal the split-K kernel's.
+    For n = 4 (DeepSeek-V4) all ten loads come before any arithmetic, and with OPAQUE every loaded value then
+    passes through `_opaque`. Triton gives each load its own coalesced layout and converts it to the tile's
+    through shared memory, behind a barrier; placed right after its load, each conversion would hold back
+    the loads after it (ten memory round trips, one after another, in the split-K kernel). After the opaque
+    moves, every conversion comes after every load. Other n: the same sums, loaded as they are summed."""
+    if HC == 4:
+        c0 = tl.load(comb_ptr + t * (HC * HC) + k, mask=tk_mask, other=0.0)
+        c1 = tl.load(comb_ptr + t * (HC * HC) + HC + k, mask=tk_mask, other=0.0)
+        c2 = tl.load(comb_ptr + t * (HC * HC) + 2 * HC + k, mask=tk_mask, other=0.0)
+        c3 = tl.load(comb_ptr + t * (HC * HC) + 3 * HC + k, mask=tk_mask, other=0.0)
+        post = tl.load(post_ptr + t * HC + k, mask=tk_mask, other=0.0)
+        s0 = tl.load(s_ptr + t * (HC * D) + d, mask=td_mask, other=0.0).to(tl.float32)
+        s1 = tl.load(s_ptr + t * (HC * D) + D + d, mask=td_mask, other=0.0).to(tl.float32)
+        s2 = tl.load(s_ptr + t * (HC * D) + 2 * D + d, mask=td_mask, other=0.0).to(tl.float32)
+        s3 = tl.load(s_ptr + t * (HC * D) + 3 * D + d, mask=td_mask, other=0.0).to(tl.float32)
+        out = tl.load(out_ptr + t * D + d, mask=td_mask, other=0.0).to(tl.float32)
+        mixed = _opaque(c0, OPAQUE) * _opaque(s0, OPAQUE)
+        mixed = tl.fma(_opaque(c1, OPAQUE), _opaque(s1, OPAQUE), mixed)
+        mixed = tl.fma(_opaque(c2, OPAQUE), _opaque(s2, OPAQUE), mixed)
+        mixed = tl.fma(_opaque(c3, OPAQUE), _opaque(s3, OPAQUE), mixed)
+        return _round(tl.fma(_opaque(post, OPAQUE), _opaque(out, OPAQUE), mixed), DTYPE)
+    else:
+        mixed = (tl.load(comb_ptr + t * (HC * HC) + k, mask=tk_mask, other=0.0) *
+                 tl.load(s_ptr + t * (HC * D) + d, mask=td_mask, other=0.0).to(tl.float32))
+        for i in tl.static_range(1, HC):
+            s_i = tl.load(s_ptr + t * (HC * D) + i * D + d, mask=td_mask, other=0.0).to(tl.float32)
+            mixed = tl.fma(tl.load(comb_ptr + t * (HC * HC) + i * HC + k, mask=tk_mask, other=0.0), s_i, mixed)
+        out = tl.load(out_ptr + t * D + d, mask=td_mask, other=0.0).to(tl.float32)
+        return _round(tl.fma(tl.load(post_ptr + t * HC + k, mask=tk_mask, other=0.0), out, mixed), DTYPE)
 
 
 @triton.jit
@@ -127,21 +163,23 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr,
                          SPLIT: tl.constexpr, POST: tl.constexpr, STORE_NEW: tl.constexpr, MIX: tl.constexpr,
                          SQ: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
-                         WAIT: tl.constexpr, BF16_X: tl.constexpr):
+                         WAIT: tl.constexpr, BF16_X: tl.constexpr, OPAQUE: tl.constexpr):
     """Partials of one (token block, D slice). Without POST x_ptr is streams [N, HC, D]; with POST it is the
     block output [N, D], and the slice of new streams [N, HC, D] is built from s_ptr/post_ptr/comb_ptr first
     (and written to new_ptr with STORE_NEW; otherwise the collapse writes them). Partials [N, SPLIT, M_PAD]:
     the slice's `x @ fn.T` in columns < M and, with SQ, its sum(x^2) in column M (M_PAD > M). Without SQ
     (POST only) the collapse sums the squares of the new streams it rebuilds, and here they only feed the
     dot (a second consumer makes the compiler build them in two layouts). MIX=False (plain hc_post) skips
-    the partials. The fn tile is loaded first: every other load of a chunk is followed by a layout conversion
-    whose barrier holds back the loads written after it (one memory round trip each, BENCHMARKS.md). PDL:
-    the collapse launch that follows may start now (it waits for this grid's completion before reading the
-    partials). WAIT: this kernel is itself launched as a programmatic dependent of the kernel before it
-    (whatever that is), so it may start while that kernel finishes: it waits for it before reading any
-    input; with one chunk it loads its fn tile (a weight, which no kernel writes) before waiting. BF16_X: the
-    tile holds bf16 values exactly (bf16 streams, or new streams rounded to bf16; see `_accumulate`)."""
-    if PDL:
+    the partials. The fn tile is loaded first, and with POST and OPAQUE every load of the build is in flight
+    before the first layout conversion (`_new_streams`). PDL: the collapse launch that follows may start
+    (it waits for this grid's completion before reading the partials); with WAIT only once this program
+    has waited, since the collapse reads hc_post's inputs before its own wait, and they may come from the
+    kernel this one waits for. WAIT: this kernel is itself launched as a programmatic dependent of the
+    kernel before it (whatever that is), so it may start while that kernel finishes: it waits for it before
+    reading any input; with one chunk it loads its fn tile (a weight, which no kernel writes) before
+    waiting. BF16_X: the tile holds bf16 values exactly (bf16 streams, or new streams rounded to bf16; see
+    `_accumulate`). OPAQUE (GPUs): see `_opaque`."""
+    if PDL and not WAIT:
         tl.extra.cuda.gdc_launch_dependents()
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -156,19 +194,23 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
     sq = tl.zeros([BLOCK_T], dtype=tl.float32)
     if WAIT and CHUNKS > 1:
         tl.extra.cuda.gdc_wait()
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
     for c in range(CHUNKS):
         d = (pid_s * CHUNKS + c) * BLOCK_D + tl.arange(0, BLOCK_D)
         if MIX:  # first: a load after the build would wait for its layout conversions (one round trip each)
             w3 = _fn_tile(fn_ptr, j, j_mask, d, m, m_mask, HC, D)
         if WAIT and CHUNKS == 1:  # one chunk: the loop is straight-line code, and fn was loaded before waiting
             tl.extra.cuda.gdc_wait()
+            if PDL:
+                tl.extra.cuda.gdc_launch_dependents()
         d_mask = d < D
         td_mask = t_mask[:, None] & d_mask[None, :]
         x_mask = tj_mask[:, :, None] & d_mask[None, None, :]
         offsets = t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :]
         if POST:
             x3 = _new_streams(x_ptr, s_ptr, post_ptr, comb_ptr, t[:, None, None], j[None, :, None], d[None, None, :],
-                              td_mask[:, None, :], tj_mask[:, :, None], HC, D, new_ptr.dtype.element_ty)
+                              td_mask[:, None, :], tj_mask[:, :, None], HC, D, new_ptr.dtype.element_ty, OPAQUE)
         else:
             x3 = tl.load(x_ptr + offsets, mask=x_mask, other=0.0).to(tl.float32)
         if STORE_NEW:
@@ -325,12 +367,12 @@ def _rms_scale(sum_sq, count, eps):
 
 @triton.jit
 def _rebuilt_streams(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, t, j, tj_mask, d, td_mask, store_j,
-                     HC: tl.constexpr, D: tl.constexpr, STORE_NEW: tl.constexpr):
+                     HC: tl.constexpr, D: tl.constexpr, STORE_NEW: tl.constexpr, OPAQUE: tl.constexpr):
     """The collapse's view of hc_post: the new streams of the block's tokens over all of D, [BLOCK_T, HC_PAD,
     BLOCK_D] fp32, rebuilt from hc_post's inputs; with STORE_NEW the streams where store_j [HC_PAD] holds are
     written to new_ptr (before the caller waits for the partials)."""
     x = _new_streams(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, t[:, None, None], j[None, :, None], d[None, None, :],
-                     td_mask[:, None, :], tj_mask[:, :, None], HC, D, new_ptr.dtype.element_ty)
+                     td_mask[:, None, :], tj_mask[:, :, None], HC, D, new_ptr.dtype.element_ty, OPAQUE)
     if STORE_NEW:
         tl.store(new_ptr + t[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :],
                  x.to(new_ptr.dtype.element_ty), mask=td_mask[:, None, :] & store_j[None, :, None])
@@ -348,7 +390,7 @@ def _own_rms_scale(x, count: tl.constexpr, eps):
 def _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, base_ptr, scale_ptr, norm_w_ptr,
               normed_ptr, M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D: tl.constexpr, HC: tl.constexpr,
               BLOCK_D: tl.constexpr, POST: tl.constexpr, STORE_NEW: tl.constexpr, NEW_SPLIT: tl.constexpr,
-              OWN_SQ: tl.constexpr, PDL: tl.constexpr):
+              OWN_SQ: tl.constexpr, PDL: tl.constexpr, OPAQUE: tl.constexpr):
     """normed = RMSNorm(sum_j pre[j] x[j]) * w over all of D: the collapse is rounded to the activation dtype
     and its sum of squares taken from the rounded values, as the model does. With POST the new streams are
     rebuilt before the wait; STORE_NEW: streams j < NEW_SPLIT written to new_ptr (the post / Sinkhorn
@@ -357,7 +399,7 @@ def _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, ba
     td_mask = t_mask[:, None] & (d < D)[None, :]
     if POST:
         x = _rebuilt_streams(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, t, j, tj_mask, d, td_mask,
-                             j < NEW_SPLIT, HC, D, STORE_NEW)
+                             j < NEW_SPLIT, HC, D, STORE_NEW, OPAQUE)
         if OWN_SQ:
             rs = _own_rms_scale(x, HC * D, rms_eps)
     else:
@@ -384,7 +426,7 @@ def _post_and_comb(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mas
                    comb_ptr, M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D: tl.constexpr, HC: tl.constexpr,
                    HC_PAD: tl.constexpr, ITERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                    STORE_NEW: tl.constexpr, NEW_SPLIT: tl.constexpr, OWN_SQ: tl.constexpr, FAST: tl.constexpr,
-                   PDL: tl.constexpr):
+                   PDL: tl.constexpr, OPAQUE: tl.constexpr):
     """post = 2 sigmoid(post mixes) and comb = Sinkhorn(comb mixes) of every token of the block. OWN_SQ (with
     hc_post): the RMS scale comes from the new streams, rebuilt here too (before the wait, while the split-K
     kernel runs), and with STORE_NEW streams j >= NEW_SPLIT are written from here."""
@@ -392,7 +434,8 @@ def _post_and_comb(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mas
         d = tl.arange(0, BLOCK_D)
         td_mask = t_mask[:, None] & (d < D)[None, :]
         rs = _own_rms_scale(_rebuilt_streams(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, t, j, tj_mask, d, td_mask,
-                                             (j >= NEW_SPLIT) & j_mask, HC, D, STORE_NEW), HC * D, rms_eps)
+                                             (j >= NEW_SPLIT) & j_mask, HC, D, STORE_NEW, OPAQUE), HC * D,
+                            rms_eps)
     _, q_mask, cidx = _comb_columns(HC, HC_PAD)
     post_scale, comb_scale = tl.load(scale_ptr + 1), tl.load(scale_ptr + 2)
     post_base = tl.load(base_ptr + HC + j, mask=j_mask)
@@ -419,7 +462,7 @@ def _collapse_kernel(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, part_ptr, 
                      HC_PAD: tl.constexpr, M_PAD: tl.constexpr, SPLIT: tl.constexpr, SPLIT_PAD: tl.constexpr,
                      ITERS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HEAD: tl.constexpr,
                      POST: tl.constexpr, STORE_NEW: tl.constexpr, NEW_SPLIT: tl.constexpr, OWN_SQ: tl.constexpr,
-                     FAST: tl.constexpr, PDL: tl.constexpr):
+                     FAST: tl.constexpr, PDL: tl.constexpr, OPAQUE: tl.constexpr):
     """Grid (token blocks, 2; 1 with HEAD). Each program sums the split-K partials of its BLOCK_T tokens
     itself (M: the column of sum(x^2), unless OWN_SQ). Programs (b, 0): the collapse and RMSNorm
     (`_collapse`); programs (b, 1): post and the Sinkhorn comb (`_post_and_comb`), in parallel with the
@@ -427,7 +470,8 @@ def _collapse_kernel(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, part_ptr, 
     x_ptr [N, D] and s_ptr / post_in_ptr / comb_in_ptr exactly as the split-K kernel computed them, so
     nothing this kernel reads before its partials comes from that kernel. PDL: launched as the split-K
     kernel's dependent; the streams and weights are loaded (the new streams rebuilt, written, squared)
-    before waiting for it, only the partials after."""
+    before waiting for it, only the partials after. OPAQUE (GPUs): the new streams are rebuilt with every
+    load ahead of its layout conversion (`_new_streams`)."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = t < N
     j = tl.arange(0, HC_PAD)
@@ -439,11 +483,11 @@ def _collapse_kernel(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, part_ptr, 
     if tl.program_id(1) == 0:
         _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, base_ptr, scale_ptr, norm_w_ptr,
                   normed_ptr, M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D, HC, BLOCK_D, POST, STORE_NEW,
-                  NEW_SPLIT, OWN_SQ, PDL)
+                  NEW_SPLIT, OWN_SQ, PDL, OPAQUE)
     elif not HEAD:  # hc_head's grid has no second program: nothing of this is compiled for it
         _post_and_comb(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, base_ptr, scale_ptr, post_ptr,
                        comb_ptr, M, t, t_mask, j, j_mask, tj_mask, rms_eps, hc_eps, D, HC, HC_PAD, ITERS, BLOCK_T,
-                       BLOCK_D, STORE_NEW, NEW_SPLIT, OWN_SQ, FAST, PDL)
+                       BLOCK_D, STORE_NEW, NEW_SPLIT, OWN_SQ, FAST, PDL, OPAQUE)
 
 
 # ---- launch heuristics ---------------------------------------------------------------------------------
@@ -658,7 +702,8 @@ def mix_partials_launch(x, post_mix_inputs, fn, partials, launch: MhcLaunch, hc:
                       SQ=not (mix and post_mix_inputs is not None and launch.collapse_sums_squares), DOT=launch.dot,
                       PRECISION=launch.precision, PDL=launch.pdl and mix and _on_gpu(x),
                       WAIT=launch.split_k_pdl and _on_gpu(x),
-                      BF16_X=(new if post_mix_inputs is not None else x).dtype == torch.bfloat16 and _on_gpu(x))
+                      BF16_X=(new if post_mix_inputs is not None else x).dtype == torch.bfloat16 and _on_gpu(x),
+                      OPAQUE=_on_gpu(x))
     return KernelLaunch(_mix_partials_kernel, (triton.cdiv(n_tokens, launch.block_t), launch.split_k), args,
                         constexprs, _options(launch.num_warps, launch.num_stages, constexprs["WAIT"]))
 
@@ -684,7 +729,7 @@ def collapse_launch(streams, post_mix_inputs, partials, base, scale, norm_weight
                       STORE_NEW=post_mix_inputs is not None and launch.collapse_stores_new,
                       NEW_SPLIT=hc // 2 if own_sq and not head else hc, OWN_SQ=own_sq,
                       FAST=launch.fast_reciprocal and not head and _on_gpu(streams),
-                      PDL=launch.pdl and _on_gpu(streams))
+                      PDL=launch.pdl and _on_gpu(streams), OPAQUE=_on_gpu(streams))
     grid = (triton.cdiv(n_tokens, launch.collapse_t), 1 if head else 2)
     return KernelLaunch(_collapse_kernel, grid, args, constexprs,
                         _options(launch.collapse_warps, 1, constexprs["PDL"]))
