@@ -162,8 +162,8 @@ def test_artifact_launch_metadata_names_each_kernel_and_its_launch(artifact, chi
     as the split-K kernel's programmatic dependent, the split-K kernel releases it only when it computes
     partials (MIX; plain hc_post has no collapse after it) and is itself launched as a dependent of the
     kernel before it (WAIT); the collapse's Sinkhorn takes one-instruction reciprocals (FAST) unless it is
-    hc_head's (no Sinkhorn); both kernels build the new streams with every load ahead of its layout
-    conversion (OPAQUE)."""
+    hc_head's (no Sinkhorn); both kernels build the new streams (for n = 4) with every load ahead of
+    its layout conversion (OPAQUE)."""
     manifest = load_artifact(artifact).manifest
     arg_names = {kernel: child.submit(_arg_names, kernel).result()
                  for kernel in ("_mix_partials_kernel", "_collapse_kernel")}

@@ -85,17 +85,19 @@ def _opaque(x, OPAQUE: tl.constexpr):
 def _new_streams(out_ptr, s_ptr, post_ptr, comb_ptr, t, k, d, td_mask, tk_mask, HC: tl.constexpr, D: tl.constexpr,
                  DTYPE: tl.constexpr, OPAQUE: tl.constexpr):
     """hc_post at (token t, stream k, column d), rounded to DTYPE: post[k] * out + sum_i comb[i, k] *
-    streams[i], fp32 inside, in explicit FMAs (the compiler's own contraction differs between kernels and
-    layouts, which would change the last bit of a few values). t, k, d: broadcastable index tensors (k may be a constant); td_mask / tk_mask:
+    streams[i], fp32 inside. t, k, d: broadcastable index tensors (k may be a constant); td_mask / tk_mask:
     the masks of the out and streams loads (t and d's shape) and of the post and comb loads (t and k's): the
     [tokens, n, columns] tile is built from [tokens, 1, columns] and [tokens, n, 1] loads. The split-K kernel
     (a chunk's columns) and the collapse (all of D) both call this one function, so the collapse's rebuilt
-    streams equal the split-K kernel's.
-    For n = 4 (DeepSeek-V4) all ten loads come before any arithmetic, and with OPAQUE every loaded value then
-    passes through `_opaque`. Triton gives each load its own coalesced layout and converts it to the tile's
-    through shared memory, behind a barrier; placed right after its load, each conversion would hold back
-    the loads after it (ten memory round trips, one after another, in the split-K kernel). After the opaque
-    moves, every conversion comes after every load. Other n: the same sums, loaded as they are summed."""
+    streams equal the split-K kernel's bit for bit: the sums are explicit FMAs, since the compiler's own
+    contraction of multiply-adds differs between kernels and layouts (it changed the last bit of a few
+    values; bench/mhc_bench.py checks the two kernels' streams on the GPU).
+    For n = 4 (DeepSeek-V4) all ten loads are issued before any of the sums (only their bf16 -> fp32
+    conversions sit between them), and with OPAQUE every loaded value then passes through `_opaque`.
+    Triton gives each load its own coalesced layout and converts it to the tile's through shared memory,
+    behind a barrier; placed right after its load, each conversion would hold back the loads after it (ten
+    memory round trips, one after another, in the split-K kernel). After the opaque moves, every conversion
+    comes after every load. Other n: the same sums, loaded as they are summed."""
     if HC == 4:
         c0 = tl.load(comb_ptr + t * (HC * HC) + k, mask=tk_mask, other=0.0)
         c1 = tl.load(comb_ptr + t * (HC * HC) + HC + k, mask=tk_mask, other=0.0)
@@ -170,8 +172,8 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
     the slice's `x @ fn.T` in columns < M and, with SQ, its sum(x^2) in column M (M_PAD > M). Without SQ
     (POST only) the collapse sums the squares of the new streams it rebuilds, and here they only feed the
     dot (a second consumer makes the compiler build them in two layouts). MIX=False (plain hc_post) skips
-    the partials. The fn tile is loaded first, and with POST and OPAQUE every load of the build is in flight
-    before the first layout conversion (`_new_streams`). PDL: the collapse launch that follows may start
+    the partials. The fn tile is loaded first, and with POST, OPAQUE and n = 4 every load of the build is in
+    flight before the first layout conversion (`_new_streams`). PDL: the collapse launch that follows may start
     (it waits for this grid's completion before reading the partials); with WAIT only once this program
     has waited, since the collapse reads hc_post's inputs before its own wait, and they may come from the
     kernel this one waits for. WAIT: this kernel is itself launched as a programmatic dependent of the
@@ -198,7 +200,7 @@ def _mix_partials_kernel(x_ptr, s_ptr, post_ptr, comb_ptr, new_ptr, fn_ptr, part
             tl.extra.cuda.gdc_launch_dependents()
     for c in range(CHUNKS):
         d = (pid_s * CHUNKS + c) * BLOCK_D + tl.arange(0, BLOCK_D)
-        if MIX:  # first: a load after the build would wait for its layout conversions (one round trip each)
+        if MIX:  # first: a load written after the build would wait for the build's layout conversions
             w3 = _fn_tile(fn_ptr, j, j_mask, d, m, m_mask, HC, D)
         if WAIT and CHUNKS == 1:  # one chunk: the loop is straight-line code, and fn was loaded before waiting
             tl.extra.cuda.gdc_wait()
@@ -470,8 +472,8 @@ def _collapse_kernel(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, part_ptr, 
     x_ptr [N, D] and s_ptr / post_in_ptr / comb_in_ptr exactly as the split-K kernel computed them, so
     nothing this kernel reads before its partials comes from that kernel. PDL: launched as the split-K
     kernel's dependent; the streams and weights are loaded (the new streams rebuilt, written, squared)
-    before waiting for it, only the partials after. OPAQUE (GPUs): the new streams are rebuilt with every
-    load ahead of its layout conversion (`_new_streams`)."""
+    before waiting for it, only the partials after. OPAQUE (GPUs; n = 4): the new streams are rebuilt with
+    every load ahead of its layout conversion (`_new_streams`)."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = t < N
     j = tl.arange(0, HC_PAD)
