@@ -345,7 +345,7 @@ def _comb(logits, comb_ptr, t, t_mask, j, tj_mask, j_mask, ITERS: tl.constexpr, 
           HC_PAD: tl.constexpr, BLOCK_T: tl.constexpr, FAST: tl.constexpr):
     """comb = Sinkhorn(logits) of every token, stored to comb_ptr [N, n, n]; logits [BLOCK_T, HC_PAD * HC_PAD]
     (comb mixes * rs * scale[2] + base) in `_comb_columns` order."""
-    q = tl.arange(0, HC_PAD * HC_PAD)
+    q, _, _ = _comb_columns(HC, HC_PAD)
     if HC == 4:
         c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33 = _sinkhorn4(
             _entry(logits, q, 0), _entry(logits, q, 1), _entry(logits, q, 2), _entry(logits, q, 3),
@@ -365,6 +365,13 @@ def _comb(logits, comb_ptr, t, t_mask, j, tj_mask, j_mask, ITERS: tl.constexpr, 
 @triton.jit
 def _rms_scale(sum_sq, count, eps):
     return 1.0 / tl.sqrt_rn(sum_sq / count + eps)
+
+
+@triton.jit
+def _split_rms_scale(rows, ts_mask, M, count: tl.constexpr, eps):
+    """The RMS scale from the split-K partials' sum(x^2) (column M of every split's row), [BLOCK_T]. Called
+    after the other partials are loaded: its sum's barrier would hold back any load written after it."""
+    return _rms_scale(tl.sum(tl.load(rows + M, mask=ts_mask, other=0.0), axis=1), count, eps)
 
 
 @triton.jit
@@ -414,8 +421,7 @@ def _collapse(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mask, ba
     pre_parts = tl.load(rows[:, :, None] + j[None, None, :], mask=ts_mask[:, :, None] & j_mask[None, None, :],
                         other=0.0)
     if not OWN_SQ:
-        sq_parts = tl.load(rows + M, mask=ts_mask, other=0.0)  # loaded before either partial is summed
-        rs = _rms_scale(tl.sum(sq_parts, axis=1), HC * D, rms_eps)
+        rs = _split_rms_scale(rows, ts_mask, M, HC * D, rms_eps)
     pre = tl.sigmoid(tl.sum(pre_parts, axis=1) * rs[:, None] * pre_scale + pre_base[None, :])
     pre = tl.where(j_mask[None, :], pre + hc_eps, 0.0)
     a = _round(tl.sum(pre[:, :, None] * x, axis=1), normed_ptr.dtype.element_ty)
@@ -450,8 +456,7 @@ def _post_and_comb(x_ptr, s_ptr, post_in_ptr, comb_in_ptr, new_ptr, rows, ts_mas
     comb_parts = tl.load(rows[:, :, None] + cidx[None, None, :], mask=ts_mask[:, :, None] & q_mask[None, None, :],
                          other=0.0)
     if not OWN_SQ:
-        sq_parts = tl.load(rows + M, mask=ts_mask, other=0.0)
-        rs = _rms_scale(tl.sum(sq_parts, axis=1), HC * D, rms_eps)
+        rs = _split_rms_scale(rows, ts_mask, M, HC * D, rms_eps)
     post = 2.0 * tl.sigmoid(tl.sum(post_parts, axis=1) * rs[:, None] * post_scale + post_base[None, :])
     tl.store(post_ptr + t[:, None] * HC + j[None, :], post, mask=tj_mask)
     _comb(tl.sum(comb_parts, axis=1) * rs[:, None] * comb_scale + comb_base[None, :], comb_ptr, t, t_mask, j, tj_mask,
