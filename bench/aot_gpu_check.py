@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 import triton
 
-from dsv4c.compiler.checkpoint import write_synthetic
-from dsv4c.compiler.numerics import Numerics
+from dsv4c.model.checkpoint import write_synthetic
+from dsv4c.model.numerics import Numerics
 from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
-from dsv4c.compiler.presets import tiny
+from dsv4c.model.presets import tiny
 from dsv4c.runtime import loader, stored_kernels
 from dsv4c.runtime.artifact import load_artifact
 

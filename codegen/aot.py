@@ -42,9 +42,9 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from .kernel_catalog import kernel_source, kernel_source_attrs
-from .kernels.launcher import KernelSpec
-from .targets import Target, target as lookup_target
+from dsv4c.codegen.kernel_catalog import kernel_source, kernel_source_attrs
+from dsv4c.codegen.kernels.launcher import KernelSpec
+from dsv4c.codegen.targets import Target, target as lookup_target
 
 MHC_OPS = ("hc_pre", "hc_post_pre", "hc_post", "hc_head")
 DEFAULT_BATCH_BUCKETS = (1,)
@@ -84,7 +84,7 @@ def mhc_specs(t: Target, ops: Iterable[str], token_counts: Iterable[int], hidden
     """Every specialisation the host wrappers of codegen/kernels/mhc.py launch for `ops` at `token_counts`
     on target `t` (norm weights of each of `norm_dtypes`, default the activation dtype) -> its uses
     [{"op", "tokens"}] (the wrappers run on meta tensors: `mhc.op_specs`)."""
-    from .kernels import mhc
+    from dsv4c.codegen.kernels import mhc
 
     specs: dict[KernelSpec, list[dict]] = {}
     for tokens in sorted(set(token_counts)):
@@ -104,7 +104,7 @@ def compile_spec(t: Target, spec: KernelSpec):
     import triton
     from triton.compiler import ASTSource
 
-    from .targets import triton_gpu_target
+    from dsv4c.codegen.targets import triton_gpu_target
 
     fn, attrs = kernel_source_attrs(spec)
     source = ASTSource(fn, dict(spec.signature), dict(spec.constexprs), attrs)

@@ -16,8 +16,8 @@ import functools
 
 import torch
 
-from . import mhc_reference
-from .mhc_shapes import flat_post_inputs, pre_outputs, tokens
+from dsv4c.codegen import mhc_reference
+from dsv4c.codegen.mhc_shapes import flat_post_inputs, pre_outputs, tokens
 
 _registered = False
 
@@ -26,7 +26,7 @@ _registered = False
 def _kernels():
     """codegen/kernels/mhc.py, or mhc_reference where Triton is missing (same signatures, minus `launch`)."""
     try:
-        from .kernels import mhc
+        from dsv4c.codegen.kernels import mhc
     except ImportError:
         return mhc_reference
     return mhc

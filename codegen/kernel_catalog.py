@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import inspect
 
-from .kernels.launcher import POINTER_ALIGN, KernelSpec
+from dsv4c.codegen.kernels.launcher import POINTER_ALIGN, KernelSpec
 
 
 def kernel_source() -> bytes:
     """The kernel module's source (stored beside the binaries; the runtime compares it with its own)."""
-    from .kernels import mhc
+    from dsv4c.codegen.kernels import mhc
 
     return inspect.getsource(mhc).encode()
 
 
 def kernel_function(name: str):
     """The Triton JITFunction of codegen/kernels/mhc.py a spec names."""
-    from .kernels import mhc
+    from dsv4c.codegen.kernels import mhc
 
     kernels = {"_mix_partials_kernel": mhc._mix_partials_kernel, "_collapse_kernel": mhc._collapse_kernel}
     if name not in kernels:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compiler import layers
+from dsv4c.model import layers
 
 
 @dataclass(frozen=True)

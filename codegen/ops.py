@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from ..compiler import quant
-from . import mhc_reference
-from .mhc_shapes import flat_post_inputs, pre_outputs, tokens
+from dsv4c.model import quant
+from dsv4c.codegen import mhc_reference
+from dsv4c.codegen.mhc_shapes import flat_post_inputs, pre_outputs, tokens
 
 
 @torch.library.custom_op("dsv4c::dequant_fp8_weight", mutates_args=())
@@ -112,6 +112,6 @@ def _(streams, fn, base, scale, norm_weight, rms_eps, hc_eps):
 
 
 # The Triton kernels on CUDA tensors (Triton is imported only when one arrives); CPU keeps the references.
-from . import cuda_impls  # noqa: E402
+from dsv4c.codegen import cuda_impls  # noqa: E402
 
 cuda_impls.register()

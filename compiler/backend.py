@@ -32,8 +32,8 @@ import torch._functorch.config
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from ..passes.manager import PassContext, PassRecord
-from ..passes.pipeline import canonical_target, optimise
+from dsv4c.passes.manager import PassContext, PassRecord
+from dsv4c.passes.pipeline import canonical_target, optimise
 
 DEFAULT_TARGET = "cpu"
 aten = torch.ops.aten

@@ -21,10 +21,10 @@ from typing import Mapping
 import torch
 from torch.export import Dim, export
 
-from ..codegen import ops  # noqa: F401  (registers the dsv4c ops the captured graph calls)
-from .config import ModelConfig
-from .model import dequantize_weights, forward, init_state, mtp_forward, state_shapes
-from .numerics import Numerics
+from dsv4c.codegen import ops  # noqa: F401  (registers the dsv4c ops the captured graph calls)
+from dsv4c.model.config import ModelConfig
+from dsv4c.model.step import dequantize_weights, forward, init_state, mtp_forward, state_shapes
+from dsv4c.model.numerics import Numerics
 
 MAX_BATCH = 4096
 STEP_KINDS = ("main", "mtp")
@@ -121,7 +121,7 @@ def capture(cfg: ModelConfig, num: Numerics, weights: Mapping[str, torch.Tensor]
     program = export(_Step(cfg, num, variant), args, dynamic_shapes=dynamic, strict=False)
     state_names = list(s)
     outputs = ["logits", "hidden"] + [f"state.{k}" for k in state_names]
-    return CapturedStep(variant, _flat_graph_module(program), list(specs), outputs, specs, max_seq_len)
+    return CapturedStep(variant, flat_graph_module(program), list(specs), outputs, specs, max_seq_len)
 
 
 def _example(spec: InputSpec, name: str) -> torch.Tensor:
@@ -130,7 +130,7 @@ def _example(spec: InputSpec, name: str) -> torch.Tensor:
     return torch.zeros(spec.concrete(2), dtype=spec.dtype)
 
 
-def _flat_graph_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+def flat_graph_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     """The exported graph with user inputs as the only placeholders and lifted constants as buffers."""
     gm = program.graph_module
     signature = program.graph_signature

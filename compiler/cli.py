@@ -17,12 +17,12 @@ import torch
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from .checkpoint import Checkpoint, CheckpointError, summary, write_synthetic
-from .config import ConfigError, ModelConfig
-from .model import dequantize_weights
-from .numerics import Numerics
-from .presets import PRESETS, preset
-from .scoring import runner_logits, score, score_logits
+from dsv4c.model.checkpoint import Checkpoint, CheckpointError, summary, write_synthetic
+from dsv4c.model.config import ConfigError, ModelConfig
+from dsv4c.model.step import dequantize_weights
+from dsv4c.model.numerics import Numerics
+from dsv4c.model.presets import PRESETS, preset
+from dsv4c.compiler.scoring import runner_logits, score, score_logits
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -64,7 +64,7 @@ def _is_artifact(path: str) -> bool:
 
 
 def _score_artifact(args: argparse.Namespace, tokens: torch.Tensor, console: Console):
-    from ..runtime.loader import load
+    from dsv4c.runtime.loader import load
 
     engine = load(args.checkpoint, args.device)
     vocab = engine.vocab_size
@@ -108,7 +108,7 @@ def _numerics(args: argparse.Namespace) -> Numerics:
 
 
 def _compile(args: argparse.Namespace, console: Console) -> int:
-    from .pipeline import CompileOptions, compile_checkpoint
+    from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
 
     options = CompileOptions(targets=tuple(t.strip() for t in args.target.split(",") if t.strip()),
                              numerics=_numerics(args), max_seq_len=args.max_seq_len,
@@ -120,7 +120,7 @@ def _compile(args: argparse.Namespace, console: Console) -> int:
                                  progress=lambda message: bar.update(task, description=message))
     console.print(f"wrote {out}")
     if args.explain:
-        from ..runtime.artifact import load_artifact
+        from dsv4c.runtime.artifact import load_artifact
 
         console.print("\n".join(explain_lines(load_artifact(out).manifest["pass_log"])), highlight=False,
                       soft_wrap=True)
@@ -148,8 +148,8 @@ def read_prompt(text: str) -> list[int]:
 
 
 def _generate(args: argparse.Namespace, console: Console) -> int:
-    from ..runtime.loader import load
-    from ..runtime.sampler import SamplingParams
+    from dsv4c.runtime.loader import load
+    from dsv4c.runtime.sampler import SamplingParams
 
     prompts = [read_prompt(p) for p in args.prompt_ids]
     engine = load(args.artifact, args.device)
@@ -189,8 +189,8 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     """The embedded tiny model end to end: write its checkpoint, compile it, load it, generate with MTP."""
     import tempfile
 
-    from ..runtime.loader import load
-    from .pipeline import CompileOptions, compile_checkpoint
+    from dsv4c.runtime.loader import load
+    from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
 
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dsv4c-demo-"))
     cfg = preset("tiny")
@@ -217,8 +217,8 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
 
 
 def _inspect(args: argparse.Namespace, console: Console) -> int:
-    from ..runtime.artifact import load_artifact
-    from .inspect_artifact import describe, export_onnx
+    from dsv4c.runtime.artifact import load_artifact
+    from dsv4c.export.inspect_artifact import describe, export_onnx
 
     artifact = load_artifact(args.artifact)
     console.print("\n".join(describe(artifact)), highlight=False, soft_wrap=True)

@@ -19,15 +19,15 @@ from typing import Callable
 
 import torch
 
-from ..codegen.aot import build_kernels, mhc_norm_dtypes, mhc_ops_in
-from ..passes.manager import PassContext
-from ..passes.pipeline import canonical_target, optimise
-from ..runtime.artifact import describe_numerics, write_artifact
-from .capture import CapturedStep, StepVariant, capture
-from .checkpoint import Checkpoint
-from .eager_runner import state_specs
-from .lowering import graph_constants, plan_from_graph
-from .numerics import Numerics
+from dsv4c.codegen.aot import build_kernels, mhc_norm_dtypes, mhc_ops_in
+from dsv4c.passes.manager import PassContext
+from dsv4c.passes.pipeline import canonical_target, optimise
+from dsv4c.runtime.artifact import describe_numerics, write_artifact
+from dsv4c.compiler.capture import CapturedStep, StepVariant, capture
+from dsv4c.model.checkpoint import Checkpoint
+from dsv4c.runtime.eager_runner import state_specs
+from dsv4c.compiler.lowering import graph_constants, plan_from_graph
+from dsv4c.model.numerics import Numerics
 
 Progress = Callable[[str], None]
 

@@ -11,10 +11,10 @@ import math
 
 import torch
 
-from ..runtime.engine import StepRunner
-from .config import ModelConfig
-from .model import Weights, forward, init_state
-from .numerics import Numerics
+from dsv4c.runtime.engine import StepRunner
+from dsv4c.model.config import ModelConfig
+from dsv4c.model.step import Weights, forward, init_state
+from dsv4c.model.numerics import Numerics
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,9 +5,9 @@ Each pass is `(gm, ctx) -> (gm, PassRecord)`; `pipeline_for(target)` lists them 
 `DSV4C_DUMP=1` to print what each changed).
 """
 
-from .manager import GraphPass, PassContext, PassError, PassRecord, PipelineEntry, dump_env, run_pipeline
-from .memory_planning import MemoryPlan
-from .pipeline import optimise, pipeline_for
+from dsv4c.passes.manager import GraphPass, PassContext, PassError, PassRecord, PipelineEntry, dump_env, run_pipeline
+from dsv4c.passes.memory_planning import MemoryPlan
+from dsv4c.passes.pipeline import optimise, pipeline_for
 
 __all__ = ["GraphPass", "MemoryPlan", "PassContext", "PassError", "PassRecord", "PipelineEntry", "dump_env",
            "optimise", "pipeline_for", "run_pipeline"]

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .manager import PassContext, PassRecord, make_record
-from .op_facts import count_nodes, erase_dead, graph_fake_mode, is_pure, is_sym_op, mutated_roots, storage_root
+from dsv4c.passes.manager import PassContext, PassRecord, make_record
+from dsv4c.passes.op_facts import count_nodes, erase_dead, graph_fake_mode, is_pure, is_sym_op, mutated_roots, storage_root
 
 DEFAULT_MAX_BYTES = 64 << 20
 

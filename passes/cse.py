@@ -19,8 +19,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .manager import PassContext, PassRecord, make_record
-from .op_facts import count_nodes, is_pure, mutated_roots, storage_root
+from dsv4c.passes.manager import PassContext, PassRecord, make_record
+from dsv4c.passes.op_facts import count_nodes, is_pure, mutated_roots, storage_root
 
 
 def cse(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, PassRecord]:

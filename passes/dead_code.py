@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .manager import PassContext, PassRecord, make_record
-from .op_facts import count_nodes, mutated_args, side_effect_targets, storage_root
+from dsv4c.passes.manager import PassContext, PassRecord, make_record
+from dsv4c.passes.op_facts import count_nodes, mutated_args, side_effect_targets, storage_root
 
 
 def dead_code(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, PassRecord]:

@@ -20,7 +20,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .op_facts import graph_fake_mode, is_pure, sym_tuple, tensor_val
+from dsv4c.passes.op_facts import graph_fake_mode, is_pure, sym_tuple, tensor_val
 
 aten, prims = torch.ops.aten, torch.ops.prims
 

@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 import torch
 import torch.fx as fx
 
-from .op_facts import count_nodes, is_getitem, is_op, is_sym_op
+from dsv4c.passes.op_facts import count_nodes, is_getitem, is_op, is_sym_op
 
 DUMP_ENV = "DSV4C_DUMP"
 

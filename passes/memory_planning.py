@@ -24,9 +24,9 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .manager import PassContext, PassRecord, make_record
-from .op_facts import MAY_ALIAS_OR_COPY, alias_source, count_nodes, is_getitem, tensor_val
-from .shape_propagation import BATCH, annotate_shapes, nodes_without_val, refresh_fake_values
+from dsv4c.passes.manager import PassContext, PassRecord, make_record
+from dsv4c.passes.op_facts import MAY_ALIAS_OR_COPY, alias_source, count_nodes, is_getitem, tensor_val
+from dsv4c.passes.shape_propagation import BATCH, annotate_shapes, nodes_without_val, refresh_fake_values
 
 REPORT_BATCHES = (1, 8, 64)
 

@@ -40,15 +40,15 @@ import sympy
 import torch
 import torch.fx as fx
 
-from ..codegen import ops  # noqa: F401  (registers the dsv4c ops this pass emits)
-from ..codegen import targets as target_table
-from .graph_match import (ADD, MUL, SUM, VIEWS, arg, batched_matmul, columns, dim, downcast_source, dtype,
+from dsv4c.codegen import ops  # noqa: F401  (registers the dsv4c ops this pass emits)
+from dsv4c.codegen import targets as target_table
+from dsv4c.passes.graph_match import (ADD, MUL, SUM, VIEWS, arg, batched_matmul, columns, dim, downcast_source, dtype,
                           erase_dead_ancestors, is_, is_call, is_topological, linear, number, operands,
                           param_part, replace_with_op, rms_factor, rows_source, same_sizes, shape,
                           softmax_input, stable_toposort, transposed_last2, upcast_source, value_of, weighted_rms)
-from .manager import PassContext, PassRecord, make_record
-from .op_facts import count_nodes
-from .shape_propagation import nodes_without_val, refresh_fake_values
+from dsv4c.passes.manager import PassContext, PassRecord, make_record
+from dsv4c.passes.op_facts import count_nodes
+from dsv4c.passes.shape_propagation import nodes_without_val, refresh_fake_values
 
 aten = torch.ops.aten
 FUSED = ("hc_pre", "hc_post_pre", "hc_post", "hc_head")

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .manager import PassContext, PassRecord, make_record
-from .op_facts import count_nodes, mutated_roots, same_metadata, storage_root, tensor_val
+from dsv4c.passes.manager import PassContext, PassRecord, make_record
+from dsv4c.passes.op_facts import count_nodes, mutated_roots, same_metadata, storage_root, tensor_val
 
 aten = torch.ops.aten
 

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .constant_folding import constant_folding
-from .cse import cse
-from .dead_code import dead_code
-from .manager import PassContext, PassRecord, PipelineEntry, run_pipeline
-from .memory_planning import memory_planning
-from .mhc_fusion import mhc_fusion
-from .noop_removal import noop_removal
-from .shape_propagation import shape_propagation
-from ..codegen import targets as target_table
+from dsv4c.passes.constant_folding import constant_folding
+from dsv4c.passes.cse import cse
+from dsv4c.passes.dead_code import dead_code
+from dsv4c.passes.manager import PassContext, PassRecord, PipelineEntry, run_pipeline
+from dsv4c.passes.memory_planning import memory_planning
+from dsv4c.passes.mhc_fusion import mhc_fusion
+from dsv4c.passes.noop_removal import noop_removal
+from dsv4c.passes.shape_propagation import shape_propagation
+from dsv4c.codegen import targets as target_table
 
 CLEANUP_AND_PLANNING = (
     PipelineEntry("noop_removal", noop_removal,

@@ -22,8 +22,8 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from .manager import PassContext, PassRecord, make_record
-from .op_facts import count_nodes, graph_fake_mode, sym_tuple, tensor_val, to_sympy
+from dsv4c.passes.manager import PassContext, PassRecord, make_record
+from dsv4c.passes.op_facts import count_nodes, graph_fake_mode, sym_tuple, tensor_val, to_sympy
 
 BATCH = sympy.Symbol("B", integer=True, positive=True)
 

@@ -112,11 +112,11 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
 
 
 def _versions() -> dict[str, str | None]:
-    return {"dsv4c": _distribution_version("dsv4c"), "torch": torch.__version__,
-            "triton": _distribution_version("triton"), "python": platform.python_version()}
+    return {"dsv4c": distribution_version("dsv4c"), "torch": torch.__version__,
+            "triton": distribution_version("triton"), "python": platform.python_version()}
 
 
-def _distribution_version(name: str) -> str | None:
+def distribution_version(name: str) -> str | None:
     """An installed distribution's version without importing it (importing triton has side effects)."""
     try:
         return importlib.metadata.version(name)

@@ -20,7 +20,7 @@ from typing import Mapping, Protocol
 
 import torch
 
-from .sampler import SamplingParams, sample, target_probs, verify_draft
+from dsv4c.runtime.sampler import SamplingParams, sample, target_probs, verify_draft
 
 
 class StepRunner(Protocol):

@@ -16,11 +16,11 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .artifact import Artifact, _distribution_version, load_artifact
-from .stored_kernels import KernelPlan, kernel_plan
-from .engine import Engine, StateSpec
-from .executor import Executor, weight_inputs
-from .plan import decode_dtype
+from dsv4c.runtime.artifact import Artifact, distribution_version, load_artifact
+from dsv4c.runtime.stored_kernels import KernelPlan, kernel_plan
+from dsv4c.runtime.engine import Engine, StateSpec
+from dsv4c.runtime.executor import Executor, weight_inputs
+from dsv4c.runtime.plan import decode_dtype
 
 
 class PlanRunner:
@@ -54,7 +54,7 @@ def local_target(device: torch.device) -> str:
 
 def stored_kernel_implementations(launcher) -> dict[str, Callable[..., Any]]:
     """The mHC ops' CUDA implementations bound to `launcher` (runtime/stored_kernels.py)."""
-    from ..codegen import cuda_impls
+    from dsv4c.codegen import cuda_impls
 
     return {f"dsv4c::{name}": functools.partial(impl, launcher=launcher) for name, impl in cuda_impls.IMPLS.items()}
 
@@ -71,7 +71,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Engine:
     artifact = load_artifact(path)
     device = torch.device(device)
     plan = kernel_plan(artifact.manifest, artifact.path, local_target(device),
-                       local_triton=_distribution_version("triton"))
+                       local_triton=distribution_version("triton"))
     print(plan.message, file=sys.stderr)
     manifest = artifact.manifest
     return Engine(PlanRunner(artifact, device, plan), state_specs(artifact), manifest["prefill_chunk"],

@@ -30,8 +30,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ..codegen.kernel_catalog import kernel_source
-from .artifact_io import ArtifactError
+from dsv4c.codegen.kernel_catalog import kernel_source
+from dsv4c.runtime.artifact_io import ArtifactError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +106,7 @@ def kernel_plan(manifest: Mapping[str, Any], root: Path, target: str, *, local_t
                f"(Triton {local_triton}) from their stored binaries: {names}")
     if not load_binaries:
         return KernelPlan("stored", message)
-    from ..codegen.kernels.launcher import JIT
+    from dsv4c.codegen.kernels.launcher import JIT
 
     try:
         binaries = _load_binaries(manifest, root, entries)
@@ -143,8 +143,8 @@ def _load_binaries(manifest: Mapping[str, Any], root: Path, entries: list[dict])
     """KernelSpec -> (Triton CompiledKernel over the entry's stored cubin and Triton metadata, cubin path)."""
     from triton.compiler import ASTSource, CompiledKernel
 
-    from ..codegen.kernel_catalog import kernel_function, kernel_source_attrs
-    from ..codegen.kernels.launcher import KernelSpec
+    from dsv4c.codegen.kernel_catalog import kernel_function, kernel_source_attrs
+    from dsv4c.codegen.kernels.launcher import KernelSpec
 
     out = {}
     with tempfile.TemporaryDirectory(prefix="dsv4c-kernels-") as tmp:

@@ -43,7 +43,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4IndexerScorer
 
-from dsv4c.compiler.config import ModelConfig
+from dsv4c.model.config import ModelConfig
 
 FP8_BLOCK = 128
 _LAYER_TYPE = {0: "sliding_attention", 4: "compressed_sparse_attention"}

@@ -22,11 +22,11 @@ import torch
 from transformers import DeepseekV4ForCausalLM, FineGrainedFP8Config
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4TopKRouter
 
-from dsv4c.compiler.checkpoint import Checkpoint, write_synthetic
-from dsv4c.compiler.layers import route
-from dsv4c.compiler.model import dequantize_weights
-from dsv4c.compiler.numerics import Numerics
-from dsv4c.compiler.presets import tiny
+from dsv4c.model.checkpoint import Checkpoint, write_synthetic
+from dsv4c.model.layers import route
+from dsv4c.model.step import dequantize_weights
+from dsv4c.model.numerics import Numerics
+from dsv4c.model.presets import tiny
 from dsv4c.compiler.scoring import run_logits
 from hf_reference import load_transformers_model, to_transformers_config, transformers_logits
 

@@ -17,10 +17,10 @@ from child_pool import child_pool
 import torch
 
 from dsv4c.codegen.kernels.launcher import KernelSpec
-from dsv4c.compiler.numerics import Numerics
+from dsv4c.model.numerics import Numerics
 from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
-from dsv4c.compiler.presets import tiny
-from dsv4c.compiler.checkpoint import write_synthetic
+from dsv4c.model.presets import tiny
+from dsv4c.model.checkpoint import write_synthetic
 from dsv4c.runtime.artifact import load_artifact
 from dsv4c.runtime.loader import load
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv4c.compiler.numerics import Numerics
-from dsv4c.compiler.presets import tiny
+from dsv4c.model.numerics import Numerics
+from dsv4c.model.presets import tiny
 from dsv4c.runtime import artifact
 from dsv4c.runtime.artifact import ArtifactError, describe_numerics, load_artifact, write_artifact
 from dsv4c.runtime.executor import Executor, weight_inputs
@@ -229,7 +229,7 @@ def test_runtime_imports_no_compiler():
     """The runtime loads and runs artifacts without the passes, the capture or the reference model."""
     code = ("import sys, dsv4c.runtime.plan, dsv4c.runtime.executor, dsv4c.runtime.artifact\n"
             "bad = [m for m in sys.modules if m.startswith(('dsv4c.passes', 'dsv4c.compiler.capture', "
-            "'dsv4c.compiler.model', 'dsv4c.compiler.lowering')) or m == 'triton']\n"
+            "'dsv4c.model.step', 'dsv4c.compiler.lowering')) or m == 'triton']\n"
             "assert not bad, bad\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 
 from dsv4c.compiler import backend as backend_module
 from dsv4c.compiler.backend import BackendLog, lift_constants, make_backend
-from dsv4c.compiler.model import dequantize_weights, forward, init_state
-from dsv4c.compiler.numerics import Numerics
-from dsv4c.compiler.presets import tiny
-from dsv4c.compiler.synthetic import synthetic_tensors
+from dsv4c.model.step import dequantize_weights, forward, init_state
+from dsv4c.model.numerics import Numerics
+from dsv4c.model.presets import tiny
+from dsv4c.model.synthetic import synthetic_tensors
 from dsv4c.passes import optimise, pipeline_for
 from dsv4c.passes.manager import PassContext
 from dsv4c.passes.memory_planning import memory_planning

@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsv4c.compiler import checkpoint, layout, presets, synthetic
-from dsv4c.compiler.checkpoint import Checkpoint, CheckpointError, summary, write_synthetic
-from dsv4c.compiler.config import ModelConfig
+from dsv4c.model import checkpoint, layout, presets, synthetic
+from dsv4c.model.checkpoint import Checkpoint, CheckpointError, summary, write_synthetic
+from dsv4c.model.config import ModelConfig
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -181,7 +181,7 @@ def test_synthetic_values_are_seeded_per_tensor_and_sane():
     assert all(len(set(row)) == cfg.num_experts_per_tok for row in tid2eid.tolist())
     weights = layout.tensor_specs(cfg)
     wq_b = layout.scale_name("layers.1.attn.wq_b.weight")
-    from dsv4c.compiler.quant import dequant_fp8_weight
+    from dsv4c.model.quant import dequant_fp8_weight
     values = dequant_fp8_weight(together["layers.1.attn.wq_b.weight"], together[wq_b])
     assert abs(values.std().item() - cfg.q_lora_rank ** -0.5) < 0.01
     assert torch.isfinite(values).all() and weights[wq_b].format == "e8m0"

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsv4c.compiler.checkpoint import Checkpoint
+from dsv4c.model.checkpoint import Checkpoint
 from dsv4c.compiler.cli import build_parser, main
-from dsv4c.compiler.model import dequantize_weights
-from dsv4c.compiler.numerics import Numerics
-from dsv4c.compiler.presets import tiny
+from dsv4c.model.step import dequantize_weights
+from dsv4c.model.numerics import Numerics
+from dsv4c.model.presets import tiny
 from dsv4c.compiler.scoring import run_logits, step_schedule
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dsv4c.compiler.config import ConfigError, ModelConfig
-from dsv4c.compiler.presets import PRESETS, flash, flash_slice, preset, pro, tiny
+from dsv4c.model.config import ConfigError, ModelConfig
+from dsv4c.model.presets import PRESETS, flash, flash_slice, preset, pro, tiny
 
 RELEASED = Path(__file__).resolve().parents[2] / "shared" / "data" / "deepseek-v4-flash" / "config.json"
 

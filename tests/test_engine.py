@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv4c.compiler.eager_runner import EagerRunner, state_specs
-from dsv4c.compiler.model import dequantize_weights
-from dsv4c.compiler.numerics import Numerics
-from dsv4c.compiler.presets import tiny
-from dsv4c.compiler.synthetic import synthetic_tensors
+from dsv4c.runtime.eager_runner import EagerRunner, state_specs
+from dsv4c.model.step import dequantize_weights
+from dsv4c.model.numerics import Numerics
+from dsv4c.model.presets import tiny
+from dsv4c.model.synthetic import synthetic_tensors
 from dsv4c.runtime.engine import Engine
 from dsv4c.runtime.sampler import SamplingParams, target_probs, verify_draft
 

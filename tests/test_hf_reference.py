@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import DeepseekV4Config
 
-from dsv4c.compiler.checkpoint import write_synthetic
-from dsv4c.compiler.config import ModelConfig
-from dsv4c.compiler.presets import PRESETS, flash_slice, tiny
-from dsv4c.compiler.quant import dequant_fp4_weight, dequant_fp8_weight
+from dsv4c.model.checkpoint import write_synthetic
+from dsv4c.model.config import ModelConfig
+from dsv4c.model.presets import PRESETS, flash_slice, tiny
+from dsv4c.model.quant import dequant_fp4_weight, dequant_fp8_weight
 from hf_reference import (load_transformers_model, read_checkpoint, to_transformers_config,
                           transformers_logits, transformers_model_from_tensors)
 

@@ -17,13 +17,13 @@ onnx = pytest.importorskip("onnx", reason="ONNX export needs the onnx package (p
 ml_dtypes = pytest.importorskip("ml_dtypes", reason="feeding bf16/fp8 to onnx.reference needs ml_dtypes")
 from onnx.reference import ReferenceEvaluator  # noqa: E402
 
-from dsv4c.compiler.checkpoint import write_synthetic  # noqa: E402
-from dsv4c.compiler.inspect_artifact import describe, export_onnx  # noqa: E402
-from dsv4c.compiler.numerics import Numerics  # noqa: E402
-from dsv4c.compiler.onnx_export import plan_to_onnx  # noqa: E402
-from dsv4c.compiler.onnx_graph import NotExpressible  # noqa: E402
+from dsv4c.model.checkpoint import write_synthetic  # noqa: E402
+from dsv4c.export.inspect_artifact import describe, export_onnx  # noqa: E402
+from dsv4c.model.numerics import Numerics  # noqa: E402
+from dsv4c.export.onnx_export import plan_to_onnx  # noqa: E402
+from dsv4c.export.onnx_graph import NotExpressible  # noqa: E402
 from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint  # noqa: E402
-from dsv4c.compiler.presets import tiny  # noqa: E402
+from dsv4c.model.presets import tiny  # noqa: E402
 from dsv4c.runtime.artifact import load_artifact  # noqa: E402
 from dsv4c.runtime.executor import Executor  # noqa: E402
 from dsv4c.runtime.plan import Plan, PlanInput, PlanOp, Ref  # noqa: E402

@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsv4c.compiler import layers
+from dsv4c.model import layers
 from dsv4c.compiler.backend import BackendLog, make_backend
 from dsv4c.compiler.capture import StepVariant, capture
-from dsv4c.compiler.numerics import Numerics
-from dsv4c.compiler.presets import tiny
-from dsv4c.compiler.synthetic import synthetic_tensors
+from dsv4c.model.numerics import Numerics
+from dsv4c.model.presets import tiny
+from dsv4c.model.synthetic import synthetic_tensors
 from dsv4c.passes.cse import cse
 from dsv4c.passes.dead_code import dead_code
 from dsv4c.passes.manager import PassContext, compare_values, run_pipeline

@@ -13,12 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv4c.compiler import layers
-from dsv4c.compiler.attention import indexer_select, ring_keep_last, ring_timeline
-from dsv4c.compiler.model import dequantize_weights, forward, init_state, mtp_forward
-from dsv4c.compiler.numerics import Numerics
-from dsv4c.compiler.presets import tiny
-from dsv4c.compiler.synthetic import synthetic_tensors
+from dsv4c.model import layers
+from dsv4c.model.attention import indexer_select, ring_keep_last, ring_timeline
+from dsv4c.model.step import dequantize_weights, forward, init_state, mtp_forward
+from dsv4c.model.numerics import Numerics
+from dsv4c.model.presets import tiny
+from dsv4c.model.synthetic import synthetic_tensors
 
 FP32 = Numerics.plain(torch.float32)
 FAITHFUL_FP32 = Numerics.faithful().replace(dtype=torch.float32)

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from dsv4c.compiler.capture import StepVariant, capture
-from dsv4c.compiler.model import dequantize_weights, forward
-from dsv4c.compiler.numerics import Numerics
-from dsv4c.compiler.presets import tiny
-from dsv4c.compiler.synthetic import synthetic_tensors
+from dsv4c.model.step import dequantize_weights, forward
+from dsv4c.model.numerics import Numerics
+from dsv4c.model.presets import tiny
+from dsv4c.model.synthetic import synthetic_tensors
 from dsv4c.passes import MemoryPlan, PassContext, optimise, pipeline_for
 from dsv4c.passes.manager import compare_values
 from pass_graphs import step_input_maker

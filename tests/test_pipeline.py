@@ -17,12 +17,12 @@ import time
 import pytest
 import torch
 
-from dsv4c.compiler.checkpoint import Checkpoint, write_synthetic
+from dsv4c.model.checkpoint import Checkpoint, write_synthetic
 from dsv4c.compiler.cli import main
-from dsv4c.compiler.model import dequantize_weights
-from dsv4c.compiler.numerics import Numerics
+from dsv4c.model.step import dequantize_weights
+from dsv4c.model.numerics import Numerics
 from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
-from dsv4c.compiler.presets import tiny
+from dsv4c.model.presets import tiny
 from dsv4c.compiler.scoring import run_logits, runner_logits, score_logits
 from dsv4c.runtime.artifact import load_artifact
 from dsv4c.runtime.executor import resolve_op

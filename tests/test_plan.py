@@ -14,12 +14,12 @@ import torch
 import torch.fx
 from torch.export import Dim, export
 
-from dsv4c.compiler.capture import StepVariant, _flat_graph_module, capture
+from dsv4c.compiler.capture import StepVariant, flat_graph_module, capture
 from dsv4c.compiler.lowering import graph_constants, plan_from_graph
-from dsv4c.compiler.model import dequantize_weights, forward, init_state
-from dsv4c.compiler.numerics import Numerics
-from dsv4c.compiler.presets import tiny
-from dsv4c.compiler.synthetic import synthetic_tensors
+from dsv4c.model.step import dequantize_weights, forward, init_state
+from dsv4c.model.numerics import Numerics
+from dsv4c.model.presets import tiny
+from dsv4c.model.synthetic import synthetic_tensors
 from dsv4c.runtime.artifact import describe_numerics, load_artifact, write_artifact
 from dsv4c.runtime.executor import Executor, ExecutorError, weight_inputs
 from dsv4c.runtime.plan import Plan, PlanError, PlanInput, PlanOp, Ref, decode_value, encode_value
@@ -127,7 +127,7 @@ def toy():
     batch = Dim("batch", min=1, max=64)
     program = export(Toy(), (torch.randn(2, 8), torch.tensor([0, 3])), dynamic_shapes=({0: batch}, {0: batch}),
                      strict=False)
-    gm = _flat_graph_module(program)
+    gm = flat_graph_module(program)
     return gm, plan_from_graph(gm, ["x", "idx"], ["out", "ids", "first", "x"])
 
 

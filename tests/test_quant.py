@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsv4c.compiler import quant
+from dsv4c.model import quant
 
 ALL_BYTES = torch.arange(256, dtype=torch.int32).to(torch.uint8)
 

@@ -50,8 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..targets import Target, target_for_device
-from .launcher import JIT, KernelSpec, KernelLaunch, SpecRecorder
+from dsv4c.codegen.targets import Target, target_for_device
+from dsv4c.codegen.kernels.launcher import JIT, KernelSpec, KernelLaunch, SpecRecorder
 
 MIN_DOT = 16  # tl.dot's smallest block side
 

@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .config import ModelConfig
+from dsv4c.model.config import ModelConfig
 
 FORMATS = ("fp8", "fp4", "e8m0", "bf16", "fp32", "int32")
 FP8_BLOCK = 128

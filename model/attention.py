@@ -19,10 +19,10 @@ from typing import Callable
 
 import torch
 
-from .config import ModelConfig
-from .layers import apply_rope, linear, rms_norm
-from .numerics import Numerics
-from .quant import fake_quant_fp4, fake_quant_fp8, hadamard
+from dsv4c.model.config import ModelConfig
+from dsv4c.model.layers import apply_rope, linear, rms_norm
+from dsv4c.model.numerics import Numerics
+from dsv4c.model.quant import fake_quant_fp4, fake_quant_fp8, hadamard
 
 Weights = dict[str, torch.Tensor]
 Rounding = Callable[[torch.Tensor], torch.Tensor]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import Callable, Mapping
 
-from .config import ConfigError, ModelConfig, YarnScaling
+from dsv4c.model.config import ConfigError, ModelConfig, YarnScaling
 
 _YARN = YarnScaling(factor=16.0, original_max_position_embeddings=65536, beta_fast=32.0, beta_slow=1.0)
 

@@ -19,9 +19,9 @@ from typing import Iterable, Iterator
 
 import torch
 
-from . import quant
-from .config import ModelConfig
-from .layout import TensorSpec, scale_name, tensor_specs
+from dsv4c.model import quant
+from dsv4c.model.config import ModelConfig
+from dsv4c.model.layout import TensorSpec, scale_name, tensor_specs
 
 
 def tensor_seed(seed: int, name: str) -> int:

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 from dsv4c.runtime.artifact import Artifact
 from dsv4c.runtime.plan import Plan
 
-from .config import ConfigError, ModelConfig
+from dsv4c.model.config import ConfigError, ModelConfig
 
 TOP_OPS = 8
 REPORT_BATCHES = ("1", "8", "64")
@@ -48,7 +48,7 @@ def export_onnx(artifact: Artifact, variant: str, path: str | os.PathLike) -> No
     included) accepts it; a partial file is never left at `path`."""
     import onnx  # optional dependency (dsv4c[onnx]); describe() works without it
 
-    from .onnx_export import plan_to_onnx
+    from dsv4c.export.onnx_export import plan_to_onnx
 
     if variant not in artifact.plans:
         raise KeyError(f"artifact {artifact.path}: no variant {variant!r}; it has {', '.join(artifact.plans)}")

@@ -15,11 +15,11 @@ from typing import Callable, Mapping
 
 import torch
 
-from .attention import attention
-from .config import ModelConfig
-from .layers import hc_head, hc_post, hc_pre, layer_inv_freq, linear, moe, rms_norm
-from .numerics import Numerics
-from .quant import dequant_fp4_weight, dequant_fp8_weight
+from dsv4c.model.attention import attention
+from dsv4c.model.config import ModelConfig
+from dsv4c.model.layers import hc_head, hc_post, hc_pre, layer_inv_freq, linear, moe, rms_norm
+from dsv4c.model.numerics import Numerics
+from dsv4c.model.quant import dequant_fp4_weight, dequant_fp8_weight
 
 Weights = dict[str, torch.Tensor]
 State = dict[str, torch.Tensor]

@@ -35,10 +35,10 @@ from onnx import helper
 from dsv4c.runtime.executor import resolve_op
 from dsv4c.runtime.plan import BATCH, Plan, PlanOp, Ref, parse_op_name
 
-from .onnx_functions import FUNCTION_OPSET, FunctionLibrary, attribute_names, tensor_argument_names
-from .onnx_graph import DOMAIN, GraphBuilder, NotExpressible, OpContext, Value, onnx_dtype, tensor_proto
-from .onnx_ops import functional_name, lookup
-from .onnx_reference import trace_reference
+from dsv4c.export.onnx_functions import FUNCTION_OPSET, FunctionLibrary, attribute_names, tensor_argument_names
+from dsv4c.export.onnx_graph import DOMAIN, GraphBuilder, NotExpressible, OpContext, Value, onnx_dtype, tensor_proto
+from dsv4c.export.onnx_ops import functional_name, lookup
+from dsv4c.export.onnx_reference import trace_reference
 
 OPSET = FUNCTION_OPSET
 TRACE_BATCHES = (3, 5)  # two sizes, so a size that follows the batch differs; 1 would hide broadcasting

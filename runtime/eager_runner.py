@@ -11,10 +11,10 @@ from typing import Mapping
 
 import torch
 
-from ..runtime.engine import StateSpec
-from .config import ModelConfig
-from .model import Weights, forward, init_state, mtp_forward
-from .numerics import Numerics
+from dsv4c.runtime.engine import StateSpec
+from dsv4c.model.config import ModelConfig
+from dsv4c.model.step import Weights, forward, init_state, mtp_forward
+from dsv4c.model.numerics import Numerics
 
 
 def state_specs(cfg: ModelConfig, max_seq_len: int, num: Numerics) -> dict[str, StateSpec]:

@@ -28,9 +28,9 @@ from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 import torch
 from safetensors import safe_open
 
-from .config import ConfigError, ModelConfig
-from .layout import FormatCount, TensorSpec, count_by_format, layer_prefix, tensor_specs
-from .synthetic import synthetic_tensors
+from dsv4c.model.config import ConfigError, ModelConfig
+from dsv4c.model.layout import FormatCount, TensorSpec, count_by_format, layer_prefix, tensor_specs
+from dsv4c.model.synthetic import synthetic_tensors
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .onnx_graph import INT64_MAX, NotExpressible, OpContext, Value, onnx_dtype, tensor_proto
+from dsv4c.export.onnx_graph import INT64_MAX, NotExpressible, OpContext, Value, onnx_dtype, tensor_proto
 
 Rule = Callable[[OpContext], "list[str] | str"]
 RULES: dict[str, Rule] = {}

@@ -11,9 +11,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig, YarnScaling
-from .numerics import Numerics
-from .quant import fake_quant_fp8
+from dsv4c.model.config import ModelConfig, YarnScaling
+from dsv4c.model.numerics import Numerics
+from dsv4c.model.quant import fake_quant_fp8
 
 
 # ---- norms and linears ---------------------------------------------------------------------------

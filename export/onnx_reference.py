@@ -16,9 +16,9 @@ from torch.export import Dim
 
 from dsv4c.runtime.plan import BATCH, Plan
 
-from .capture import MAX_BATCH, _flat_graph_module
-from .lowering import graph_constants, plan_from_graph
-from .onnx_graph import NotExpressible, Value
+from dsv4c.compiler.capture import MAX_BATCH, flat_graph_module
+from dsv4c.compiler.lowering import graph_constants, plan_from_graph
+from dsv4c.export.onnx_graph import NotExpressible, Value
 
 
 class _Call(torch.nn.Module):
@@ -60,7 +60,7 @@ def trace_reference(qualname: str, named: dict[str, Any]) -> tuple[Plan, dict[st
         dynamic.append({i: batch for i, d in enumerate(dims) if d == BATCH} or None)
     program = torch.export.export(_Call(fn, tensor_names, fixed), (tuple(examples),),
                                   dynamic_shapes=(tuple(dynamic),), strict=False)
-    gm = _flat_graph_module(program)
+    gm = flat_graph_module(program)
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     plan = plan_from_graph(gm, tensor_names, [f"output{i}" for i in range(len(output.args[0]))])
     return plan, graph_constants(gm, plan)

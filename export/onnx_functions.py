@@ -23,8 +23,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from . import quant
-from .onnx_graph import DOMAIN, NotExpressible, Value, onnx_dtype, tensor_proto
+from dsv4c.model import quant
+from dsv4c.export.onnx_graph import DOMAIN, NotExpressible, Value, onnx_dtype, tensor_proto
 
 FUNCTION_OPSET = 24  # Cast from FLOAT8E8M0 (the scales) is in opset 24
 
