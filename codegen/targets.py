@@ -147,10 +147,6 @@ def runs_triton(t: Target) -> bool:
 
 
 # ---- lowerings: what each pass chooses per target ------------------------------------------------------
-MOE_LOWERINGS = ("reference", "w4a8", "w4a4-native")
-MHC_LOWERINGS = ("reference", "triton")
-
-
 def moe_lowering(t: Target, native_fp4: bool = False) -> str:
     """Routed experts: "w4a8" (FP4 weights unpacked to FP8 in registers) on GPUs; "w4a4-native" (MXFP4
     activations and weights on tcgen05) only when asked for and the target has it, since quantising

@@ -78,7 +78,8 @@ def _variant(name: str, plan: Plan, log: dict[str, Any] | None) -> list[str]:
     records = [r for r in log.get("passes", []) if isinstance(r, dict)]
     seconds = log.get("capture_s")
     span = f"{records[0].get('nodes_before')} -> {records[-1].get('nodes_after')} nodes" if records else "none run"
-    lines.append(f"  passes ({span}" + (f"; capture {seconds:.1f} s):" if seconds is not None else "):"))
+    served = f"pipeline {log['pipeline']} serving {', '.join(log.get('serves', []))}; " if "pipeline" in log else ""
+    lines.append(f"  passes ({served}{span}" + (f"; capture {seconds:.1f} s):" if seconds is not None else "):"))
     width = max((len(str(r.get("name", ""))) for r in records), default=0)
     lines.extend(_pass_line(r, width) for r in records)
     lines.extend(_memory_plan(r) for r in records if "peak" in (r.get("details") or {}))

@@ -9,8 +9,12 @@ State is indexed by absolute position, never shifted, so a step is a pure functi
   for the overlapping C4 compressor) lives at row i of its cache and is visible to a query at position q
   iff (i + 1) * ratio <= q + 1.
 A step reads the ring as a timeline of positions `start - C .. start - 1`, appends its T new tokens,
-pools every window that ends on a new token (keeping the entries whose block completes), attends with
-masks by position, and keeps the last C positions of the timeline as the new ring.
+pools every window that ends on a new token, attends with masks by position, and then writes only what it
+filled: its tokens into their ring slots (the last C of them when T > C) and each completed entry into its
+cache row. Every write is a `scatter` into the state tensor it updates, so a step's new state is the old one
+with those slots replaced, and a compiler may perform the writes in place (passes/reinplace_state.py).
+A compressed cache has one spill row past its capacity: tokens that complete no entry write there, so
+no two writes of a step meet in a row that is ever read (the spill row is never visible).
 """
 
 from __future__ import annotations
@@ -37,20 +41,22 @@ def ring_timeline(ring: torch.Tensor, new: torch.Tensor, start: torch.Tensor) ->
     return torch.cat((old, new.to(ring.dtype)), dim=1)
 
 
-def ring_keep_last(timeline: torch.Tensor, start: torch.Tensor, slots: int) -> torch.Tensor:
-    """The new ring: the last `slots` positions of a timeline from ring_timeline, position p in slot p % C."""
-    steps = timeline.shape[1] - slots
-    index = steps + (torch.arange(slots, device=timeline.device) - start.unsqueeze(1) - steps) % slots
-    return timeline.gather(1, index.unsqueeze(-1).expand(-1, -1, timeline.shape[-1]))
+def ring_write(ring: torch.Tensor, new: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """ring `[B, C, F]` with the step's tokens new `[B, T, F]` (positions start .. start+T-1) written at slot
+    p % C; when T > C only the last C tokens, so no slot is written twice."""
+    slots, steps = ring.shape[1], new.shape[1]
+    kept = min(steps, slots)
+    positions = start.unsqueeze(1) + (steps - kept) + torch.arange(kept, device=ring.device)
+    index = (positions % slots).unsqueeze(-1).expand(-1, -1, ring.shape[-1])
+    return ring.scatter(1, index, new[:, steps - kept:].to(ring.dtype))
 
 
 def write_rows(cache: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """cache `[B, E, F]` with values `[B, T, F]` written at rows `[B, T]` where keep is true."""
-    spill = cache.new_zeros(cache.shape[0], 1, cache.shape[2])
-    padded = torch.cat((cache, spill), dim=1)
-    target = torch.where(keep, rows, cache.shape[1]).clamp(max=cache.shape[1])
-    padded = padded.scatter(1, target.unsqueeze(-1).expand(-1, -1, cache.shape[2]), values.to(cache.dtype))
-    return padded[:, : cache.shape[1]]
+    """cache `[B, E + 1, F]` (E entries and the spill row) with values `[B, T, F]` written at rows `[B, T]`
+    where keep is true, at the spill row elsewhere."""
+    spill = cache.shape[1] - 1
+    target = torch.where(keep, rows.clamp(max=spill), spill)
+    return cache.scatter(1, target.unsqueeze(-1).expand(-1, -1, cache.shape[2]), values.to(cache.dtype))
 
 
 # ---- compressor ----------------------------------------------------------------------------------
@@ -80,8 +86,8 @@ def compress(x: torch.Tensor, start: torch.Tensor, w: Weights, prefix: str, stat
     pooled = apply_rope(rms_norm(pooled, w[prefix + "norm.weight"], cfg.rms_norm_eps), entry * ratio, inv_freq)
     done = (positions + 1) % ratio == 0
     return {
-        "kv_state": ring_keep_last(kv_line, start, slots),
-        "score_state": ring_keep_last(score_line, start, slots),
+        "kv_state": ring_write(state["kv_state"], kv, start),
+        "score_state": ring_write(state["score_state"], score, start),
         "cache": write_rows(state["cache"], entry, finish(pooled), done),
     }
 
@@ -170,7 +176,7 @@ def attention(x: torch.Tensor, start: torch.Tensor, layer: int, prefix: str, w: 
     line_pos = start.unsqueeze(1) - window + torch.arange(kv_line.shape[1], device=x.device)
     in_window = (line_pos.unsqueeze(1) <= positions.unsqueeze(-1)) & (
         line_pos.unsqueeze(1) > positions.unsqueeze(-1) - window) & (line_pos.unsqueeze(1) >= 0)
-    new_state = {"window_kv": ring_keep_last(kv_line, start, window)}
+    new_state = {"window_kv": ring_write(state["window_kv"], kv, start)}
     key_sets = [(kv_line, in_window, "shared")]
 
     ratio = cfg.compress_ratios[layer]

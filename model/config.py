@@ -15,7 +15,6 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-ATTENTION_KINDS = ("window", "csa", "hca")
 _TRANSFORMERS_LAYER_TYPE = {
     "sliding_attention": "window",
     "compressed_sparse_attention": "csa",

@@ -37,8 +37,14 @@ class Numerics:
 
     @classmethod
     def plain(cls, dtype: torch.dtype = torch.float32) -> "Numerics":
-        """Model math without activation quantisation (the KV and indexer roundings stay on)."""
-        return cls(dtype=dtype, act_quant=False)
+        """The model's math with no rounding simulation at all: no activation quantisation, no FP8 rounding of
+        cached KV, no Hadamard + FP4 rounding in the indexer (DeepSeek's code with every `act_quant`/`fp4_quant`
+        removed; transformers' `deepseek_v4` computes this, less the shared-expert clamp)."""
+        return cls(dtype=dtype, act_quant=False, kv_fp8=False, indexer_fp4=False)
+
+    def roundings(self) -> tuple[str, ...]:
+        """The names of the rounding simulations this run applies (empty for plain numerics)."""
+        return tuple(name for name in ("act_quant", "kv_fp8", "indexer_fp4") if getattr(self, name))
 
     def replace(self, **changes: object) -> "Numerics":
         return dataclasses.replace(self, **changes)

@@ -1,11 +1,17 @@
 """The pass pipeline of each target: one short ordered list, each entry with the reason for its place.
 
-Targets are data: `PIPELINES` maps a target name (and its aliases) to its list. For now every target runs
-the same passes: cleanup, mhc_fusion (its ops' lowering per target comes from the target table), folding and
-planning; moe_fp4 and kv_compression will slot in between CSE/constant folding and shape propagation.
+Targets are data: `PIPELINES` maps each target-table name (codegen/targets.py; aliases resolve there) to a named
+`Pipeline`. Today one pipeline, `common`, serves every target: cleanup, mhc_fusion (what its fused ops run on each
+target is the target table's `mhc_lowering`), folding and planning. A target-specific lowering (the FP4 MoE, KV
+compression) gets a pipeline of its own here; the driver optimises once per distinct pipeline and says in the pass
+log which targets each one served.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Mapping, Sequence
 
 import torch.fx as fx
 
@@ -16,6 +22,7 @@ from dsv4c.passes.manager import PassContext, PassRecord, PipelineEntry, run_pip
 from dsv4c.passes.memory_planning import memory_planning
 from dsv4c.passes.mhc_fusion import mhc_fusion
 from dsv4c.passes.noop_removal import noop_removal
+from dsv4c.passes.reinplace_state import reinplace_state
 from dsv4c.passes.shape_propagation import shape_propagation
 from dsv4c.codegen import targets as target_table
 
@@ -29,19 +36,25 @@ CLEANUP_AND_PLANNING = (
                   "after cleanup (one node per value, no asserts between ops), before folding touches weights"),
     PipelineEntry("constant_folding", constant_folding, "after CSE, so each duplicated table folds once"),
     PipelineEntry("dead_code_after_folding", dead_code, "removes folded subgraphs' leftovers and unused buffers"),
+    PipelineEntry("reinplace_state", reinplace_state,
+                  "after every rewrite of the state's readers: the write must follow its last reader"),
     PipelineEntry("shape_propagation", shape_propagation,
                   "after all rewrites: gives new nodes metadata, and every node sympy shapes in B"),
     PipelineEntry("memory_planning", memory_planning, "last: needs the final node order and shapes"),
 )
 
-TARGET_ALIASES = target_table.alias_table()  # codegen/targets.py is the source of truth for names and aliases
 
-PIPELINES: dict[str, tuple[PipelineEntry, ...]] = {
-    "cpu": CLEANUP_AND_PLANNING,
-    "sm_90a": CLEANUP_AND_PLANNING,
-    "sm_100a": CLEANUP_AND_PLANNING,
-    "sm_103a": CLEANUP_AND_PLANNING,
-}
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """A named, ordered list of passes."""
+
+    name: str
+    entries: tuple[PipelineEntry, ...]
+
+
+COMMON = Pipeline("common", CLEANUP_AND_PLANNING)
+PIPELINES: Mapping[str, Pipeline] = types.MappingProxyType({t.name: COMMON for t in target_table.TARGETS})
 
 
 def canonical_target(target: str) -> str:
@@ -49,9 +62,23 @@ def canonical_target(target: str) -> str:
     return target_table.target(target).name
 
 
+def pipeline_of(target: str) -> Pipeline:
+    """The pipeline that serves `target`."""
+    return PIPELINES[canonical_target(target)]
+
+
 def pipeline_for(target: str) -> list[PipelineEntry]:
     """The ordered (name, pass, reason) entries for `target`."""
-    return list(PIPELINES[canonical_target(target)])
+    return list(pipeline_of(target).entries)
+
+
+def targets_by_pipeline(targets: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Pipeline name -> the (canonical) targets it serves, in the order given; unknown targets raise."""
+    groups: dict[str, tuple[str, ...]] = {}
+    for name in dict.fromkeys(canonical_target(t) for t in targets):
+        key = pipeline_of(name).name
+        groups[key] = groups.get(key, ()) + (name,)
+    return groups
 
 
 def optimise(gm: fx.GraphModule, target: str, ctx: PassContext) -> tuple[fx.GraphModule, list[PassRecord]]:

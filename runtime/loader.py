@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from dsv4c.codegen.targets import target_for_device
 from dsv4c.runtime.artifact import Artifact, distribution_version, load_artifact
 from dsv4c.runtime.stored_kernels import KernelPlan, kernel_plan
 from dsv4c.runtime.engine import Engine, StateSpec
@@ -45,11 +46,8 @@ class PlanRunner:
 
 
 def local_target(device: torch.device) -> str:
-    """The target name of a device: its CUDA architecture, or cpu."""
-    if device.type != "cuda":
-        return "cpu"
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}a"
+    """The target-table name of a device (codegen/targets.py): cpu, or its CUDA architecture's row."""
+    return target_for_device(device).name
 
 
 def stored_kernel_implementations(launcher) -> dict[str, Callable[..., Any]]:

@@ -14,15 +14,15 @@ import pytest
 import torch
 
 from dsv4c.model import layers
-from dsv4c.model.attention import indexer_select, ring_keep_last, ring_timeline
+from dsv4c.model.attention import indexer_select, ring_timeline, ring_write, write_rows
 from dsv4c.model.step import dequantize_weights, forward, init_state, mtp_forward
 from dsv4c.model.numerics import Numerics
 from dsv4c.model.presets import tiny
 from dsv4c.model.synthetic import synthetic_tensors
 
-FP32 = Numerics.plain(torch.float32)
+EXACT_FP32 = Numerics.plain(torch.float32)  # no step-function roundings
+KV_INDEXER_FP32 = EXACT_FP32.replace(kv_fp8=True, indexer_fp4=True)  # the cached-value roundings only
 FAITHFUL_FP32 = Numerics.faithful().replace(dtype=torch.float32)
-EXACT_FP32 = FP32.replace(kv_fp8=False, indexer_fp4=False)  # no step-function roundings
 SAME_MATH_TOL = 2e-5
 
 
@@ -67,7 +67,8 @@ def test_decode_equals_prefill(raw_tiny):
     assert rel_err(stepwise[:, -1], full[:, -1]) < SAME_MATH_TOL
 
 
-@pytest.mark.parametrize("num, tol", [(FP32, 1e-3), (FAITHFUL_FP32, 5e-3)], ids=["kv-indexer-rounding", "faithful"])
+@pytest.mark.parametrize("num, tol", [(KV_INDEXER_FP32, 1e-3), (FAITHFUL_FP32, 5e-3)],
+                         ids=["kv-indexer-rounding", "faithful"])
 def test_decode_matches_prefill_with_roundings(raw_tiny, num, tol):
     """The FP8/FP4 roundings are step functions: an fp32 summation-order difference between the two
     schedules can move a value across a rounding boundary (one e4m3 step, 2^-3 relative), so the bound
@@ -128,15 +129,18 @@ def test_mtp_decode_equals_prefill(raw_tiny):
 def test_faithful_rounding_changes_the_result(raw_tiny):
     """The switches are live (a switch that does nothing would make the transformers comparison
     meaningless): KV rounding and activation quantisation move the logits; the indexer rounding moves
-    the cached indexer keys (the logits move only where it changes a selection)."""
+    the cached indexer keys (the logits move only where it changes a selection). Plain numerics apply none."""
     cfg = KEEP_ALL
     tokens = torch.randint(0, cfg.vocab_size, (1, 48))
-    base, base_state = run(dequantize_weights(raw_tiny, FP32), cfg, FP32, tokens, [(0, 48)])
-    no_kv = FP32.replace(kv_fp8=False)
-    assert rel_err(run(dequantize_weights(raw_tiny, no_kv), cfg, no_kv, tokens, [(0, 48)])[0], base) > 1e-4
-    no_fp4 = FP32.replace(indexer_fp4=False)
-    _, state = run(dequantize_weights(raw_tiny, no_fp4), cfg, no_fp4, tokens, [(0, 48)])
+    assert EXACT_FP32.roundings() == ()
+    base, base_state = run(dequantize_weights(raw_tiny, EXACT_FP32), cfg, EXACT_FP32, tokens, [(0, 48)])
+    kv = EXACT_FP32.replace(kv_fp8=True)
+    assert rel_err(run(dequantize_weights(raw_tiny, kv), cfg, kv, tokens, [(0, 48)])[0], base) > 1e-4
+    fp4 = EXACT_FP32.replace(indexer_fp4=True)
+    _, state = run(dequantize_weights(raw_tiny, fp4), cfg, fp4, tokens, [(0, 48)])
     assert rel_err(state["layers.1.indexer_kv"], base_state["layers.1.indexer_kv"]) > 1e-2
+    act = EXACT_FP32.replace(act_quant=True)
+    assert rel_err(run(dequantize_weights(raw_tiny, act), cfg, act, tokens, [(0, 48)])[0], base) > 1e-3
     faithful, _ = run(dequantize_weights(raw_tiny, FAITHFUL_FP32), cfg, FAITHFUL_FP32, tokens, [(0, 48)])
     assert rel_err(faithful, base) > 1e-3
 
@@ -150,16 +154,30 @@ def test_ring_timeline_orders_positions_and_keeps_the_last():
     line = ring_timeline(ring, new, start)
     assert line[0, :, 0].tolist() == [2, 3, 4, 5, 6, 7, 8]
     assert line[1, :, 0].tolist() == [-1, -1, 0, 1, 2, 3, 4]
-    kept = ring_keep_last(line, start, slots)
+    kept = ring_write(ring, new, start)
     assert kept[0, :, 0].tolist() == [8, 5, 6, 7]
     assert kept[1, :, 0].tolist() == [4, 1, 2, 3]
+
+
+def test_ring_write_keeps_only_the_last_slots_when_a_step_outgrows_the_ring():
+    ring = torch.full((1, 4, 1), -1.0)
+    new = torch.arange(10.0, 16.0).view(1, 6, 1)  # positions 3..8: the last four (5..8) survive
+    kept = ring_write(ring, new, torch.tensor([3]))
+    assert kept[0, :, 0].tolist() == [15, 12, 13, 14]
+
+
+def test_write_rows_sends_unkept_tokens_to_the_spill_row():
+    cache = torch.zeros(1, 3 + 1, 1)  # three entries and the spill row
+    rows, keep = torch.tensor([[1, 1, 2]]), torch.tensor([[False, True, False]])
+    out = write_rows(cache, rows, torch.tensor([[[5.0], [7.0], [9.0]]]), keep)
+    assert out[0, :3, 0].tolist() == [0, 7, 0]
 
 
 def test_indexer_keeps_the_highest_scoring_complete_entries():
     """Entries with clear score margins: the top-k are the k largest among complete ones, and entries
     whose block is not complete are never chosen."""
     cfg = tiny().replace(index_topk=3)
-    num = FP32.replace(indexer_fp4=False)
+    num = EXACT_FP32
     heads, dim = cfg.index_n_heads, cfg.index_head_dim
     w = {"i.wq_b.weight": torch.zeros(heads * dim, cfg.q_lora_rank),
          "i.weights_proj.weight": torch.zeros(heads, cfg.hidden_size)}
