@@ -19,7 +19,10 @@ from dsv4c.model.checkpoint import write_synthetic
 from dsv4c.model.numerics import Numerics
 from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
 from dsv4c.model.presets import tiny
-from dsv4c.runtime import loader, stored_kernels
+from dsv4c.runtime import loader
+from dsv4c.runtime.state_pool import StatePool
+from dsv4c.runtime.step_runner import BucketRunner
+from dsv4c.runtime import stored_kernels
 from dsv4c.runtime.artifact import load_artifact
 
 torch.set_num_threads(8)
@@ -36,9 +39,11 @@ def generate(art: Path, device: str, local_triton: str) -> tuple[list, stored_ke
     plan = stored_kernels.kernel_plan(artifact.manifest, art, loader.local_target(torch.device(device)),
                                       local_triton=local_triton)
     print(plan.message[:240], flush=True)
-    engine = loader.Engine(loader.PlanRunner(artifact, torch.device(device), plan), loader.state_specs(artifact),
-                           artifact.manifest["prefill_chunk"], artifact.manifest["max_seq_len"], device,
-                           vocab_size=artifact.manifest["config"]["vocab_size"])
+    runner = BucketRunner(loader.plan_executors(artifact, torch.device(device), plan),
+                          StatePool(loader.state_specs(artifact), len(PROMPTS), device), cuda_graphs=False)
+    engine = loader.Engine(runner, loader.state_specs(artifact), artifact.manifest["prefill_chunk"],
+                           artifact.manifest["max_seq_len"], device,
+                           vocab_size=artifact.manifest["config"]["vocab_size"], pool=runner.pool)
     start = time.time()
     tokens = engine.generate(PROMPTS, 8).tokens
     print(f"{device}: {tokens} in {time.time() - start:.2f} s", flush=True)

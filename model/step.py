@@ -17,7 +17,8 @@ import torch
 
 from dsv4c.model.attention import attention
 from dsv4c.model.config import ModelConfig
-from dsv4c.model.layers import hc_head, hc_post, hc_pre, layer_inv_freq, linear, moe, rms_norm
+from dsv4c.model.layers import (RoutedExperts, hc_head, hc_post, hc_pre, layer_inv_freq, linear, moe, rms_norm,
+                                routed_experts)
 from dsv4c.model.numerics import Numerics
 from dsv4c.model.quant import dequant_fp4_weight, dequant_fp8_weight
 
@@ -81,7 +82,7 @@ def state_shapes(cfg: ModelConfig, batch: int, max_seq_len: int) -> dict[str, tu
         for ring, cache, width in branches:
             shapes[p + ring + "kv_state"] = ((batch, coff * ratio, coff * width), "kv")
             shapes[p + ring + "score_state"] = ((batch, coff * ratio, coff * width), "score")
-            shapes[p + cache] = ((batch, max_seq_len // ratio, width), "act")
+            shapes[p + cache] = ((batch, max_seq_len // ratio + 1, width), "act")  # + the spill row
     return shapes
 
 
@@ -103,8 +104,10 @@ def _layer_state(state: State, prefix: str) -> State:
 
 # ---- the step --------------------------------------------------------------------------------------
 def block(streams: torch.Tensor, tokens: torch.Tensor, start: torch.Tensor, layer: int, w: Weights,
-          state: State, cfg: ModelConfig, num: Numerics) -> tuple[torch.Tensor, State]:
-    """One layer: mHC-pre, attn_norm, attention, mHC-post, then the same around the MoE."""
+          state: State, cfg: ModelConfig, num: Numerics,
+          routed: RoutedExperts = routed_experts) -> tuple[torch.Tensor, State]:
+    """One layer: mHC-pre, attn_norm, attention, mHC-post, then the same around the MoE (whose routed
+    experts `routed` computes)."""
     p = layer_prefix(cfg, layer)
     block_in, post, comb = hc_pre(streams, w[p + "hc_attn_fn"], w[p + "hc_attn_base"], w[p + "hc_attn_scale"], cfg)
     x = rms_norm(block_in, w[p + "attn_norm.weight"], cfg.rms_norm_eps)
@@ -112,7 +115,7 @@ def block(streams: torch.Tensor, tokens: torch.Tensor, start: torch.Tensor, laye
     streams = hc_post(out, streams, post, comb)
     block_in, post, comb = hc_pre(streams, w[p + "hc_ffn_fn"], w[p + "hc_ffn_base"], w[p + "hc_ffn_scale"], cfg)
     x = rms_norm(block_in, w[p + "ffn_norm.weight"], cfg.rms_norm_eps)
-    streams = hc_post(moe(x, tokens, w, p + "ffn.", cfg, cfg.is_hash_layer(layer), num), streams, post, comb)
+    streams = hc_post(moe(x, tokens, w, p + "ffn.", cfg, cfg.is_hash_layer(layer), num, routed), streams, post, comb)
     return streams, {p + k: v for k, v in layer_state.items()}
 
 
@@ -129,23 +132,26 @@ def _effective(cfg: ModelConfig, num: Numerics) -> Numerics:
 
 
 def forward(w: Weights, state: State, tokens: torch.Tensor, start: torch.Tensor, cfg: ModelConfig,
-            num: Numerics) -> tuple[torch.Tensor, torch.Tensor, State]:
+            num: Numerics, routed: RoutedExperts = routed_experts) -> tuple[torch.Tensor, torch.Tensor, State]:
     """The main model's step: tokens `[B, T]` at positions start `[B]` + 0..T-1 ->
-    (logits `[B, T, V]` fp32, hidden streams before hc_head `[B, T, n, D]` for MTP, new state)."""
+    (logits `[B, T, V]` fp32, hidden streams before hc_head `[B, T, n, D]` for MTP, new state).
+    `routed` computes the routed experts (layers.RoutedExperts; the compiler passes its fused op)."""
     num = _effective(cfg, num)
     h = w["embed.weight"][tokens].to(num.dtype)
     streams = h.unsqueeze(-2).expand(*h.shape[:-1], cfg.hc_mult, h.shape[-1]).contiguous()
     new_state = dict(state)
     for layer in range(cfg.num_hidden_layers):
-        streams, layer_state = block(streams, tokens, start, layer, w, state, cfg, num)
+        streams, layer_state = block(streams, tokens, start, layer, w, state, cfg, num, routed)
         new_state.update(layer_state)
     return lm_head(streams, w, "", cfg), streams, new_state
 
 
 def mtp_forward(w: Weights, state: State, next_tokens: torch.Tensor, hidden: torch.Tensor, start: torch.Tensor,
-                cfg: ModelConfig, num: Numerics) -> tuple[torch.Tensor, torch.Tensor, State]:
+                cfg: ModelConfig, num: Numerics,
+                routed: RoutedExperts = routed_experts) -> tuple[torch.Tensor, torch.Tensor, State]:
     """The MTP module's step: hidden streams h_t `[B, T, n, D]` paired with token t+1 `[B, T]` at the
-    positions of h_t -> (draft logits for token t+2 `[B, T, V]`, its output streams, new state)."""
+    positions of h_t -> (draft logits for token t+2 `[B, T, V]`, its output streams, new state).
+    `routed` as in `forward`."""
     num = _effective(cfg, num)
     layer = cfg.num_hidden_layers
     p = layer_prefix(cfg, layer)
@@ -153,7 +159,7 @@ def mtp_forward(w: Weights, state: State, next_tokens: torch.Tensor, hidden: tor
     h = rms_norm(hidden.to(num.dtype), w[p + "hnorm.weight"], cfg.rms_norm_eps)
     streams = (linear(e, w[p + "e_proj.weight"], num, True).unsqueeze(-2).float()
                + linear(h, w[p + "h_proj.weight"], num, True).float()).to(num.dtype)
-    streams, layer_state = block(streams, next_tokens, start, layer, w, state, cfg, num)
+    streams, layer_state = block(streams, next_tokens, start, layer, w, state, cfg, num, routed)
     new_state = dict(state)
     new_state.update(layer_state)
     return lm_head(streams, w, p, cfg), streams, new_state

@@ -11,7 +11,7 @@ from typing import Mapping
 
 import torch
 
-from dsv4c.runtime.engine import StateSpec
+from dsv4c.runtime.state_pool import StateSpec
 from dsv4c.model.config import ModelConfig
 from dsv4c.model.step import Weights, forward, init_state, mtp_forward
 from dsv4c.model.numerics import Numerics

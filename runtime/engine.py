@@ -27,15 +27,6 @@ class StepRunner(Protocol):
     def run(self, variant: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
 
-@dataclasses.dataclass(frozen=True)
-class StateSpec:
-    """One state tensor per sequence: its shape without the batch dim, dtype and initial fill."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    fill: float
-
-
 @dataclasses.dataclass
 class GenerationResult:
     tokens: list[list[int]]
@@ -53,15 +44,19 @@ class Engine:
     """Generates for a batch of prompts with a runner of compiled steps and a pool of cache state."""
 
     def __init__(self, runner: StepRunner, state_specs: Mapping[str, StateSpec], prefill_chunk: int,
-                 max_seq_len: int, device: torch.device | str = "cpu", vocab_size: int | None = None):
+                 max_seq_len: int, device: torch.device | str = "cpu", vocab_size: int | None = None,
+                 pool: StatePool | None = None):
+        """`pool`: the state of every batch (rows 0..n-1), allocated once; without one, each batch gets its own."""
         self.runner, self.state_specs = runner, dict(state_specs)
         self.prefill_chunk, self.max_seq_len, self.device = prefill_chunk, max_seq_len, torch.device(device)
-        self.vocab_size = vocab_size
+        self.vocab_size, self.pool = vocab_size, pool
 
     # ---- state pool -------------------------------------------------------------------------------
     def new_state(self, batch: int) -> dict[str, torch.Tensor]:
-        return {name: torch.full((batch, *s.shape), s.fill, dtype=s.dtype, device=self.device)
-                for name, s in self.state_specs.items()}
+        """Fresh state for `batch` sequences: the pool's first rows, reset, or new tensors without a pool."""
+        if self.pool is not None:
+            return self.pool.reset(batch)
+        return StatePool(self.state_specs, batch, self.device).rows(batch)
 
     @staticmethod
     def _rows(state: dict[str, torch.Tensor], row: int) -> dict[str, torch.Tensor]:
@@ -123,7 +118,8 @@ class Engine:
                 draft_logits, _, rows = self._prefill("mtp", rows, mtp_ids, hidden)
                 drafts.append(draft_logits)
             for k in state:
-                state[k][row:row + 1] = rows[k]
+                if rows[k].data_ptr() != state[k][row:row + 1].data_ptr():  # a step that returned new state
+                    state[k][row:row + 1] = rows[k]
             firsts.append(first)
             hiddens.append(hidden[:, -1])
         last = torch.cat(firsts)

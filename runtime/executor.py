@@ -95,6 +95,11 @@ class Executor:
         self._bound = {name: tensor.to(self.device) for name, tensor in bound.items()}
         self._run_inputs = set(self._specs) - set(bound)
 
+    @property
+    def run_inputs(self) -> frozenset[str]:
+        """The plan inputs each `run` takes (those not bound at load)."""
+        return frozenset(self._run_inputs)
+
     def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """Output name -> value for one call of the step; `inputs` are the plan inputs not bound at load."""
         self._check_inputs(inputs, expected=self._run_inputs, batch=self._bound_batch(), device=self.device)

@@ -19,30 +19,27 @@ import torch
 from dsv4c.codegen.targets import target_for_device
 from dsv4c.runtime.artifact import Artifact, distribution_version, load_artifact
 from dsv4c.runtime.stored_kernels import KernelPlan, kernel_plan
-from dsv4c.runtime.engine import Engine, StateSpec
+from dsv4c.runtime.engine import Engine
+from dsv4c.runtime.state_pool import StatePool, StateSpec
+from dsv4c.runtime.step_runner import BucketRunner
 from dsv4c.runtime.executor import Executor, weight_inputs
 from dsv4c.runtime.plan import decode_dtype
 
 
-class PlanRunner:
-    """Runs step variants through their plans' executors (the `StepRunner` protocol of the engine).
-    `kernels`: what runs the mHC kernels (runtime/stored_kernels.KernelPlan); with a launcher, the CUDA
-    implementations bound to it replace the registered ops."""
+def plan_executors(artifact: Artifact, device: torch.device, kernels: KernelPlan) -> dict[str, Executor]:
+    """An executor per step variant with the weights bound once. `kernels`: what runs the mHC kernels
+    (runtime/stored_kernels.KernelPlan); with a launcher, the CUDA implementations bound to it replace the
+    registered ops."""
+    implementations = stored_kernel_implementations(kernels.launcher) if kernels.launcher is not None else None
+    executors = {}
+    for name, plan in artifact.plans.items():
+        constants = {key: artifact.weights[key] for key in set(plan.constants.values())}
+        executors[name] = Executor(plan, constants, device, weight_inputs(plan, artifact.weights), implementations)
+    return executors
 
-    def __init__(self, artifact: Artifact, device: torch.device, kernels: KernelPlan):
-        self.kernels = kernels
-        implementations = stored_kernel_implementations(kernels.launcher) if kernels.launcher is not None else None
-        self.executors: dict[str, Executor] = {}
-        for name, plan in artifact.plans.items():
-            constants = {key: artifact.weights[key] for key in set(plan.constants.values())}
-            self.executors[name] = Executor(plan, constants, device, weight_inputs(plan, artifact.weights),
-                                            implementations)
 
-    def run(self, variant: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        executor = self.executors.get(variant)
-        if executor is None:
-            raise KeyError(f"variant {variant!r}: not in this artifact (has {sorted(self.executors)})")
-        return executor.run(inputs)
+# Decode, MTP verification of one draft, and the MTP draft steps: the variants a token's step runs.
+PER_TOKEN_VARIANTS = ("main_t1", "main_t2", "mtp_t1", "mtp_t2")
 
 
 def local_target(device: torch.device) -> str:
@@ -64,13 +61,22 @@ def state_specs(artifact: Artifact) -> dict[str, StateSpec]:
     return specs
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> Engine:
-    """A generation engine over the artifact at `path` (verified before use; nothing in it runs as Python)."""
+def load(path: str | Path, device: str | torch.device = "cpu", *, max_batch: int = 8, cuda_graphs: bool = True,
+         progress: Callable[[str], None] = lambda message: None) -> Engine:
+    """A generation engine over the artifact at `path` (verified before use; nothing in it runs as Python).
+
+    The state pool holds `max_batch` sequences of the artifact's capacity; on a CUDA device with `cuda_graphs`,
+    the per-token step variants are captured into CUDA graphs for every batch bucket up to `max_batch`, here,
+    so the first request pays nothing (`progress` hears each capture)."""
     artifact = load_artifact(path)
     device = torch.device(device)
-    plan = kernel_plan(artifact.manifest, artifact.path, local_target(device),
-                       local_triton=distribution_version("triton"))
-    print(plan.message, file=sys.stderr)
+    kernels = kernel_plan(artifact.manifest, artifact.path, local_target(device),
+                          local_triton=distribution_version("triton"))
+    print(kernels.message, file=sys.stderr)
     manifest = artifact.manifest
-    return Engine(PlanRunner(artifact, device, plan), state_specs(artifact), manifest["prefill_chunk"],
-                  manifest["max_seq_len"], device, vocab_size=manifest["config"]["vocab_size"])
+    specs = state_specs(artifact)
+    pool = StatePool(specs, max_batch, device)
+    per_token = tuple(name for name in artifact.plans if name in PER_TOKEN_VARIANTS)
+    runner = BucketRunner(plan_executors(artifact, device, kernels), pool, per_token, cuda_graphs, progress)
+    return Engine(runner, specs, manifest["prefill_chunk"], manifest["max_seq_len"], device,
+                  vocab_size=manifest["config"]["vocab_size"], pool=pool)

@@ -1,0 +1,132 @@
+"""Step variants run over the state pool, padded to batch buckets; on CUDA one graph replay a step.
+
+`BucketRunner.run(variant, inputs)` answers the engine's step protocol (runtime/engine.py). When the inputs'
+state is rows 0..n-1 of the pool (`StatePool.rows(n)`), the batch is padded up to its bucket (1, 2, 4, ... 128):
+padding rows take token 0 at position 0 and write only their own, unused pool rows. On a CUDA device with
+graphs on, each (variant, bucket) of the per-token variants (decode, MTP verification, MTP draft) is captured
+once, at construction, into a CUDA graph over static token/position inputs and the pool's rows; a step then
+copies its tokens in and replays. Other variants (prefill chunks), other state (a row's view during prefill)
+and CPU run the plan's executor directly, still in place. Graph and graph-free paths run the same ops on the
+same buffers, so they give the same tokens (`--no-cuda-graphs` runs the second).
+
+A variant is captured only if its plan writes every state tensor in place (each `state.*` output is its input);
+a graph of a functional plan would leave its new state in graph-owned buffers the next replay never reads.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from typing import Callable, Mapping
+
+import torch
+
+from dsv4c.runtime.executor import Executor
+from dsv4c.runtime.state_pool import StatePool
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+STATE = "state."
+Progress = Callable[[str], None]
+
+
+def bucket_for(batch: int, buckets: tuple[int, ...] = BUCKETS) -> int:
+    """The smallest bucket holding `batch` sequences; ValueError above the largest."""
+    index = bisect.bisect_left(buckets, batch)
+    if index == len(buckets):
+        raise ValueError(f"batch {batch}: above the largest batch bucket ({buckets[-1]})")
+    return buckets[index]
+
+
+@dataclasses.dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: dict[str, torch.Tensor]  # static, batch = bucket
+    outputs: dict[str, torch.Tensor]
+
+
+class BucketRunner:
+    """Runs plans' executors over a state pool; captures CUDA graphs per (variant, bucket) where it can."""
+
+    def __init__(self, executors: Mapping[str, Executor], pool: StatePool, graph_variants: tuple[str, ...] = (),
+                 cuda_graphs: bool = True, progress: Progress = lambda message: None):
+        self.executors, self.pool = dict(executors), pool
+        self.buckets = tuple(b for b in BUCKETS if b <= pool.capacity)
+        self._graphs: dict[tuple[str, int], _Graph] = {}
+        self.skipped: dict[str, str] = {}
+        if cuda_graphs and pool.device.type == "cuda":
+            self._capture_all([v for v in graph_variants if v in self.executors], progress)
+
+    @property
+    def captured(self) -> list[tuple[str, int]]:
+        return sorted(self._graphs)
+
+    def run(self, variant: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        executor = self.executors.get(variant)
+        if executor is None:
+            raise KeyError(f"variant {variant!r}: not in this artifact (has {sorted(self.executors)})")
+        state = {k[len(STATE):]: v for k, v in inputs.items() if k.startswith(STATE)}
+        n = self.pool.holds(state)
+        if n is None:
+            return executor.run(inputs)
+        bucket = bucket_for(n, self.buckets)
+        graph = self._graphs.get((variant, bucket))
+        if graph is None:
+            return self._trimmed(executor.run(self._padded(inputs, n, bucket)), n)
+        for name, value in inputs.items():
+            if not name.startswith(STATE):
+                static = graph.inputs[name]
+                static[:n].copy_(value)
+                static[n:].zero_()
+        graph.graph.replay()
+        return self._trimmed(graph.outputs, n)
+
+    def _padded(self, inputs: Mapping[str, torch.Tensor], n: int, bucket: int) -> dict[str, torch.Tensor]:
+        out = {STATE + k: v for k, v in self.pool.rows(bucket).items()}
+        for name, value in inputs.items():
+            if not name.startswith(STATE):
+                pad = value.new_zeros((bucket - n, *value.shape[1:]))
+                out[name] = torch.cat((value, pad)) if bucket > n else value
+        return out
+
+    @staticmethod
+    def _trimmed(outputs: Mapping[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+        return {name: value[:n] for name, value in outputs.items()}
+
+    # ---- capture ----------------------------------------------------------------------------------------
+    def _capture_all(self, variants: list[str], progress: Progress) -> None:
+        mempool = torch.cuda.graph_pool_handle()
+        for variant in variants:
+            for bucket in sorted(self.buckets, reverse=True):  # largest first: later graphs reuse its memory
+                progress(f"capturing {variant} at batch {bucket}")
+                graph = self._capture(variant, bucket, mempool)
+                if graph is None:
+                    break
+                self._graphs[(variant, bucket)] = graph
+
+    def _capture(self, variant: str, bucket: int, mempool) -> _Graph | None:
+        executor = self.executors[variant]
+        inputs = {STATE + k: v for k, v in self.pool.rows(bucket).items()}
+        for spec in executor.plan.inputs:
+            if spec.name not in inputs and spec.name in executor.run_inputs:
+                shape = tuple(bucket if d == "B" else d for d in spec.shape)
+                inputs[spec.name] = torch.zeros(shape, dtype=spec.torch_dtype(), device=self.pool.device)
+        saved = {k: v.clone() for k, v in self.pool.rows(bucket).items()}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            outputs = executor.run(inputs)  # warm-up: Triton compiles, cuBLAS makes its handles
+        torch.cuda.current_stream().wait_stream(stream)
+        not_in_place = [k for k, v in outputs.items() if k.startswith(STATE) and v.data_ptr() != inputs[k].data_ptr()]
+        if not_in_place:
+            self.skipped[variant] = f"state not written in place: {', '.join(not_in_place[:3])}"
+            self._restore(saved)
+            return None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=mempool):
+            outputs = executor.run(inputs)
+        self._restore(saved)  # warm-up and capture wrote the padding step into the pool
+        return _Graph(graph, {k: v for k, v in inputs.items() if not k.startswith(STATE)}, outputs)
+
+    def _restore(self, saved: Mapping[str, torch.Tensor]) -> None:
+        for name, value in saved.items():
+            self.pool.tensors[name][: value.shape[0]].copy_(value)
