@@ -12,7 +12,6 @@ target (codegen/aot.py).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,8 +20,8 @@ import torch
 
 from dsv4c.codegen.aot import build_kernels, mhc_norm_dtypes, mhc_ops_in
 from dsv4c.passes.manager import PassContext
-from dsv4c.passes.pipeline import canonical_target, optimise
-from dsv4c.runtime.artifact import describe_numerics, write_artifact
+from dsv4c.passes.pipeline import canonical_target, optimise, targets_by_pipeline
+from dsv4c.runtime.artifact import check_output_path, describe_numerics, encode_state, write_artifact
 from dsv4c.compiler.capture import CapturedStep, StepVariant, capture
 from dsv4c.model.checkpoint import Checkpoint
 from dsv4c.runtime.eager_runner import state_specs
@@ -53,8 +52,8 @@ class CompileOptions:
 def compile_checkpoint(checkpoint: str | Path, out: str | Path, options: CompileOptions = CompileOptions(),
                        progress: Progress = lambda message: None, overwrite: bool = False) -> Path:
     """Compile a checkpoint directory into an artifact folder at `out` (written atomically)."""
-    for target in options.targets:
-        canonical_target(target)  # unknown targets fail before any work
+    check_output_path(out, overwrite, inputs=(checkpoint,))  # before any work: never the input, only an artifact
+    pipeline = _one_pipeline(options.targets)  # unknown targets fail before any work
     ckpt = Checkpoint.open(checkpoint)
     cfg = ckpt.config
     if options.mtp and cfg.num_nextn_predict_layers == 0:
@@ -69,12 +68,13 @@ def compile_checkpoint(checkpoint: str | Path, out: str | Path, options: Compile
         capture_s = time.perf_counter() - started
         nodes_captured = len(step.graph_module.graph.nodes)  # the passes rewrite the graph in place
         progress(f"optimising {variant.name}")
-        gm, records = optimise(step.graph_module, options.targets[0], _context(step, options))
+        gm, records = optimise(step.graph_module, options.targets[0], _context(step, options))  # serves them all
         _namespace_constants(gm, variant.name)
         plan = plan_from_graph(gm, step.input_names, step.output_names)
         plans[variant.name] = plan
         constants.update(graph_constants(gm, plan))
-        pass_log.append({"variant": variant.name, "capture_s": round(capture_s, 3),
+        pass_log.append({"variant": variant.name, "pipeline": pipeline.name, "serves": list(pipeline.targets),
+                         "capture_s": round(capture_s, 3),
                          "nodes_captured": nodes_captured,
                          "passes": [r.to_json() for r in records]})
     kernel_files, kernels = build_kernels(
@@ -87,12 +87,26 @@ def compile_checkpoint(checkpoint: str | Path, out: str | Path, options: Compile
     fields = {
         "config": cfg.to_dict(), "numerics": describe_numerics(options.numerics),
         "targets": [canonical_target(t) for t in options.targets], "pass_log": pass_log, "kernels": kernels,
-        "state": {name: {"shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch."),
-                         "fill": s.fill if math.isfinite(s.fill) else str(s.fill)}  # JSON has no -inf
-                  for name, s in state_specs(cfg, options.max_seq_len, options.numerics).items()},
+        "state": encode_state(state_specs(cfg, options.max_seq_len, options.numerics)),
         "max_seq_len": options.max_seq_len, "prefill_chunk": options.prefill_chunk, "mtp": options.mtp,
     }
     return write_artifact(out, fields, plans, {**weights, **constants}, kernel_files, overwrite=overwrite)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ServingPipeline:
+    name: str
+    targets: tuple[str, ...]
+
+
+def _one_pipeline(targets: tuple[str, ...]) -> _ServingPipeline:
+    """The one pass pipeline serving every requested target (an artifact holds one plan per variant)."""
+    groups = targets_by_pipeline(targets)
+    if len(groups) > 1:
+        raise ValueError(f"targets {', '.join(targets)}: they need different pass pipelines "
+                         f"({', '.join(f'{k}: {v}' for k, v in groups.items())}); compile one artifact per pipeline")
+    (name, served), = groups.items()
+    return _ServingPipeline(name, served)
 
 
 def _context(step: CapturedStep, options: CompileOptions) -> PassContext:

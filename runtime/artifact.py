@@ -8,9 +8,11 @@ Layout:
     kernels/<target>/...           optional, passed as extra files
 
 `write_artifact` builds the folder beside the target and renames it into place, so the target holds a
-whole artifact or nothing. `load_artifact` refuses (naming the file or field) an unknown format version,
-malformed JSON, a file missing from or absent in the manifest, and any size or sha256 mismatch; it reads
-tensors with safetensors only and never unpickles. Nothing in an artifact is executed.
+whole artifact or nothing; `check_output_path` says before any work whether a path may receive one
+(`overwrite` replaces only an existing artifact, and never an input). `load_artifact` refuses (naming the
+file or field) an unknown format version, malformed JSON, a file missing from or absent in the manifest,
+and any size or sha256 mismatch; it reads tensors with safetensors only and never unpickles. Nothing in an
+artifact is executed.
 """
 
 from __future__ import annotations
@@ -18,18 +20,20 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
 from dsv4c.runtime.artifact_io import (DEFAULT_SHARD_BYTES, MANIFEST, WEIGHTS_DIR, ArtifactError,
                                        WeightStore, check_relpath, file_record, sha256_file, staging_dir,
                                        write_durable, write_weight_shards)
-from dsv4c.runtime.plan import Plan, PlanError
+from dsv4c.runtime.plan import Plan, PlanError, decode_dtype
+from dsv4c.runtime.state_pool import StateSpec
 
 ARTIFACT_FORMAT_VERSION = 1
 PLANS_DIR = "plans"
@@ -39,8 +43,8 @@ CALLER_FIELDS: Mapping[str, type] = {"config": dict, "numerics": dict, "targets"
 WRITER_FIELDS = ("format_version", "versions", "variants", "files")
 _VARIANT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-__all__ = ["ARTIFACT_FORMAT_VERSION", "Artifact", "ArtifactError", "WeightStore", "describe_numerics",
-           "load_artifact", "write_artifact"]
+__all__ = ["ARTIFACT_FORMAT_VERSION", "Artifact", "ArtifactError", "WeightStore", "check_output_path",
+           "describe_numerics", "is_artifact_folder", "load_artifact", "write_artifact"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +73,10 @@ def write_artifact(path: str | os.PathLike, manifest_fields: Mapping[str, Any], 
 
     `manifest_fields` holds `CALLER_FIELDS` (and may hold more JSON fields); `plans` maps variant names
     to plans; `tensors` maps weight names (and the plans' constant keys) to tensors; `extra_files` maps
-    relative paths (e.g. `kernels/sm_90a/...`) to bytes. Refuses an existing `path` unless `overwrite`.
+    relative paths (e.g. `kernels/sm_90a/...`) to bytes. Refuses an existing `path` unless `overwrite`
+    and `path` is an artifact (`check_output_path`).
     """
-    target = Path(path)
+    target = check_output_path(path, overwrite)
     fields = _checked_fields(manifest_fields)
     extra = _checked_extra_files(extra_files or {})
     for name, plan in plans.items():
@@ -88,6 +93,45 @@ def write_artifact(path: str | os.PathLike, manifest_fields: Mapping[str, Any], 
                     "variants": variants, "files": dict(sorted(files.items()))}
         write_durable(root / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False).encode())
     return target
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool,
+                      inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """`path` as a Path if an artifact may be written there, else `ArtifactError` naming it; reads no more than
+    a manifest, so a driver calls it before any work.
+
+    Refused: `path` equal to one of `inputs`, inside one or containing one (links resolved); a path below a
+    file; an existing path without `overwrite`; and, with `overwrite`, an existing path that is not an
+    artifact folder (`is_artifact_folder`) or is a symbolic link: a folder of other files is never replaced.
+    """
+    target = Path(path)
+    where = target.resolve()
+    for source in inputs:
+        given = Path(source).resolve()
+        if where == given or given in where.parents or where in given.parents:
+            relation = "is" if where == given else "lies inside" if given in where.parents else "contains"
+            raise ArtifactError(f"{target}: {relation} the input {source}; write the artifact elsewhere")
+    folder = next((p for p in where.parents if p.exists()), where)
+    if not folder.is_dir():
+        raise ArtifactError(f"{target}: {folder} is a file, not a folder")
+    if not (target.exists() or target.is_symlink()):
+        return target
+    if not overwrite:
+        raise ArtifactError(f"{target}: already exists; pass overwrite=True (--overwrite) to replace an artifact")
+    if target.is_symlink() or not is_artifact_folder(target):
+        raise ArtifactError(f"{target}: exists and is not a dsv4c artifact (no {MANIFEST} with the fields "
+                            f"{', '.join(WRITER_FIELDS)}); refusing to replace it")
+    return target
+
+
+def is_artifact_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder whose manifest is a JSON object with every field `write_artifact` writes
+    (of any format version: an older artifact is still an artifact). Nothing else is verified."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_bytes())
+    except (OSError, ValueError):  # missing or unreadable; not JSON (JSONDecodeError, UnicodeDecodeError)
+        return False
+    return isinstance(manifest, dict) and all(name in manifest for name in WRITER_FIELDS)
 
 
 def load_artifact(path: str | os.PathLike) -> Artifact:
@@ -245,3 +289,23 @@ def _regular_files(root: Path) -> set[str]:
             if name in names and rel != MANIFEST:
                 found.add(rel)
     return found
+
+
+def encode_state(specs: Mapping[str, StateSpec]) -> dict[str, Any]:
+    """The manifest's `state` block: per state tensor its per-sequence shape, dtype name and fill (JSON has no
+    -inf, so a non-finite fill is written as its string)."""
+    return {name: {"shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch."),
+                   "fill": s.fill if math.isfinite(s.fill) else str(s.fill)} for name, s in specs.items()}
+
+
+def decode_state(manifest: Mapping[str, Any]) -> dict[str, StateSpec]:
+    """The state specs of a manifest's `state` block (`encode_state`'s inverse); a bad entry names its field."""
+    specs = {}
+    for name, raw in manifest["state"].items():
+        where = f"manifest field state.{name}"
+        try:
+            specs[name] = StateSpec(tuple(int(d) for d in raw["shape"]), decode_dtype(raw["dtype"], where),
+                                    float(raw["fill"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ArtifactError(f"{where}: {error}") from None
+    return specs

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from dsv4c.codegen.targets import target_for_device
-from dsv4c.runtime.artifact import Artifact, distribution_version, load_artifact
+from dsv4c.runtime.artifact import Artifact, decode_state, distribution_version, load_artifact
 from dsv4c.runtime.stored_kernels import KernelPlan, kernel_plan
 from dsv4c.runtime.engine import Engine
 from dsv4c.runtime.state_pool import StatePool, StateSpec
@@ -55,10 +55,7 @@ def stored_kernel_implementations(launcher) -> dict[str, Callable[..., Any]]:
 
 
 def state_specs(artifact: Artifact) -> dict[str, StateSpec]:
-    specs = {}
-    for name, raw in artifact.manifest["state"].items():
-        specs[name] = StateSpec(tuple(raw["shape"]), decode_dtype(raw["dtype"], f"state {name!r}"), float(raw["fill"]))
-    return specs
+    return decode_state(artifact.manifest)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", *, max_batch: int = 8, cuda_graphs: bool = True,
