@@ -1,0 +1,341 @@
+"""`dsv4c bench ART`: the whole decode step of a compiled artifact on a GPU, against its byte floor and baselines.
+
+Per ../shared/docs/performance.md. One sequence's context is filled to `context` tokens (the compiled prefill
+variant, then copied to every row of the state pool: each row reads the same bytes a distinct context would),
+then for each batch and MTP setting:
+- correctness first: greedy tokens of a few steps on the compiled path against the eager reference from the same
+  state; a variant whose tokens differ is reported, and its time is marked as not counting;
+- the step time: median of many steps (CUDA-graph replays where the runner captured them), CUDA events;
+- tok/s/user = 1000 / ms per output token (with MTP: (1 + accepted drafts) tokens per verify + draft step),
+  tok/s/GPU = batch x tok/s/user; the bytes the step must read (model/step_bytes.py), the bandwidth that implies,
+  and measured / floor against a device-to-device copy bandwidth measured in the same run.
+Baselines in the same run: `eager` (the reference model, weights dequantised to bf16 once, no graphs) and
+`inductor` (torch.compile of the same step, mode max-autotune). `transformers` is not offered: its
+`DeepseekV4ForCausalLM` builds no MTP module and its cache cannot be filled from ours, so the run would not be
+the same workload; the bench says so when asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import platform
+import statistics
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from dsv4c.model.config import ModelConfig
+from dsv4c.model.numerics import Numerics
+from dsv4c.model.step import dequantize_weights
+from dsv4c.model.step_bytes import step_bytes
+from dsv4c.runtime.artifact import distribution_version, load_artifact
+from dsv4c.runtime.eager_runner import EagerRunner, state_specs
+from dsv4c.runtime.engine import Engine, StepRunner
+from dsv4c.runtime.loader import load
+from dsv4c.runtime.step_runner import BUCKETS
+
+BASELINES = ("eager", "inductor")
+Progress = Callable[[str], None]
+
+
+class BenchError(ValueError):
+    """A bench request that cannot run; the message names the flag."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchOptions:
+    context: int = 4096
+    batches: tuple[int, ...] = (1, 8, 32, 64)
+    mtp: tuple[int, ...] = (0, 1)
+    baselines: tuple[str, ...] = ("eager",)
+    steps: int = 30
+    check_steps: int = 4
+
+
+@dataclasses.dataclass
+class Row:
+    runner: str
+    batch: int
+    mtp: int
+    step_ms: float
+    tokens_per_step: float
+    floor_bytes: float
+    tokens_match: bool | None
+
+    @property
+    def ms_per_token(self) -> float:
+        return self.step_ms / self.tokens_per_step
+
+    @property
+    def tok_s_user(self) -> float:
+        return 1000.0 / self.ms_per_token
+
+    @property
+    def tok_s_gpu(self) -> float:
+        return self.batch * self.tok_s_user
+
+    def bandwidth(self) -> float:
+        """Bytes of the floor over the measured step time (bytes/s)."""
+        return self.floor_bytes / (self.step_ms * 1e-3)
+
+    def to_json(self, copy_bandwidth: float) -> dict:
+        return {**dataclasses.asdict(self), "ms_per_token": self.ms_per_token, "tok_s_user": self.tok_s_user,
+                "tok_s_gpu": self.tok_s_gpu, "bandwidth_gb_s": self.bandwidth() / 1e9,
+                "floor_ms": self.floor_bytes / copy_bandwidth * 1e3,
+                "measured_over_floor": self.step_ms / (self.floor_bytes / copy_bandwidth * 1e3)}
+
+
+def validate(manifest: Mapping, options: BenchOptions) -> None:
+    """Refuse what the artifact cannot run, one line naming the flag."""
+    if not torch.cuda.is_available():
+        raise BenchError("bench: needs a CUDA GPU (this torch sees none); the compiled step is timed on the GPU")
+    if max(options.batches) > BUCKETS[-1] or min(options.batches) < 1:
+        raise BenchError(f"--batch: each batch must lie in 1..{BUCKETS[-1]} (the largest batch bucket)")
+    capacity = manifest["max_seq_len"]
+    need = options.context + options.check_steps * 2 + options.steps * 2 + 2
+    if need > capacity:
+        raise BenchError(f"--context: {options.context} plus the timed steps needs {need} positions; the artifact "
+                         f"holds {capacity} (compile with a larger --max-seq-len)")
+    drafts = 1 if manifest.get("mtp") else 0
+    if any(m > drafts or m < 0 for m in options.mtp):
+        raise BenchError(f"--mtp: this artifact drafts at most {drafts} token(s) a step; got {max(options.mtp)}")
+    unknown = set(options.baselines) - set(BASELINES)
+    if unknown:
+        raise BenchError(f"--baselines: unknown {sorted(unknown)}; available: {', '.join(BASELINES)} "
+                         f"(transformers' model has no MTP module and no cache of ours to fill: not comparable)")
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus written (median of 10)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(begin.elapsed_time(end) * 1e-3)
+    return 2 * nbytes / statistics.median(times[2:])
+
+
+def filled_state(engine: Engine, runner: StepRunner, rows: int, context: int, seed: int) -> tuple[dict, torch.Tensor]:
+    """State of `rows` sequences whose first `context` positions hold one random context (prefilled once in
+    chunks of the engine's prefill variant, then copied to every row), and the last token of that context."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(2, engine.vocab_size, (1, context), generator=gen).to(engine.device)
+    state = engine.new_state(rows)
+    one = {k: v[:1] for k, v in state.items()}
+    chunk = engine.prefill_chunk
+    for start in range(0, context - context % chunk, chunk):
+        one = _step(runner, f"main_t{chunk}", one, tokens[:, start:start + chunk], start)[1]
+    for start in range(context - context % chunk, context):
+        one = _step(runner, "main_t1", one, tokens[:, start:start + 1], start)[1]
+    for k, v in state.items():
+        if v[:1].data_ptr() != one[k].data_ptr():
+            v[:1].copy_(one[k])
+        v[1:].copy_(v[:1].expand_as(v[1:]))
+    return state, tokens[0, -1]
+
+
+def _step(runner: StepRunner, variant: str, state: dict, tokens: torch.Tensor, start: int,
+          hidden: torch.Tensor | None = None) -> tuple[dict, dict]:
+    inputs = {"tokens": tokens, "start": torch.full((tokens.shape[0],), start, device=tokens.device),
+              **{f"state.{k}": v for k, v in state.items()}}
+    if hidden is not None:
+        inputs["hidden"] = hidden
+    out = runner.run(variant, inputs)
+    return out, {k: out[f"state.{k}"] for k in state}
+
+
+def greedy_tokens(runner: StepRunner, state: dict, last: torch.Tensor, start: int, steps: int) -> list[list[int]]:
+    """`steps` greedy decode steps from `state` (a copy: the caller's state is left as it was)."""
+    state = {k: v.clone() for k, v in state.items()}
+    batch = next(iter(state.values())).shape[0]
+    token = last.view(1, 1).expand(batch, 1).contiguous()
+    out_tokens = []
+    for i in range(steps):
+        out, state = _step(runner, "main_t1", state, token, start + i)
+        token = out["logits"][:, -1].argmax(-1, keepdim=True)
+        out_tokens.append(token.view(-1).tolist())
+    return out_tokens
+
+
+def time_steps(runner: StepRunner, state: dict, last: torch.Tensor, start: int, steps: int, mtp: int) -> float:
+    """Median ms of one decode step (mtp 0) or one verify + draft step pair (mtp 1) at the state's batch."""
+    batch = next(iter(state.values())).shape[0]
+    token = last.view(1, 1).expand(batch, 1 + mtp).contiguous()
+    hidden = None
+    times = []
+    for i in range(steps + 3):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        out, state = _step(runner, f"main_t{1 + mtp}", state, token, start + i * (1 + mtp))
+        if mtp:
+            hidden = out["hidden"]
+            _, state = _step(runner, f"mtp_t{1 + mtp}", state, token, start + i * (1 + mtp), hidden)
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(begin.elapsed_time(end))
+    return statistics.median(times)
+
+
+def bench(artifact: str | Path, options: BenchOptions, progress: Progress = lambda m: None) -> dict:
+    """Run the sweep; returns the JSON-ready report (rows, card, versions, copy bandwidth)."""
+    manifest = load_artifact(artifact).manifest
+    validate(manifest, options)
+    device = torch.device("cuda")
+    cfg = ModelConfig.from_dict(manifest["config"], "manifest config")
+    bandwidth = copy_bandwidth(device)
+    rows: list[Row] = []
+    reference_tokens: dict[int, list] = {}
+    start = options.context
+    progress("loading the artifact and capturing CUDA graphs")
+    engine = load(artifact, device, max_batch=max(options.batches), progress=progress)
+    accepted = _acceptance(engine, options) if any(options.mtp) else 0.0  # before the fill: it resets the pool
+    progress(f"filling a {options.context}-token context")
+    state, last = filled_state(engine, engine.runner, max(options.batches), options.context, seed=0)
+    compiled_tokens = {}
+    for batch in options.batches:
+        rows_state = {k: v[:batch] for k, v in state.items()}  # the pool's rows: steps replay CUDA graphs
+        compiled_tokens[batch] = greedy_tokens(engine.runner, rows_state, last, start, options.check_steps)
+        for mtp in options.mtp:
+            progress(f"timing dsv4c at batch {batch}, mtp {mtp}")
+            ms = time_steps(engine.runner, rows_state, last, start, options.steps, mtp)
+            rows.append(Row("dsv4c", batch, mtp, ms, 1.0 + mtp * accepted,
+                            step_bytes(cfg, batch, options.context, bool(mtp)).total, None))
+    del engine, state
+    _release()
+    if "eager" in options.baselines or "inductor" in options.baselines:
+        _baselines(artifact, manifest, cfg, options, rows, reference_tokens, accepted, progress)
+    for row in rows:
+        if row.runner == "dsv4c" and row.batch in reference_tokens:
+            row.tokens_match = compiled_tokens[row.batch] == reference_tokens[row.batch]
+    return {"device": torch.cuda.get_device_name(), "versions": _versions(), "context": options.context,
+            "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": [r.to_json(bandwidth) for r in rows],
+            "tokens": {"dsv4c": compiled_tokens, "eager": reference_tokens}}
+
+
+def _acceptance(engine: Engine, options: BenchOptions) -> float:
+    """Drafts accepted per verify step, measured by greedy generation with MTP on short prompts (0 when no
+    draft is accepted: random weights draft at random)."""
+    prompts = [[int(t) for t in torch.randint(2, engine.vocab_size, (16,), generator=torch.Generator().manual_seed(s))]
+               for s in range(min(4, max(options.batches)))]
+    result = engine.generate(prompts, 32, mtp=1)
+    return result.accepted / result.drafted if result.drafted else 0.0
+
+
+def _baselines(artifact, manifest, cfg, options, rows, reference_tokens, accepted, progress) -> None:
+    """The eager reference (and Inductor of it) on bf16 weights dequantised once, from the same context."""
+    num = Numerics(**{k: (getattr(torch, v) if k == "dtype" else v) for k, v in manifest["numerics"].items()})
+    store = load_artifact(artifact).weights
+    progress("dequantising the weights for the eager baseline")
+    weights = {}
+    names = [n for n in store if not n.startswith("constants.") and not n.endswith(".scale")]
+    for name in names:
+        raw = {name: store[name].to("cuda")}
+        scale = name[: -len("weight")] + "scale" if name.endswith(".weight") else None
+        if scale is not None and scale in store:
+            raw[scale] = store[scale].to("cuda")
+        weights.update(dequantize_weights(raw, num))
+    specs = state_specs(cfg, manifest["max_seq_len"], num)
+    for kind in [b for b in options.baselines if b in BASELINES]:
+        runner = EagerRunner(weights, cfg, num) if kind == "eager" else _InductorRunner(weights, cfg, num)
+        engine = Engine(runner, specs, manifest["prefill_chunk"], manifest["max_seq_len"], "cuda",
+                        vocab_size=cfg.vocab_size)
+        progress(f"filling the context for {kind}")
+        state, last = filled_state(engine, EagerRunner(weights, cfg, num), max(options.batches), options.context, 0)
+        for batch in options.batches:
+            rows_state = {k: v[:batch] for k, v in state.items()}
+            if kind == "eager":
+                reference_tokens[batch] = greedy_tokens(runner, rows_state, last, options.context, options.check_steps)
+            for mtp in options.mtp:
+                progress(f"timing {kind} at batch {batch}, mtp {mtp}")
+                ms = time_steps(runner, {k: v.clone() for k, v in rows_state.items()}, last, options.context,
+                                max(5, options.steps // 3), mtp)
+                rows.append(Row(kind, batch, mtp, ms, 1.0 + mtp * accepted,
+                                step_bytes(cfg, batch, options.context, bool(mtp)).total, None))
+        del state, engine
+        _release()
+
+
+class _InductorRunner(EagerRunner):
+    """The eager reference step through torch.compile (Inductor, max-autotune: CUDA graphs where it can)."""
+
+    def __init__(self, weights, cfg, num):
+        super().__init__(weights, cfg, num)
+        self._compiled = torch.compile(super().run, mode="max-autotune", dynamic=False)
+
+    def run(self, variant, inputs):
+        return self._compiled(variant, dict(inputs))
+
+
+def _release() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _versions() -> dict:
+    return {"dsv4c": distribution_version("dsv4c"), "torch": torch.__version__,
+            "triton": distribution_version("triton"), "cuda": torch.version.cuda, "python": platform.python_version(),
+            "driver": _driver()}
+
+
+def _driver() -> str | None:
+    try:
+        import subprocess
+
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_json(report: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def plot(report: dict, path: str | Path) -> None:
+    """tok/s/GPU against tok/s/user over the batch sweep, one line per runner and MTP setting (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    series: dict[tuple[str, int], list] = {}
+    for row in report["rows"]:
+        series.setdefault((row["runner"], row["mtp"]), []).append(row)
+    for (runner, mtp), rows in sorted(series.items()):
+        rows.sort(key=lambda r: r["batch"])
+        ax.plot([r["tok_s_user"] for r in rows], [r["tok_s_gpu"] for r in rows], marker="o",
+                label=f"{runner}" + (f", MTP {mtp}" if mtp else ""))
+        for r in rows:
+            ax.annotate(str(r["batch"]), (r["tok_s_user"], r["tok_s_gpu"]), fontsize=7)
+    ax.set_xlabel("tok/s/user")
+    ax.set_ylabel("tok/s/GPU")
+    ax.set_title(f"{report['device']}, context {report['context']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def table_rows(report: dict) -> list[Sequence[str]]:
+    """The printed table: one row per (runner, batch, mtp)."""
+    out = []
+    for r in report["rows"]:
+        match = {None: "-", True: "yes", False: "NO"}[r["tokens_match"]]
+        out.append((r["runner"], str(r["batch"]), str(r["mtp"]), f"{r['step_ms']:.3f}", f"{r['tok_s_user']:.1f}",
+                    f"{r['tok_s_gpu']:.0f}", f"{r['floor_bytes'] / 1e9:.3f}", f"{r['bandwidth_gb_s']:.0f}",
+                    f"{r['measured_over_floor']:.2f}", match))
+    return out
+
+
+TABLE_COLUMNS = ("runner", "batch", "mtp", "step ms", "tok/s/user", "tok/s/GPU", "floor GB", "GB/s",
+                 "measured/floor", "tokens = eager")
