@@ -31,6 +31,8 @@ import triton.language as tl
 
 from dsv4c.codegen import mhc_reference as ref
 from dsv4c.codegen.kernels import mhc
+from dsv4c.codegen.kernels.launcher import JIT
+from dsv4c.codegen.kernels.mhc_launch import MIN_DOT, dot_launch, mhc_launch, split_over
 from dsv4c.codegen.targets import target_for_device
 
 RMS_EPS = HC_EPS = 1e-6
@@ -146,7 +148,7 @@ def writers_agree(tokens: int, hc: int, hidden: int, iters: int, dtype: torch.dt
     (`collapse_stores_new`): the collapse rebuilds them with the split-K kernel's own function."""
     s = make_set(tokens, hc, hidden, dtype, torch.Generator(device="cuda").manual_seed(11))
     args = op_args("hc_post_pre", s, iters)
-    launch = mhc.mhc_launch(target_for_device("cuda"), tokens, hidden, hc)
+    launch = mhc_launch(target_for_device("cuda"), tokens, hidden, hc)
     by_collapse, by_split_k = (mhc.hc_post_pre(*args, launch=dataclasses.replace(launch, collapse_stores_new=flag))[0]
                                for flag in (True, False))
     return torch.equal(by_collapse, by_split_k)
@@ -181,7 +183,7 @@ def bench_tokens(tokens, args, gbps, l2_bytes, compiled, compiled_max) -> list[d
                    eager_us=graph_us(getattr(ref, op), arg_sets) if compiled else float("nan"),
                    inductor_us=graph_us(compiled[op], arg_sets) if compiled else float("nan"),
                    inductor_max_us=graph_us(compiled_max[op], arg_sets) if compiled_max else float("nan"),
-                   launch=str(mhc.mhc_launch(target_for_device("cuda"), tokens, args.hidden)))
+                   launch=str(mhc_launch(target_for_device("cuda"), tokens, args.hidden)))
         row["fused_gbps"] = floor / row["fused_us"] / 1e3
         rows.append(row)
         print(format_row(row), flush=True)
@@ -195,7 +197,7 @@ def candidate_launches(t, tokens: int, hidden: int, hc: int = 4) -> list:
     split-K kernel with broadcast blocks of 1-4 tokens (up to 16 tokens) and 32-256 column chunks at 0.5 or 1
     program an SM, and tensor-core tf32x3 dots on 16 / 32 / 64-token blocks of 16-64 columns (and
     `dot_launch`'s width) at 1 or 2 programs an SM, 4 or 8 warps."""
-    default = mhc.mhc_launch(t, tokens, hidden, hc)
+    default = mhc_launch(t, tokens, hidden, hc)
     found = {default: None}
     found.setdefault(dataclasses.replace(default, pdl=False), None)
     found.setdefault(dataclasses.replace(default, collapse_stores_new=not default.collapse_stores_new), None)
@@ -209,16 +211,16 @@ def candidate_launches(t, tokens: int, hidden: int, hc: int = 4) -> list:
         for block_t in sorted({1, 2, 4} & set(range(1, 2 * tokens))):
             for block_d in (32, 64, 128, 256):
                 for programs in (t.sm_count // 2, t.sm_count):
-                    chunks, split_k = mhc.split_over(hidden, block_d, programs)
+                    chunks, split_k = split_over(hidden, block_d, programs)
                     found.setdefault(dataclasses.replace(default, block_t=block_t, block_d=block_d, chunks=chunks,
                                                          split_k=split_k, dot=False, precision="ieee"), None)
     for block_t in (16, 32, 64):
         if block_t <= 4 * tokens:
             for per_sm in (1, 2):
-                dot = mhc.dot_launch(t, tokens, hidden, hc, block_t, per_sm)
+                dot = dot_launch(t, tokens, hidden, hc, block_t, per_sm)
                 programs = max(1, per_sm * t.sm_count // triton.cdiv(tokens, block_t))
                 for block_d in sorted({dot.block_d, 16, 32, 64}):
-                    chunks, split_k = mhc.split_over(hidden, block_d, programs)
+                    chunks, split_k = split_over(hidden, block_d, programs)
                     for warps in (4, 8):
                         fields = {f: getattr(dot, f) for f in split_fields}
                         fields.update(block_d=block_d, chunks=chunks, split_k=split_k, num_warps=warps)
@@ -228,7 +230,7 @@ def candidate_launches(t, tokens: int, hidden: int, hc: int = 4) -> list:
 
 def tf32x3_launch(t, tokens: int, hidden: int, hc: int):
     """The default tl.dot launch with tensor-core tf32x3 products (16-token blocks where the default has none)."""
-    return mhc.dot_launch(t, tokens, hidden, hc, mhc.MIN_DOT)
+    return dot_launch(t, tokens, hidden, hc, MIN_DOT)
 
 
 def sweep(tokens, args, l2_bytes) -> None:
@@ -244,7 +246,7 @@ def sweep(tokens, args, l2_bytes) -> None:
                 results[launch] = graph_us(fn, arg_sets, replays=10)
             except Exception as error:  # noqa: BLE001 -- a tile too large for this GPU, say: reported, skipped
                 print(f"    skipped {launch}: {error}", flush=True)
-        default = mhc.mhc_launch(t, tokens, args.hidden, args.hc)
+        default = mhc_launch(t, tokens, args.hidden, args.hc)
         no_pdl = dataclasses.replace(default, pdl=False)
         print(f"sweep {op} T={tokens}: default {results.get(default, float('nan')):.2f} us {default}; "
               f"no PDL {results.get(no_pdl, float('nan')):.2f} us; best:", flush=True)
@@ -266,7 +268,7 @@ def kernel_breakdown(tokens, args, l2_bytes) -> None:
     (`collapse_sums_squares`), so these figures compare across runs only at the same launch."""
     sets = input_sets(tokens, args.hc, args.hidden, torch.bfloat16, l2_bytes)
     t = target_for_device("cuda")
-    default = mhc.mhc_launch(t, tokens, args.hidden, args.hc)
+    default = mhc_launch(t, tokens, args.hidden, args.hc)
     rows = (2 + args.hc) * args.hc
     nop = torch.empty(132, device="cuda")
     out = [f"T={tokens:<4} nop {graph_us(lambda: _nop_kernel[(1,)](nop), [()] * len(sets)):.2f}"]
@@ -275,8 +277,8 @@ def kernel_breakdown(tokens, args, l2_bytes) -> None:
 
     def partials(s, part, new, post=False):
         post_in = (s["streams"], s["post"], s["comb"], new) if post else None
-        mhc.JIT(mhc.mix_partials_launch(s["block_out"] if post else s["streams"], post_in, s["fn"], part, default,
-                                        args.hc))
+        JIT(mhc.mix_partials_launch(s["block_out"] if post else s["streams"], post_in, s["fn"], part, default,
+                                    args.hc))
 
     out.append(f"partials(pre) {graph_us(partials, work):.2f}")
     out.append(f"partials(post_pre) {graph_us(lambda *w: partials(*w, post=True), work):.2f}")
@@ -286,9 +288,9 @@ def kernel_breakdown(tokens, args, l2_bytes) -> None:
         def collapse(s, part, new, launch=launch, iters=iters, post=post):
             normed = torch.empty((tokens, args.hidden), dtype=s["streams"].dtype, device="cuda")
             post_in = (s["block_out"], s["streams"], s["post"], s["comb"], new) if post else None
-            mhc.JIT(mhc.collapse_launch(s["streams"], post_in, part, s["base"], s["scale"], s["norm_w"], normed,
-                                        torch.empty_like(s["post"]), torch.empty_like(s["comb"]), RMS_EPS, HC_EPS,
-                                        iters, launch))
+            JIT(mhc.collapse_launch(s["streams"], post_in, part, s["base"], s["scale"], s["norm_w"], normed,
+                                    torch.empty_like(s["post"]), torch.empty_like(s["comb"]), RMS_EPS, HC_EPS,
+                                    iters, launch))
         out.append(f"collapse(it{iters}{',post' if post else ''}) {graph_us(collapse, work):.2f}")
     print("  ".join(out), flush=True)
 

@@ -1,10 +1,10 @@
 """Ahead-of-time mHC kernels: every Triton specialisation the plans launch, built for each GPU target.
 
 `build_kernels(targets, ...)` compiles, with Triton's `GPUTarget` (no GPU needed; Blackwell built, never run
-here), the two kernels of codegen/kernels/mhc.py for each mHC op the plans call and each token count, and
-returns the artifact's extra files and its manifest "kernels" table:
+here), the two kernels of codegen/kernels/mhc_kernels.py for each mHC op the plans call and each token
+count, and returns the artifact's extra files and its manifest "kernels" table:
 
-    kernels/<sm>/mhc.py                       the Triton source all kernels of <sm> were built from
+    kernels/<sm>/mhc_kernels.py               the Triton source all kernels of <sm> were built from
     kernels/<sm>/<name>.cubin / .ptx / .ttir  the binary, its PTX and Triton IR
     kernels/<sm>/<name>.json                  launch metadata: Triton kernel name, signature, constexprs,
                                               options (num_warps, num_stages, launch_pdl), shared memory,
@@ -14,12 +14,12 @@ returns the artifact's extra files and its manifest "kernels" table:
     manifest["kernels"] = {sm: [{"name", "kernel", "files", "signature", "constexprs", "options",
                                  "shared", "target", "triton", "uses"}, ...]}
 
-Specialisations. A boundary's launch (codegen/kernels/mhc.mhc_launch) depends on the target, the hidden
+Specialisations. A boundary's launch (codegen/kernels/mhc_launch.py) depends on the target, the hidden
 size D, the streams n and the number of tokens N = batch x T (T: tokens per sequence of a step variant:
-1, 2 and the prefill chunk). The specialisations are recorded from the host wrappers themselves, run on
-meta tensors (codegen/kernels/mhc.op_specs), so they are exactly what a call launches, for the activation
-dtype and each dtype of the norm weights the plans pass (`mhc_norm_dtypes`: a checkpoint's bf16 norms next
-to fp32 activations make other collapse specialisations). Token counts built:
+1, 2 and the prefill chunk). The specialisations are recorded from the host wrappers themselves
+(codegen/kernels/mhc.py), run on meta tensors (`op_specs`), so they are exactly what a call launches, for
+the activation dtype and each dtype of the norm weights the plans pass (`mhc_norm_dtypes`: a checkpoint's
+bf16 norms next to fp32 activations make other collapse specialisations). Token counts built:
 T x b for every variant's T and b in `batch_buckets` (CompileOptions.kernel_batches; default (1,): one
 sequence, i.e. decode, MTP verification and prefill chunks of one request. Each token count costs about
 ten kernels a target at 1-4 s each to build, so buckets are opt-in: `(1, 8)` adds batch-8 decode and
@@ -33,17 +33,20 @@ N == 1). The runtime launches them directly (runtime/stored_kernels.py).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import importlib
 import importlib.metadata
 import os
 import json
-from typing import Any, Iterable, Mapping
+import warnings
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
-from dsv4c.codegen.kernel_catalog import kernel_source, kernel_source_attrs
-from dsv4c.codegen.kernels.launcher import KernelSpec
+from dsv4c.codegen.kernel_catalog import KERNEL_SOURCE_FILE, kernel_source, kernel_source_attrs
+from dsv4c.codegen.kernels.launcher import KernelSpec, SpecRecorder
+from dsv4c.codegen.kernels.mhc_launch import MhcLaunch, mhc_launch
 from dsv4c.codegen.targets import Target, target as lookup_target
 
 MHC_OPS = ("hc_pre", "hc_post_pre", "hc_post", "hc_head")
@@ -79,20 +82,39 @@ def mhc_norm_dtypes(plans: Mapping[str, Any], default: torch.dtype) -> list[torc
     return sorted(found or {default}, key=str)
 
 
+def op_specs(op: str, tokens: int, hidden: int, hc: int, iters: int, dtype: torch.dtype,
+             norm_dtype: torch.dtype, launch: MhcLaunch) -> list[KernelSpec]:
+    """The kernel specialisations one call of `op` on `tokens` tokens launches with `launch`: the host
+    wrapper (codegen/kernels/mhc.py) itself runs on meta tensors with a `SpecRecorder` for launcher
+    (nothing is computed or compiled), so these are exactly the specialisations a real call launches."""
+    from dsv4c.codegen.kernels import mhc
+
+    meta = dict(device="meta")
+    rows = hc if op == "hc_head" else (2 + hc) * hc
+    streams = torch.empty((tokens, hc, hidden), dtype=dtype, **meta)
+    mix = (torch.empty((rows, hc * hidden), dtype=torch.float32, **meta), torch.empty(rows, **meta),
+           torch.empty(1 if op == "hc_head" else 3, **meta), torch.empty(hidden, dtype=norm_dtype, **meta))
+    post = (torch.empty((tokens, hidden), dtype=dtype, **meta), streams, torch.empty((tokens, hc), **meta),
+            torch.empty((tokens, hc, hc), **meta))
+    args = {"hc_pre": (streams, *mix, 1e-6, 1e-6, iters), "hc_post": post,
+            "hc_post_pre": (*post, *mix, 1e-6, 1e-6, iters), "hc_head": (streams, *mix, 1e-6, 1e-6)}[op]
+    recorder = SpecRecorder()
+    getattr(mhc, op)(*args, launch=launch, launcher=recorder)
+    return list(recorder.specs)
+
+
 def mhc_specs(t: Target, ops: Iterable[str], token_counts: Iterable[int], hidden: int, hc: int, iters: int,
               dtype: torch.dtype, norm_dtypes: Iterable[torch.dtype] = ()) -> dict[KernelSpec, list[dict]]:
     """Every specialisation the host wrappers of codegen/kernels/mhc.py launch for `ops` at `token_counts`
     on target `t` (norm weights of each of `norm_dtypes`, default the activation dtype) -> its uses
-    [{"op", "tokens"}] (the wrappers run on meta tensors: `mhc.op_specs`)."""
-    from dsv4c.codegen.kernels import mhc
-
+    [{"op", "tokens"}] (`op_specs`)."""
     specs: dict[KernelSpec, list[dict]] = {}
     for tokens in sorted(set(token_counts)):
-        launch = mhc.mhc_launch(t, tokens, hidden, hc)
+        launch = mhc_launch(t, tokens, hidden, hc)
         for op in ops:
             for norm_dtype in list(norm_dtypes) or [dtype]:
-                for spec in mhc.op_specs(op, tokens, hidden, hc, 1 if op == "hc_head" else iters, dtype,
-                                            norm_dtype, launch):
+                for spec in op_specs(op, tokens, hidden, hc, 1 if op == "hc_head" else iters, dtype, norm_dtype,
+                                     launch):
                     uses = specs.setdefault(spec, [])
                     if {"op": op, "tokens": tokens} not in uses:
                         uses.append({"op": op, "tokens": tokens})
@@ -125,6 +147,16 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+@contextlib.contextmanager
+def _fp_fusion_notice_hidden() -> Iterator[None]:
+    """Hide, for the block, Triton 3.9's notice that TRITON_DEFAULT_FP_FUSION is unset: the builds keep Triton's
+    default (FP fusion on, as its JIT builds do), so the notice says nothing to a dsv4c user. Warning filters
+    are process-wide, so the block spans the whole thread pool; the user's filters come back after it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION is unset", category=UserWarning)
+        yield
+
+
 def build_kernels(targets: Iterable[str | Target], *, hidden: int, hc: int, iters: int, dtype: torch.dtype,
                   ops: Iterable[str] = MHC_OPS, variant_tokens: Iterable[int] = (1,),
                   batch_buckets: Iterable[int] = DEFAULT_BATCH_BUCKETS, norm_dtypes: Iterable[torch.dtype] = (),
@@ -141,10 +173,11 @@ def build_kernels(targets: Iterable[str | Target], *, hidden: int, hc: int, iter
     token_counts = sorted({tokens * batch for tokens in variant_tokens for batch in batch_buckets})
     for t in gpu_targets:
         folder = f"{KERNELS_DIR}/{t.sm}"
-        files[f"{folder}/mhc.py"] = source
+        files[f"{folder}/{KERNEL_SOURCE_FILE}"] = source
         specs = mhc_specs(t, ops, token_counts, hidden, hc, iters, dtype, norm_dtypes)
         progress(f"building {len(specs)} mHC kernels for {t.sm}")
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        workers = max(1, min(8, os.cpu_count() or 1))
+        with _fp_fusion_notice_hidden(), concurrent.futures.ThreadPoolExecutor(workers) as pool:
             built = list(pool.map(lambda spec: compile_spec(t, spec), specs))
         entries = []
         for (spec, uses), compiled in zip(specs.items(), built):
@@ -159,7 +192,7 @@ def build_kernels(targets: Iterable[str | Target], *, hidden: int, hc: int, iter
                 files[rel] = text if isinstance(text, bytes) else text.encode()
                 kernel_files[ext] = rel
             kernel_files["json"] = f"{folder}/{spec.name}.json"
-            kernel_files["source"] = f"{folder}/mhc.py"
+            kernel_files["source"] = f"{folder}/{KERNEL_SOURCE_FILE}"
             entry["files"] = kernel_files
             files[kernel_files["json"]] = json.dumps(
                 {**entry, "triton_metadata": _plain(meta._asdict())}, indent=1, sort_keys=True).encode()

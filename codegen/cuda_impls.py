@@ -1,35 +1,55 @@
-"""CUDA implementations of the mHC custom ops: the Triton kernels of codegen/kernels/mhc.py.
+"""CUDA implementations of the mHC custom ops: the Triton kernels' host wrappers, codegen/kernels/mhc.py.
 
 `register()` (called by codegen/ops.py when it registers the ops) adds a "cuda" kernel to `dsv4c::hc_pre`,
 `hc_post`, `hc_post_pre` and `hc_head`; CPU keeps the PyTorch reference. Importing this module imports
 neither Triton nor the kernel module: each implementation imports them when a CUDA tensor first arrives
 (Triton then JIT-compiles the kernel specialisation it needs, the same source as the artifact's
-ahead-of-time kernels, codegen/aot.py). Where Triton is not installed, the reference runs on the GPU.
-The ops take any leading dims; the wrappers take `[N, n, D]`, so the inputs are flattened and the outputs
-reshaped back. The runtime calls these functions directly with `launcher=` (runtime/stored_kernels.py) to run
-an artifact's ahead-of-time binaries instead of Triton's JIT.
+ahead-of-time kernels, codegen/aot.py). The ops take any leading dims; the wrappers take `[N, n, D]`, so the
+inputs are flattened and the outputs reshaped back. The runtime calls these functions directly with
+`launcher=` (runtime/stored_kernels.py) to run an artifact's ahead-of-time binaries instead of Triton's JIT.
+
+Where Triton is not installed, the PyTorch references run on the GPU, as the loader says
+(runtime/stored_kernels.py, mode "reference"). Where it is, a kernel module that fails to import is an
+error naming the module and the cause, never a silent switch to the references.
 """
 
 from __future__ import annotations
 
 import functools
+from importlib import import_module, metadata
 
 import torch
 
 from dsv4c.codegen import mhc_reference
 from dsv4c.codegen.mhc_shapes import flat_post_inputs, pre_outputs, tokens
 
+KERNEL_MODULE = "dsv4c.codegen.kernels.mhc"
+
 _registered = False
+
+
+def triton_installed() -> bool:
+    """Whether the Triton distribution is installed: the loader's test too (runtime/loader.py), so both agree
+    on when the references run."""
+    try:
+        metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=None)
 def _kernels():
-    """codegen/kernels/mhc.py, or mhc_reference where Triton is missing (same signatures, minus `launch`)."""
-    try:
-        from dsv4c.codegen.kernels import mhc
-    except ImportError:
+    """The kernels' host wrappers (KERNEL_MODULE), or mhc_reference where Triton is not installed (same
+    signatures, minus `launch`). ImportError naming KERNEL_MODULE if Triton is installed and it fails to load."""
+    if not triton_installed():
         return mhc_reference
-    return mhc
+    try:
+        return import_module(KERNEL_MODULE)
+    except ImportError as error:
+        raise ImportError(f"dsv4c: the CUDA implementations of the mHC ops cannot load their Triton kernels: "
+                          f"importing {KERNEL_MODULE} failed ({type(error).__name__}: {error})",
+                          name=KERNEL_MODULE) from error
 
 
 def _launcher(launcher) -> dict:

@@ -1,4 +1,6 @@
-"""The fused mHC Triton kernels (codegen/kernels/mhc.py) against their PyTorch twins (codegen/mhc_reference.py).
+"""The fused mHC Triton kernels (codegen/kernels/mhc_kernels.py, run through the host wrappers of
+codegen/kernels/mhc.py) against their PyTorch twins (codegen/mhc_reference.py), and the launch heuristics
+(codegen/kernels/mhc_launch.py, pure Python: checked in this process).
 
 The kernels run under Triton's CPU interpreter in one child process (the `mhc` fixture), which sets
 TRITON_INTERPRET=1 before it imports Triton: Triton decides at import and decoration time whether its
@@ -25,6 +27,7 @@ from child_pool import child_pool
 import torch
 
 from dsv4c.codegen import mhc_reference as ref
+from dsv4c.codegen.kernels.mhc_launch import MhcLaunch, mhc_launch
 from dsv4c.codegen.targets import target
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
@@ -51,27 +54,14 @@ def _kernel_module():
 
 
 def _run_op(name, args, kwargs):
-    module = _kernel_module()
-    if isinstance(kwargs.get("launch"), dict):
-        kwargs = {**kwargs, "launch": module.MhcLaunch(**kwargs["launch"])}
-    return getattr(module, name)(*args, **kwargs)
+    return getattr(_kernel_module(), name)(*args, **kwargs)
 
 
-def _launch_fields(target_name, tokens, hidden):
-    return dataclasses.asdict(_kernel_module().mhc_launch(target(target_name), tokens, hidden))
-
-
-def _check_launch(fields, hidden):
-    _kernel_module().MhcLaunch(**fields).check(hidden)
-
-
-def _wrong_partials_message():
+def _wrong_partials_message(launch):
     """The error a launch gives for a partials buffer that is not mix_workspace's shape."""
-    module = _kernel_module()
-    launch = module.mhc_launch(target("cpu"), 2, 32)
     try:
-        module.mix_partials_launch(torch.randn(2, 4, 32), None, torch.randn(24, 128),
-                                   torch.empty(2, launch.split_k, 24), launch, 4)
+        _kernel_module().mix_partials_launch(torch.randn(2, 4, 32), None, torch.randn(24, 128),
+                                             torch.empty(2, launch.split_k, 24), launch, 4)
     except ValueError as error:
         return str(error)
     return "no error"
@@ -252,9 +242,9 @@ def test_gpu_launch_heuristics_under_the_interpreter(mhc, name, tokens, dot):
     tokens, tl.dot beyond) compute the same function."""
     hidden, hc, dtype = 200, 4, torch.bfloat16
     gen = _gen("gpu-launch", name)
-    launch = mhc.call(_launch_fields, name, tokens, hidden)
-    assert launch["collapse_t"] == 1 and launch["split_k"] > 1 and launch["dot"] == dot
-    assert launch["collapse_stores_new"]  # from 3 tokens the collapse program writes the new streams
+    launch = mhc_launch(target(name), tokens, hidden)
+    assert launch.collapse_t == 1 and launch.split_k > 1 and launch.dot == dot
+    assert launch.collapse_stores_new  # from 3 tokens the collapse program writes the new streams
     args = (*_post_inputs(gen, tokens, hc, hidden, dtype), *_mix_params(gen, (2 + hc) * hc, hc, hidden, dtype, 3),
             RMS_EPS, HC_EPS, 20)
     _check_post_then_pre(mhc.hc_post_pre(*args, launch=launch, out=_poisoned(*ref.hc_post_pre(*args))), args,
@@ -271,8 +261,8 @@ def test_either_kernel_may_write_the_new_streams_and_sum_their_squares(mhc, coll
     outputs, none left unwritten."""
     tokens, hidden, dtype = 7, 200, torch.bfloat16
     gen = _gen("stores-new", collapse_stores_new, collapse_sums_squares, hc)
-    launch = {**mhc.call(_launch_fields, "cpu", tokens, hidden), "collapse_stores_new": collapse_stores_new,
-              "collapse_sums_squares": collapse_sums_squares}
+    launch = dataclasses.replace(mhc_launch(target("cpu"), tokens, hidden), collapse_stores_new=collapse_stores_new,
+                                 collapse_sums_squares=collapse_sums_squares)
     post_inputs = _post_inputs(gen, tokens, hc, hidden, dtype)
     args = (*post_inputs, *_mix_params(gen, (2 + hc) * hc, hc, hidden, dtype, 3), RMS_EPS, HC_EPS, 20)
     _check_post_then_pre(mhc.hc_post_pre(*args, launch=launch, out=_poisoned(*ref.hc_post_pre(*args))), args,
@@ -282,39 +272,65 @@ def test_either_kernel_may_write_the_new_streams_and_sum_their_squares(mhc, coll
                          dtype, head=True)
 
 
-def test_launch_heuristics_cover_every_column(mhc):
+def test_launch_heuristics_cover_every_column():
     for name in ("cpu", "h100", "b200", "gb300"):
         for tokens in (1, 7, 8, 64, 65, 256, 1024):
             for hidden in (16, 96, 200, 4096, 7168):
-                launch = mhc.call(_launch_fields, name, tokens, hidden)
-                mhc.call(_check_launch, launch, hidden)
-                assert (launch["split_k"] - 1) * launch["chunks"] * launch["block_d"] < hidden, "an empty split"
-    gpu = mhc.call(_launch_fields, "h100", 1, 4096)
+                launch = mhc_launch(target(name), tokens, hidden)
+                launch.check(hidden)
+                assert (launch.split_k - 1) * launch.chunks * launch.block_d < hidden, "an empty split"
+    gpu = mhc_launch(target("h100"), 1, 4096)
     # one token: the fn read spread over about every SM (128 one-chunk programs at Flash's D = 4096 timed
     # faster than 64 or 32 on an H100, BENCHMARKS.md)
-    assert gpu["split_k"] >= target("h100").sm_count - 4 and gpu["chunks"] == 1 and gpu["collapse_t"] == 1
+    assert gpu.split_k >= target("h100").sm_count - 4 and gpu.chunks == 1 and gpu.collapse_t == 1
 
 
-def test_launch_validation(mhc):
+def test_launch_is_built_with_named_fields_and_validated():
     fields = dict(block_t=16, block_d=64, chunks=1, split_k=1, num_warps=4, num_stages=1, collapse_t=1,
-                  collapse_warps=4)
+                  collapse_warps=4, dot=True)
+    with pytest.raises(TypeError, match="positional"):
+        MhcLaunch(*fields.values())
     with pytest.raises(ValueError, match="power of two"):
-        mhc.call(_check_launch, {**fields, "block_t": 24}, 64)
+        MhcLaunch(**{**fields, "block_t": 24})
+    with pytest.raises(ValueError, match="precision must be 'ieee' or 'tf32x3'"):
+        MhcLaunch(**fields, precision="tf32")
     with pytest.raises(ValueError, match="covers 64 < D=96"):
-        mhc.call(_check_launch, fields, 96)
+        MhcLaunch(**fields).check(96)
+
+
+def test_wrappers_refuse_a_wrong_workspace_or_weights(mhc):
     streams = torch.randn(2, 4, 32)
     # the kernels index the partials by their own constants (24 mixes + sum(x^2), padded to 32 columns)
-    assert "partials must be a contiguous float32 (2, " in mhc.call(_wrong_partials_message)
-    assert ", 32) tensor (mix_workspace), got torch.float32 (2, " in mhc.call(_wrong_partials_message)
+    message = mhc.call(_wrong_partials_message, mhc_launch(target("cpu"), 2, 32))
+    assert "partials must be a contiguous float32 (2, " in message
+    assert ", 32) tensor (mix_workspace), got torch.float32 (2, " in message
     with pytest.raises(ValueError, match="fn must have shape"):
         mhc.hc_pre(streams, torch.randn(24, 64), torch.randn(24), torch.ones(3), torch.ones(32), 1e-6, 1e-6, 20)
 
 
-def test_this_process_never_imports_triton(mhc):
+def _triton_functions():
+    """In the child: TRITON_INTERPRET as set there and, for every Triton function of the kernel modules,
+    whether Triton made it an interpreted one."""
     import sys
 
-    assert "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") is None
-    assert "dsv4c.codegen.kernels.mhc" not in sys.modules
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    _kernel_module()
+    found = {f"{name}.{attr}": isinstance(value, InterpretedFunction)
+             for name, module in list(sys.modules.items()) if name.startswith("dsv4c.codegen.kernels.")
+             for attr, value in vars(module).items() if isinstance(value, (InterpretedFunction, JITFunction))}
+    return os.environ.get("TRITON_INTERPRET"), found
+
+
+def test_the_child_interprets_and_this_process_never_imports_triton(mhc):
+    """Triton decides at import whether it interprets: the child set TRITON_INTERPRET=1 before importing it,
+    so every kernel there is interpreted; this process has not imported Triton (nor, so, the kernels)."""
+    import sys
+
+    flag, functions = mhc.call(_triton_functions)
+    assert flag == "1" and functions and all(functions.values()), functions
+    assert [m for m in sys.modules if m.split(".")[0] == "triton"] == []
 
 
 @pytest.mark.parametrize("name, tokens, arch, product", [

@@ -6,19 +6,22 @@ loaded: load_binaries=False). `StoredKernelLauncher` routes launches of a fake k
 Triton's `arg_names`) to fake compiled kernels or to a recording fallback; the tensors are small CPU tensors,
 only their dtype and address matter. This process never imports Triton (see test_mhc_kernels)."""
 
+import ast
 import hashlib
 import json
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from dsv4c.codegen.kernel_catalog import KERNEL_NAMES, KERNEL_SOURCE_FILE, kernel_source
 from dsv4c.codegen.kernels.launcher import KernelSpec, KernelLaunch, triton_type
 from dsv4c.runtime.artifact_io import ArtifactError
 from dsv4c.runtime.stored_kernels import StoredKernelLauncher, kernel_plan
 
 SOURCE = b"@triton.jit\ndef _mix_partials_kernel(x_ptr, N, BLOCK_T: tl.constexpr): ...\n"
-SOURCE_REL = "kernels/sm_90a/mhc.py"
+SOURCE_REL = f"kernels/sm_90a/{KERNEL_SOURCE_FILE}"
 NAMES = ["_mix_partials_kernel_0123456789ab", "_collapse_kernel_ba9876543210"]
 CUBIN = "kernels/sm_90a/_mix_partials_kernel_0123456789ab.cubin"
 
@@ -88,7 +91,7 @@ def test_no_triton_runs_the_reference(stored):
 def test_missing_kernel_file_is_refused(stored):
     manifest, root = stored
     (root / SOURCE_REL).unlink()
-    with pytest.raises(ArtifactError, match="kernel file kernels/sm_90a/mhc.py cannot be read"):
+    with pytest.raises(ArtifactError, match=f"kernel file {SOURCE_REL} cannot be read"):
         kernel_plan(manifest, root, "sm_90a", local_triton="3.6.0", source=SOURCE, load_binaries=False)
 
 
@@ -105,6 +108,20 @@ def test_source_missing_from_the_file_table_is_refused(stored):
     manifest["files"].clear()
     with pytest.raises(ArtifactError, match=f"kernel file '{SOURCE_REL}' is not in the manifest's file table"):
         kernel_plan(manifest, root, "sm_90a", local_triton="3.6.0", source=SOURCE, load_binaries=False)
+
+
+def test_the_installed_kernel_source_is_the_jit_kernels_file_and_imports_only_triton():
+    """What an artifact stores and the runtime hashes (codegen/kernel_catalog.py) is the file defining the
+    kernels the specs name, every function in it a Triton jit function and nothing imported but Triton, so
+    its text alone decides the binaries; it is read without importing it (nor Triton)."""
+    tree = ast.parse(kernel_source())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported == {"__future__", "triton", "triton.language"}
+    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+    assert set(KERNEL_NAMES) <= {node.name for node in functions}
+    assert all([ast.unparse(d) for d in node.decorator_list] == ["triton.jit"] for node in functions)
+    assert "triton" not in sys.modules
 
 
 # ---- StoredKernelLauncher ---------------------------------------------------------------------------------
