@@ -21,6 +21,7 @@ from typing import Mapping, Protocol
 import torch
 
 from dsv4c.runtime.sampler import SamplingParams, sample, target_probs, verify_draft
+from dsv4c.runtime.state_pool import StatePool, StateSpec
 
 
 class StepRunner(Protocol):
