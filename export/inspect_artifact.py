@@ -2,8 +2,8 @@
 
 `describe(artifact)` returns plain text lines: versions, model, numerics, targets, then per variant the op
 counts (top ops, dsv4c fused ops), the pass log (each pass's matches and node counts before -> after), the
-memory plan's peak where the memory-planning pass recorded one, and the kernel table. It reads only the
-manifest and the plans (no weights).
+memory plan's peak where the memory-planning pass recorded one, and the kernel table (a line a kernel). It
+reads only the manifest and the plans (no weights).
 
 `export_onnx(artifact, variant, path)` writes the variant's optimised graph as an ONNX model (see
 compiler/onnx_export.py for what it holds: the weights stay in the artifact and are graph inputs), checked
@@ -112,9 +112,26 @@ def _kernels(kernels: Any) -> list[str]:
         if isinstance(table, dict) and table:
             width = max(len(str(k)) for k in table)
             lines.extend(f"  {target:<8} {str(op):<{width}}  {_compact(info)}" for op, info in sorted(table.items()))
+        elif isinstance(table, list) and table:
+            width = max(len(str(entry.get("name", "?"))) if isinstance(entry, dict) else 0 for entry in table)
+            lines.extend(_kernel_line(target, entry, width) for entry in table)
         else:
             lines.append(f"  {target:<8} {_compact(table)}")
     return lines
+
+
+def _kernel_line(target: str, entry: Any, width: int) -> str:
+    """A built kernel: its name, target and the launches (op at N tokens) that run it. Its full metadata
+    stays in the manifest and kernels/<target>/<name>.json (`dsv4c inspect --json`)."""
+    if not isinstance(entry, dict):
+        return f"  {target:<8} {_compact(entry)}"
+    uses = [use for use in entry.get("uses", []) if isinstance(use, dict)]
+    tokens_of: dict[str, list[str]] = {}
+    for use in uses:
+        tokens_of.setdefault(str(use.get("op", "?")), []).append(str(use.get("tokens", "?")))
+    launches = "; ".join(f"{op} N={','.join(tokens)}" for op, tokens in tokens_of.items())
+    count = f"{len(uses)} launch" + ("" if len(uses) == 1 else "es")
+    return f"  {target:<8} {str(entry.get('name', '?')):<{width}}  {count}: {launches}"
 
 
 def _model(config: dict[str, Any]) -> str:

@@ -80,7 +80,7 @@ def staging_dir(target: Path, overwrite: bool) -> Iterator[Path]:
     removes the staging folder; a hard kill leaves only a hidden `.<name>.partial-*` folder beside it.
     """
     if (target.exists() or target.is_symlink()) and not overwrite:
-        raise ArtifactError(f"{target}: already exists; pass overwrite=True to replace it")
+        raise ArtifactError(f"{target}: already exists; pass overwrite=True (--overwrite) to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
