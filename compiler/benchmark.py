@@ -187,6 +187,8 @@ def time_steps(runner: StepRunner, state: dict, last: torch.Tensor, start: int, 
 
 def bench(artifact: str | Path, options: BenchOptions, progress: Progress = lambda m: None) -> dict:
     """Run the sweep; returns the JSON-ready report (rows, card, versions, copy bandwidth)."""
+    if not torch.cuda.is_available():
+        raise BenchError("bench: needs a CUDA GPU (this torch sees none); the compiled step is timed on the GPU")
     manifest = load_artifact(artifact).manifest
     validate(manifest, options)
     device = torch.device("cuda")
@@ -339,3 +341,25 @@ def table_rows(report: dict) -> list[Sequence[str]]:
 
 TABLE_COLUMNS = ("runner", "batch", "mtp", "step ms", "tok/s/user", "tok/s/GPU", "floor GB", "GB/s",
                  "measured/floor", "tokens = eager")
+
+
+def profile_lines(artifact: str | Path, batch: int, top: int = 15) -> list[str]:
+    """The top kernels of one decode step at `batch` (torch.profiler over graph-free steps, so each kernel is
+    seen by name), with the step's host time beside its device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = load(artifact, "cuda", max_batch=batch, cuda_graphs=False)
+    state = engine.new_state(batch)
+    token = torch.ones(batch, 1, dtype=torch.long, device="cuda")
+    for i in range(3):
+        _, state = _step(engine.runner, "main_t1", state, token, i)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        _, state = _step(engine.runner, "main_t1", state, token, 3)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+    events.sort(key=lambda e: getattr(e, "self_device_time_total", 0), reverse=True)
+    lines = [f"top kernels of one graph-free decode step at batch {batch} (device us, calls):"]
+    for e in events[:top]:
+        lines.append(f"  {getattr(e, 'self_device_time_total', 0):10.1f}  {e.count:5d}  {e.key[:100]}")
+    return lines

@@ -178,7 +178,7 @@ def _generate(args: argparse.Namespace, console: Console) -> int:
     from dsv4c.runtime.sampler import SamplingParams
 
     prompts = args.prompt_ids
-    engine = load(args.artifact, args.device)
+    engine = load(args.artifact, args.device, max_batch=len(prompts), cuda_graphs=not args.no_cuda_graphs)
     if any(max(prompt) >= engine.vocab_size or min(prompt) < 0 for prompt in prompts):
         raise ValueError(f"--prompt-ids: ids must lie in [0, {engine.vocab_size})")
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p)
@@ -386,6 +386,8 @@ def _generate_parser(sub) -> None:
     gen.add_argument("--top-p", type=cli_args.top_p, default=1.0, metavar="P",
                      help="sample from the smallest set of tokens whose probability reaches P")
     gen.add_argument("--json", action="store_true", help="print tokens and acceptance counts as JSON")
+    gen.add_argument("--no-cuda-graphs", action="store_true",
+                     help="run each step op by op instead of replaying its CUDA graph (for debugging; same tokens)")
     _add_device_argument(gen)
     _add_threads_argument(gen)
 
@@ -401,6 +403,54 @@ def _inspect_parser(sub) -> None:
     ins.add_argument("--variant", metavar="NAME", help="which step variant to export (default: main_t1)")
 
 
+def _bench(args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    from dsv4c.compiler import benchmark
+
+    options = benchmark.BenchOptions(context=args.context, batches=args.batch, mtp=args.mtp,
+                                     baselines=args.baselines, steps=args.steps)
+    with _progress(console, "benchmarking") as say:
+        report = benchmark.bench(args.artifact, options, progress=say)
+    table = Table(title=f"{report['device']}, context {report['context']}, copy "
+                        f"{report['copy_bandwidth_gb_s']:.0f} GB/s")
+    for column in benchmark.TABLE_COLUMNS:
+        table.add_column(column, justify="right")
+    for row in benchmark.table_rows(report):
+        table.add_row(*row)
+    console.print(table)
+    if args.json:
+        benchmark.write_json(report, args.json)
+    if args.plot:
+        benchmark.plot(report, args.plot)
+    if args.profile:
+        for line in benchmark.profile_lines(args.artifact, max(args.batch)):
+            console.print(line, highlight=False, soft_wrap=True)
+    return 0
+
+
+def _bench_parser(sub) -> None:
+    ben = _add_command(sub, "bench", "time the compiled decode step on a GPU against its byte floor and baselines",
+                       "Fill a context, check each variant's greedy tokens against the eager reference, then time "
+                       "the decode step (CUDA-graph replays) per batch and MTP setting: step ms, tok/s/user, "
+                       "tok/s/GPU, the bytes the step must read, bandwidth, measured/floor; baselines in the same "
+                       "run.", _bench)
+    ben.add_argument("artifact", metavar="ART", help="a compiled artifact folder")
+    ben.add_argument("--context", type=cli_args.positive_int, default=4096, metavar="N",
+                     help="tokens of context each sequence holds before timing")
+    ben.add_argument("--batch", type=cli_args.positive_int_list, default=(1, 8, 32, 64), metavar="B,B",
+                     help="batch sizes to time")
+    ben.add_argument("--mtp", type=cli_args.non_negative_int_list, default=(0, 1), metavar="K,K",
+                     help="draft tokens per step to time")
+    ben.add_argument("--baselines", type=cli_args.name_list, default=("eager",), metavar="NAMES",
+                     help="timed in the same run: eager, inductor")
+    ben.add_argument("--steps", type=cli_args.positive_int, default=30, metavar="N", help="timed steps per row")
+    ben.add_argument("--json", type=cli_args.output_file, metavar="FILE", help="write the report as JSON")
+    ben.add_argument("--plot", type=cli_args.output_file, metavar="FILE.png",
+                     help="draw tok/s/GPU against tok/s/user (matplotlib)")
+    ben.add_argument("--profile", action="store_true", help="print the top kernels of one decode step")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="dsv4c", description="A compiler for the decode step of DeepSeek-V4 models.",
                            formatter_class=_HelpFormatter)
@@ -409,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="what to do (dsv4c COMMAND --help lists its flags)")
     for add in (_demo_parser, _init_parser, _info_parser, _score_parser, _compile_parser, _generate_parser,
-                _inspect_parser):
+                _inspect_parser, _bench_parser):
         add(sub)
     return parser
 

@@ -157,3 +157,22 @@ def read_token_ids(path: str) -> torch.Tensor:
     if not ids:
         raise ValueError(f"{path}: no token ids")
     return torch.tensor(ids, dtype=torch.long)
+
+
+def positive_int_list(text: str) -> tuple[int, ...]:
+    """'1,8,32' -> (1, 8, 32): comma-separated positive integers."""
+    return tuple(positive_int(part) for part in text.split(",") if part.strip()) or _no_values(text)
+
+
+def non_negative_int_list(text: str) -> tuple[int, ...]:
+    """'0,1' -> (0, 1): comma-separated integers >= 0."""
+    return tuple(non_negative_int(part) for part in text.split(",") if part.strip()) or _no_values(text)
+
+
+def name_list(text: str) -> tuple[str, ...]:
+    """'eager,inductor' -> ('eager', 'inductor'); an empty string gives ()."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _no_values(text: str) -> NoReturn:
+    raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated values")
