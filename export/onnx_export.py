@@ -35,7 +35,7 @@ from onnx import helper
 from dsv4c.runtime.executor import resolve_op
 from dsv4c.runtime.plan import BATCH, Plan, PlanOp, Ref, parse_op_name
 
-from dsv4c.export.onnx_functions import FUNCTION_OPSET, FunctionLibrary, attribute_names, tensor_argument_names
+from dsv4c.export.onnx_functions import FUNCTION_OPSET, FunctionLibrary, attribute_names, tensor_inputs
 from dsv4c.export.onnx_graph import DOMAIN, GraphBuilder, NotExpressible, OpContext, Value, onnx_dtype, tensor_proto
 from dsv4c.export.onnx_ops import functional_name, lookup
 from dsv4c.export.onnx_reference import trace_reference
@@ -107,10 +107,11 @@ def _traced_function(library: FunctionLibrary, op: str, named: dict[str, Any], o
     plan, constants = trace_reference(f"{DOMAIN}::{op}", named)
     lowered = _lower(plan, constants, library)
     constant_nodes = [helper.make_node("Constant", [], [t.name], value=t) for t in lowered.g.initializers]
-    fixed = ", ".join(f"{k}={v!r}" for k, v in named.items() if not isinstance(v, Value))
-    fixed += "".join(f", {k}: {v.dtype} {list(v.dims)}" for k, v in named.items() if isinstance(v, Value))
+    tensors = tensor_inputs(schema, named)
+    fixed = ", ".join(f"{a.name}={named.get(a.name)!r}" for a in schema.arguments if a.name in attribute_names(schema))
+    fixed += "".join(f", {k}: {v.dtype} {list(v.dims)}" for k, v in tensors if isinstance(v, Value))
     function = helper.make_function(
-        DOMAIN, op, tensor_argument_names(schema), lowered.outputs, constant_nodes + lowered.g.nodes,
+        DOMAIN, op, [name for name, _ in tensors], lowered.outputs, constant_nodes + lowered.g.nodes,
         [helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)], attributes=attribute_names(schema),
         doc_string=f"the PyTorch reference traced for {fixed}; generic in the batch only")
     function.overload = overload
@@ -248,7 +249,8 @@ def _rename(g: GraphBuilder, start: int, name: str, buf: str) -> str:
 def _in_place_targets(plan: Plan) -> dict[int, str]:
     """Op index -> the buffer an in-place op (`add_`) writes. ONNX is functional, so the write becomes a
     new value; refused when the old one could still be observed (read later, a view of it read later, or
-    a graph input or constant)."""
+    a graph input or constant other than a `state.*` input, which the step updates and returns as its new
+    state)."""
     last_read = {}
     for index, op in enumerate(plan.ops):
         for name in op.refs():
@@ -263,7 +265,9 @@ def _in_place_targets(plan: Plan) -> dict[int, str]:
         views = [o for i, prior in enumerate(plan.ops[:index]) if target in prior.refs() and _is_view(prior)
                  for o in prior.outputs if o]
         observed = last_read.get(target, -1) > index or any(last_read.get(v, -1) > index for v in views)
-        if target not in producer or observed or _is_view(plan.ops[producer[target]]):
+        state_input = target.startswith("state.") and target in plan.input_names  # a step's own state update
+        fresh = target in producer and not _is_view(plan.ops[producer[target]])
+        if observed or not (fresh or state_input):
             raise NotExpressible(f"op {index} ({op.op}) writes {target!r} in place, and the old value can "
                                  "still be observed; ONNX values are immutable")
         targets[index] = target

@@ -7,13 +7,14 @@ captured as one graph with the weights as inputs. Shapes use `...` for any leadi
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from dsv4c.model.config import ModelConfig, YarnScaling
 from dsv4c.model.numerics import Numerics
-from dsv4c.model.quant import fake_quant_fp8
+from dsv4c.model import rounding_ops
 
 
 # ---- norms and linears ---------------------------------------------------------------------------
@@ -30,10 +31,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, num: Numerics, quantized: bool
     """`x @ weight.T` accumulated in fp32, returned in the activation dtype.
 
     `quantized` marks a weight released in FP8 or FP4: in faithful numerics its input is first rounded
-    to FP8 e4m3 per token in blocks of 128, as DeepSeek's reference does before such matmuls.
+    to FP8 e4m3 per token in blocks of 128, as DeepSeek's reference does before such matmuls (one
+    `dsv4c::fake_quant_fp8` op, so a compiler finds the rounding as one node: model/rounding_ops.py).
     """
     if quantized and num.act_quant:
-        x = fake_quant_fp8(x, 128)
+        x = rounding_ops.fake_quant_fp8(x, 128)
     return (x.float() @ weight.float().T).to(num.dtype)
 
 
@@ -171,15 +173,18 @@ def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
     return linear(hidden.to(num.dtype), w2, num, quantized=True)
 
 
-def routed_experts(flat: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w: dict[str, torch.Tensor],
+def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w: dict[str, torch.Tensor],
                    prefix: str, cfg: ModelConfig, num: Numerics) -> torch.Tensor:
-    """Sum over each token's selected experts of routing weight x expert output, in fp32 `[N, D]`.
+    """Sum over each token's selected experts of routing weight x expert output, in fp32 `[..., D]` for
+    x `[..., D]`, ids and weights `[..., k]`: the definition every `RoutedExperts` computes.
 
-    Eagerly only the experts some token selected run, each on its tokens. While being captured
-    (torch.export / dynamo) the set of selected experts is data the graph cannot branch on, so every
-    expert runs on every token with a routing weight of zero where it was not selected: the same
-    function, as a graph of fixed shape.
+    Eagerly only the experts some token selected run, each on its tokens. Traced by Dynamo
+    (torch.compile of this model) the set of selected experts is data the graph cannot branch on, so
+    every expert runs on every token with a routing weight of zero where it was not selected: the same
+    function, as a graph of fixed shape. (The compiler's capture passes its own `RoutedExperts`.)
     """
+    shape, k = x.shape, ids.shape[-1]
+    flat, ids, weights = x.reshape(-1, shape[-1]), ids.reshape(-1, k), weights.reshape(-1, k)
     out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
     if torch.compiler.is_compiling():
         combine = torch.zeros(flat.shape[0], cfg.n_routed_experts, dtype=torch.float32, device=flat.device)
@@ -189,24 +194,31 @@ def routed_experts(flat: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
             y = swiglu_expert(flat, w[e + "w1.weight"], w[e + "w2.weight"], w[e + "w3.weight"], combine[:, expert],
                               cfg.swiglu_limit, num)
             out = out + y.float()
-        return out
+        return out.reshape(shape)
     for expert in ids.unique().tolist():
         rows, slot = (ids == expert).nonzero(as_tuple=True)
         e = f"{prefix}experts.{expert}."
         y = swiglu_expert(flat[rows], w[e + "w1.weight"], w[e + "w2.weight"], w[e + "w3.weight"],
                           weights[rows, slot], cfg.swiglu_limit, num)
         out.index_add_(0, rows, y.float())
-    return out
+    return out.reshape(shape)
+
+
+# routed(x [..., D], ids [..., k], weights [..., k] fp32, w, prefix, cfg, num) -> fp32 [..., D]: what
+# `routed_experts` computes, by any means (the compiler's capture passes one that calls its fused op).
+RoutedExperts = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], str, ModelConfig,
+                          Numerics], torch.Tensor]
 
 
 def moe(x: torch.Tensor, tokens: torch.Tensor, w: dict[str, torch.Tensor], prefix: str, cfg: ModelConfig,
-        hash_layer: bool, num: Numerics) -> torch.Tensor:
-    """Routed experts (weighted) plus the shared expert (unweighted) for x `[..., D]`."""
+        hash_layer: bool, num: Numerics, routed: RoutedExperts = routed_experts) -> torch.Tensor:
+    """Routed experts (weighted, computed by `routed`) plus the shared expert (unweighted) for x `[..., D]`."""
     shape = x.shape
     flat, flat_tokens = x.reshape(-1, shape[-1]), tokens.reshape(-1)
     ids, weights = route(flat, flat_tokens, w, prefix, cfg, hash_layer)
-    routed = routed_experts(flat, ids, weights, w, prefix, cfg, num)
+    lead = shape[:-1]
+    routed_out = routed(x, ids.unflatten(0, lead), weights.unflatten(0, lead), w, prefix, cfg, num)
     s = f"{prefix}shared_experts."
     limit = cfg.swiglu_limit if num.shared_expert_clamp else None
     shared = swiglu_expert(flat, w[s + "w1.weight"], w[s + "w2.weight"], w[s + "w3.weight"], None, limit, num)
-    return (routed + shared.float()).to(num.dtype).reshape(shape)
+    return (routed_out.reshape(flat.shape) + shared.float()).to(num.dtype).reshape(shape)

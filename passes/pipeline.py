@@ -18,6 +18,7 @@ import torch.fx as fx
 from dsv4c.passes.constant_folding import constant_folding
 from dsv4c.passes.cse import cse
 from dsv4c.passes.dead_code import dead_code
+from dsv4c.passes.fp8_linear import fp8_linear
 from dsv4c.passes.manager import PassContext, PassRecord, PipelineEntry, run_pipeline
 from dsv4c.passes.memory_planning import memory_planning
 from dsv4c.passes.mhc_fusion import mhc_fusion
@@ -34,6 +35,8 @@ CLEANUP_AND_PLANNING = (
     PipelineEntry("cse", cse, "on the cleaned graph, so duplicates that differed by a no-op cast merge"),
     PipelineEntry("mhc_fusion", mhc_fusion,
                   "after cleanup (one node per value, no asserts between ops), before folding touches weights"),
+    PipelineEntry("fp8_linear", fp8_linear,
+                  "after CSE (one decode per weight, one rounding per activation), before folding and shapes"),
     PipelineEntry("constant_folding", constant_folding, "after CSE, so each duplicated table folds once"),
     PipelineEntry("dead_code_after_folding", dead_code, "removes folded subgraphs' leftovers and unused buffers"),
     PipelineEntry("reinplace_state", reinplace_state,
