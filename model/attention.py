@@ -53,10 +53,12 @@ def ring_write(ring: torch.Tensor, new: torch.Tensor, start: torch.Tensor) -> to
 
 def write_rows(cache: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """cache `[B, E + 1, F]` (E entries and the spill row) with values `[B, T, F]` written at rows `[B, T]`
-    where keep is true, at the spill row elsewhere."""
+    where keep is true; the other tokens write zeros to the spill row, so it holds zeros whichever of its
+    writes lands last."""
     spill = cache.shape[1] - 1
     target = torch.where(keep, rows.clamp(max=spill), spill)
-    return cache.scatter(1, target.unsqueeze(-1).expand(-1, -1, cache.shape[2]), values.to(cache.dtype))
+    values = torch.where(keep.unsqueeze(-1), values.to(cache.dtype), 0)
+    return cache.scatter(1, target.unsqueeze(-1).expand(-1, -1, cache.shape[2]), values)
 
 
 # ---- compressor ----------------------------------------------------------------------------------

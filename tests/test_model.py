@@ -167,10 +167,10 @@ def test_ring_write_keeps_only_the_last_slots_when_a_step_outgrows_the_ring():
 
 
 def test_write_rows_sends_unkept_tokens_to_the_spill_row():
-    cache = torch.zeros(1, 3 + 1, 1)  # three entries and the spill row
+    cache = torch.full((1, 3 + 1, 1), 3.0)  # three entries and the spill row
     rows, keep = torch.tensor([[1, 1, 2]]), torch.tensor([[False, True, False]])
     out = write_rows(cache, rows, torch.tensor([[[5.0], [7.0], [9.0]]]), keep)
-    assert out[0, :3, 0].tolist() == [0, 7, 0]
+    assert out[0, :, 0].tolist() == [3, 7, 3, 0]  # the spill row holds zeros
 
 
 def test_indexer_keeps_the_highest_scoring_complete_entries():
