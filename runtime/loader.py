@@ -21,7 +21,7 @@ from dsv4c.runtime.artifact import Artifact, decode_state, distribution_version,
 from dsv4c.runtime.stored_kernels import KernelPlan, kernel_plan
 from dsv4c.runtime.engine import Engine
 from dsv4c.runtime.state_pool import StatePool, StateSpec
-from dsv4c.runtime.step_runner import BucketRunner
+from dsv4c.runtime.step_runner import BucketRunner, bucket_for
 from dsv4c.runtime.executor import Executor, weight_inputs
 from dsv4c.runtime.plan import decode_dtype
 
@@ -72,7 +72,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", *, max_batch: int
     print(kernels.message, file=sys.stderr)
     manifest = artifact.manifest
     specs = state_specs(artifact)
-    pool = StatePool(specs, max_batch, device)
+    pool = StatePool(specs, bucket_for(max_batch), device)  # a batch pads up to its bucket: the pool holds it
     per_token = tuple(name for name in artifact.plans if name in PER_TOKEN_VARIANTS)
     runner = BucketRunner(plan_executors(artifact, device, kernels), pool, per_token, cuda_graphs, progress)
     return Engine(runner, specs, manifest["prefill_chunk"], manifest["max_seq_len"], device,

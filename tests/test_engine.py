@@ -1,8 +1,9 @@
 """The runtime's generation loop on the reference model: MTP speculative decoding is lossless.
 
 Random weights give an MTP head that almost never agrees with the main model, so drafts are also
-supplied by oracles wrapping the runner: the true greedy continuation (every draft accepted), one that
-is wrong at some positions (mixed), and one whose draft logits are NaN (always rejected, counted).
+supplied by oracles wrapping the runner (tests/oracle_drafts.py): the true greedy continuation (every draft
+accepted), one that is wrong at known positions (mixed, with the exact accepted count), and one whose
+draft logits are NaN (always rejected, counted).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dsv4c.model.presets import tiny
 from dsv4c.model.synthetic import synthetic_tensors
 from dsv4c.runtime.engine import Engine
 from dsv4c.runtime.sampler import SamplingParams, target_probs, verify_draft
+from oracle_drafts import OracleDrafts, expected_counts
 
 NUM = Numerics.plain(torch.float32)
 MAX_LEN = 128
@@ -29,7 +31,12 @@ def runner():
 
 
 def engine(runner) -> Engine:
-    return Engine(runner, state_specs(runner.cfg, MAX_LEN, NUM), prefill_chunk=16, max_seq_len=MAX_LEN)
+    return Engine(runner, state_specs(tiny(), MAX_LEN, NUM), prefill_chunk=16, max_seq_len=MAX_LEN)
+
+
+def every_third(k: int) -> bool:
+    """The continuation indices where the mixed oracle's drafts are wrong."""
+    return k % 3 == 0
 
 
 def prompts(seed: int) -> list[list[int]]:
@@ -37,62 +44,36 @@ def prompts(seed: int) -> list[list[int]]:
     return [torch.randint(0, 1024, (n,), generator=g).tolist() for n in (21, 34)]
 
 
-class OracleDrafts:
-    """Replaces the MTP module's logits with a one-hot on a known sequence's token two positions ahead;
-    `wrong(pos)` marks positions where the oracle lies, `nan` makes every draft NaN."""
-
-    def __init__(self, inner, sequences, wrong=lambda pos: False, nan=False):
-        self.inner, self.sequences, self.wrong, self.nan = inner, sequences, wrong, nan
-        self.cfg = inner.cfg
-
-    def run(self, variant, inputs):
-        out = self.inner.run(variant, inputs)
-        if not variant.startswith("mtp"):
-            return out
-        logits = torch.zeros_like(out["logits"])
-        for row in range(logits.shape[0]):
-            seq = self._sequence(row, inputs)
-            for t in range(logits.shape[1]):
-                pos = int(inputs["start"][row]) + t + 2
-                token = seq[pos] if pos < len(seq) else 0
-                logits[row, t, (token + 1) % 1024 if self.wrong(pos) else token] = 1.0
-        out["logits"] = logits * float("nan") if self.nan else logits
-        return out
-
-    def _sequence(self, row, inputs):
-        """Decode steps batch every sequence in order; prefill runs one prompt at a time, found by its
-        tokens (the MTP step pairs position t with token t + 1)."""
-        if inputs["tokens"].shape[0] == len(self.sequences):
-            return self.sequences[row]
-        start, ids = int(inputs["start"][row]), inputs["tokens"][row].tolist()
-        return next(s for s in self.sequences if s[start + 1:start + 1 + len(ids)] == ids)
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_greedy_mtp_reproduces_greedy_decoding(runner, seed):
     plain = engine(runner).generate(prompts(seed), 12)
     spec = engine(runner).generate(prompts(seed), 12, mtp=1)
     assert spec.tokens == plain.tokens
-    assert spec.drafted > 0 and 0.0 <= spec.acceptance_rate <= 1.0
+    assert spec.drafted > 0 and spec.accepted <= spec.drafted and spec.rejected_nonfinite == 0
 
 
 def test_accepted_and_rejected_drafts_leave_no_trace(runner):
+    """Every draft right: two tokens a step, all accepted. Drafts wrong at every third continuation index:
+    exactly those are rejected. Both rows of the batch (at different positions) keep greedy's tokens."""
     ps = prompts(2)
     plain = engine(runner).generate(ps, 12)
-    full = [p + t for p, t in zip(ps, plain.tokens)]
-    always = engine(OracleDrafts(runner, full)).generate(ps, 12, mtp=1)
-    assert always.tokens == plain.tokens and always.acceptance_rate == 1.0
-    assert always.steps < 8  # two tokens a step
-    mixed = engine(OracleDrafts(runner, full, wrong=lambda pos: pos % 3 == 0)).generate(ps, 12, mtp=1)
-    assert mixed.tokens == plain.tokens and 0.0 < mixed.acceptance_rate < 1.0
+    always = engine(OracleDrafts(runner, ps, plain.tokens)).generate(ps, 12, mtp=1)
+    assert always.tokens == plain.tokens
+    assert expected_counts(12, lambda k: False) == (6, 6)  # 1 + 2 * 6 >= 12 tokens a row
+    assert (always.steps, always.drafted, always.accepted) == (6, 2 * 6, 2 * 6)
+    mixed = engine(OracleDrafts(runner, ps, plain.tokens, wrong=every_third)).generate(ps, 12, mtp=1)
+    steps, accepted = expected_counts(12, every_third)
+    assert (steps, accepted) == (7, 4)  # drafts for k = 1, 3 (wrong), 4, 6 (wrong), 7, 9 (wrong), 10
+    assert mixed.tokens == plain.tokens
+    assert (mixed.steps, mixed.drafted, mixed.accepted) == (steps, 2 * steps, 2 * accepted)
 
 
 def test_nonfinite_drafts_are_rejected_and_counted(runner):
     ps = prompts(3)
     plain = engine(runner).generate(ps, 8)
-    nan = engine(OracleDrafts(runner, [p + t for p, t in zip(ps, plain.tokens)], nan=True)).generate(ps, 8, mtp=1)
+    nan = engine(OracleDrafts(runner, ps, plain.tokens, nan=True)).generate(ps, 8, mtp=1)
     assert nan.tokens == plain.tokens
-    assert nan.accepted == 0 and nan.rejected_nonfinite == nan.drafted > 0
+    assert nan.accepted == 0 and nan.rejected_nonfinite == nan.drafted == 2 * nan.steps == 2 * 7
 
 
 def test_speculative_sampling_keeps_the_target_distribution():

@@ -5,7 +5,7 @@ codegen/kernels/mhc.py) against their PyTorch twins (codegen/mhc_reference.py), 
 The kernels run under Triton's CPU interpreter in one child process (the `mhc` fixture), which sets
 TRITON_INTERPRET=1 before it imports Triton: Triton decides at import and decoration time whether its
 functions (tl.sum included) are interpreted, so setting it here would change Triton for every later test of
-the session. This process never imports Triton; it draws the inputs, runs the reference and compares.
+the session. This process never imports the kernels; it draws the inputs, runs the reference and compares.
 
 Every case draws fresh random inputs, fills the outputs with NaN before the kernel runs (so an element the
 kernel fails to write fails the check), and compares with these tolerances:
@@ -323,14 +323,12 @@ def _triton_functions():
     return os.environ.get("TRITON_INTERPRET"), found
 
 
-def test_the_child_interprets_and_this_process_never_imports_triton(mhc):
-    """Triton decides at import whether it interprets: the child set TRITON_INTERPRET=1 before importing it,
-    so every kernel there is interpreted; this process has not imported Triton (nor, so, the kernels)."""
-    import sys
-
+def test_the_child_interprets_every_kernel(mhc):
+    """Triton decides at import whether it interprets: the child set TRITON_INTERPRET=1 before importing it, so
+    every Triton function of the kernel modules there is an interpreted one. (This process may hold Triton:
+    torch imports it on the first call of any custom op, when torch._dynamo checks for the package.)"""
     flag, functions = mhc.call(_triton_functions)
     assert flag == "1" and functions and all(functions.values()), functions
-    assert [m for m in sys.modules if m.split(".")[0] == "triton"] == []
 
 
 @pytest.mark.parametrize("name, tokens, arch, product", [
