@@ -115,3 +115,6 @@ def _(streams, fn, base, scale, norm_weight, rms_eps, hc_eps):
 from dsv4c.codegen import cuda_impls  # noqa: E402
 
 cuda_impls.register()
+from dsv4c.codegen import routed_moe  # noqa: E402,F401  (dsv4c::routed_moe, with its CUDA kernel)
+from dsv4c.codegen import fp8_linear  # noqa: E402,F401  (dsv4c::fp8_linear, with its CUDA kernel)
+from dsv4c.model import rounding_ops  # noqa: E402,F401  (dsv4c::fake_quant_fp8, the model's activation rounding)

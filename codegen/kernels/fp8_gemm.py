@@ -1,0 +1,231 @@
+"""Block-scaled FP8 GEMM in Triton: `out = x @ W^T` for an e4m3 weight `[N, K]` with e8m0 scales per 128x128
+block, read in its packed form; the PyTorch twin is codegen/fp8_linear.py's reference (model/quant.py).
+
+One program computes `out^T` for `block_n` weight rows and `block_m` activation rows over a slice of K
+(swap AB: the weight fills the tensor cores' M side, see codegen/kernels/fp8_gemm_launch.py). Per 128-column
+K block it loads the weight tile (e4m3, never dequantised in memory) and the activation tile, sums the
+block's products into a fresh fp32 tile and adds that, times both power-of-two scales, to an fp32
+accumulator: DeepGEMM's promotion, since Hopper's FP8 MMA sums with less than fp32 precision inside an
+instruction sequence. Scaling by powers of two is exact, so the result is the reference's sum of exact
+products in another order (and, for "fp8" products on Hopper, the tensor cores' in-block summation).
+
+Activation quantisation (act_quant) is fused: each program rounds the x tile of each K block itself, exactly
+as `quant.fake_quant_fp8(x, 128)` does (amax over the block's elements present, floored at 1e-4; the scale
+2^ceil(log2(amax / 448)) taken from the bits of the correctly rounded fp32 quotient; q = clamp(x / s, +-448)
+rounded to e4m3 to nearest even). A K block is exactly one quantisation block, so no program needs
+another's result. Fused rather than a separate x -> (e4m3, scales) kernel: at decode sizes the x tile is a
+few KiB that each program reads from L2 and rounds in registers, while a separate kernel is one more launch
+(and its gap) beside a GEMM whose whole weight read takes microseconds; past M = 64, where every program
+re-quantises a large tile, a separate kernel may pay (not measured yet). The rounding to e4m3 is done by
+hand in fp32 (`_e4m3_grid`), so the conversion to float8e4nv is exact on every backend (Triton's CPU
+interpreter rounds fp32 -> e4m3 wrongly; its e4m3 dots are exact: fp16 operands, fp32 sums).
+
+The "fp8" products follow DeepSeek's own kernels (DeepSeek-V3's reference inference `fp8_gemm` adds
+`tl.dot` of e4m3 tiles times both scales per 128-column block the same way); the model's reference
+(codegen/fp8_linear.py) sums the same exact products in fp32.
+
+split_k > 1: each split writes its fp32 partial `[split_k, M, N]` and `_split_sum_kernel` adds them in split
+order and casts (deterministic: the result does not depend on which split finishes first).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4c.codegen.fp8_operands import check_operands
+from dsv4c.codegen.kernels.fp8_gemm_launch import Fp8GemmLaunch, fp8_gemm_launch
+from dsv4c.codegen.kernels.launcher import JIT, KernelLaunch
+from dsv4c.codegen.targets import target_for_device
+from dsv4c.model import quant
+
+FP8_MAX = tl.constexpr(quant.FP8_MAX)
+FP8_AMAX_FLOOR = tl.constexpr(quant.FP8_AMAX_FLOOR)
+SUM_BLOCK = 1024  # outputs a split-sum program adds
+
+
+# ---- kernels ------------------------------------------------------------------------------------------
+@triton.jit
+def _e8m0_to_float(byte):
+    """e8m0 byte -> 2^(byte - 127) in fp32 (byte 0: the subnormal 2^-127; byte 255: NaN)."""
+    b = byte.to(tl.int32)
+    bits = tl.where(b == 0, 0x00400000, b << 23)
+    bits = tl.where(b == 255, 0x7FC00000, bits)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e4m3_grid(q):
+    """q (fp32, |q| <= 448) rounded to the nearest e4m3 value, ties to even, as fp32. e4m3 values of q's
+    binade are multiples of s = 2^(max(e, -6) - 3); adding and subtracting 1.5 * 2^23 * s rounds q to a
+    multiple of s in one fp32 addition (round to nearest even, on every backend)."""
+    exponent = (q.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    magic = (((tl.maximum(exponent, 127 - 6) + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    return (q + magic) - magic
+
+
+@triton.jit
+def _quantise_block(x):
+    """x [rows, 128] fp32 (zeros past K) -> (q: e4m3 values as fp32, s: [rows] power-of-two scales), as
+    quant.fake_quant_fp8 rounds one 128 block: s = 2^ceil(log2(r)) from the bits of r = amax / 448 (correctly
+    rounded), q = clamp(x / s, +-448) (x / s = x * 2^-e exactly) rounded to e4m3. amax inf or NaN gives
+    a non-finite s (and output), as the reference."""
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), FP8_AMAX_FLOOR)
+    bits = tl.math.div_rn(amax, FP8_MAX).to(tl.int32, bitcast=True)
+    exponent = (bits >> 23) & 0xFF
+    exponent = exponent + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    finite = exponent < 255
+    scale = tl.where(finite, (exponent << 23).to(tl.float32, bitcast=True), float("nan"))
+    inverse = tl.where(finite, ((254 - exponent) << 23).to(tl.float32, bitcast=True), float("nan"))
+    q = tl.clamp(x * inverse[:, None], -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    return _e4m3_grid(q), scale
+
+
+@triton.jit
+def _round_bf16(x):
+    """x (fp32) rounded to bf16's grid, to nearest even, still fp32: the cast that follows is exact
+    (Triton's CPU interpreter truncates fp32 -> bf16)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _block_product(w, x, PRODUCT: tl.constexpr):
+    """sum over one 128-column block of w[n, k] * x[m, k] -> [BLOCK_N, BLOCK_M] fp32 (swap AB). w: e4m3
+    tile; x: e4m3 tile ("fp8") or fp32 values. See Fp8GemmLaunch.product."""
+    if PRODUCT == "fp8":
+        return tl.dot(w, tl.trans(x))
+    elif PRODUCT == "ieee":
+        return tl.dot(w.to(tl.float32), tl.trans(x), input_precision="ieee")
+    elif PRODUCT == "bf16x1":
+        return tl.dot(w.to(tl.bfloat16), tl.trans(x.to(tl.bfloat16)))
+    else:
+        wb = w.to(tl.bfloat16)
+        hi = x.to(tl.bfloat16)
+        rest = x - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        part = tl.dot(wb, tl.trans((rest - mid.to(tl.float32)).to(tl.bfloat16)))
+        part = tl.dot(wb, tl.trans(mid), part)
+        return tl.dot(wb, tl.trans(hi), part)
+
+
+@triton.jit
+def _fp8_gemm_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, stride_xm, K_BLOCKS,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
+                     ACT_QUANT: tl.constexpr, PRODUCT: tl.constexpr, SPLIT_OUT: tl.constexpr,
+                     PDL: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Program (n, m, s): out[m rows, n rows] over K blocks of split s. x [M, K] (row stride stride_xm),
+    w [N, K] e4m3, ws [cdiv(N, 128), K_BLOCKS] e8m0 bytes (each weight row takes its 128-row block's scale).
+    SPLIT_OUT: out is the fp32 partials [splits, M, N], this split's slice written; otherwise out [M, N] in
+    its dtype. PDL: the split sum may launch now (it waits for this grid before reading)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = tl.arange(0, 128)
+    n_mask = n < N
+    m_mask = m < M
+    w_row = w_ptr + n.to(tl.int64)[:, None] * K
+    x_row = x_ptr + m.to(tl.int64)[:, None] * stride_xm
+    ws_row = ws_ptr + (n // 128) * K_BLOCKS
+    first = pid_s * BLOCKS_PER_SPLIT
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for kb in tl.range(first, tl.minimum(first + BLOCKS_PER_SPLIT, K_BLOCKS), num_stages=NUM_STAGES):
+        k = kb * 128 + c
+        k_mask = k < K
+        w = tl.load(w_row + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        x = tl.load(x_row + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        w_scale = _e8m0_to_float(tl.load(ws_row + kb, mask=n_mask, other=127))
+        if ACT_QUANT:
+            q, x_scale = _quantise_block(x)
+            part = _block_product(w, q.to(tl.float8e4nv), PRODUCT)
+            acc += part * (w_scale[:, None] * x_scale[None, :])
+        else:
+            acc += _block_product(w, x, PRODUCT) * w_scale[:, None]
+    if SPLIT_OUT:
+        out = out_ptr + pid_s.to(tl.int64) * M * N + m[None, :] * N + n[:, None]
+        tl.store(out, acc, mask=n_mask[:, None] & m_mask[None, :])
+    else:
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            acc = _round_bf16(acc)
+        tl.store(out_ptr + m[None, :] * N + n[:, None], acc.to(out_ptr.dtype.element_ty),
+                 mask=n_mask[:, None] & m_mask[None, :])
+
+
+@triton.jit
+def _split_sum_kernel(part_ptr, out_ptr, MN, SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """out[i] = sum over s = 0, 1, ... of part[s, i] in that order (fp32), cast to out's dtype. PDL: launched
+    as the GEMM's programmatic dependent: waits for it before reading."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < MN
+    acc = tl.load(part_ptr + i, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLITS):
+        acc += tl.load(part_ptr + s * MN + i, mask=mask, other=0.0)
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        acc = _round_bf16(acc)
+    tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- host wrapper --------------------------------------------------------------------------------------
+def _on_gpu(tensor: torch.Tensor) -> bool:
+    """PDL is a CUDA launch attribute: cuda and meta (ahead-of-time builds) take it, the CPU interpreter not."""
+    return tensor.device.type != "cpu"
+
+
+def gemm_launch(x, weight, scale, out, act_quant: bool, launch: Fp8GemmLaunch) -> KernelLaunch:
+    """The GEMM kernel's launch: `out` is the output [M, N], or the fp32 partials [split_k, M, N]."""
+    (m, k), n = x.shape, weight.shape[0]
+    split_out = launch.split_k > 1
+    args = dict(x_ptr=x, w_ptr=weight, ws_ptr=scale.view(torch.uint8), out_ptr=out, M=m, N=n, K=k,
+                stride_xm=x.stride(0), K_BLOCKS=scale.shape[1])
+    constexprs = dict(BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCKS_PER_SPLIT=launch.blocks_per_split,
+                      ACT_QUANT=act_quant, PRODUCT=launch.product, SPLIT_OUT=split_out,
+                      PDL=split_out and launch.pdl and _on_gpu(x), NUM_STAGES=launch.num_stages)
+    grid = (triton.cdiv(n, launch.block_n), triton.cdiv(m, launch.block_m), launch.split_k)
+    return KernelLaunch(_fp8_gemm_kernel, grid, args, constexprs, dict(num_warps=launch.num_warps))
+
+
+def split_sum_launch(partials: torch.Tensor, out: torch.Tensor, launch: Fp8GemmLaunch) -> KernelLaunch:
+    pdl = launch.pdl and _on_gpu(out)
+    constexprs = dict(SPLITS=launch.split_k, BLOCK=SUM_BLOCK, PDL=pdl)
+    return KernelLaunch(_split_sum_kernel, (triton.cdiv(out.numel(), SUM_BLOCK),),
+                        dict(part_ptr=partials, out_ptr=out, MN=out.numel()), constexprs,
+                        dict(num_warps=4, **({"launch_pdl": True} if pdl else {})))
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool,
+               out_dtype: torch.dtype, *, launch: Fp8GemmLaunch | None = None, out: torch.Tensor | None = None,
+               launcher=JIT) -> torch.Tensor:
+    """`x [M, K] @ dequant(weight [N, K], scale)^T` -> [M, N] in out_dtype; see codegen/fp8_linear.py for the
+    contract. `launch`: default `fp8_gemm_launch` for x's device; `out`: optional [M, N] output to write
+    (contiguous); `launcher`: codegen/kernels/launcher.py (Triton's JIT by default)."""
+    check_operands(x, weight, scale, out_dtype)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [M, K], got shape {tuple(x.shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    weight = weight.contiguous()
+    (m, k), n = x.shape, weight.shape[0]
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if tuple(out.shape) != (m, n) or out.dtype != out_dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {out_dtype} {(m, n)} tensor, got {out.dtype} {tuple(out.shape)}")
+    if m == 0 or n == 0 or k == 0:
+        return out.zero_()
+    launch = launch or fp8_gemm_launch(target_for_device(x.device), m, n, k, act_quant, x.dtype)
+    launch.check(k)
+    if (launch.product == "fp8") != act_quant:
+        raise ValueError(f"{launch}: act_quant={act_quant} needs {'fp8' if act_quant else 'non-fp8'} products")
+    if launch.split_k == 1:
+        launcher(gemm_launch(x, weight, scale.contiguous(), out, act_quant, launch))
+        return out
+    partials = torch.empty((launch.split_k, m, n), dtype=torch.float32, device=x.device)
+    launcher(gemm_launch(x, weight, scale.contiguous(), partials, act_quant, launch))
+    launcher(split_sum_launch(partials, out, launch))
+    return out

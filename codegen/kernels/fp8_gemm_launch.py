@@ -1,0 +1,118 @@
+"""Launch choices of the block-scaled FP8 GEMM (codegen/kernels/fp8_gemm.py), per (M, N, K, target).
+
+Pure Python (no Triton import): the choice is a frozen `Fp8GemmLaunch`, validated on construction, and
+`fp8_gemm_launch` picks it from the shape and the target table (codegen/targets.py). The kernel computes
+`out^T = W @ x^T` ("swap AB"): the weight rows fill the tensor cores' M side (64 a warpgroup on Hopper) and
+the few activation rows their N side, so a decode step of one token pads to 16 rows, not 64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsv4c.codegen.fp8_operands import QUANT_BLOCK
+from dsv4c.codegen.targets import Target, is_gpu
+
+MIN_DOT = 16  # tl.dot's smallest side
+PRODUCTS = ("fp8", "ieee", "bf16x1", "bf16x3")
+
+
+@dataclass(frozen=True)
+class Fp8GemmLaunch:
+    """How one call is launched. Grid (cdiv(N, block_n), cdiv(M, block_m), split_k); program (n, m, s) takes
+    `block_n` weight rows, `block_m` activation rows and K blocks [s * blocks_per_split, (s + 1) *
+    blocks_per_split) of 128 columns.
+
+    block_m: activation rows of a program (power of two, >= 16: the dot's N side; rows past M are masked).
+    block_n: weight rows of a program (power of two, >= 16; each row takes its 128-row block's scale).
+    split_k, blocks_per_split: K split over `split_k` programs writing fp32 partials that a second kernel
+        sums in split order (deterministic); split_k == 1 writes the output directly. No split is empty:
+        (split_k - 1) * blocks_per_split < cdiv(K, 128) <= split_k * blocks_per_split.
+    product: how a 128-column block's products are summed before its scales apply, in an fp32 accumulator:
+        "fp8"    e4m3 x e4m3 tl.dot (FP8 tensor cores on Hopper/Blackwell; the act_quant path);
+        "ieee"   both operands widened to fp32, FMA dot (plain numerics on Triton's CPU interpreter);
+        "bf16x1" bf16 x and the weight widened to bf16 (exact), one tensor-core dot (plain, bf16 x);
+        "bf16x3" fp32 x split into three bf16 parts (exact) against the widened weight: three dots whose
+                 products are exact (plain, fp32 x).
+    num_warps, num_stages: Triton's options. pdl (CUDA only): the split-sum kernel is launched as the GEMM's
+        programmatic dependent, so its launch overlaps the GEMM's tail; it waits before reading partials.
+    """
+
+    block_m: int
+    block_n: int
+    split_k: int
+    blocks_per_split: int
+    product: str
+    num_warps: int = 4
+    num_stages: int = 3
+    pdl: bool = False
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if value < MIN_DOT or value & (value - 1):
+                raise ValueError(f"Fp8GemmLaunch.{name} must be a power of two >= {MIN_DOT}: {self}")
+        if self.product not in PRODUCTS:
+            raise ValueError(f"Fp8GemmLaunch.product must be one of {PRODUCTS}: {self}")
+        if min(self.split_k, self.blocks_per_split, self.num_warps, self.num_stages) < 1:
+            raise ValueError(f"Fp8GemmLaunch fields must be positive: {self}")
+
+    def check(self, k: int) -> None:
+        """The splits cover K's blocks, none of them empty."""
+        blocks = -(-k // QUANT_BLOCK)
+        if not (self.split_k - 1) * self.blocks_per_split < blocks <= self.split_k * self.blocks_per_split:
+            raise ValueError(f"{self}: {self.split_k} splits of {self.blocks_per_split} blocks do not partition "
+                             f"K={k}'s {blocks} blocks of {QUANT_BLOCK}")
+
+
+def product_for(t: Target, act_quant: bool, x_dtype: torch.dtype) -> str:
+    """FP8 dots with act_quant (exact on the interpreter too); plain numerics: exact bf16 products on GPUs
+    (one part for bf16 x, three for fp32 x), fp32 FMA dots on the interpreter (it gets bf16 wrong)."""
+    if act_quant:
+        return "fp8"
+    if not is_gpu(t):
+        return "ieee"
+    return "bf16x1" if x_dtype == torch.bfloat16 else "bf16x3"
+
+
+def split_blocks(k: int, splits_wanted: int) -> tuple[int, int]:
+    """(split_k, blocks_per_split): K's 128-column blocks in about `splits_wanted` equal slices, none empty."""
+    blocks = -(-k // QUANT_BLOCK)
+    per_split = -(-blocks // max(1, min(blocks, splits_wanted)))
+    return -(-blocks // per_split), per_split
+
+
+def _pow2_at_least(size: int) -> int:
+    """The smallest power of two >= size and >= MIN_DOT."""
+    return max(MIN_DOT, 1 << (max(1, size) - 1).bit_length())
+
+
+def _block_m(m: int) -> int:
+    return min(64, _pow2_at_least(m))
+
+
+def fp8_gemm_launch(t: Target, m: int, n: int, k: int, act_quant: bool = True,
+                    x_dtype: torch.dtype = torch.bfloat16) -> Fp8GemmLaunch:
+    """The launch of an `[m, k] x [n, k]^T` FP8 linear on target `t`.
+
+    GPUs (decode: memory bound, the weight read is the cost): 64 weight rows a program (one Hopper
+    warpgroup's wgmma M side), up to 64 activation rows (the x tile of a 128 block is quantised in registers);
+    K is split until the grid has about two programs an SM, so every SM streams weight tiles, and no split is
+    empty; 4 pipeline stages (16 KiB of e4m3 weight in flight a program). Chosen by that reasoning, not yet
+    by timings: `bench/fp8_gemm_bench.py --sweep` times the alternatives.
+    cpu (Triton's interpreter, tests only): few programs (the interpreter pays per program and per
+    operation, not per element), up to 1024 weight rows each, and two splits wherever K has two blocks, so
+    the split sum runs in tests.
+    """
+    product = product_for(t, act_quant, x_dtype)
+    if not is_gpu(t):
+        split_k, per_split = split_blocks(k, 2)
+        return Fp8GemmLaunch(_block_m(m), min(1024, _pow2_at_least(n)), split_k, per_split, product,
+                             num_stages=1)
+    block_m, block_n = _block_m(m), 64
+    tiles = -(-n // block_n) * -(-m // block_m)
+    split_k, per_split = split_blocks(k, -(-2 * t.sm_count // tiles))
+    return Fp8GemmLaunch(block_m, block_n, split_k, per_split, product, num_warps=4, num_stages=4,
+                         pdl=split_k > 1)
