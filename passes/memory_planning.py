@@ -108,8 +108,14 @@ def memory_planning(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModul
                            f"{len(plan.buffers)} buffers in {len(plan.slot_sizes)} slots, peak {plan.peak} "
                            f"bytes ({numbers} without reuse)",
                            slots=len(plan.slot_sizes), peak=str(plan.peak), no_reuse=str(plan.no_reuse),
+                           peak_polynomial=peak_polynomial(plan),
                            bytes_at={b: p for b, (p, _) in at.items()},
                            no_reuse_bytes_at={b: n for b, (_, n) in at.items()})
+
+
+def peak_polynomial(plan: MemoryPlan) -> list[int]:
+    """The peak bytes as integer coefficients of 1, B, B^2, ... (the runtime evaluates it without sympy)."""
+    return [int(c) for c in reversed(sympy.Poly(plan.peak, BATCH).all_coeffs())]
 
 
 def plan_memory(gm: fx.GraphModule) -> MemoryPlan:

@@ -21,7 +21,8 @@ from dsv4c.runtime.artifact import Artifact, decode_state, distribution_version,
 from dsv4c.runtime.stored_kernels import KernelPlan, kernel_plan
 from dsv4c.runtime.engine import Engine
 from dsv4c.runtime.state_pool import StatePool, StateSpec
-from dsv4c.runtime.step_runner import BucketRunner, bucket_for
+from dsv4c.runtime import capacity
+from dsv4c.runtime.step_runner import BUCKETS, BucketRunner, bucket_for
 from dsv4c.runtime.executor import Executor, weight_inputs
 from dsv4c.runtime.plan import decode_dtype
 
@@ -72,8 +73,25 @@ def load(path: str | Path, device: str | torch.device = "cpu", *, max_batch: int
     print(kernels.message, file=sys.stderr)
     manifest = artifact.manifest
     specs = state_specs(artifact)
-    pool = StatePool(specs, bucket_for(max_batch), device)  # a batch pads up to its bucket: the pool holds it
+    rows = bucket_for(max_batch)  # a batch pads up to its bucket: the pool holds it
     per_token = tuple(name for name in artifact.plans if name in PER_TOKEN_VARIANTS)
+    _check_capacity(manifest, per_token, rows, sum(s.bytes_per_sequence() for s in specs.values()), device)
+    pool = StatePool(specs, rows, device)
     runner = BucketRunner(plan_executors(artifact, device, kernels), pool, per_token, cuda_graphs, progress)
     return Engine(runner, specs, manifest["prefill_chunk"], manifest["max_seq_len"], device,
                   vocab_size=manifest["config"]["vocab_size"], pool=pool)
+
+
+def _check_capacity(manifest, variants: tuple[str, ...], rows: int, state_per_sequence: int,
+                    device: torch.device) -> None:
+    """On a GPU, refuse a pool whose state and step activations (the compile's memory plan) exceed free memory."""
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    need = capacity.step_bytes(manifest, variants, rows, state_per_sequence)
+    if need > free:
+        fits = capacity.largest_fitting(manifest, variants, BUCKETS, state_per_sequence, free)
+        raise ValueError(f"max_batch {rows}: {rows} sequences of {manifest['max_seq_len']} tokens need "
+                         f"{need / 2**30:.2f} GiB (state and step activations), {free / 2**30:.2f} GiB is free on "
+                         f"{device}; " + (f"at most {fits} fit" if fits else "not even one fits"))
+

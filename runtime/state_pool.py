@@ -63,6 +63,3 @@ class StatePool:
             if tensor.data_ptr() != pooled.data_ptr() or tensor.stride() != pooled.stride():
                 return None
         return sizes.pop()
-
-    def bytes_per_sequence(self) -> int:
-        return sum(spec.bytes_per_sequence() for spec in self.specs.values())

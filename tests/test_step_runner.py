@@ -15,6 +15,8 @@ from dsv4c.model.checkpoint import Checkpoint, write_synthetic
 from dsv4c.model.numerics import Numerics
 from dsv4c.model.presets import tiny
 from dsv4c.model.step import dequantize_weights
+from dsv4c.runtime import capacity
+from dsv4c.runtime.artifact import load_artifact
 from dsv4c.runtime.eager_runner import EagerRunner
 from dsv4c.runtime.loader import load
 from dsv4c.runtime.step_runner import BUCKETS, bucket_for
@@ -86,3 +88,16 @@ def test_state_outside_the_pool_runs_the_plan_directly(artifact):
                                         **{f"state.{k}": v for k, v in state.items()}})
     assert out["state.layers.0.window_kv"].data_ptr() == state["layers.0.window_kv"].data_ptr()
     assert state["layers.0.window_kv"][:, 0].abs().sum() > 0  # position 0's KV written into the given state
+
+
+def test_the_memory_plan_sizes_the_pool(artifact):
+    """The loader's capacity check evaluates the memory-planning pass's peak; it equals the pass's own figures."""
+    manifest = load_artifact(artifact).manifest
+    record = next(r for r in manifest["pass_log"][0]["passes"] if r["name"] == "memory_planning")
+    for batch, peak in record["details"]["bytes_at"].items():
+        assert capacity.activation_bytes(manifest, manifest["pass_log"][0]["variant"], int(batch)) == peak
+    per_token = ("main_t1",)
+    one = capacity.step_bytes(manifest, per_token, 1, 1000)
+    assert capacity.largest_fitting(manifest, per_token, BUCKETS, 1000, one) == 1
+    assert capacity.largest_fitting(manifest, per_token, BUCKETS, 1000, one - 1) is None
+    assert capacity.largest_fitting(manifest, per_token, BUCKETS, 1000, 10**15) == BUCKETS[-1]
