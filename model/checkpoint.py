@@ -9,9 +9,11 @@ data -- and checks every tensor's presence, shape and dtype against the layout, 
 against its header. Any mismatch is a `CheckpointError` naming the file and tensor, expected and found.
 Tensor data is read on demand (`get`, `tensors`) through `safetensors.safe_open`, one shard at a time.
 
-`write_synthetic` writes seeded random weights with realistic scales in exactly that layout, streaming one
-tensor at a time, atomically: into a temporary directory next to the target, renamed into place at the end.
-Tensor bytes are written in the host's order, which must be little-endian as safetensors requires.
+`write_synthetic` writes seeded random weights with realistic scales in exactly that layout, atomically: into a
+temporary directory next to the target, renamed into place at the end. The weights are generated on a chosen
+device (the same bytes on any), in blocks of rows, by a background thread while the main thread writes the
+previous blocks. Tensor bytes are written in the host's order, which must be little-endian as safetensors
+requires.
 """
 
 from __future__ import annotations
@@ -30,13 +32,15 @@ from safetensors import safe_open
 
 from dsv4c.model.config import ConfigError, ModelConfig
 from dsv4c.model.layout import FormatCount, TensorSpec, count_by_format, layer_prefix, tensor_specs
-from dsv4c.model.synthetic import synthetic_tensors
+from dsv4c.model.prefetch import prefetched
+from dsv4c.model.synthetic import generation_device, synthetic_pieces
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 DEFAULT_SHARD_BYTES = 5 * 2**30  # a layer is never split below this; Flash's largest layer is ~3.4 GiB
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+_PIECES_AHEAD = 4  # generated blocks of rows waiting to be written, at most
 _ST_DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
     "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
@@ -340,25 +344,32 @@ def _group_key(name: str) -> str:
 
 
 def write_synthetic(cfg: ModelConfig, out_dir: str | os.PathLike[str], seed: int = 0,
-                    shard_bytes: int = DEFAULT_SHARD_BYTES, *, overwrite: bool = False,
-                    sparse: bool = False) -> Path:
+                    shard_bytes: int = DEFAULT_SHARD_BYTES, *, overwrite: bool = False, sparse: bool = False,
+                    device: torch.device | str = "cpu", chunk_elements: int | None = None) -> Path:
     """Write a checkpoint of seeded random weights (`synthetic.synthetic_tensors`) in the released layout.
 
     The directory appears at `out_dir` complete or not at all: files go to a temporary sibling directory,
     renamed into place at the end and removed on any error. An existing `out_dir` is refused with
-    FileExistsError unless `overwrite` is set (and then only if it holds a config.json). Memory stays
-    bounded by one tensor. `sparse` leaves all tensor data as holes (reading as zeros): instant at any size,
-    for header-only tools and tests. Returns the checkpoint's path.
+    FileExistsError unless `overwrite` is set (and then only if it holds a config.json). The weights are
+    generated on `device` ("cpu", "cuda", "cuda:N"; one this torch cannot use is a ValueError) in blocks
+    of about `chunk_elements` values (`synthetic.synthetic_pieces`; the files are the same bytes for any
+    device and chunking), so memory stays bounded by a few blocks. `sparse` leaves all tensor data as
+    holes (reading as zeros): instant at any size, for header-only tools and tests. Returns the path.
     """
     out = Path(out_dir)
     if not isinstance(shard_bytes, int) or shard_bytes <= 0:
         raise ValueError(f"shard_bytes: got {shard_bytes!r}; allowed: a positive integer")
+    device = generation_device(device)
     _check_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()  # not mkdtemp: the checkpoint keeps the usual umask-derived permissions
     try:
-        _write_files(cfg, tmp, seed, shard_bytes, sparse)
+        if sparse:
+            _write_files(cfg, tmp, shard_bytes, None)
+        else:
+            with prefetched(synthetic_pieces(cfg, seed, device, chunk_elements), _PIECES_AHEAD) as pieces:
+                _write_files(cfg, tmp, shard_bytes, pieces)
         _move_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -392,31 +403,41 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_files(cfg: ModelConfig, root: Path, seed: int, shard_bytes: int, sparse: bool) -> None:
+def _write_files(cfg: ModelConfig, root: Path, shard_bytes: int,
+                 pieces: Iterator[tuple[str, torch.Tensor]] | None) -> None:
+    """config.json, the shards (tensor data from `pieces`, or holes where it is None) and the index."""
     specs = tensor_specs(cfg)
     shards = shard_groups(specs.values(), shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     (root / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    tensors = None if sparse else synthetic_tensors(cfg, seed)
     for name, shard in zip(names, shards):
-        _write_shard(root / name, shard, tensors)
+        _write_shard(root / name, shard, pieces)
     index = {"metadata": {"total_size": sum(s.nbytes for s in specs.values())},
              "weight_map": {spec.name: name for name, shard in zip(names, shards) for spec in shard}}
     (root / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _write_shard(path: Path, specs: list[TensorSpec],
-                 tensors: Iterator[tuple[str, torch.Tensor]] | None) -> None:
-    """Write one safetensors file; `tensors` yields (name, tensor) in `specs` order, or None for holes."""
+def _write_shard(path: Path, specs: list[TensorSpec], pieces: Iterator[tuple[str, torch.Tensor]] | None) -> None:
+    """Write one safetensors file; `pieces` yields each tensor of `specs`, in order, as (name, consecutive
+    rows), or is None for holes."""
     header = encode_header(specs)
     with open(path, "wb") as handle:
         handle.write(header)
-        if tensors is None:
+        if pieces is None:
             handle.truncate(len(header) + sum(spec.nbytes for spec in specs))
             return
         for spec in specs:
-            name, tensor = next(tensors)
-            if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-                raise AssertionError(f"synthesised {name} {list(tensor.shape)} {tensor.dtype}, layout wants "
-                                     f"{spec.name} {list(spec.shape)} {spec.dtype}")
-            handle.write(tensor.contiguous().flatten().view(torch.uint8).numpy().data)
+            _write_tensor(handle, spec, pieces)
+
+
+def _write_tensor(handle: Any, spec: TensorSpec, pieces: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Write `spec`'s data from the next pieces of `pieces`, checked to be its rows in order."""
+    written = 0
+    while written < spec.shape[0]:
+        name, piece = next(pieces)
+        if (name != spec.name or piece.dtype != spec.dtype or tuple(piece.shape[1:]) != spec.shape[1:]
+                or written + piece.shape[0] > spec.shape[0]):
+            raise AssertionError(f"synthesised {name} rows {list(piece.shape)} {piece.dtype} after {written} rows; "
+                                 f"layout wants {spec.name} {list(spec.shape)} {spec.dtype}")
+        handle.write(piece.contiguous().flatten().view(torch.uint8).numpy().data)
+        written += piece.shape[0]

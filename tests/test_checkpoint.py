@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -189,7 +191,8 @@ def test_synthetic_values_are_seeded_per_tensor_and_sane():
 
 # ---- atomic writes ---------------------------------------------------------------------------------
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    real, calls = synthetic.synthesize, []
+    """A generation error (in the background thread) reaches the caller; the half-written folder goes."""
+    real, calls = synthetic.synthesize_rows, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -197,10 +200,28 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
             raise RuntimeError("disk on fire")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(synthetic, "synthesize", failing)
+    monkeypatch.setattr(synthetic, "synthesize_rows", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         write_synthetic(presets.tiny(), tmp_path / "out")
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == [] and len(calls) == 150
+
+
+def test_failed_write_stops_the_generating_thread(tmp_path, monkeypatch):
+    """A writing error leaves nothing on disk and no generating thread behind."""
+    real, shards = checkpoint.encode_header, []
+
+    def failing(specs):
+        shards.append(1)
+        if len(shards) == 3:
+            time.sleep(0.5)  # the generating thread fills its queue and waits on it
+            raise OSError("disk full")
+        return real(specs)
+
+    monkeypatch.setattr(checkpoint, "encode_header", failing)
+    threads = threading.active_count()
+    with pytest.raises(OSError, match="disk full"):
+        write_synthetic(presets.tiny(), tmp_path / "out", chunk_elements=4096)
+    assert os.listdir(tmp_path) == [] and threading.active_count() == threads
 
 
 def test_existing_target_is_refused_unless_overwritten(tiny_copy, tmp_path):
