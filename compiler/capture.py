@@ -2,7 +2,11 @@
 
 Weights enter in the release's packed formats (FP8 e4m3 / MXFP4 int8 with e8m0 `.scale`s): the step
 begins by decoding them, so the graph holds the whole computation from the bytes on disk, and later passes
-can fuse each decode into the matmul that consumes it instead of keeping dequantised copies.
+can fuse each decode into the matmul that consumes it instead of keeping dequantised copies. MXFP4 routed
+experts are never decoded in the graph: each MoE layer's routed experts are one `dsv4c::routed_moe` call on
+the packed per-expert tensors (codegen/routed_moe.py), which reads only the experts the tokens selected.
+Routed experts given otherwise (FP8, bf16, or weights already decoded) run as the model's own
+`routed_experts` traces: every expert on every token, with a routing weight of zero where not selected.
 
 A `CapturedStep` is one compiled variant: the main step with T tokens per sequence (1 for plain decode,
 1 + k for MTP verification, a chunk for prefill) or the MTP module's step. Its graph is flat:
@@ -16,6 +20,7 @@ The batch size is one symbolic dimension (a sympy symbol in every `meta["val"]`)
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Mapping
 
 import torch
@@ -28,6 +33,7 @@ from dsv4c.model.numerics import Numerics
 
 MAX_BATCH = 4096
 STEP_KINDS = ("main", "mtp")
+ROUTED_EXPERT_TENSOR = re.compile(r"\.ffn\.experts\.\d+\.w[123]\.(weight|scale)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,17 +76,45 @@ class CapturedStep:
 
 
 class _Step(torch.nn.Module):
-    """The functional step as a module for torch.export (weights and state arrive as dicts)."""
+    """The functional step as a module for torch.export (weights and state arrive as dicts). With
+    `packed_experts` the routed experts are `dsv4c::routed_moe` calls on their MXFP4 tensors."""
 
-    def __init__(self, cfg: ModelConfig, num: Numerics, variant: StepVariant):
+    def __init__(self, cfg: ModelConfig, num: Numerics, variant: StepVariant, packed_experts: bool):
         super().__init__()
-        self.cfg, self.num, self.variant = cfg, num, variant
+        self.cfg, self.num, self.variant, self.packed_experts = cfg, num, variant, packed_experts
 
     def forward(self, packed, state, tokens, start, hidden=None):
+        kernels = {}
+        if self.packed_experts:
+            kernels["routed"] = PackedRoutedExperts(packed)
+            packed = {k: v for k, v in packed.items() if not ROUTED_EXPERT_TENSOR.search(k)}
         weights = dequantize_weights(packed, self.num, fp8=_fp8_op, fp4=_fp4_op)
         if self.variant.kind == "main":
-            return forward(weights, state, tokens, start, self.cfg, self.num)
-        return mtp_forward(weights, state, tokens, hidden, start, self.cfg, self.num)
+            return forward(weights, state, tokens, start, self.cfg, self.num, **kernels)
+        return mtp_forward(weights, state, tokens, hidden, start, self.cfg, self.num, **kernels)
+
+
+def has_packed_experts(weights: Mapping[str, torch.Tensor]) -> bool:
+    """Whether `weights` hold the routed experts in MXFP4 (int8 with e8m0 `.scale`s), which
+    `dsv4c::routed_moe` reads (not when they are FP8, bf16, or already decoded)."""
+    names = [name for name in weights if ROUTED_EXPERT_TENSOR.search(name) and name.endswith(".weight")]
+    return bool(names) and all(weights[name].dtype == torch.int8 and name[:-len("weight")] + "scale" in weights
+                               for name in names)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedRoutedExperts:
+    """The model's `RoutedExperts` (model/layers.py) as one `dsv4c::routed_moe` call a layer, on the packed
+    MXFP4 tensors of `packed` (the step's weight inputs, by checkpoint name)."""
+
+    packed: Mapping[str, torch.Tensor]
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w: Mapping[str, torch.Tensor],
+                 prefix: str, cfg: ModelConfig, num: Numerics) -> torch.Tensor:
+        experts = [f"{prefix}experts.{e}." for e in range(cfg.n_routed_experts)]
+        lists = [[self.packed[e + name] for e in experts]
+                 for name in ("w1.weight", "w1.scale", "w3.weight", "w3.scale", "w2.weight", "w2.scale")]
+        return torch.ops.dsv4c.routed_moe(x, ids, weights, *lists, cfg.swiglu_limit, num.act_quant)
 
 
 def _fp8_op(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -118,7 +152,8 @@ def capture(cfg: ModelConfig, num: Numerics, weights: Mapping[str, torch.Tensor]
     dynamic = ({k: None for k in w}, {k: {0: batch} for k in s}, {0: batch}, {0: batch})
     if variant.kind == "mtp":
         args, dynamic = args + (example["hidden"],), dynamic + ({0: batch},)
-    program = export(_Step(cfg, num, variant), args, dynamic_shapes=dynamic, strict=False)
+    step = _Step(cfg, num, variant, has_packed_experts(weights))
+    program = export(step, args, dynamic_shapes=dynamic, strict=False)
     state_names = list(s)
     outputs = ["logits", "hidden"] + [f"state.{k}" for k in state_names]
     return CapturedStep(variant, flat_graph_module(program), list(specs), outputs, specs, max_seq_len)

@@ -2,9 +2,11 @@
 
 The ONNX exporter gives each fused op that has no hand-written ONNX body (compiler/onnx_functions.py) a
 function body translated from its reference implementation (the Python function the custom op was defined
-with): the call's tensor arguments become a small module's inputs, traced by torch.export with the batch
-dimension symbolic and every other size and every non-tensor argument fixed, then lowered to a `Plan`
-like a whole step. One trace per distinct call signature (an ONNX function overload).
+with, or for an op whose reference branches on data, `GRAPH_REFERENCES`' equivalent of fixed shape): the
+call's tensor arguments (each element of a tensor list one input, `w_0`, `w_1`, ...) become a small module's
+inputs, traced by torch.export with the batch dimension symbolic and every other size and every non-tensor
+argument fixed, then lowered to a `Plan` like a whole step. One trace per distinct call signature (an ONNX
+function overload).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, Callable
 import torch
 from torch.export import Dim
 
+from dsv4c.codegen import routed_moe
 from dsv4c.runtime.plan import BATCH, Plan
 
 from dsv4c.compiler.capture import MAX_BATCH, flat_graph_module
@@ -21,19 +24,34 @@ from dsv4c.compiler.lowering import graph_constants, plan_from_graph
 from dsv4c.export.onnx_graph import NotExpressible, Value
 
 
-class _Call(torch.nn.Module):
-    """fn with its tensor arguments as positional inputs and the others fixed."""
+# Ops whose reference runs only what the data selects (a graph torch.export cannot trace): the same function
+# as a graph of fixed shape.
+GRAPH_REFERENCES: dict[str, Callable[..., Any]] = {"dsv4c::routed_moe": routed_moe.every_expert}
 
-    def __init__(self, fn: Callable[..., Any], tensor_names: list[str], fixed: dict[str, Any]):
+
+class _Call(torch.nn.Module):
+    """fn with its tensor arguments as positional inputs and the others fixed. `arguments`: in input order,
+    (name, None) for a tensor argument, (name, n) for a tensor list of n elements (n inputs)."""
+
+    def __init__(self, fn: Callable[..., Any], arguments: list[tuple[str, int | None]], fixed: dict[str, Any]):
         super().__init__()
-        self.fn, self.tensor_names, self.fixed = fn, tensor_names, fixed
+        self.fn, self.arguments, self.fixed = fn, arguments, fixed
 
     def forward(self, tensors: tuple[torch.Tensor, ...]) -> Any:
-        return self.fn(**self.fixed, **dict(zip(self.tensor_names, tensors)))
+        named, rest = {}, list(tensors)
+        for name, count in self.arguments:
+            if count is None:
+                named[name], rest = rest[0], rest[1:]
+            else:
+                named[name], rest = rest[:count], rest[count:]
+        return self.fn(**self.fixed, **named)
 
 
 def reference_of(qualname: str) -> Callable[..., Any]:
-    """The Python function a `torch.library.custom_op` was defined with (its reference implementation)."""
+    """The function to trace for a dsv4c op: its `GRAPH_REFERENCES` entry, or the Python function the
+    `torch.library.custom_op` was defined with (its reference implementation)."""
+    if qualname in GRAPH_REFERENCES:
+        return GRAPH_REFERENCES[qualname]
     from torch._library.custom_ops import OPDEFS  # the registry of custom_op definitions (no public accessor)
 
     opdef = OPDEFS.get(qualname)
@@ -47,20 +65,31 @@ def trace_reference(qualname: str, named: dict[str, Any]) -> tuple[Plan, dict[st
     """(plan, constants) of the reference implementation for arguments `named` by schema name, tensors
     as `Value`s (their dtypes and dims); inputs are named by the tensor arguments, outputs `output<i>`."""
     fn = reference_of(qualname)
-    tensor_names = [name for name, value in named.items() if isinstance(value, Value)]
-    fixed = {name: value for name, value in named.items() if name not in tensor_names}
+    arguments: list[tuple[str, int | None]] = []
+    inputs: list[tuple[str, Value]] = []
+    for name, value in named.items():
+        if isinstance(value, Value):
+            arguments.append((name, None))
+            inputs.append((name, value))
+        elif _is_tensor_list(value):
+            arguments.append((name, len(value)))
+            inputs.extend((f"{name}_{i}", v) for i, v in enumerate(value))
+    fixed = {name: value for name, value in named.items() if name not in dict(arguments)}
     batch = Dim("batch", min=1, max=MAX_BATCH)
     examples, dynamic = [], []
-    for name in tensor_names:
-        dims = named[name].dims
-        odd = [d for d in dims if not isinstance(d, int) and d != BATCH]
+    for name, value in inputs:
+        odd = [d for d in value.dims if not isinstance(d, int) and d != BATCH]
         if odd:
             raise NotExpressible(f"{qualname}: argument {name!r} has size {odd[0]}; only the plain batch dim is traced")
-        examples.append(torch.empty([2 if d == BATCH else d for d in dims], dtype=named[name].dtype))
-        dynamic.append({i: batch for i, d in enumerate(dims) if d == BATCH} or None)
-    program = torch.export.export(_Call(fn, tensor_names, fixed), (tuple(examples),),
+        examples.append(torch.empty([2 if d == BATCH else d for d in value.dims], dtype=value.dtype))
+        dynamic.append({i: batch for i, d in enumerate(value.dims) if d == BATCH} or None)
+    program = torch.export.export(_Call(fn, arguments, fixed), (tuple(examples),),
                                   dynamic_shapes=(tuple(dynamic),), strict=False)
     gm = flat_graph_module(program)
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    plan = plan_from_graph(gm, tensor_names, [f"output{i}" for i in range(len(output.args[0]))])
+    plan = plan_from_graph(gm, [name for name, _ in inputs], [f"output{i}" for i in range(len(output.args[0]))])
     return plan, graph_constants(gm, plan)
+
+
+def _is_tensor_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, Value) for v in value)
