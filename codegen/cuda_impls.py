@@ -38,18 +38,24 @@ def triton_installed() -> bool:
     return True
 
 
+def triton_kernels(module: str, ops: str):
+    """The kernel module `module` of `ops`, or None where Triton is not installed (the references run then, as
+    the loader says). ImportError naming the module if Triton is installed and it fails to load: never a
+    silent switch to the references."""
+    if not triton_installed():
+        return None
+    try:
+        return import_module(module)
+    except ImportError as error:
+        raise ImportError(f"dsv4c: the CUDA implementations of {ops} cannot load their Triton kernels: "
+                          f"importing {module} failed ({type(error).__name__}: {error})", name=module) from error
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels():
     """The kernels' host wrappers (KERNEL_MODULE), or mhc_reference where Triton is not installed (same
-    signatures, minus `launch`). ImportError naming KERNEL_MODULE if Triton is installed and it fails to load."""
-    if not triton_installed():
-        return mhc_reference
-    try:
-        return import_module(KERNEL_MODULE)
-    except ImportError as error:
-        raise ImportError(f"dsv4c: the CUDA implementations of the mHC ops cannot load their Triton kernels: "
-                          f"importing {KERNEL_MODULE} failed ({type(error).__name__}: {error})",
-                          name=KERNEL_MODULE) from error
+    signatures, minus `launch`)."""
+    return triton_kernels(KERNEL_MODULE, "the mHC ops") or mhc_reference
 
 
 def _launcher(launcher) -> dict:

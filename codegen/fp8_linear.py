@@ -18,7 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from dsv4c.codegen.fp8_operands import QUANT_BLOCK, check_operands
+from dsv4c.codegen.cuda_impls import triton_kernels
 from dsv4c.model import quant
+
+KERNEL_MODULE = "dsv4c.codegen.kernels.fp8_gemm"
 
 
 def fake_quant_rows(x: torch.Tensor) -> torch.Tensor:
@@ -40,20 +43,16 @@ def reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_qu
 def cuda_impl(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool,
               out_dtype: torch.dtype) -> torch.Tensor:
     """The Triton kernel on x flattened to rows (Triton is imported when the first CUDA call arrives; where it
-    is not installed, the reference runs)."""
-    try:
-        from dsv4c.codegen.kernels import fp8_gemm
-    except ImportError:
+    is not installed, the reference runs; where it is, a kernel module that fails to import is an error)."""
+    fp8_gemm = triton_kernels(KERNEL_MODULE, "fp8_linear")
+    if fp8_gemm is None:
         return reference(x, weight, scale, act_quant, out_dtype)
     check_operands(x, weight, scale, out_dtype)
     flat = x.reshape(-1, x.shape[-1])
     return fp8_gemm.fp8_linear(flat, weight, scale, act_quant, out_dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op("dsv4c::fp8_linear", mutates_args=())
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool,
-               out_dtype: torch.dtype) -> torch.Tensor:
-    return reference(x, weight, scale, act_quant, out_dtype)
+fp8_linear = torch.library.custom_op("dsv4c::fp8_linear", reference, mutates_args=())
 
 
 @fp8_linear.register_fake

@@ -31,9 +31,11 @@ from dsv4c.codegen import mhc_reference
 from dsv4c.codegen.mhc_shapes import flat_post_inputs, pre_outputs, tokens
 
 
-@torch.library.custom_op("dsv4c::dequant_fp8_weight", mutates_args=())
-def dequant_fp8_weight(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequant_fp8_weight_reference(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return quant.dequant_fp8_weight(weight, scale).to(dtype)
+
+
+dequant_fp8_weight = torch.library.custom_op("dsv4c::dequant_fp8_weight", dequant_fp8_weight_reference, mutates_args=())
 
 
 @dequant_fp8_weight.register_fake
@@ -41,9 +43,11 @@ def _(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return weight.new_empty(weight.shape, dtype=dtype)
 
 
-@torch.library.custom_op("dsv4c::dequant_fp4_weight", mutates_args=())
-def dequant_fp4_weight(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequant_fp4_weight_reference(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return quant.dequant_fp4_weight(weight, scale).to(dtype)
+
+
+dequant_fp4_weight = torch.library.custom_op("dsv4c::dequant_fp4_weight", dequant_fp4_weight_reference, mutates_args=())
 
 
 @dequant_fp4_weight.register_fake
@@ -58,12 +62,14 @@ def _pre_fakes(streams: torch.Tensor):
             streams.new_empty((*lead, n, n), dtype=torch.float32))
 
 
-@torch.library.custom_op("dsv4c::hc_pre", mutates_args=())
-def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+def hc_pre_reference(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
            norm_weight: torch.Tensor, rms_eps: float, hc_eps: float,
            iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lead, flat = tokens(streams)
     return pre_outputs(lead, *mhc_reference.hc_pre(flat, fn, base, scale, norm_weight, rms_eps, hc_eps, iters))
+
+
+hc_pre = torch.library.custom_op("dsv4c::hc_pre", hc_pre_reference, mutates_args=())
 
 
 @hc_pre.register_fake
@@ -71,11 +77,13 @@ def _(streams, fn, base, scale, norm_weight, rms_eps, hc_eps, iters):
     return _pre_fakes(streams)
 
 
-@torch.library.custom_op("dsv4c::hc_post", mutates_args=())
-def hc_post(block_out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor,
+def hc_post_reference(block_out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor,
             comb: torch.Tensor) -> torch.Tensor:
     lead, flat = flat_post_inputs(block_out, streams, post, comb)
     return mhc_reference.hc_post(*flat).reshape(streams.shape)
+
+
+hc_post = torch.library.custom_op("dsv4c::hc_post", hc_post_reference, mutates_args=())
 
 
 @hc_post.register_fake
@@ -83,8 +91,7 @@ def _(block_out, streams, post, comb):
     return torch.empty_like(streams, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("dsv4c::hc_post_pre", mutates_args=())
-def hc_post_pre(block_out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+def hc_post_pre_reference(block_out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
                 fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_weight: torch.Tensor,
                 rms_eps: float, hc_eps: float,
                 iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,17 +100,22 @@ def hc_post_pre(block_out: torch.Tensor, streams: torch.Tensor, post: torch.Tens
     return (new.reshape(streams.shape), *pre_outputs(lead, *pre))
 
 
+hc_post_pre = torch.library.custom_op("dsv4c::hc_post_pre", hc_post_pre_reference, mutates_args=())
+
+
 @hc_post_pre.register_fake
 def _(block_out, streams, post, comb, fn, base, scale, norm_weight, rms_eps, hc_eps, iters):
     return (torch.empty_like(streams, memory_format=torch.contiguous_format), *_pre_fakes(streams))
 
 
-@torch.library.custom_op("dsv4c::hc_head", mutates_args=())
-def hc_head(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+def hc_head_reference(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
             norm_weight: torch.Tensor, rms_eps: float, hc_eps: float) -> torch.Tensor:
     lead, flat = tokens(streams)
     normed = mhc_reference.hc_head(flat, fn, base, scale, norm_weight, rms_eps, hc_eps)
     return normed.reshape(*lead, normed.shape[-1])
+
+
+hc_head = torch.library.custom_op("dsv4c::hc_head", hc_head_reference, mutates_args=())
 
 
 @hc_head.register_fake

@@ -27,11 +27,9 @@ Implementations:
 
 from __future__ import annotations
 
-from importlib import import_module
-
 import torch
 
-from dsv4c.codegen.cuda_impls import triton_installed
+from dsv4c.codegen.cuda_impls import triton_kernels
 from dsv4c.model import quant
 from dsv4c.model.layers import swiglu_expert
 from dsv4c.model.numerics import Numerics
@@ -84,13 +82,9 @@ def _(x, ids, weights, w1, s1, w3, s3, w2, s2, swiglu_limit, act_quant):
 @routed_moe.register_kernel("cuda")
 def _(x, ids, weights, w1, s1, w3, s3, w2, s2, swiglu_limit, act_quant):
     _check(x, ids, weights, (w1, s1, w3, s3, w2, s2))
-    if not triton_installed():  # the reference, on the GPU (it reads the selected ids on the host)
+    kernels = triton_kernels(KERNEL_MODULE, "routed_moe")
+    if kernels is None:  # no Triton: the reference, on the GPU (it reads the selected ids on the host)
         return reference(x, ids, weights, w1, s1, w3, s3, w2, s2, swiglu_limit, act_quant)
-    try:
-        kernels = import_module(KERNEL_MODULE)
-    except ImportError as error:
-        raise ImportError(f"dsv4c: the CUDA implementation of routed_moe cannot load its Triton kernels: importing "
-                          f"{KERNEL_MODULE} failed ({type(error).__name__}: {error})", name=KERNEL_MODULE) from error
     k = ids.shape[-1]
     out = kernels.routed_moe(x.reshape(-1, x.shape[-1]), ids.reshape(-1, k), weights.reshape(-1, k),
                              (w1, s1, w3, s3, w2, s2), swiglu_limit, act_quant)

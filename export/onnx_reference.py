@@ -2,7 +2,7 @@
 
 The ONNX exporter gives each fused op that has no hand-written ONNX body (compiler/onnx_functions.py) a
 function body translated from its reference implementation (the Python function the custom op was defined
-with, or for an op whose reference branches on data, `GRAPH_REFERENCES`' equivalent of fixed shape): the
+with, `REFERENCES`; for an op whose reference branches on data, its equivalent of fixed shape): the
 call's tensor arguments (each element of a tensor list one input, `w_0`, `w_1`, ...) become a small module's
 inputs, traced by torch.export with the batch dimension symbolic and every other size and every non-tensor
 argument fixed, then lowered to a `Plan` like a whole step. One trace per distinct call signature (an ONNX
@@ -16,7 +16,8 @@ from typing import Any, Callable
 import torch
 from torch.export import Dim
 
-from dsv4c.codegen import routed_moe
+from dsv4c.codegen import fp8_linear, ops, routed_moe
+from dsv4c.model import rounding_ops
 from dsv4c.runtime.plan import BATCH, Plan
 
 from dsv4c.compiler.capture import MAX_BATCH, flat_graph_module
@@ -24,9 +25,20 @@ from dsv4c.compiler.lowering import graph_constants, plan_from_graph
 from dsv4c.export.onnx_graph import NotExpressible, Value
 
 
-# Ops whose reference runs only what the data selects (a graph torch.export cannot trace): the same function
-# as a graph of fixed shape.
-GRAPH_REFERENCES: dict[str, Callable[..., Any]] = {"dsv4c::routed_moe": routed_moe.every_expert}
+# The function each dsv4c op is defined with (its PyTorch reference), traced for its ONNX body; for an op whose
+# reference runs only what the data selects (a graph torch.export cannot trace), the same function as a graph
+# of fixed shape.
+REFERENCES: dict[str, Callable[..., Any]] = {
+    "dsv4c::dequant_fp8_weight": ops.dequant_fp8_weight_reference,
+    "dsv4c::dequant_fp4_weight": ops.dequant_fp4_weight_reference,
+    "dsv4c::hc_pre": ops.hc_pre_reference,
+    "dsv4c::hc_post": ops.hc_post_reference,
+    "dsv4c::hc_post_pre": ops.hc_post_pre_reference,
+    "dsv4c::hc_head": ops.hc_head_reference,
+    "dsv4c::fake_quant_fp8": rounding_ops.fake_quant_fp8_reference,
+    "dsv4c::fp8_linear": fp8_linear.reference,
+    "dsv4c::routed_moe": routed_moe.every_expert,
+}
 
 
 class _Call(torch.nn.Module):
@@ -48,17 +60,10 @@ class _Call(torch.nn.Module):
 
 
 def reference_of(qualname: str) -> Callable[..., Any]:
-    """The function to trace for a dsv4c op: its `GRAPH_REFERENCES` entry, or the Python function the
-    `torch.library.custom_op` was defined with (its reference implementation)."""
-    if qualname in GRAPH_REFERENCES:
-        return GRAPH_REFERENCES[qualname]
-    from torch._library.custom_ops import OPDEFS  # the registry of custom_op definitions (no public accessor)
-
-    opdef = OPDEFS.get(qualname)
-    fn = getattr(opdef, "_init_fn", None)
-    if fn is None:
-        raise NotExpressible(f"{qualname}: no reference implementation to trace (not a torch.library.custom_op)")
-    return fn
+    """The function to trace for a dsv4c op (`REFERENCES`); NotExpressible for an op it does not know."""
+    if qualname not in REFERENCES:
+        raise NotExpressible(f"{qualname}: no reference implementation to trace")
+    return REFERENCES[qualname]
 
 
 def trace_reference(qualname: str, named: dict[str, Any]) -> tuple[Plan, dict[str, torch.Tensor]]:

@@ -20,10 +20,12 @@ import torch
 from dsv4c.model import quant
 
 
-@torch.library.custom_op("dsv4c::fake_quant_fp8", mutates_args=())
-def fake_quant_fp8(x: torch.Tensor, block: int) -> torch.Tensor:
+def fake_quant_fp8_reference(x: torch.Tensor, block: int) -> torch.Tensor:
     """`quant.fake_quant_fp8(x, block)` (a fresh tensor: its last step is a product)."""
     return quant.fake_quant_fp8(x, block)
+
+
+fake_quant_fp8 = torch.library.custom_op("dsv4c::fake_quant_fp8", fake_quant_fp8_reference, mutates_args=())
 
 
 @fake_quant_fp8.register_fake
