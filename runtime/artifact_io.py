@@ -179,7 +179,7 @@ class WeightStore(Mapping[str, torch.Tensor]):
         rel = self.file_of(key)
         try:
             with safe_open(str(self.root / rel), framework="pt", device="cpu") as f:
-                return f.get_tensor(key)
+                return _aligned(f.get_tensor(key))
         except SafetensorError as error:
             raise ArtifactError(f"{rel}: cannot read tensor {key!r} ({error})") from None
 
@@ -206,3 +206,14 @@ def _keys(path: Path, rel: str) -> list[str]:
             return list(f.keys())
     except (SafetensorError, OSError) as error:
         raise ArtifactError(f"{rel}: not a readable safetensors file ({error})") from None
+
+
+ALIGNMENT = 64
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` at an address that is a multiple of 64 bytes (a copy where it is not): CPU matmul libraries pick
+    their summation order by the operands' alignment, so a weight read at an odd offset would make one-row
+    products differ in the last bits from the same weight anywhere else."""
+    return tensor if tensor.data_ptr() % ALIGNMENT == 0 else tensor.clone()
+

@@ -152,13 +152,13 @@ class Engine:
             logits, hidden, state = self._step("main", state, torch.stack((last, draft), 1), pos)
             accepted, replacement = verify_draft(target_probs(logits[:, 0], sampling), q, draft, sampling, generator)
             bonus = sample(logits[:, 1], sampling, generator)
+            active = torch.tensor([len(t) < max_new_tokens for t in result.tokens], device=pos.device)
             result.steps += 1
-            result.drafted += len(draft)
-            result.accepted += int(accepted.sum())
-            result.rejected_nonfinite += int((~finite).sum())
+            result.drafted += int(active.sum())  # a finished row's draft is padding, not a draft
+            result.accepted += int((accepted & active).sum())
+            result.rejected_nonfinite += int((~finite & active).sum())
             first = torch.where(accepted, draft, replacement)
             newest = torch.where(accepted, bonus, first)
-            active = torch.tensor([len(t) < max_new_tokens for t in result.tokens], device=pos.device)
             for row in active.nonzero().flatten().tolist():
                 emitted = [int(first[row]), int(bonus[row])] if accepted[row] else [int(first[row])]
                 result.tokens[row].extend(emitted)

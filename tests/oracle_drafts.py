@@ -18,12 +18,15 @@ class OracleDrafts:
     (the MTP step at position p, fed token p + 1, drafts position p + 2).
 
     `prompts` and `continuations` (their plain greedy tokens) in batch order. `wrong(k)` marks the
-    continuation indices k whose draft is off by one token id (greedy verification rejects it); every row
-    of a batch then accepts and rejects at the same steps. `nan` makes every draft's logits NaN."""
+    continuation indices k whose draft is off by one token id (greedy verification rejects it), in the
+    sequences `wrong_rows` names (default: every row, which then accept and reject at the same steps).
+    `nan` makes every draft's logits NaN."""
 
     def __init__(self, inner, prompts: list[list[int]], continuations: list[list[int]],
-                 wrong: Callable[[int], bool] = lambda k: False, nan: bool = False):
+                 wrong: Callable[[int], bool] = lambda k: False, nan: bool = False,
+                 wrong_rows: set[int] | None = None):
         self.inner, self.wrong, self.nan = inner, wrong, nan
+        self.wrong_rows = set(range(len(prompts))) if wrong_rows is None else set(wrong_rows)
         self.prompt_lengths = [len(p) for p in prompts]
         self.sequences = [p + c for p, c in zip(prompts, continuations)]
 
@@ -39,7 +42,8 @@ class OracleDrafts:
             for t in range(logits.shape[1]):
                 pos = int(inputs["start"][row]) + t + 2
                 token = seq[pos] if pos < len(seq) else 0
-                logits[row, t, (token + 1) % vocab if self.wrong(pos - self.prompt_lengths[which]) else token] = 1.0
+                off = which in self.wrong_rows and self.wrong(pos - self.prompt_lengths[which])
+                logits[row, t, (token + 1) % vocab if off else token] = 1.0
         out["logits"] = logits * float("nan") if self.nan else logits
         return out
 

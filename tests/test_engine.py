@@ -68,6 +68,18 @@ def test_accepted_and_rejected_drafts_leave_no_trace(runner):
     assert (mixed.steps, mixed.drafted, mixed.accepted) == (steps, 2 * steps, 2 * accepted)
 
 
+def test_a_finished_row_counts_no_drafts(runner):
+    """Row 0's drafts are all right (it finishes after 6 steps), row 1's all wrong (11 steps): the padding
+    steps of the finished row are not drafts."""
+    ps = prompts(2)[:2]
+    plain = engine(runner).generate(ps, 12)
+    oracle = OracleDrafts(runner, ps, plain.tokens, wrong=lambda k: True, wrong_rows={1})
+    result = engine(oracle).generate(ps, 12, mtp=1)
+    right, wrong = expected_counts(12, lambda k: False), expected_counts(12, lambda k: True)
+    assert result.tokens == plain.tokens
+    assert (result.steps, result.drafted, result.accepted) == (wrong[0], right[0] + wrong[0], right[1])
+
+
 def test_nonfinite_drafts_are_rejected_and_counted(runner):
     ps = prompts(3)
     plain = engine(runner).generate(ps, 8)
