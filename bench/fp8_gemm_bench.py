@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import statistics
 import subprocess
 import traceback
 
@@ -34,6 +33,7 @@ from dsv4c.codegen.kernels import fp8_gemm
 from dsv4c.codegen.kernels.fp8_gemm_launch import Fp8GemmLaunch, fp8_gemm_launch, split_blocks
 from dsv4c.codegen.targets import target_for_device
 from dsv4c.model import quant
+from gpu_timing import copy_gbps, graph_us  # bench/gpu_timing.py (scripts run from bench/)
 
 # DeepSeek-V4-Flash's FP8 linears: name -> (N = out features, K = in features)
 SHAPES = {"wq_a": (1024, 4096), "wq_b": (32768, 1024), "wkv": (512, 4096), "wo_b": (4096, 8192),
@@ -64,38 +64,6 @@ def input_sets(m: int, n: int, k: int, l2_bytes: int) -> list[dict]:
 
 
 # ---- timing --------------------------------------------------------------------------------------------
-def graph_us(fn, arg_sets: list[tuple], replays: int = 30) -> float:
-    """Median microseconds per call of `fn` over CUDA-graph replays that run it once on every input set."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for args in arg_sets[:2]:
-            fn(*args)  # compile outside the graph
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for args in arg_sets:
-            fn(*args)
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(arg_sets))
-    return statistics.median(times)
-
-
-def copy_gbps() -> float:
-    """Device-to-device copy bandwidth (bytes read + written), median of a 1 GiB copy."""
-    src = torch.empty(2**28, dtype=torch.float32, device="cuda").uniform_()
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=5, rep=50, return_mode="median")
-    return 2 * src.numel() * 4 / ms / 1e6
-
-
 # ---- correctness ---------------------------------------------------------------------------------------
 def rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     assert not got.isnan().any(), "NaN in the kernel's output (an element left unwritten?)"

@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import statistics
 import subprocess
 
 import torch
@@ -34,6 +33,7 @@ from dsv4c.codegen.kernels import mhc
 from dsv4c.codegen.kernels.launcher import JIT
 from dsv4c.codegen.kernels.mhc_launch import MIN_DOT, dot_launch, mhc_launch, split_over
 from dsv4c.codegen.targets import target_for_device
+from gpu_timing import copy_gbps, graph_us  # bench/gpu_timing.py (scripts run from bench/)
 
 RMS_EPS = HC_EPS = 1e-6
 OPS = ("hc_pre", "hc_post_pre", "hc_head")
@@ -80,43 +80,11 @@ def floor_bytes(op: str, tokens: int, hc: int, hidden: int, elt: int) -> int:
 
 
 # ---- timing --------------------------------------------------------------------------------------------
-def graph_us(fn, arg_sets: list[tuple], replays: int = 30) -> float:
-    """Median microseconds per call of `fn` over CUDA-graph replays that run it once on every input set."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for args in arg_sets[:2]:
-            fn(*args)  # compile / autotune outside the graph
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for args in arg_sets:
-            fn(*args)
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(arg_sets))
-    return statistics.median(times)
-
-
 def launch_us(fn, arg_sets: list[tuple]) -> float:
     """Median microseconds per call launched from Python, no graph (rotating sets)."""
     it = iter(range(10**9))
     return triton.testing.do_bench(lambda: fn(*arg_sets[next(it) % len(arg_sets)]), warmup=25, rep=100,
                                    return_mode="median") * 1e3
-
-
-def copy_gbps() -> float:
-    """Device-to-device copy bandwidth (bytes read + written), median of a 1 GiB copy."""
-    src = torch.empty(2**28, dtype=torch.float32, device="cuda").uniform_()
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=5, rep=50, return_mode="median")
-    return 2 * src.numel() * 4 / ms / 1e6
 
 
 # ---- correctness ---------------------------------------------------------------------------------------

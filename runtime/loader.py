@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 
@@ -24,7 +24,6 @@ from dsv4c.runtime.state_pool import StatePool, StateSpec
 from dsv4c.runtime import capacity
 from dsv4c.runtime.step_runner import BUCKETS, BucketRunner, bucket_for
 from dsv4c.runtime.executor import Executor, weight_inputs
-from dsv4c.runtime.plan import decode_dtype
 
 
 def plan_executors(artifact: Artifact, device: torch.device, kernels: KernelPlan) -> dict[str, Executor]:

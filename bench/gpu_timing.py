@@ -1,0 +1,41 @@
+"""Timing helpers the GPU benchmarks share: CUDA-graph replays over rotating input sets, and the copy bandwidth
+every byte floor is divided by (bytes read + written, measured in the same run)."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+import triton
+
+
+def graph_us(fn, arg_sets: list[tuple], replays: int = 30) -> float:
+    """Median microseconds per call of `fn` over CUDA-graph replays that run it once on every input set."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for args in arg_sets[:2]:
+            fn(*args)  # compile / autotune outside the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for args in arg_sets:
+            fn(*args)
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(arg_sets))
+    return statistics.median(times)
+
+
+def copy_gbps() -> float:
+    """Device-to-device copy bandwidth (bytes read + written), median of a 1 GiB copy."""
+    src = torch.empty(2**28, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=5, rep=50, return_mode="median")
+    return 2 * src.numel() * 4 / ms / 1e6
