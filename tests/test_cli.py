@@ -244,10 +244,14 @@ def test_compile_never_writes_over_or_into_its_input(tiny_ckpt, output, relation
     assert Checkpoint.open(tiny_ckpt).config.layer_pattern() == tiny().layer_pattern()
 
 
+# What the `dsv4c` console script runs (pyproject.toml's entry point).
+CONSOLE_SCRIPT = "import sys; from dsv4c.compiler.cli import main; sys.exit(main())"
+
+
 def _interrupted_when_capturing(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
     """Run the CLI in a child (its progress drawn as on a terminal), send SIGINT once it says it is capturing a
     step variant, and return its exit code and stderr."""
-    proc = subprocess.Popen([sys.executable, "-m", "dsv4c.compiler.cli", *argv], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", CONSOLE_SCRIPT, *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env={**os.environ, "TTY_COMPATIBLE": "1", **env},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen, deadline = b"", time.monotonic() + CHILD_LIMIT_S
