@@ -20,20 +20,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import subprocess
 import traceback
 
 import torch
-import triton
 
 from dsv4c.codegen import fp8_linear as op
 from dsv4c.codegen.kernels import fp8_gemm
 from dsv4c.codegen.kernels.fp8_gemm_launch import Fp8GemmLaunch, fp8_gemm_launch, split_blocks
 from dsv4c.codegen.targets import target_for_device
 from dsv4c.model import quant
-from gpu_timing import copy_gbps, graph_us  # bench/gpu_timing.py (scripts run from bench/)
+from gpu_common import copy_gbps, environment, graph_us  # bench/gpu_common.py (scripts run from bench/)
 
 # DeepSeek-V4-Flash's FP8 linears: name -> (N = out features, K = in features)
 SHAPES = {"wq_a": (1024, 4096), "wq_b": (32768, 1024), "wkv": (512, 4096), "wo_b": (4096, 8192),
@@ -100,15 +97,6 @@ def check_ok(c: dict) -> bool:
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
-def environment() -> dict:
-    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                         capture_output=True, text=True).stdout.strip()
-    return dict(card=torch.cuda.get_device_name(), nvidia_smi=smi, torch=torch.__version__,
-                triton=triton.__version__, cuda=torch.version.cuda,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                target=target_for_device("cuda").name)
-
-
 def fp8_call(launch=None, act_quant=True):
     return lambda x, w, s, dense: fp8_gemm.fp8_linear(x, w, s, act_quant, torch.bfloat16, launch=launch)
 

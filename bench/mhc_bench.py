@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import subprocess
 
 import torch
 import triton
@@ -33,7 +31,7 @@ from dsv4c.codegen.kernels import mhc
 from dsv4c.codegen.kernels.launcher import JIT
 from dsv4c.codegen.kernels.mhc_launch import MIN_DOT, dot_launch, mhc_launch, split_over
 from dsv4c.codegen.targets import target_for_device
-from gpu_timing import copy_gbps, graph_us  # bench/gpu_timing.py (scripts run from bench/)
+from gpu_common import copy_gbps, environment, graph_us  # bench/gpu_common.py (scripts run from bench/)
 
 RMS_EPS = HC_EPS = 1e-6
 OPS = ("hc_pre", "hc_post_pre", "hc_head")
@@ -123,15 +121,6 @@ def writers_agree(tokens: int, hc: int, hidden: int, iters: int, dtype: torch.dt
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
-def environment() -> dict:
-    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                         capture_output=True, text=True).stdout.strip()
-    return dict(card=torch.cuda.get_device_name(), nvidia_smi=smi, torch=torch.__version__,
-                triton=triton.__version__, cuda=torch.version.cuda,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                target=target_for_device("cuda").name)
-
-
 def input_sets(tokens, hc, hidden, dtype, l2_bytes) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     per_set = floor_bytes("hc_post_pre", tokens, hc, hidden, dtype.itemsize)

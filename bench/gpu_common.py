@@ -1,12 +1,16 @@
-"""Timing helpers the GPU benchmarks share: CUDA-graph replays over rotating input sets, and the copy bandwidth
-every byte floor is divided by (bytes read + written, measured in the same run)."""
+"""What the GPU benchmarks share: CUDA-graph replays over rotating input sets, the copy bandwidth every byte
+floor is divided by (bytes read + written, measured in the same run), and the card and versions a table names."""
 
 from __future__ import annotations
 
+import datetime
 import statistics
+import subprocess
 
 import torch
 import triton
+
+from dsv4c.codegen.targets import target_for_device
 
 
 def graph_us(fn, arg_sets: list[tuple], replays: int = 30) -> float:
@@ -39,3 +43,12 @@ def copy_gbps() -> float:
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=5, rep=50, return_mode="median")
     return 2 * src.numel() * 4 / ms / 1e6
+
+
+def environment() -> dict:
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip()
+    return dict(card=torch.cuda.get_device_name(), nvidia_smi=smi, torch=torch.__version__,
+                triton=triton.__version__, cuda=torch.version.cuda,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                target=target_for_device("cuda").name)
