@@ -209,7 +209,7 @@ def bench(artifact: str | Path, options: BenchOptions, progress: Progress = lamb
             ms = time_steps(engine.runner, rows_state, last, start, options.steps, mtp)
             rows.append(Row("dsv4c", batch, mtp, ms, 1.0 + mtp * accepted,
                             step_bytes(cfg, batch, options.context, bool(mtp)).total, None))
-    del engine, state
+    del engine, state, rows_state  # the pool goes before the baselines take their memory
     _release()
     if "eager" in options.baselines or "inductor" in options.baselines:
         _baselines(artifact, manifest, cfg, options, rows, reference_tokens, accepted, progress)
