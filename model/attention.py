@@ -205,11 +205,14 @@ def attention(x: torch.Tensor, start: torch.Tensor, layer: int, prefix: str, w: 
 
 
 def output_projection(out: torch.Tensor, w: Weights, prefix: str, cfg: ModelConfig, num: Numerics) -> torch.Tensor:
-    """Grouped low-rank projection: per group `wo_a` (a plain einsum, no activation rounding), then `wo_b`."""
+    """Grouped low-rank projection: group g's slice of the output times its rows of `wo_a` (a plain fp32
+    product, no activation rounding: DeepSeek's grouped einsum, one group at a time), then `wo_b`."""
     groups = cfg.o_groups
     grouped = out.flatten(-2).unflatten(-1, (groups, -1))  # [B, T, G, H*d/G]
-    wo_a = w[prefix + "attn.wo_a.weight"].unflatten(0, (groups, -1))  # [G, o_lora, H*d/G]
-    mid = torch.einsum("btgi,goi->btgo", grouped.float(), wo_a.float()).to(num.dtype).flatten(-2)
+    wo_a = w[prefix + "attn.wo_a.weight"]  # [G * o_lora, H*d/G], group g in rows g*o_lora .. (g+1)*o_lora
+    rows = wo_a.shape[0] // groups
+    mid = torch.cat([linear(grouped[..., g, :], wo_a[g * rows:(g + 1) * rows], num, quantized=False)
+                     for g in range(groups)], dim=-1)
     return linear(mid, w[prefix + "attn.wo_b.weight"], num, quantized=True)
 
 

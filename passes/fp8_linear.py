@@ -13,14 +13,17 @@ What is looked through, and why it is exact (the op computes `fake_quant_rows(x)
   e4m3 value (4 significant bits) times a power-of-two scale is exact in bf16 for every scale >= 2^-124 (e8m0
   byte >= 3; quantize_fp8_weight's amax floor gives >= 2^-22). An fp16 rounding is not exact: no match;
 - the rounding's own cast back to x's dtype (e4m3 times its scale, a power of two >= 2^-22 by the amax floor,
-  is exact in bf16).
+  is exact in bf16);
+- a row slice of the decoded weight made of whole 128-row scale blocks (the grouped output projection: each
+  group times its rows of `wo_a`, model/attention.py): the op then reads the same rows of the packed weight
+  and of its scales, as views.
 The activation rounding is recognised only as the `dsv4c::fake_quant_fp8` node with block 128 that
 model/layers.py emits (model/rounding_ops.py says why it is one node); any other activation, a rounding by
 another block or a hand-written chain included, is x itself with act_quant False (the op then computes
 exactly the graph's `x.float() @ W.T`). The operands must fit the op (its own `check_operands`): x fp32 or
 bf16, w `float8_e4m3fn [N, K]`, s `[ceil(N/128), ceil(K/128)]` (a larger scale the decode would crop: no
 match). Left alone: matmuls on any other weight (bf16, fp32, MXFP4 decodes), a weight not transposed, an
-fp16 weight path. A decode or rounding that other nodes still read stays for them; the rest is erased.
+fp16 weight path, a row slice that cuts a scale block. A decode or rounding that other nodes still read stays for them; the rest is erased.
 
 Before: a flat aten graph with FakeTensor `meta["val"]`; for the captured step, after noop_removal /
 dead_code / cse (one node per value, so one decode per weight and one rounding per activation).
@@ -43,13 +46,15 @@ from dsv4c.codegen import ops  # noqa: F401  (registers the dsv4c ops the captur
 from dsv4c.codegen.fp8_linear import check_operands
 from dsv4c.model import rounding_ops  # noqa: F401  (registers dsv4c::fake_quant_fp8, which this pass reads)
 from dsv4c.passes.graph_match import (VIEWS, arg, downcast_source, dtype, erase_dead_ancestors, is_,
-                                      is_call, is_topological, linear, replace_with_op, stable_toposort,
+                                      is_call, is_topological, linear, replace_with_op, shape, stable_toposort,
                                       upcast_source)
 from dsv4c.passes.manager import PassContext, PassRecord, make_record
 from dsv4c.passes.op_facts import count_nodes, tensor_val
 from dsv4c.passes.shape_propagation import nodes_without_val, refresh_fake_values
 
+aten = torch.ops.aten
 dsv4c = torch.ops.dsv4c
+SCALE_BLOCK = 128  # rows of an FP8 weight one e8m0 scale covers
 ACT_QUANT_BLOCK = 128  # the block model/layers.py rounds activations in before an FP8/FP4 weight
 EXACT_WEIGHT_ROUNDINGS = (torch.float32, torch.bfloat16)  # dtypes a decoded FP8 weight passes through exactly
 
@@ -62,15 +67,48 @@ class Fp8Linear(NamedTuple):
     args: tuple  # (x, weight, scale, act_quant, out_dtype)
 
 
+class RowBlock(NamedTuple):
+    """Rows [start, stop) of a packed weight (whole 128-row scale blocks, or through its last row): the
+    grouped output projection multiplies each group by its own rows of `wo_a`."""
+
+    weight: fx.Node
+    scale: fx.Node
+    start: int
+    stop: int
+
+    def scale_rows(self) -> tuple[int, int]:
+        return self.start // SCALE_BLOCK, -(-self.stop // SCALE_BLOCK)
+
+
 # ---- the pieces ------------------------------------------------------------------------------------------
-def packed_weight(node: Any) -> tuple[fx.Node, fx.Node] | None:
-    """(e4m3 weight, e8m0 scale) of `dequant_fp8_weight(w, s, f32 | bf16)`, read through exact casts."""
+def packed_weight(node: Any) -> tuple[fx.Node, fx.Node] | RowBlock | None:
+    """(e4m3 weight, e8m0 scale) of `dequant_fp8_weight(w, s, f32 | bf16)`, read through exact casts; a
+    `RowBlock` where the decoded weight is read through a row slice of whole scale blocks."""
     node = upcast_source(node)
+    rows = _row_slice(node)
+    if rows is not None:
+        node = upcast_source(node.args[0])
     if dtype(node) == torch.bfloat16 and downcast_source(node) is not None:
         node = downcast_source(node)
     if not is_(node, dsv4c.dequant_fp8_weight.default) or arg(node, 2, "dtype") not in EXACT_WEIGHT_ROUNDINGS:
         return None
-    return node.args[0], node.args[1]
+    if rows is None:
+        return node.args[0], node.args[1]
+    start, stop = rows
+    total = shape(node)[0]
+    if start % SCALE_BLOCK or not (stop % SCALE_BLOCK == 0 or stop == total):
+        return None
+    return RowBlock(node.args[0], node.args[1], start, stop)
+
+
+def _row_slice(node: Any) -> tuple[int, int] | None:
+    """(start, stop) of `slice(t, 0, start, stop, 1)` with constant bounds, else None."""
+    if not is_(node, aten.slice.Tensor) or arg(node, 1, "dim", 0) != 0 or arg(node, 4, "step", 1) != 1:
+        return None
+    start, stop, size = arg(node, 2, "start", 0), arg(node, 3, "end", None), shape(node.args[0])
+    if not isinstance(start, int) or not isinstance(stop, int) or size is None or not size[0].is_Integer:
+        return None
+    return max(start, 0), min(stop, int(size[0]))
 
 
 def activation(node: Any) -> tuple[fx.Node, bool]:
@@ -88,9 +126,14 @@ def product_nodes(product: fx.Node) -> tuple[fx.Node, ...]:
     return (product,)
 
 
-def fits(x: fx.Node, weight: fx.Node, scale: fx.Node, out_dtype: torch.dtype) -> bool:
+def fits(x: fx.Node, weight: fx.Node | RowBlock, scale: fx.Node | None, out_dtype: torch.dtype) -> bool:
     """The op accepts these operands (the same check its fake function makes)."""
-    vals = [tensor_val(n) for n in (x, weight, scale)]
+    if isinstance(weight, RowBlock):
+        first, last = weight.scale_rows()
+        vals = [tensor_val(x), _rows(tensor_val(weight.weight), weight.start, weight.stop),
+                _rows(tensor_val(weight.scale), first, last)]
+    else:
+        vals = [tensor_val(n) for n in (x, weight, scale)]
     if any(v is None for v in vals):
         return False
     try:
@@ -111,9 +154,15 @@ def match(node: fx.Node) -> Fp8Linear | None:
     if packed is None:
         return None
     x, act_quant = activation(operands[0])
-    if not fits(x, *packed, dtype(node)):
+    weight = packed if isinstance(packed, RowBlock) else packed[0]
+    scale = None if isinstance(packed, RowBlock) else packed[1]
+    if not fits(x, weight, scale, dtype(node)):
         return None
-    return Fp8Linear(node, product_nodes(product), (x, *packed, act_quant, dtype(node)))
+    return Fp8Linear(node, product_nodes(product), (x, weight, scale, act_quant, dtype(node)))
+
+
+def _rows(val: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    return None if val is None else val[start:stop]
 
 
 def find_fp8_linears(graph: fx.Graph) -> list[Fp8Linear]:
@@ -151,9 +200,26 @@ def _rewrite(graph: fx.Graph, found: list[Fp8Linear]) -> None:
     """Each match in graph order, its x the new op of an earlier match where it was that match's output."""
     replaced: dict[fx.Node, fx.Node] = {}
     for fused in found:
-        args = tuple(replaced.get(a, a) if isinstance(a, fx.Node) else a for a in fused.args)
+        x, weight, scale, *rest = fused.args
+        if isinstance(weight, RowBlock):
+            weight, scale = _sliced(graph, weight)
+        args = (replaced.get(x, x), weight, scale, *rest)
         (new,) = replace_with_op(graph, dsv4c.fp8_linear.default, args, (fused.output,))
         replaced[fused.output] = new
     erase_dead_ancestors(graph, replaced)
     if not is_topological(graph):
         stable_toposort(graph)
+
+
+def _sliced(graph: fx.Graph, block: RowBlock) -> tuple[fx.Node, fx.Node]:
+    """Row slices of the packed weight and of its scales (views: nothing is copied)."""
+    first, last = block.scale_rows()
+    nodes = []
+    for source, start, stop in ((block.weight, block.start, block.stop), (block.scale, first, last)):
+        with graph.inserting_after(source):
+            node = graph.call_function(aten.slice.Tensor, (source, 0, start, stop))
+        val = tensor_val(source)
+        if val is not None:
+            node.meta["val"] = val[start:stop]
+        nodes.append(node)
+    return nodes[0], nodes[1]

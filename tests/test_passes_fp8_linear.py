@@ -192,3 +192,31 @@ def test_near_misses(name):
         assert node.args[4] == (torch.float32 if name == "product_read_elsewhere" else torch.bfloat16)
         if name == "rounding_by_64":
             assert node.args[0].target is torch.ops.dsv4c.fake_quant_fp8.default and node.args[0].args[1] == 64
+
+
+# ---- the grouped output projection: rows of one decoded weight per group ------------------------------
+def _grouped(rows_per_group, groups=2):
+    """model/attention.py's output_projection on a [groups * rows, K] weight: group g times its rows."""
+    num = Numerics(dtype=torch.bfloat16, act_quant=False)
+
+    def fn(m, x, w, s):
+        weight = _decoded(w, s)
+        return (torch.cat([layers.linear(x[..., g, :], weight[g * rows_per_group:(g + 1) * rows_per_group], num,
+                                         False) for g in range(groups)], dim=-1),)
+    make = lambda batch: [torch.randn(batch, groups, K).to(torch.bfloat16),
+                          *_packed(groups * rows_per_group, K)]
+    return fn, make
+
+
+def test_group_rows_of_whole_scale_blocks_fuse_on_slices_of_the_packed_weight():
+    fn, make = _grouped(128)
+    gm, record, _ = _run(fn, make)
+    assert record.matches == 2 and record.details["decodes_left"] == 0
+    slices = [n for n in gm.graph.nodes if n.target is torch.ops.aten.slice.Tensor and n.args[0].op == "placeholder"]
+    assert sorted((n.args[2], n.args[3]) for n in slices) == [(0, 1), (0, 128), (1, 2), (128, 256)]
+
+
+def test_group_rows_inside_a_scale_block_are_left_alone():
+    fn, make = _grouped(64)  # the second group starts in the middle of the first 128-row scale block
+    gm, record, _ = _run(fn, make)
+    assert record.matches == 0 and "dsv4c.fp8_linear.default" not in targets(gm)
