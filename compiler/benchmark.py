@@ -22,6 +22,7 @@ import gc
 import json
 import platform
 import statistics
+import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -64,6 +65,7 @@ class Row:
     tokens_per_step: float
     floor_bytes: float
     tokens_match: bool | None
+    host_ms: float = 0.0
 
     @property
     def ms_per_token(self) -> float:
@@ -163,24 +165,29 @@ def greedy_tokens(runner: StepRunner, state: dict, last: torch.Tensor, start: in
     return out_tokens
 
 
-def time_steps(runner: StepRunner, state: dict, last: torch.Tensor, start: int, steps: int, mtp: int) -> float:
-    """Median ms of one decode step (mtp 0) or one verify + draft step pair (mtp 1) at the state's batch."""
+def time_steps(runner: StepRunner, state: dict, last: torch.Tensor, start: int, steps: int,
+               mtp: int) -> tuple[float, float]:
+    """Median ms of one decode step (mtp 0) or one verify + draft step pair (mtp 1) at the state's batch, on the
+    device (CUDA events) and on the host (the runner calls until they return, before the synchronisation)."""
     batch = next(iter(state.values())).shape[0]
     token = last.view(1, 1).expand(batch, 1 + mtp).contiguous()
     hidden = None
-    times = []
+    times, host = [], []
     for i in range(steps + 3):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
+        host_begin = time.perf_counter()
         out, state = _step(runner, f"main_t{1 + mtp}", state, token, start + i * (1 + mtp))
         if mtp:
             hidden = out["hidden"]
             _, state = _step(runner, f"mtp_t{1 + mtp}", state, token, start + i * (1 + mtp), hidden)
+        host_ms = (time.perf_counter() - host_begin) * 1e3
         end.record()
         torch.cuda.synchronize()
         if i >= 3:
             times.append(begin.elapsed_time(end))
-    return statistics.median(times)
+            host.append(host_ms)
+    return statistics.median(times), statistics.median(host)
 
 
 def bench(artifact: str | Path, options: BenchOptions, progress: Progress = lambda m: None) -> dict:
@@ -206,9 +213,9 @@ def bench(artifact: str | Path, options: BenchOptions, progress: Progress = lamb
         compiled_tokens[batch] = greedy_tokens(engine.runner, rows_state, last, start, options.check_steps)
         for mtp in options.mtp:
             progress(f"timing dsv4c at batch {batch}, mtp {mtp}")
-            ms = time_steps(engine.runner, rows_state, last, start, options.steps, mtp)
+            ms, host_ms = time_steps(engine.runner, rows_state, last, start, options.steps, mtp)
             rows.append(Row("dsv4c", batch, mtp, ms, 1.0 + mtp * accepted,
-                            step_bytes(cfg, batch, options.context, bool(mtp)).total, None))
+                            step_bytes(cfg, batch, options.context, bool(mtp)).total, None, host_ms))
     del engine, state, rows_state  # the pool goes before the baselines take their memory
     _release()
     if "eager" in options.baselines or "inductor" in options.baselines:
@@ -256,10 +263,10 @@ def _baselines(artifact, manifest, cfg, options, rows, reference_tokens, accepte
                 reference_tokens[batch] = greedy_tokens(runner, rows_state, last, options.context, options.check_steps)
             for mtp in options.mtp:
                 progress(f"timing {kind} at batch {batch}, mtp {mtp}")
-                ms = time_steps(runner, {k: v.clone() for k, v in rows_state.items()}, last, options.context,
-                                max(5, options.steps // 3), mtp)
+                ms, host_ms = time_steps(runner, {k: v.clone() for k, v in rows_state.items()}, last,
+                                         options.context, max(5, options.steps // 3), mtp)
                 rows.append(Row(kind, batch, mtp, ms, 1.0 + mtp * accepted,
-                                step_bytes(cfg, batch, options.context, bool(mtp)).total, None))
+                                step_bytes(cfg, batch, options.context, bool(mtp)).total, None, host_ms))
         del state, engine
         _release()
 
@@ -331,13 +338,14 @@ def table_rows(report: dict) -> list[Sequence[str]]:
     out = []
     for r in report["rows"]:
         match = {None: "-", True: "yes", False: "NO"}[r["tokens_match"]]
-        out.append((r["runner"], str(r["batch"]), str(r["mtp"]), f"{r['step_ms']:.3f}", f"{r['tok_s_user']:.1f}",
+        out.append((r["runner"], str(r["batch"]), str(r["mtp"]), f"{r['step_ms']:.3f}", f"{r['host_ms']:.3f}",
+                    f"{r['tok_s_user']:.1f}",
                     f"{r['tok_s_gpu']:.0f}", f"{r['floor_bytes'] / 1e9:.3f}", f"{r['bandwidth_gb_s']:.0f}",
                     f"{r['measured_over_floor']:.2f}", match))
     return out
 
 
-TABLE_COLUMNS = ("runner", "batch", "mtp", "step ms", "tok/s/user", "tok/s/GPU", "floor GB", "GB/s",
+TABLE_COLUMNS = ("runner", "batch", "mtp", "step ms", "host ms", "tok/s/user", "tok/s/GPU", "floor GB", "GB/s",
                  "measured/floor", "tokens = eager")
 
 
