@@ -9,16 +9,17 @@ then for each batch and MTP setting:
 - tok/s/user = 1000 / ms per output token (with MTP: (1 + accepted drafts) tokens per verify + draft step),
   tok/s/GPU = batch x tok/s/user; the bytes the step must read (model/step_bytes.py), the bandwidth that implies,
   and measured / floor against a device-to-device copy bandwidth measured in the same run.
-Baselines in the same run: `eager` (the reference model, weights dequantised to bf16 once, no graphs) and
-`inductor` (torch.compile of the same step, mode max-autotune). `transformers` is not offered: its
-`DeepseekV4ForCausalLM` builds no MTP module and its cache cannot be filled from ours, so the run would not be
-the same workload; the bench says so when asked.
+Baselines in the same run: `eager` (the reference model, weights dequantised to bf16 once, no graphs),
+`inductor` (torch.compile of the same step, mode max-autotune) and `transformers` (its `DeepseekV4ForCausalLM`
+on the same bf16 weights, its own cache filled with the same context; decode rows only, since transformers
+builds no MTP module).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib.util
 import json
 import platform
 import statistics
@@ -38,7 +39,8 @@ from dsv4c.runtime.engine import Engine, StepRunner
 from dsv4c.runtime.loader import load
 from dsv4c.runtime.step_runner import BUCKETS
 
-BASELINES = ("eager", "inductor")
+BASELINES = ("eager", "inductor", "transformers")
+TRANSFORMERS_PREFILL_CHUNK = 256
 Progress = Callable[[str], None]
 
 
@@ -104,8 +106,9 @@ def validate(manifest: Mapping, options: BenchOptions) -> None:
         raise BenchError(f"--mtp: this artifact drafts at most {drafts} token(s) a step; got {max(options.mtp)}")
     unknown = set(options.baselines) - set(BASELINES)
     if unknown:
-        raise BenchError(f"--baselines: unknown {sorted(unknown)}; available: {', '.join(BASELINES)} "
-                         f"(transformers' model has no MTP module and no cache of ours to fill: not comparable)")
+        raise BenchError(f"--baselines: unknown {sorted(unknown)}; available: {', '.join(BASELINES)}")
+    if "transformers" in options.baselines and importlib.util.find_spec("transformers") is None:
+        raise BenchError("--baselines transformers: transformers is not installed (pip install transformers)")
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -123,11 +126,15 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / statistics.median(times[2:])
 
 
+def context_tokens(vocab_size: int, context: int, seed: int) -> torch.Tensor:
+    """The bench's context: `[1, context]` random token ids in [2, vocab_size), the same for every runner."""
+    return torch.randint(2, vocab_size, (1, context), generator=torch.Generator().manual_seed(seed))
+
+
 def filled_state(engine: Engine, runner: StepRunner, rows: int, context: int, seed: int) -> tuple[dict, torch.Tensor]:
     """State of `rows` sequences whose first `context` positions hold one random context (prefilled once in
     chunks of the engine's prefill variant, then copied to every row), and the last token of that context."""
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(2, engine.vocab_size, (1, context), generator=gen).to(engine.device)
+    tokens = context_tokens(engine.vocab_size, context, seed).to(engine.device)
     state = engine.new_state(rows)
     one = {k: v[:1] for k, v in state.items()}
     chunk = engine.prefill_chunk
@@ -238,20 +245,16 @@ def _acceptance(engine: Engine, options: BenchOptions) -> float:
 
 
 def _baselines(artifact, manifest, cfg, options, rows, reference_tokens, accepted, progress) -> None:
-    """The eager reference (and Inductor of it) on bf16 weights dequantised once, from the same context."""
+    """The eager reference (and Inductor of it) on bf16 weights dequantised once, from the same context; then
+    transformers' model on the same weights (its own cache, filled with the same context)."""
     num = Numerics(**{k: (getattr(torch, v) if k == "dtype" else v) for k, v in manifest["numerics"].items()})
     store = load_artifact(artifact).weights
-    progress("dequantising the weights for the eager baseline")
-    weights = {}
-    names = [n for n in store if not n.startswith("constants.") and not n.endswith(".scale")]
-    for name in names:
-        raw = {name: store[name].to("cuda")}
-        scale = name[: -len("weight")] + "scale" if name.endswith(".weight") else None
-        if scale is not None and scale in store:
-            raw[scale] = store[scale].to("cuda")
-        weights.update(dequantize_weights(raw, num))
-    specs = state_specs(cfg, manifest["max_seq_len"], num)
-    for kind in [b for b in options.baselines if b in BASELINES]:
+    ours = [b for b in options.baselines if b in ("eager", "inductor")]
+    if ours:
+        progress("dequantising the weights for the eager baseline")
+        weights = _dequantised(store, num, "cuda")
+        specs = state_specs(cfg, manifest["max_seq_len"], num)
+    for kind in ours:
         runner = EagerRunner(weights, cfg, num) if kind == "eager" else _InductorRunner(weights, cfg, num)
         engine = Engine(runner, specs, manifest["prefill_chunk"], manifest["max_seq_len"], "cuda",
                         vocab_size=cfg.vocab_size)
@@ -267,7 +270,69 @@ def _baselines(artifact, manifest, cfg, options, rows, reference_tokens, accepte
                                          options.context, max(5, options.steps // 3), mtp)
                 rows.append(Row(kind, batch, mtp, ms, 1.0 + mtp * accepted,
                                 step_bytes(cfg, batch, options.context, bool(mtp)).total, None, host_ms))
-        del state, engine
+        del state, engine, runner
+        _release()
+    if ours:
+        del weights
+        _release()
+    if "transformers" in options.baselines:
+        progress("dequantising the weights for transformers' model")
+        _transformers_rows(cfg, _dequantised(store, num, "cpu"), num.dtype, options, rows, reference_tokens,
+                           progress)
+
+
+def _dequantised(store, num: Numerics, keep_on: str) -> dict[str, torch.Tensor]:
+    """Every checkpoint weight of the artifact's store decoded to the activation dtype (on the GPU, one tensor
+    at a time) and kept on `keep_on`."""
+    weights = {}
+    names = [n for n in store if not n.startswith("constants.") and not n.endswith(".scale")]
+    for name in names:
+        raw = {name: store[name].to("cuda")}
+        scale = name[: -len("weight")] + "scale" if name.endswith(".weight") else None
+        if scale is not None and scale in store:
+            raw[scale] = store[scale].to("cuda")
+        weights.update({k: v.to(keep_on) for k, v in dequantize_weights(raw, num).items()})
+    return weights
+
+
+def _transformers_rows(cfg, weights, dtype, options, rows, reference_tokens, progress) -> None:
+    """transformers' `DeepseekV4ForCausalLM` in `dtype` on the GPU: per batch, its cache filled with the
+    bench's context (chunks of `TRANSFORMERS_PREFILL_CHUNK`), greedy tokens checked against the eager
+    reference's, then decode steps timed. No MTP rows: transformers builds no MTP module."""
+    from dsv4c.compiler.transformers_model import new_cache, step_logits, transformers_model
+
+    model = transformers_model(cfg, weights, dtype=dtype, device="cuda")
+    del weights
+    _release()
+    tokens = context_tokens(cfg.vocab_size, options.context, seed=0).cuda()
+    for batch in options.batches:
+        progress(f"filling transformers' cache at batch {batch}")
+        cache = new_cache(model)
+        rows_tokens = tokens.expand(batch, -1)
+        for begin in range(0, options.context, TRANSFORMERS_PREFILL_CHUNK):
+            step_logits(model, rows_tokens[:, begin:begin + TRANSFORMERS_PREFILL_CHUNK], cache)
+        token = rows_tokens[:, -1:].contiguous()
+        greedy = []
+        for _ in range(options.check_steps):
+            token = step_logits(model, token, cache)[:, -1].argmax(-1, keepdim=True)
+            greedy.append(token.view(-1).tolist())
+        progress(f"timing transformers at batch {batch}, mtp 0")
+        times, host = [], []
+        for i in range(max(5, options.steps // 3) + 3):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            host_begin = time.perf_counter()
+            step_logits(model, token, cache)
+            host_ms = (time.perf_counter() - host_begin) * 1e3
+            end.record()
+            torch.cuda.synchronize()
+            if i >= 3:
+                times.append(begin.elapsed_time(end))
+                host.append(host_ms)
+        match = greedy == reference_tokens[batch] if batch in reference_tokens else None
+        rows.append(Row("transformers", batch, 0, statistics.median(times), 1.0,
+                        step_bytes(cfg, batch, options.context, False).total, match, statistics.median(host)))
+        del cache
         _release()
 
 

@@ -38,58 +38,16 @@ from typing import Mapping
 
 import torch
 from safetensors import safe_open
-from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
-from transformers.cache_utils import DynamicCache
+from transformers import DeepseekV4ForCausalLM
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize
-from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4IndexerScorer
 
+from dsv4c.compiler.transformers_model import new_cache, to_transformers_config, transformers_model
 from dsv4c.model.config import ModelConfig
 
+__all__ = ["load_transformers_model", "read_checkpoint", "to_transformers_config", "transformers_logits",
+           "transformers_model_from_tensors"]
+
 FP8_BLOCK = 128
-_LAYER_TYPE = {0: "sliding_attention", 4: "compressed_sparse_attention"}
-
-
-# ---- config --------------------------------------------------------------------------------------
-def to_transformers_config(cfg: ModelConfig) -> DeepseekV4Config:
-    """The `DeepseekV4Config` of `cfg` (main layers only: transformers does not build MTP)."""
-    layers = cfg.num_hidden_layers
-    ratios = cfg.compress_ratios[:layers]
-    hca = sorted({r for r in ratios if r not in _LAYER_TYPE})
-    if len(hca) > 1:
-        raise ValueError(f"compress_ratios: transformers takes one HCA ratio, got {hca}")
-    rotary = cfg.qk_rope_head_dim / cfg.head_dim
-    compress = {"rope_type": "default"}
-    if cfg.rope_scaling is not None:
-        y = cfg.rope_scaling
-        compress = {"rope_type": "yarn", "factor": y.factor, "beta_fast": y.beta_fast, "beta_slow": y.beta_slow,
-                    "original_max_position_embeddings": y.original_max_position_embeddings,
-                    "attention_factor": 1.0}  # DeepSeek applies no YaRN mscale to cos/sin
-    extra = {}
-    if cfg.fp8_weights:
-        extra["quantization_config"] = {
-            "quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "weight_block_size": [128, 128],
-            "activation_scheme": "dynamic", "expert_dtype": cfg.expert_dtype}
-    return DeepseekV4Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=layers,
-        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim, partial_rotary_factor=rotary, q_lora_rank=cfg.q_lora_rank,
-        o_groups=cfg.o_groups, o_lora_rank=cfg.o_lora_rank, sliding_window=cfg.sliding_window,
-        layer_types=[_LAYER_TYPE.get(r, "heavily_compressed_attention") for r in ratios],
-        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": hca[0] if hca else 128},
-        index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim, index_topk=cfg.index_topk,
-        mlp_layer_types=["hash_moe" if cfg.is_hash_layer(i) else "moe" for i in range(layers)],
-        n_routed_experts=cfg.n_routed_experts, n_shared_experts=cfg.n_shared_experts,
-        num_experts_per_tok=cfg.num_experts_per_tok, moe_intermediate_size=cfg.moe_intermediate_size,
-        routed_scaling_factor=cfg.routed_scaling_factor, scoring_func=cfg.scoring_func,
-        norm_topk_prob=cfg.norm_topk_prob, swiglu_limit=cfg.swiglu_limit,
-        hc_mult=cfg.hc_mult, hc_sinkhorn_iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps,
-        rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, compress_rope_theta=cfg.compress_rope_theta,
-        rope_parameters={
-            "main": {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": rotary},
-            "compress": {**compress, "rope_theta": cfg.compress_rope_theta, "partial_rotary_factor": rotary}},
-        max_position_embeddings=cfg.max_position_embeddings,
-        num_nextn_predict_layers=cfg.num_nextn_predict_layers,
-        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, tie_word_embeddings=False, **extra)
 
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -139,33 +97,16 @@ def dequantize(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def transformers_model_from_tensors(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], *,
                                     break_index_ties: bool = True) -> DeepseekV4ForCausalLM:
-    """An fp32 eval-mode model from released-layout tensors; fails unless every weight is loaded exactly
-    once (anything missing, unexpected or mismatched, apart from the dropped `mtp.*`)."""
-    weights = {name: t for name, t in dequantize(tensors).items() if not name.startswith("mtp.")}
-    config = to_transformers_config(cfg.replace(fp8_weights=False, expert_dtype="fp8"))  # already dequantised
-    model, info = DeepseekV4ForCausalLM.from_pretrained(
-        None, config=config, state_dict=weights, dtype=torch.float32, output_loading_info=True)
-    problems = {key: value for key, value in info.items() if value}
-    if problems:
-        raise AssertionError(f"transformers did not load the checkpoint exactly: {problems}")
-    if break_index_ties:
-        for module in model.modules():
-            if isinstance(module, DeepseekV4IndexerScorer):
-                module.register_forward_hook(_lowest_index_wins)
-    return model.eval().requires_grad_(False)
+    """An fp32 eval-mode model from released-layout tensors decoded by transformers' own dequantiser; fails
+    unless every weight is loaded exactly once (anything missing, unexpected or mismatched, apart from the
+    dropped `mtp.*`)."""
+    return transformers_model(cfg, dequantize(tensors), dtype=torch.float32, break_index_ties=break_index_ties)
 
 
 def load_transformers_model(ckpt_dir: str | Path, *, break_index_ties: bool = True) -> DeepseekV4ForCausalLM:
     """transformers' DeepSeek-V4 in fp32 from a released-layout checkpoint directory (see module doc)."""
     cfg, tensors = read_checkpoint(ckpt_dir)
     return transformers_model_from_tensors(cfg, tensors, break_index_ties=break_index_ties)
-
-
-def _lowest_index_wins(module: torch.nn.Module, args: tuple, scores: torch.Tensor) -> torch.Tensor:
-    """Indexer scores `[B, S, T]` with exact zeros replaced by -index * 1e-30: among zero scores the lowest
-    entry index now ranks first, and they still rank above every negative score."""
-    index = torch.arange(scores.shape[-1], device=scores.device, dtype=scores.dtype)
-    return torch.where(scores == 0, index * -1e-30, scores)
 
 
 # ---- running -------------------------------------------------------------------------------------
@@ -176,7 +117,7 @@ def transformers_logits(model: DeepseekV4ForCausalLM, token_ids: torch.Tensor, p
     batch, length = token_ids.shape
     if not 1 <= prefill <= length:
         raise ValueError(f"prefill: got {prefill}; allowed: 1..{length}")
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model)
     logits = [model(input_ids=token_ids[:, :prefill], cache=cache, use_cache=True).logits]
     for t in range(prefill, length):
         logits.append(model(input_ids=token_ids[:, t:t + 1], cache=cache, use_cache=True).logits)

@@ -12,7 +12,7 @@ MANIFEST = {"max_seq_len": 4224, "mtp": True}
     (BenchOptions(batches=(1, 256)), "--batch"),
     (BenchOptions(context=4200), "--context"),
     (BenchOptions(mtp=(0, 2)), "--mtp"),
-    (BenchOptions(baselines=("transformers",)), "--baselines"),
+    (BenchOptions(baselines=("eager", "vllm")), "--baselines"),
 ])
 def test_what_the_artifact_cannot_run_is_refused_naming_the_flag(options, flag):
     with pytest.raises(BenchError, match=flag):

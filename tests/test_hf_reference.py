@@ -93,7 +93,7 @@ def test_loader_decodes_every_weight_exactly(checkpoint, model):
 def test_loader_refuses_an_incomplete_checkpoint(checkpoint, edit, message):
     cfg, tensors = read_checkpoint(checkpoint)
     edit(tensors)
-    with pytest.raises(AssertionError, match=message):
+    with pytest.raises((AssertionError, ValueError), match=message):
         transformers_model_from_tensors(cfg, tensors)
 
 
@@ -108,3 +108,21 @@ def test_decode_after_prefill_matches_one_shot(model, prefill):
     stepped = transformers_logits(model, ids, prefill)
     assert stepped.shape == one_shot.shape == (2, 160, model.config.vocab_size)
     assert rel_err(stepped, one_shot) < SAME_MATH_TOL
+
+
+def test_the_bench_baseline_built_from_our_decoded_weights_is_the_reference_model(checkpoint, model):
+    """`dsv4c bench --baselines transformers` hands transformers the weights our own decoder produced (fp32
+    here); the model must be the one built from transformers' decoding: same logits over a prefill and a
+    decode step through its cache, in chunks as the bench fills it."""
+    from dsv4c.compiler.transformers_model import new_cache, step_logits, transformers_model
+    from dsv4c.model.numerics import Numerics
+    from dsv4c.model.step import dequantize_weights
+
+    cfg, tensors = read_checkpoint(checkpoint)
+    ours = transformers_model(cfg, dequantize_weights(tensors, Numerics(dtype=torch.float32)),
+                              dtype=torch.float32, break_index_ties=True)
+    ids = torch.randint(2, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(5))
+    cache = new_cache(ours)
+    got = torch.cat([step_logits(ours, ids[:, begin:begin + 16], cache) for begin in range(0, 40, 16)], dim=1)
+    want = transformers_logits(model, ids, 40)
+    assert rel_err(got.float(), want) < SAME_MATH_TOL
