@@ -161,6 +161,27 @@ def moe_lowering(t: Target, native_fp4: bool = False) -> str:
     return "w4a8"
 
 
+MOE_ACTIVATIONS = ("w4a8", "w4a16", "w4a4")  # `dsv4c compile --moe`: the fused MoE's routed activations
+MOE_UNFUSED = "unfused"  # `--moe unfused`: keep routed_moe and the shared expert's FP8 linears as captured
+
+
+def moe_fp4_lowering(t: Target, requested: str | None, act_quant: bool) -> str | None:
+    """The routed experts' activation format of the fused MoE op (passes/moe_fp4.py) on `t`, or None to leave
+    the MoE as captured: `requested` (`--moe`) wherever it is given (`unfused`: None); else the graph's own
+    numerics on GPUs ("w4a8" where activations are rounded to FP8, the faithful default; "w4a16" where not), and
+    None on cpu,
+    where the captured ops already run their references. W4A4 runs natively where `has_native_mxfp4`."""
+    if requested == MOE_UNFUSED:
+        return None
+    if requested is not None:
+        if requested not in MOE_ACTIVATIONS:
+            raise ValueError(f"--moe {requested!r}; allowed: {', '.join(MOE_ACTIVATIONS + (MOE_UNFUSED,))}")
+        return requested
+    if not t.is_gpu:
+        return None
+    return "w4a8" if act_quant else "w4a16"
+
+
 def mhc_lowering(t: Target) -> str:
     """mHC boundaries: the fused Triton kernels on GPUs, the PyTorch reference on cpu."""
     return "triton" if runs_triton(t) else "reference"

@@ -6,7 +6,8 @@ then for each batch and MTP setting:
 - correctness first: greedy tokens of a few steps on the compiled path against the eager reference from the same
   state; a variant whose tokens differ is reported, and its time is marked as not counting;
 - the step time: median of many steps (CUDA-graph replays where the runner captured them), CUDA events;
-- tok/s/user = 1000 / ms per output token (with MTP: (1 + accepted drafts) tokens per verify + draft step),
+- tok/s/user = 1000 / ms per output token (with MTP of k drafts: (1 + accepted drafts) tokens per round of one
+  verify step and k MTP steps, the accepted drafts per round measured by greedy generation at that k),
   tok/s/GPU = batch x tok/s/user; the bytes the step must read (model/step_bytes.py), the bandwidth that implies,
   and measured / floor against a device-to-device copy bandwidth measured in the same run.
 Baselines in the same run: `eager` (the reference model, weights dequantised to bf16 once, no graphs),
@@ -97,11 +98,11 @@ def validate(manifest: Mapping, options: BenchOptions) -> None:
     if max(options.batches) > BUCKETS[-1] or min(options.batches) < 1:
         raise BenchError(f"--batch: each batch must lie in 1..{BUCKETS[-1]} (the largest batch bucket)")
     capacity = manifest["max_seq_len"]
-    need = options.context + options.check_steps * 2 + options.steps * 2 + 2
+    need = options.context + options.check_steps * 2 + (options.steps + 3) * (1 + max(options.mtp)) + 2
     if need > capacity:
         raise BenchError(f"--context: {options.context} plus the timed steps needs {need} positions; the artifact "
                          f"holds {capacity} (compile with a larger --max-seq-len)")
-    drafts = 1 if manifest.get("mtp") else 0
+    drafts = manifest.get("max_drafts", 1 if manifest.get("mtp") else 0)  # artifacts before the field: one
     if any(m > drafts or m < 0 for m in options.mtp):
         raise BenchError(f"--mtp: this artifact drafts at most {drafts} token(s) a step; got {max(options.mtp)}")
     unknown = set(options.baselines) - set(BASELINES)
@@ -174,7 +175,8 @@ def greedy_tokens(runner: StepRunner, state: dict, last: torch.Tensor, start: in
 
 def time_steps(runner: StepRunner, state: dict, last: torch.Tensor, start: int, steps: int,
                mtp: int) -> tuple[float, float]:
-    """Median ms of one decode step (mtp 0) or one verify + draft step pair (mtp 1) at the state's batch, on the
+    """Median ms of one decode step (mtp 0) or one MTP round (mtp k: the verify step over 1 + k tokens, the MTP
+    step after it, and the k - 1 MTP steps drafting on the MTP layer's own output) at the state's batch, on the
     device (CUDA events) and on the host (the runner calls until they return, before the synchronisation)."""
     batch = next(iter(state.values())).shape[0]
     token = last.view(1, 1).expand(batch, 1 + mtp).contiguous()
@@ -187,7 +189,10 @@ def time_steps(runner: StepRunner, state: dict, last: torch.Tensor, start: int, 
         out, state = _step(runner, f"main_t{1 + mtp}", state, token, start + i * (1 + mtp))
         if mtp:
             hidden = out["hidden"]
-            _, state = _step(runner, f"mtp_t{1 + mtp}", state, token, start + i * (1 + mtp), hidden)
+            out, state = _step(runner, f"mtp_t{1 + mtp}", state, token, start + i * (1 + mtp), hidden)
+            for j in range(mtp - 1):
+                out, state = _step(runner, "mtp_t1", state, token[:, :1], start + i * (1 + mtp) + j,
+                                   out["hidden"][:, -1:])
         host_ms = (time.perf_counter() - host_begin) * 1e3
         end.record()
         torch.cuda.synchronize()
@@ -211,7 +216,7 @@ def bench(artifact: str | Path, options: BenchOptions, progress: Progress = lamb
     start = options.context
     progress("loading the artifact and capturing CUDA graphs")
     engine = load(artifact, device, max_batch=max(options.batches), progress=progress)
-    accepted = _acceptance(engine, options) if any(options.mtp) else 0.0  # before the fill: it resets the pool
+    accepted = _acceptance(engine, options)  # before the fill: it resets the pool
     progress(f"filling a {options.context}-token context")
     state, last = filled_state(engine, engine.runner, max(options.batches), options.context, seed=0)
     compiled_tokens = {}
@@ -221,7 +226,7 @@ def bench(artifact: str | Path, options: BenchOptions, progress: Progress = lamb
         for mtp in options.mtp:
             progress(f"timing dsv4c at batch {batch}, mtp {mtp}")
             ms, host_ms = time_steps(engine.runner, rows_state, last, start, options.steps, mtp)
-            rows.append(Row("dsv4c", batch, mtp, ms, 1.0 + mtp * accepted,
+            rows.append(Row("dsv4c", batch, mtp, ms, 1.0 + accepted[mtp],
                             step_bytes(cfg, batch, options.context, bool(mtp)).total, None, host_ms))
     del engine, state, rows_state  # the pool goes before the baselines take their memory
     _release()
@@ -235,13 +240,16 @@ def bench(artifact: str | Path, options: BenchOptions, progress: Progress = lamb
             "tokens": {"dsv4c": compiled_tokens, "eager": reference_tokens}}
 
 
-def _acceptance(engine: Engine, options: BenchOptions) -> float:
-    """Drafts accepted per verify step, measured by greedy generation with MTP on short prompts (0 when no
-    draft is accepted: random weights draft at random)."""
+def _acceptance(engine: Engine, options: BenchOptions) -> dict[int, float]:
+    """Drafts accepted per verify step for each draft count in `options.mtp` (0 for 0), measured by greedy
+    generation with MTP on short prompts (0 when no draft is accepted: random weights draft at random)."""
     prompts = [[int(t) for t in torch.randint(2, engine.vocab_size, (16,), generator=torch.Generator().manual_seed(s))]
                for s in range(min(4, max(options.batches)))]
-    result = engine.generate(prompts, 32, mtp=1)
-    return result.accepted / result.drafted if result.drafted else 0.0
+    accepted = {0: 0.0}
+    for k in sorted(set(options.mtp) - {0}):
+        result = engine.generate(prompts, 32, mtp=k)
+        accepted[k] = k * result.accepted / result.drafted if result.drafted else 0.0
+    return accepted
 
 
 def _baselines(artifact, manifest, cfg, options, rows, reference_tokens, accepted, progress) -> None:
@@ -268,7 +276,7 @@ def _baselines(artifact, manifest, cfg, options, rows, reference_tokens, accepte
                 progress(f"timing {kind} at batch {batch}, mtp {mtp}")
                 ms, host_ms = time_steps(runner, {k: v.clone() for k, v in rows_state.items()}, last,
                                          options.context, max(5, options.steps // 3), mtp)
-                rows.append(Row(kind, batch, mtp, ms, 1.0 + mtp * accepted,
+                rows.append(Row(kind, batch, mtp, ms, 1.0 + accepted[mtp],
                                 step_bytes(cfg, batch, options.context, bool(mtp)).total, None, host_ms))
         del state, engine, runner
         _release()

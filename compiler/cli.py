@@ -12,15 +12,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from tokenizers import Tokenizer
 
 from dsv4c.compiler import cli_args
 from dsv4c.compiler.cli_args import OneLineParser, read_token_ids
@@ -29,7 +32,9 @@ from dsv4c.model.checkpoint import Checkpoint, CheckpointError, summary, write_s
 from dsv4c.model.config import ConfigError, ModelConfig
 from dsv4c.model.numerics import Numerics
 from dsv4c.model.presets import PRESETS, preset
+from dsv4c.model.config import MAX_DRAFTS
 from dsv4c.model.step import dequantize_weights
+from dsv4c.model.tokenizer import TOKENIZER_NAME, TextStream, decode, encode, folder_tokenizer
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
@@ -75,48 +80,94 @@ def _is_artifact(path: str) -> bool:
 
 
 def _score(args: argparse.Namespace, console: Console) -> int:
-    tokens = _score_tokens(args)
-    result = _score_artifact(args, tokens, console) if _is_artifact(args.checkpoint) else _score_checkpoint(
-        args, tokens, console)
+    text = _read_text(args.text) if args.text else None
+    tokens = _score_tokens(args, text)
+    source = args.text or args.token_ids
+    result = _score_artifact(args, tokens, source, console) if _is_artifact(args.checkpoint) else _score_checkpoint(
+        args, tokens, source, console)
     console.print(f"tokens {tokens.numel()}  predicted {result.predicted}  mean NLL {result.mean_nll:.6f}  "
                   f"perplexity {result.perplexity:.4f}", highlight=False, soft_wrap=True)
+    if text is not None:
+        size = len(text.encode())
+        per_byte = math.exp(result.mean_nll * result.predicted / size)
+        console.print(f"text {size} bytes  perplexity per byte {per_byte:.4f}", highlight=False, soft_wrap=True)
     if args.logits_out:
         _save_logits(result.logits, tokens, args.logits_out)
         console.print(f"logits of every position written to {args.logits_out}")
     return 0
 
 
-def _score_tokens(args: argparse.Namespace) -> torch.Tensor:
-    """The token file's ids, refused unless there is something to score and --decode-from lies inside them."""
-    tokens = read_token_ids(args.token_ids)
+def _score_tokens(args: argparse.Namespace, text: str | None) -> torch.Tensor:
+    """The ids to score: the token file's, or the text's through the checkpoint's or artifact's tokenizer;
+    refused unless there is something to score and --decode-from lies inside them."""
+    if text is None:
+        tokens, flag, source = read_token_ids(args.token_ids), "--token-ids", args.token_ids
+    else:
+        tokenizer = _required(_carried_tokenizer(args.checkpoint), args.checkpoint, "--text", "--token-ids")
+        tokens = torch.tensor(encode(tokenizer, text), dtype=torch.long)
+        flag, source = "--text", args.text
     if tokens.numel() < 2:
-        raise ValueError(f"--token-ids {args.token_ids}: 1 token; scoring needs at least 2 (each position's "
+        raise ValueError(f"{flag} {source}: {tokens.numel()} token(s); scoring needs at least 2 (each position's "
                          f"logits predict the next token)")
     if args.decode_from is not None and args.decode_from > tokens.numel():
         raise ValueError(f"--decode-from {args.decode_from}: beyond the sequence ({tokens.numel()} tokens in "
-                         f"{args.token_ids})")
+                         f"{source})")
     return tokens
 
 
-def _score_artifact(args: argparse.Namespace, tokens: torch.Tensor, console: Console):
+def _read_text(path: str) -> str:
+    """A UTF-8 text file ('-': stdin); ValueError naming the file when it is not UTF-8."""
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--text {path}: not UTF-8 text ({error})") from None
+
+
+def _carried_tokenizer(path: str) -> Tokenizer | None:
+    """The tokenizer.json a checkpoint or artifact carries (checked against the model's vocab_size), or None."""
+    if _is_artifact(path):
+        from dsv4c.runtime.loader import load_tokenizer
+
+        return load_tokenizer(path)
+    return folder_tokenizer(path, Checkpoint.open(path).config.vocab_size)
+
+
+def _required(tokenizer: Tokenizer | None, path: str, flag: str, instead: str) -> Tokenizer:
+    """`tokenizer`, or a ValueError naming `flag` when `path` carries none."""
+    if tokenizer is None:
+        raise ValueError(f"{flag}: {path} carries no {TOKENIZER_NAME}, so it cannot turn text into tokens; "
+                         f"give token ids with {instead}")
+    return tokenizer
+
+
+def _encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+    ids = encode(tokenizer, text)
+    if not ids:
+        raise ValueError(f"--prompt {text!r}: the tokenizer turns it into no tokens; give some text")
+    return ids
+
+
+def _score_artifact(args: argparse.Namespace, tokens: torch.Tensor, source: str, console: Console):
     from dsv4c.runtime.loader import load
 
     engine = load(args.checkpoint, args.device)
     vocab = engine.vocab_size
     if int(tokens.max()) >= vocab or int(tokens.min()) < 0:
-        raise ValueError(f"{args.token_ids}: token ids must lie in [0, {vocab})")
+        raise ValueError(f"{source}: token ids must lie in [0, {vocab})")
     if tokens.numel() > engine.max_seq_len:
-        raise ValueError(f"{args.token_ids}: {tokens.numel()} tokens; the artifact holds {engine.max_seq_len}")
+        raise ValueError(f"{source}: {tokens.numel()} tokens; the artifact holds {engine.max_seq_len}")
     with _progress(console, f"scoring {tokens.numel()} tokens"):
         logits = runner_logits(engine.runner, engine.new_state(1), tokens, engine.prefill_chunk, args.decode_from)
     return score_logits(logits, tokens)
 
 
-def _score_checkpoint(args: argparse.Namespace, tokens: torch.Tensor, console: Console):
+def _score_checkpoint(args: argparse.Namespace, tokens: torch.Tensor, source: str, console: Console):
     ckpt = Checkpoint.open(args.checkpoint)
     cfg = ckpt.config
     if int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0:
-        raise ValueError(f"{args.token_ids}: token ids must lie in [0, {cfg.vocab_size})")
+        raise ValueError(f"{source}: token ids must lie in [0, {cfg.vocab_size})")
     num = _numerics(args)
     with _progress(console, "loading weights"):
         weights = dequantize_weights({name: ckpt.get(name) for name in ckpt.headers}, num)
@@ -150,7 +201,8 @@ def _compile(args: argparse.Namespace, console: Console) -> int:
     from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
 
     options = CompileOptions(targets=args.target, numerics=_numerics(args), max_seq_len=args.max_seq_len,
-                             prefill_chunk=args.prefill_chunk, mtp=not args.no_mtp, debug=args.debug)
+                             prefill_chunk=args.prefill_chunk, mtp=not args.no_mtp, debug=args.debug,
+                             moe=args.moe)
     with _progress(console, "compiling") as update:
         out = compile_checkpoint(args.checkpoint, args.output, options, overwrite=args.overwrite, progress=update)
     console.print(f"wrote {out}")
@@ -174,29 +226,57 @@ def explain_lines(pass_log: list[dict]) -> list[str]:
 
 
 def _generate(args: argparse.Namespace, console: Console) -> int:
-    from dsv4c.runtime.loader import load
+    from dsv4c.runtime.loader import load, load_tokenizer
     from dsv4c.runtime.sampler import SamplingParams
 
-    prompts = args.prompt_ids
+    tokenizer = None
+    if args.prompt:
+        tokenizer = _required(load_tokenizer(args.artifact), args.artifact, "--prompt", "--prompt-ids")
+    prompts = args.prompt_ids if tokenizer is None else [_encode_prompt(tokenizer, text) for text in args.prompt]
     engine = load(args.artifact, args.device, max_batch=len(prompts), cuda_graphs=not args.no_cuda_graphs)
     if any(max(prompt) >= engine.vocab_size or min(prompt) < 0 for prompt in prompts):
         raise ValueError(f"--prompt-ids: ids must lie in [0, {engine.vocab_size})")
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p)
-    with _progress(console, f"generating {args.max_new_tokens} tokens for {len(prompts)} prompt(s)"):
-        result = engine.generate(prompts, args.max_new_tokens, sampling, mtp=args.mtp, seed=args.seed)
+    streaming = tokenizer is not None and len(prompts) == 1 and not args.json
+    if streaming:  # one text prompt: its text as the tokens come
+        stream = TextStream(tokenizer)
+        console.file.write(args.prompt[0])
+        result = engine.generate(prompts, args.max_new_tokens, sampling, mtp=args.mtp, seed=args.seed,
+                                 on_token=lambda _, token: _write_now(console, stream.push([token])))
+        _write_now(console, stream.flush() + "\n")
+    else:
+        with _progress(console, f"generating {args.max_new_tokens} tokens for {len(prompts)} prompt(s)"):
+            result = engine.generate(prompts, args.max_new_tokens, sampling, mtp=args.mtp, seed=args.seed)
     report = {"tokens": result.tokens, "steps": result.steps, "drafted": result.drafted,
               "accepted": result.accepted, "rejected_nonfinite": result.rejected_nonfinite,
-              "acceptance_rate": None if not result.drafted else result.acceptance_rate}
+              "acceptance_rate": None if not result.drafted else result.acceptance_rate,
+              "drafted_by_position": result.drafted_by_position, "accepted_by_position": result.accepted_by_position,
+              "errors": {str(i): message for i, message in result.errors.items()}}
+    for i, message in result.errors.items():
+        print(f"dsv4c generate: prompt {i + 1}: {message}", file=sys.stderr)
+    if tokenizer is not None:
+        report["text"] = [decode(tokenizer, tokens) for tokens in result.tokens]
     if args.json:
         print(json.dumps(report))
-        return 0
-    for prompt, tokens in zip(prompts, result.tokens):
-        console.print(f"{' '.join(map(str, prompt))} -> {' '.join(map(str, tokens))}", highlight=False, soft_wrap=True)
+        return 1 if result.errors else 0
+    if tokenizer is not None and not streaming:  # a streamed prompt's text is already out
+        for text, completion in zip(args.prompt, report["text"]):
+            console.print(text + completion, markup=False, highlight=False, soft_wrap=True)
+    elif tokenizer is None:
+        for prompt, tokens in zip(prompts, result.tokens):
+            console.print(f"{' '.join(map(str, prompt))} -> {' '.join(map(str, tokens))}", highlight=False,
+                          soft_wrap=True)
     if args.mtp:
         rate = report["acceptance_rate"] or 0
-        console.print(f"MTP: {result.accepted}/{result.drafted} drafts accepted ({rate:.1%}), "
-                      f"{result.rejected_nonfinite} non-finite", highlight=False)
-    return 0
+        by_position = ", ".join(f"{a}/{d}" for a, d in zip(result.accepted_by_position, result.drafted_by_position))
+        console.print(f"MTP: {result.accepted}/{result.drafted} drafts accepted ({rate:.1%}; by draft position "
+                      f"{by_position}), {result.rejected_nonfinite} non-finite", highlight=False)
+    return 1 if result.errors else 0
+
+
+def _write_now(console: Console, text: str) -> None:
+    console.file.write(text)
+    console.file.flush()
 
 
 @contextlib.contextmanager
@@ -210,38 +290,72 @@ def _demo_folder(workdir: str | None) -> Iterator[Path]:
 
 
 def _demo(args: argparse.Namespace, console: Console) -> int:
-    """The embedded tiny model end to end: write its checkpoint, compile it, load it, generate with MTP."""
+    """The embedded trained model end to end: compile it, load it, generate text with and without MTP."""
     with _demo_folder(args.workdir) as root:
         same = _run_demo(root, args, console)
     if not args.workdir:
-        console.print(f"removed {root} (--workdir DIR keeps the checkpoint and the artifact)", highlight=False,
-                      soft_wrap=True)
+        console.print(f"removed {root} (--workdir DIR keeps the artifact)", highlight=False, soft_wrap=True)
     return 0 if same else 1
+
+
+# Python-ish beginnings for the demo model, which learnt from the standard library's sources.
+DEMO_PROMPTS = ("def parse(", "import os\nimport sys\n\n", "class Stack:\n    def __init__(self",
+                "    for i in range(")
+
+
+def _counted(update: Callable[[str], None], what: str, stages: int) -> Callable[[str], None]:
+    """A progress callback that shows `what [i/stages] message` for the i-th message it hears."""
+    heard = 0
+
+    def say(message: str) -> None:
+        nonlocal heard
+        heard += 1
+        update(f"{what} [{min(heard, stages)}/{stages}] {message}")
+    return say
 
 
 def _run_demo(root: Path, args: argparse.Namespace, console: Console) -> bool:
     """Whether MTP speculative decoding gave the plain greedy tokens."""
     from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
-    from dsv4c.runtime.loader import load
+    from dsv4c.model.demo import demo_checkpoint
+    from dsv4c.runtime.loader import load, load_tokenizer
 
-    cfg = preset("tiny")
-    ckpt = write_synthetic(cfg, root / "tiny-checkpoint", seed=args.seed, overwrite=True)
-    console.print(f"checkpoint  {ckpt}  ({cfg.layer_pattern()}, released layout: FP8 + MXFP4 + e8m0 scales)",
-                  highlight=False, soft_wrap=True)
-    options = CompileOptions(numerics=Numerics.plain(torch.float32), max_seq_len=256, prefill_chunk=2)
+    ckpt = demo_checkpoint()
+    training = json.loads((ckpt / "training.json").read_text())["metrics"]
+    pattern = Checkpoint.open(ckpt).config.layer_pattern()
+    console.print(f"model       {ckpt}  ({pattern}, trained on the Python standard library's sources, byte-level; "
+                  f"held-out perplexity per byte "
+                  f"{training['perplexity_per_byte']:.2f}, unigram {training['unigram_perplexity_per_byte']:.2f}; "
+                  "released layout: FP8 + MXFP4 + e8m0 scales)", highlight=False, soft_wrap=True)
+    # the numerics it was trained in; one draft a step: the fewest step variants to capture (1 and 2 tokens)
+    options = CompileOptions(numerics=Numerics.plain(torch.float32), max_seq_len=256, prefill_chunk=2, max_drafts=1)
+    started = time.perf_counter()
     with _progress(console, "compiling") as update:
-        art = compile_checkpoint(ckpt, root / "tiny.dsv4c", options, overwrite=True, progress=update)
-    console.print(f"artifact    {art}")
-    engine = load(art)
-    prompts = [[0, 17, 42, 256, 7, 99], [0, 512, 3, 3, 800]]
-    with _progress(console, f"generating {args.max_new_tokens} tokens, without and with MTP"):
-        plain = engine.generate(prompts, args.max_new_tokens)
-        spec = engine.generate(prompts, args.max_new_tokens, mtp=1)
-    for prompt, tokens in zip(prompts, spec.tokens):
-        console.print(f"prompt {prompt} -> {tokens}", highlight=False, soft_wrap=True)
-    console.print(f"MTP (1 draft): identical to plain greedy decoding: {spec.tokens == plain.tokens}; "
-                  f"{spec.accepted}/{spec.drafted} drafts accepted (random weights: the MTP head rarely agrees); "
-                  f"{spec.steps} verify steps for {args.max_new_tokens} tokens", highlight=False, soft_wrap=True)
+        stages = 2 + 2 * len(options.variants())  # reading, capturing and optimising each variant, writing
+        art = compile_checkpoint(ckpt, root / "demo.dsv4c", options, overwrite=True,
+                                 progress=_counted(update, "compiling", stages))
+    console.print(f"artifact    {art}  (compiled in {time.perf_counter() - started:.0f} s)", highlight=False,
+                  soft_wrap=True)
+    engine, tokenizer = load(art), load_tokenizer(art)
+    prompts = [encode(tokenizer, text) for text in DEMO_PROMPTS]
+    runs = {}
+    for mtp in (0, 1):
+        with _progress(console, f"generating {args.max_new_tokens} tokens for {len(prompts)} prompts, "
+                                f"{'with' if mtp else 'without'} MTP"):
+            started = time.perf_counter()
+            runs[mtp] = (engine.generate(prompts, args.max_new_tokens, mtp=mtp), time.perf_counter() - started)
+    for text, tokens in zip(DEMO_PROMPTS, runs[1][0].tokens):
+        console.rule(style="dim")
+        console.print(text + decode(tokenizer, tokens), markup=False, highlight=False, soft_wrap=True)
+    console.rule(style="dim")
+    made = len(prompts) * args.max_new_tokens
+    (plain, plain_s), (spec, spec_s) = runs[0], runs[1]
+    console.print(f"without MTP {made / plain_s:6.1f} tok/s ({len(prompts)} prompts x {args.max_new_tokens} tokens "
+                  f"in {plain.steps} steps, {plain_s:.1f} s)", highlight=False, soft_wrap=True)
+    console.print(f"with MTP    {made / spec_s:6.1f} tok/s ({spec.steps} verify steps, {spec_s:.1f} s); "
+                  f"{spec.accepted}/{spec.drafted} drafts accepted ({spec.acceptance_rate:.0%}); "
+                  f"identical to plain greedy decoding: {spec.tokens == plain.tokens}", highlight=False,
+                  soft_wrap=True)
     return spec.tokens == plain.tokens
 
 
@@ -297,14 +411,14 @@ def _add_device_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo_parser(sub) -> None:
-    demo = _add_command(sub, "demo", "the embedded tiny model: compile, load, generate with MTP, report",
-                        "Write the tiny preset's checkpoint, compile it for the CPU, load the artifact and generate "
-                        "with and without MTP speculative decoding.", _demo)
+    demo = _add_command(sub, "demo", "the embedded trained model: compile, load, generate text with MTP, report",
+                        "Compile the embedded demo model (trained on the Python standard library's sources) for the "
+                        "CPU, load the artifact and generate from a few Python-ish prompts with and without MTP "
+                        "speculative decoding: the text, tokens per second and the drafts accepted.", _demo)
     demo.add_argument("--workdir", metavar="DIR",
-                      help="where to write the checkpoint and artifact, kept (default: a temporary folder, removed)")
-    demo.add_argument("--max-new-tokens", type=cli_args.positive_int, default=12, metavar="N",
-                      help="tokens to generate for each prompt")
-    demo.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the tiny model's random weights")
+                      help="where to write the artifact, kept (default: a temporary folder, removed)")
+    demo.add_argument("--max-new-tokens", type=cli_args.positive_int, default=48, metavar="N",
+                      help="tokens (bytes) to generate for each prompt")
     _add_threads_argument(demo)
 
 
@@ -336,8 +450,12 @@ def _score_parser(sub) -> None:
                       "prefill in chunks, then token by token from --decode-from; print mean NLL and perplexity.",
                       _score)
     sc.add_argument("checkpoint", metavar="CKPT|ART", help="a checkpoint folder or a compiled artifact")
-    sc.add_argument("--token-ids", required=True, type=cli_args.input_file_or_stdin, metavar="FILE",
-                    help="whitespace-separated token ids, at least 2 ('-': stdin)")
+    tokens = sc.add_mutually_exclusive_group(required=True)
+    tokens.add_argument("--token-ids", type=cli_args.input_file_or_stdin, metavar="FILE",
+                        help="whitespace-separated token ids, at least 2 ('-': stdin)")
+    tokens.add_argument("--text", type=cli_args.input_file_or_stdin, metavar="FILE",
+                        help=f"UTF-8 text ('-': stdin), encoded with the checkpoint's or artifact's {TOKENIZER_NAME}; "
+                             "also prints the perplexity per byte")
     sc.add_argument("--logits-out", type=cli_args.output_file, metavar="FILE.safetensors",
                     help="save every position's logits (its folder must exist)")
     sc.add_argument("--decode-from", type=cli_args.non_negative_int, metavar="N",
@@ -365,6 +483,9 @@ def _compile_parser(sub) -> None:
     comp.add_argument("--prefill-chunk", type=cli_args.positive_int, default=32, metavar="N",
                       help="tokens per prefill step")
     comp.add_argument("--no-mtp", action="store_true", help="leave out the MTP variants")
+    comp.add_argument("--moe", choices=("w4a8", "w4a16", "w4a4", "unfused"), default=None,
+                      help="the fused MoE's routed activations (default: the graph's numerics on GPU targets; "
+                           "w4a4 changes them; unfused keeps routed_moe and the shared expert's FP8 linears)")
     comp.add_argument("--debug", action="store_true", help="check every pass on random inputs (slow)")
     comp.add_argument("--overwrite", action="store_true",
                       help="replace an existing artifact at ART (a folder with an artifact manifest; nothing else)")
@@ -376,11 +497,15 @@ def _generate_parser(sub) -> None:
                        "Batched generation: greedy (default) or temperature/top-p sampling, with optional MTP "
                        "speculative decoding (one draft token).", _generate)
     gen.add_argument("artifact", metavar="ART", help="a compiled artifact folder")
-    gen.add_argument("--prompt-ids", required=True, action="append", type=cli_args.prompt_ids, metavar="IDS",
-                     help="token ids ('1 2 3', '1,2,3' or @FILE); repeat for a batch")
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt-ids", action="append", type=cli_args.prompt_ids, metavar="IDS",
+                        help="token ids ('1 2 3', '1,2,3' or @FILE); repeat for a batch")
+    prompt.add_argument("--prompt", action="append", metavar="TEXT",
+                        help=f"text, encoded with the artifact's {TOKENIZER_NAME}; repeat for a batch")
     gen.add_argument("--max-new-tokens", type=cli_args.positive_int, default=32, metavar="N",
                      help="tokens to generate for each prompt")
-    gen.add_argument("--mtp", type=int, choices=(0, 1), default=0, help="draft tokens per step (0 or 1)")
+    gen.add_argument("--mtp", type=int, choices=range(MAX_DRAFTS + 1), default=0, metavar="K",
+                     help=f"MTP draft tokens per step, 0 to {MAX_DRAFTS} (at most the artifact's max_drafts)")
     gen.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed")
     gen.add_argument("--temperature", type=cli_args.temperature, default=0.0, metavar="T", help="0 is greedy")
     gen.add_argument("--top-p", type=cli_args.top_p, default=1.0, metavar="P",

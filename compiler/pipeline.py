@@ -3,10 +3,12 @@
 This module (with the CLI and the torch.compile backend) is the only one that sees every folder; it wires
 the checkpoint reader, capture, the target's pass pipeline, lowering and the artifact writer together.
 
-Variants compiled (T = tokens per sequence): `main_t1` (decode), `main_t2` (MTP verification: the newest
-token plus one draft), `main_t{C}` (prefill chunks), and with MTP `mtp_t1`, `mtp_t2`, `mtp_t{C}`.
+Variants compiled (T = tokens per sequence): `main_t1` (decode), `main_t{C}` (prefill chunks), `main_t2`, and with
+MTP of up to k = `max_drafts` drafts `main_t2 .. main_t{k+1}` (verification: the newest token plus the drafts) and
+`mtp_t1 .. mtp_t{k+1}`, `mtp_t{C}` (drafting on the MTP layer's own output, the MTP step after a verification,
+the MTP prefill). The manifest records `max_drafts` (0 without MTP).
 For GPU targets the artifact also holds the mHC kernels the plans launch, built ahead of time for each
-target (codegen/aot.py).
+target (codegen/aot.py). A checkpoint's tokenizer.json is copied into the artifact (and hashed in its manifest).
 """
 
 from __future__ import annotations
@@ -14,19 +16,23 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
 from dsv4c.codegen.aot import build_kernels, mhc_norm_dtypes, mhc_ops_in
 from dsv4c.passes.manager import PassContext
 from dsv4c.passes.pipeline import canonical_target, optimise, targets_by_pipeline
-from dsv4c.runtime.artifact import check_output_path, describe_numerics, encode_state, write_artifact
+from dsv4c.runtime.artifact import (check_output_path, describe_numerics, encode_state, plan_state_specs,
+                                    write_artifact)
 from dsv4c.compiler.capture import CapturedStep, StepVariant, capture
-from dsv4c.model.checkpoint import Checkpoint
-from dsv4c.runtime.eager_runner import state_specs
 from dsv4c.compiler.lowering import graph_constants, plan_from_graph
+from dsv4c.model.checkpoint import Checkpoint
+from dsv4c.model.config import MAX_DRAFTS, ModelConfig
 from dsv4c.model.numerics import Numerics
+from dsv4c.model.step import CacheRounding, cache_roundings
+from dsv4c.model.tokenizer import TOKENIZER_NAME, folder_tokenizer
+from dsv4c.runtime.eager_runner import state_specs
 
 Progress = Callable[[str], None]
 
@@ -40,11 +46,22 @@ class CompileOptions:
     max_seq_len: int = 4096
     prefill_chunk: int = 32
     mtp: bool = True
+    max_drafts: int = MAX_DRAFTS  # with MTP: the most drafts a step verifies (1 .. MAX_DRAFTS)
     debug: bool = False
+    moe: str | None = None  # --moe w4a8 | w4a4 | w4a16 | unfused (None: per target, codegen/targets.py)
     kernel_batches: tuple[int, ...] = (1,)  # batch sizes the GPU targets' mHC kernels are built for (codegen/aot.py)
 
+    def __post_init__(self):
+        if self.mtp and not 1 <= self.max_drafts <= MAX_DRAFTS:
+            raise ValueError(f"max_drafts: got {self.max_drafts}; allowed: 1 to {MAX_DRAFTS}")
+
+    @property
+    def drafts(self) -> int:
+        """The draft count the manifest records: `max_drafts` with MTP, 0 without."""
+        return self.max_drafts if self.mtp else 0
+
     def variants(self) -> list[StepVariant]:
-        sizes = sorted({1, 2, self.prefill_chunk})
+        sizes = sorted({1, 2, self.prefill_chunk, *range(1, self.drafts + 2)})
         kinds = ("main", "mtp") if self.mtp else ("main",)
         return [StepVariant(kind, t) for kind in kinds for t in sizes]
 
@@ -58,6 +75,7 @@ def compile_checkpoint(checkpoint: str | Path, out: str | Path, options: Compile
     cfg = ckpt.config
     if options.mtp and cfg.num_nextn_predict_layers == 0:
         raise ValueError(f"{checkpoint}: the config has no MTP layer (num_nextn_predict_layers = 0); compile without MTP")
+    tokenizer = checkpoint_tokenizer_file(ckpt)
     progress("reading weights")
     weights = {name: ckpt.get(name) for name in ckpt.headers}
     plans, constants, pass_log = {}, {}, []
@@ -68,7 +86,7 @@ def compile_checkpoint(checkpoint: str | Path, out: str | Path, options: Compile
         capture_s = time.perf_counter() - started
         nodes_captured = len(step.graph_module.graph.nodes)  # the passes rewrite the graph in place
         progress(f"optimising {variant.name}")
-        gm, records = optimise(step.graph_module, options.targets[0], _context(step, options))  # serves them all
+        gm, records = optimise(step.graph_module, options.targets[0], _context(step, options, cfg))  # serves them all
         _namespace_constants(gm, variant.name)
         plan = plan_from_graph(gm, step.input_names, step.output_names)
         plans[variant.name] = plan
@@ -87,10 +105,21 @@ def compile_checkpoint(checkpoint: str | Path, out: str | Path, options: Compile
     fields = {
         "config": cfg.to_dict(), "numerics": describe_numerics(options.numerics),
         "targets": [canonical_target(t) for t in options.targets], "pass_log": pass_log, "kernels": kernels,
-        "state": encode_state(state_specs(cfg, options.max_seq_len, options.numerics)),
+        "state": encode_state(plan_state_specs(state_specs(cfg, options.max_seq_len, options.numerics), plans)),
         "max_seq_len": options.max_seq_len, "prefill_chunk": options.prefill_chunk, "mtp": options.mtp,
+        "moe": options.moe or "default",
+        "max_drafts": options.drafts,
     }
-    return write_artifact(out, fields, plans, {**weights, **constants}, kernel_files, overwrite=overwrite)
+    return write_artifact(out, fields, plans, {**weights, **constants}, {**kernel_files, **tokenizer},
+                          overwrite=overwrite)
+
+
+def checkpoint_tokenizer_file(ckpt: Checkpoint) -> dict[str, bytes]:
+    """{tokenizer.json: its bytes} when the checkpoint has one (checked to fit its vocab_size first, so a bad one
+    is refused before any work), else nothing; the artifact carries it as it is, hashed like every file."""
+    if folder_tokenizer(ckpt.path, ckpt.config.vocab_size) is None:
+        return {}
+    return {TOKENIZER_NAME: (ckpt.path / TOKENIZER_NAME).read_bytes()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,17 +138,22 @@ def _one_pipeline(targets: tuple[str, ...]) -> _ServingPipeline:
     return _ServingPipeline(name, served)
 
 
-def _context(step: CapturedStep, options: CompileOptions) -> PassContext:
-    """Debug mode checks every pass's graph against the previous one on fresh random inputs."""
-    make_inputs = (lambda batch: random_inputs(step, batch)) if options.debug else None
+def _context(step: CapturedStep, options: CompileOptions, cfg: ModelConfig) -> PassContext:
+    """Debug mode checks every pass's graph against the previous one on fresh random inputs; the caches the
+    model rounds are declared to kv_compression, which stores them packed in every variant alike."""
+    roundings = cache_roundings(cfg, options.numerics)
+    make_inputs = (lambda batch: random_inputs(step, batch, roundings)) if options.debug else None
     return PassContext(target=options.targets[0], debug=options.debug, make_inputs=make_inputs,
-                       output_names=tuple(step.output_names))
+                       output_names=tuple(step.output_names), moe=options.moe,
+                       cache_roundings=roundings)
 
 
-def random_inputs(step: CapturedStep, batch: int) -> list[torch.Tensor]:
+def random_inputs(step: CapturedStep, batch: int,
+                  roundings: Mapping[str, CacheRounding] | None = None) -> list[torch.Tensor]:
     """Fresh random inputs in placeholder order: weights with healthy random values (packed formats as
-    random bytes, scales near 2^-6), state as written by earlier steps (score rings hold -inf where empty),
-    tokens and positions in range."""
+    random bytes, scales near 2^-6), state as written by earlier steps (score rings hold -inf where empty; a
+    cache in `roundings` holds values on its rounding's grid, as the model writes them), tokens and positions
+    in range."""
     out = []
     capacity = step.max_seq_len
     for name in step.input_names:
@@ -138,7 +172,9 @@ def random_inputs(step: CapturedStep, batch: int) -> list[torch.Tensor]:
             magnitude = torch.randint(0, 0x7F, shape, dtype=torch.uint8)
             out.append((magnitude | (torch.randint(0, 2, shape, dtype=torch.uint8) << 7)).view(spec.dtype))
         else:
-            out.append((torch.randn(shape) * 0.5).to(spec.dtype))
+            value = (torch.randn(shape) * 0.5).to(spec.dtype)
+            rounding = (roundings or {}).get(name.removeprefix("state."))
+            out.append(value if rounding is None else rounding.apply(value))
     return out
 
 

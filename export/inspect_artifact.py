@@ -2,7 +2,8 @@
 
 `describe(artifact)` returns plain text lines: versions, model, numerics, targets, then per variant the op
 counts (top ops, dsv4c fused ops), the pass log (each pass's matches and node counts before -> after), the
-memory plan's peak where the memory-planning pass recorded one, and the kernel table (a line a kernel). It
+memory plan's peak where the memory-planning pass recorded one, the state (bytes per sequence, each packed cache's
+row layout, the bytes a token of context adds per compressed layer kind) and the kernel table (a line a kernel). It
 reads only the manifest and the plans (no weights).
 
 `export_onnx(artifact, variant, path)` writes the variant's optimised graph as an ONNX model (see
@@ -17,7 +18,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from dsv4c.runtime.artifact import Artifact
+from dsv4c.runtime.artifact import Artifact, ArtifactError, decode_state
+from dsv4c.runtime.state_pool import context_bytes_per_token
 from dsv4c.runtime.plan import Plan
 
 from dsv4c.model.config import ConfigError, ModelConfig
@@ -38,6 +40,8 @@ def describe(artifact: Artifact) -> list[str]:
     for name, plan in artifact.plans.items():
         lines.append("")
         lines.extend(_variant(name, plan, logs.get(name)))
+    lines.append("")
+    lines.extend(_state(manifest))
     lines.append("")
     lines.extend(_kernels(manifest.get("kernels", {})))
     return lines
@@ -102,6 +106,36 @@ def _memory_plan(record: dict[str, Any]) -> str:
     slots = f", {details['slots']} slots" if "slots" in details else ""
     no_reuse = f" (without reuse {details['no_reuse']})" if "no_reuse" in details else ""
     return f"  memory plan: peak {details['peak']} bytes{no_reuse}{slots}" + (f"; {sizes}" if sizes else "")
+
+
+def _state(manifest: dict[str, Any]) -> list[str]:
+    """The state block: bytes per sequence, each cache stored packed with its row layout (the kv_compression
+    record), and the bytes a token of context adds per compressed layer kind."""
+    try:
+        specs = decode_state(manifest)
+        cfg = ModelConfig.from_dict(manifest.get("config", {}))
+    except (ArtifactError, ConfigError, KeyError, TypeError, ValueError) as error:
+        return [f"state: not readable ({error})"]
+    total = sum(spec.bytes_per_sequence() for spec in specs.values())
+    lines = [f"state: {_bytes(total)} per sequence at max_seq_len {manifest.get('max_seq_len', '?')}, "
+             f"{len(specs)} tensors"]
+    layouts = _cache_layouts(manifest)
+    width = max((len(name) for name in layouts), default=0)
+    lines.extend(f"  {name:<{width}}  {list(specs[name].shape)} {str(specs[name].dtype).removeprefix('torch.')}: "
+                 f"{layout}" for name, layout in layouts.items() if name in specs)
+    per_token = ", ".join(f"{kind} layer {count:.1f} B" for kind, count in context_bytes_per_token(specs, cfg).items())
+    lines.append(f"  context bytes per token: {per_token or 'none (window-only model)'}")
+    return lines
+
+
+def _cache_layouts(manifest: dict[str, Any]) -> dict[str, str]:
+    """State name -> packed row layout, as the first variant's kv_compression record gives it (empty if none)."""
+    for entry in manifest.get("pass_log", []):
+        for record in entry.get("passes", []) if isinstance(entry, dict) else []:
+            layouts = (record.get("details") or {}).get("layouts") if isinstance(record, dict) else None
+            if record.get("name") == "kv_compression" and isinstance(layouts, dict):
+                return {str(k): str(v) for k, v in layouts.items()}
+    return {}
 
 
 def _kernels(kernels: Any) -> list[str]:

@@ -36,6 +36,7 @@ REFERENCES: dict[str, Callable[..., Any]] = {
     "dsv4c::hc_post_pre": ops.hc_post_pre_reference,
     "dsv4c::hc_head": ops.hc_head_reference,
     "dsv4c::fake_quant_fp8": rounding_ops.fake_quant_fp8_reference,
+    "dsv4c::fake_quant_fp4": rounding_ops.fake_quant_fp4_reference,
     "dsv4c::fp8_linear": fp8_linear.reference,
     "dsv4c::routed_moe": routed_moe.every_expert,
 }

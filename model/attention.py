@@ -2,16 +2,21 @@
 
 State is indexed by absolute position, never shifted, so a step is a pure function of
 (weights, state, x, start) and a rejected speculative token leaves nothing a later step reads:
-- a ring of C slots holds the raw per-token values of the last C positions, position p in slot p % C
-  (the window KV with C = sliding_window; each compressor's projections with C = coff * ratio, exactly
-  the positions one pooled entry reads);
+- a ring of C = W + S slots holds the raw per-token values of the last C positions, position p in slot p % C,
+  where W is what one query reads (the window KV: W = sliding_window; each compressor's projections:
+  W = coff * ratio, the positions one pooled entry reads) and S the slack of the state's shape
+  (model/step.py RING_SLACK). A verification step of 1 + k tokens at `start` writes positions up to
+  start + k; the next step starts at some start' > start, so the stale ones are p <= start' + k - 1, and slot
+  p % C aliases position p - C < start' - W + 1, older than any position a later step reads, when S >= k - 1;
 - compressed entry i (the pool of positions [i*ratio, (i+1)*ratio), plus the previous block's first half
   for the overlapping C4 compressor) lives at row i of its cache and is visible to a query at position q
   iff (i + 1) * ratio <= q + 1.
-A step reads the ring as a timeline of positions `start - C .. start - 1`, appends its T new tokens,
-pools every window that ends on a new token, attends with masks by position, and then writes only what it
-filled: its tokens into their ring slots (the last C of them when T > C) and each completed entry into its
-cache row. Every write is a `scatter` into the state tensor it updates, so a step's new state is the old one
+A step reads the ring as a timeline of positions `start - C .. start - 1`, appends its T new tokens, and
+gives each new token its own window of the W positions ending on it (the window attention's keys and each
+compressor's pooled rows), so a token's keys, their order and their masks are the same whatever T is (a row's
+result does not depend on how many tokens its step holds); it pools every window that ends on a new token,
+attends with masks by position, and then writes only what it filled: its tokens into their ring slots (the
+last C of them when T > C) and each completed entry into its cache row. Every write is a `scatter` into the state tensor it updates, so a step's new state is the old one
 with those slots replaced, and a compiler may perform the writes in place (passes/reinplace_state.py).
 A compressed cache has one spill row past its capacity: tokens that complete no entry write there, so
 no two writes of a step meet in a row that is ever read (the spill row is never visible).
@@ -26,7 +31,8 @@ import torch
 from dsv4c.model.config import ModelConfig
 from dsv4c.model.layers import apply_rope, linear, rms_norm
 from dsv4c.model.numerics import Numerics
-from dsv4c.model.quant import fake_quant_fp4, fake_quant_fp8, hadamard
+from dsv4c.model import rounding_ops
+from dsv4c.model.quant import hadamard
 
 Weights = dict[str, torch.Tensor]
 Rounding = Callable[[torch.Tensor], torch.Tensor]
@@ -39,6 +45,12 @@ def ring_timeline(ring: torch.Tensor, new: torch.Tensor, start: torch.Tensor) ->
     positions = start.unsqueeze(1) - slots + torch.arange(slots, device=ring.device)
     old = ring.gather(1, (positions % slots).unsqueeze(-1).expand(-1, -1, ring.shape[-1]))
     return torch.cat((old, new.to(ring.dtype)), dim=1)
+
+
+def token_windows(line: torch.Tensor, width: int, steps: int) -> torch.Tensor:
+    """timeline `[B, L, F]` whose last `steps` entries are a step's tokens -> `[B, steps, width, F]`: each
+    token's window of the `width` entries ending on it, oldest first."""
+    return line.unfold(1, width, 1)[:, -steps:].transpose(-1, -2)
 
 
 def ring_write(ring: torch.Tensor, new: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
@@ -73,13 +85,14 @@ def compress(x: torch.Tensor, start: torch.Tensor, w: Weights, prefix: str, stat
     """
     coff = 2 if ratio == 4 else 1
     slots = coff * ratio
-    positions = start.unsqueeze(1) + torch.arange(x.shape[1], device=x.device)
+    steps = x.shape[1]
+    positions = start.unsqueeze(1) + torch.arange(steps, device=x.device)
     kv = x.float() @ w[prefix + "wkv.weight"].float().T
     score = x.float() @ w[prefix + "wgate.weight"].float().T + w[prefix + "ape"].float()[positions % ratio]
     kv_line = ring_timeline(state["kv_state"], kv, start)
     score_line = ring_timeline(state["score_state"], score, start)
-    kv_win = kv_line.unfold(1, slots, 1)[:, 1:].transpose(-1, -2)  # [B, T, slots, coff*width]
-    score_win = score_line.unfold(1, slots, 1)[:, 1:].transpose(-1, -2)
+    kv_win = token_windows(kv_line, slots, steps)  # [B, T, slots, coff*width]
+    score_win = token_windows(score_line, slots, steps)
     if coff == 2:
         kv_win = torch.cat((kv_win[:, :, :ratio, :width], kv_win[:, :, ratio:, width:]), dim=2)
         score_win = torch.cat((score_win[:, :, :ratio, :width], score_win[:, :, ratio:, width:]), dim=2)
@@ -95,19 +108,21 @@ def compress(x: torch.Tensor, start: torch.Tensor, w: Weights, prefix: str, stat
 
 
 def kv_rounding(cfg: ModelConfig, num: Numerics) -> Rounding:
-    """FP8 rounding of the no-RoPE dims in blocks of 64 (the model's QAT simulation), if enabled."""
+    """FP8 rounding of the no-RoPE dims in blocks of 64 (the model's QAT simulation), if enabled: one
+    `dsv4c::fake_quant_fp8` node, so a compiler finds what a cache stores (passes/kv_compression.py)."""
     def fn(x: torch.Tensor) -> torch.Tensor:
         if not num.kv_fp8:
             return x
         nope = x[..., : cfg.nope_head_dim]
-        return torch.cat((fake_quant_fp8(nope, 64), x[..., cfg.nope_head_dim:]), dim=-1)
+        return torch.cat((rounding_ops.fake_quant_fp8(nope, 64), x[..., cfg.nope_head_dim:]), dim=-1)
     return fn
 
 
 def indexer_rounding(cfg: ModelConfig, num: Numerics) -> Rounding:
-    """Normalised Hadamard rotation then FP4 rounding in blocks of 32, if enabled."""
+    """Normalised Hadamard rotation then FP4 rounding in blocks of 32 (one `dsv4c::fake_quant_fp4` node), if
+    enabled."""
     def fn(x: torch.Tensor) -> torch.Tensor:
-        return fake_quant_fp4(hadamard(x), 32) if num.indexer_fp4 else x
+        return rounding_ops.fake_quant_fp4(hadamard(x), 32) if num.indexer_fp4 else x
     return fn
 
 
@@ -174,12 +189,11 @@ def attention(x: torch.Tensor, start: torch.Tensor, layer: int, prefix: str, w: 
                   cfg.rms_norm_eps)
     kv = kv_rounding(cfg, num)(apply_rope(kv, positions, inv_freq))
 
-    kv_line = ring_timeline(state["window_kv"], kv, start)  # positions start-window .. start+T-1
-    line_pos = start.unsqueeze(1) - window + torch.arange(kv_line.shape[1], device=x.device)
-    in_window = (line_pos.unsqueeze(1) <= positions.unsqueeze(-1)) & (
-        line_pos.unsqueeze(1) > positions.unsqueeze(-1) - window) & (line_pos.unsqueeze(1) >= 0)
+    kv_line = ring_timeline(state["window_kv"], kv, start)  # positions start-C .. start+T-1
+    window_keys = token_windows(kv_line, window, x.shape[1])  # query q: positions q-window+1 .. q
+    key_pos = positions.unsqueeze(-1) - window + 1 + torch.arange(window, device=x.device)
     new_state = {"window_kv": ring_write(state["window_kv"], kv, start)}
-    key_sets = [(kv_line, in_window, "shared")]
+    key_sets = [(window_keys, key_pos >= 0, "per_query")]
 
     ratio = cfg.compress_ratios[layer]
     if ratio:

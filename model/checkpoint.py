@@ -1,4 +1,4 @@
-"""DeepSeek-V4 checkpoints on disk: a validated, lazy reader and a writer of seeded synthetic weights.
+"""DeepSeek-V4 checkpoints on disk: a validated, lazy reader and writers of synthetic or given weights.
 
 A checkpoint directory holds `config.json`, sharded `model-0000i-of-0000N.safetensors` files and
 `model.safetensors.index.json` (or a single `model.safetensors`), in the released layout that
@@ -12,8 +12,9 @@ Tensor data is read on demand (`get`, `tensors`) through `safetensors.safe_open`
 `write_synthetic` writes seeded random weights with realistic scales in exactly that layout, atomically: into a
 temporary directory next to the target, renamed into place at the end. The weights are generated on a chosen
 device (the same bytes on any), in blocks of rows, by a background thread while the main thread writes the
-previous blocks. Tensor bytes are written in the host's order, which must be little-endian as safetensors
-requires.
+previous blocks. `write_checkpoint` writes given weights (a trained model's, in their stored formats) the same
+way, with extra files such as a tokenizer.json. Tensor bytes are written in the host's order, which must be
+little-endian as safetensors requires.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import shutil
 import uuid
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -357,19 +358,71 @@ def write_synthetic(cfg: ModelConfig, out_dir: str | os.PathLike[str], seed: int
     holes (reading as zeros): instant at any size, for header-only tools and tests. Returns the path.
     """
     out = Path(out_dir)
-    if not isinstance(shard_bytes, int) or shard_bytes <= 0:
-        raise ValueError(f"shard_bytes: got {shard_bytes!r}; allowed: a positive integer")
+    _check_shard_bytes(shard_bytes)
     device = generation_device(device)
-    _check_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()  # not mkdtemp: the checkpoint keeps the usual umask-derived permissions
-    try:
+
+    def fill(tmp: Path) -> None:
         if sparse:
             _write_files(cfg, tmp, shard_bytes, None)
         else:
             with prefetched(synthetic_pieces(cfg, seed, device, chunk_elements), _PIECES_AHEAD) as pieces:
                 _write_files(cfg, tmp, shard_bytes, pieces)
+
+    return _write_atomically(out, overwrite, fill)
+
+
+def write_checkpoint(cfg: ModelConfig, out_dir: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
+                     extra_files: Mapping[str, str] = MappingProxyType({}), shard_bytes: int = DEFAULT_SHARD_BYTES,
+                     *, overwrite: bool = False) -> Path:
+    """Write given weights as a checkpoint in the released layout (a trained model's, for example).
+
+    `tensors` holds exactly the tensors of `tensor_specs(cfg)` in their stored form (FP8 e4m3 and MXFP4 int8
+    weights with their e8m0 `.scale`, bf16, fp32, int32), each of the layout's shape and dtype; anything else is
+    a CheckpointError naming the tensor. `extra_files` (file name -> text, e.g. a tokenizer.json) are written
+    beside the shards. Atomic, and `overwrite` as for `write_synthetic`. Returns the path.
+    """
+    out = Path(out_dir)
+    _check_shard_bytes(shard_bytes)
+    _check_tensors(cfg, tensors)
+    for name in extra_files:
+        if Path(name).name != name or name in ("", ".", "..", CONFIG_NAME, INDEX_NAME) or name.endswith(".safetensors"):
+            raise ValueError(f"extra_files: {name!r} is not a plain file name beside the shards")
+
+    def fill(tmp: Path) -> None:
+        _write_files(cfg, tmp, shard_bytes, ((name, tensors[name]) for name in tensor_specs(cfg)))
+        for name, text in extra_files.items():
+            (tmp / name).write_text(text)
+
+    return _write_atomically(out, overwrite, fill)
+
+
+def _check_shard_bytes(shard_bytes: int) -> None:
+    if not isinstance(shard_bytes, int) or shard_bytes <= 0:
+        raise ValueError(f"shard_bytes: got {shard_bytes!r}; allowed: a positive integer")
+
+
+def _check_tensors(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Raise a CheckpointError naming the first tensor that is missing, unexpected or misshapen."""
+    specs = tensor_specs(cfg)
+    for name in specs.keys() - tensors.keys():
+        raise CheckpointError(f"tensor {name}: missing (expected {list(specs[name].shape)} {specs[name].dtype})")
+    for name, tensor in tensors.items():
+        spec = specs.get(name)
+        if spec is None:
+            raise CheckpointError(f"tensor {name}: not a tensor of this config's layout")
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise CheckpointError(f"tensor {name}: {list(tensor.shape)} {tensor.dtype}, expected "
+                                  f"{list(spec.shape)} {spec.dtype}")
+
+
+def _write_atomically(out: Path, overwrite: bool, fill: Callable[[Path], None]) -> Path:
+    """Run `fill` on a temporary sibling of `out`, then rename it into place; on any error remove it."""
+    _check_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()  # not mkdtemp: the checkpoint keeps the usual umask-derived permissions
+    try:
+        fill(tmp)
         _move_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -22,6 +22,7 @@ _TRANSFORMERS_LAYER_TYPE = {
 }
 _SCORING_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
 _EXPERT_DTYPES = ("fp4", "fp8")
+MAX_DRAFTS = 3  # the most MTP drafts one step verifies (the MTP layer applied recursively); rings are sized for it
 _QUANTIZATION = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
 
 

@@ -11,16 +11,18 @@ exactly dequantised values (no `.scale` entries): see `dequantize_weights`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Mapping
 
 import torch
 
 from dsv4c.model.attention import attention
-from dsv4c.model.config import ModelConfig
+from dsv4c.model.config import MAX_DRAFTS, ModelConfig
+from dsv4c.model.layout import layer_prefix
 from dsv4c.model.layers import (RoutedExperts, hc_head, hc_post, hc_pre, layer_inv_freq, linear, moe, rms_norm,
                                 routed_experts)
 from dsv4c.model.numerics import Numerics
-from dsv4c.model.quant import dequant_fp4_weight, dequant_fp8_weight
+from dsv4c.model.quant import dequant_fp4_weight, dequant_fp8_weight, fake_quant_fp4, fake_quant_fp8
 
 Weights = dict[str, torch.Tensor]
 State = dict[str, torch.Tensor]
@@ -60,18 +62,19 @@ def dequantize_weights(raw: Mapping[str, torch.Tensor], num: Numerics, fp8: Deco
 
 
 # ---- state -----------------------------------------------------------------------------------------
-def layer_prefix(cfg: ModelConfig, layer: int) -> str:
-    """Checkpoint prefix of layer `layer` (MTP layers follow the main ones)."""
-    return f"layers.{layer}." if layer < cfg.num_hidden_layers else f"mtp.{layer - cfg.num_hidden_layers}."
+# A verification step over 1 + k tokens writes up to k - 1 positions past the next step's start that a rejection
+# leaves stale; every ring carries that many slots of slack so a stale slot never aliases a position a later step
+# reads (model/attention.py).
+RING_SLACK = MAX_DRAFTS - 1
 
 
 def state_shapes(cfg: ModelConfig, batch: int, max_seq_len: int) -> dict[str, tuple[tuple[int, ...], str]]:
     """Name -> (shape, role) of every state tensor; role 'act' (activation dtype), 'kv' or 'score' (fp32,
-    scores start at -inf)."""
+    scores start at -inf). Rings hold the positions one step reads plus RING_SLACK slots."""
     shapes: dict[str, tuple[tuple[int, ...], str]] = {}
     for layer in range(cfg.n_layers_total):
         p = layer_prefix(cfg, layer)
-        shapes[p + "window_kv"] = ((batch, cfg.sliding_window, cfg.head_dim), "act")
+        shapes[p + "window_kv"] = ((batch, cfg.sliding_window + RING_SLACK, cfg.head_dim), "act")
         ratio = cfg.compress_ratios[layer]
         if not ratio:
             continue
@@ -80,10 +83,39 @@ def state_shapes(cfg: ModelConfig, batch: int, max_seq_len: int) -> dict[str, tu
         if ratio == 4:
             branches.append(("indexer.", "indexer_kv", cfg.index_head_dim))
         for ring, cache, width in branches:
-            shapes[p + ring + "kv_state"] = ((batch, coff * ratio, coff * width), "kv")
-            shapes[p + ring + "score_state"] = ((batch, coff * ratio, coff * width), "score")
+            slots = coff * ratio + RING_SLACK
+            shapes[p + ring + "kv_state"] = ((batch, slots, coff * width), "kv")
+            shapes[p + ring + "score_state"] = ((batch, slots, coff * width), "score")
             shapes[p + cache] = ((batch, max_seq_len // ratio + 1, width), "act")  # + the spill row
     return shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheRounding:
+    """How the model rounds every value it writes to one cache: the first `rounded` dims of each row to `format`
+    ('e4m3' or 'e2m1') with a power-of-two scale per `block` dims (model/quant.py), the rest as they are."""
+
+    format: str
+    rounded: int
+    block: int
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x `[..., width]` rounded as the model rounds what it writes to this cache."""
+        fake = fake_quant_fp8 if self.format == "e4m3" else fake_quant_fp4
+        return torch.cat((fake(x[..., :self.rounded], self.block), x[..., self.rounded:]), dim=-1)
+
+
+def cache_roundings(cfg: ModelConfig, num: Numerics) -> dict[str, CacheRounding]:
+    """State name -> the rounding of what the step writes there (model/attention.py `kv_rounding`,
+    `indexer_rounding`): window and compressed KV with `kv_fp8`, indexer keys with `indexer_fp4`. A compiler may
+    store these caches as codes and scales (passes/kv_compression.py); every other state holds raw values."""
+    out: dict[str, CacheRounding] = {}
+    for name in state_shapes(cfg, 1, cfg.sliding_window):
+        if num.kv_fp8 and name.endswith(("window_kv", "compressed_kv")):
+            out[name] = CacheRounding("e4m3", cfg.nope_head_dim, 64)
+        elif num.indexer_fp4 and name.endswith("indexer_kv"):
+            out[name] = CacheRounding("e2m1", cfg.index_head_dim, 32)
+    return out
 
 
 def init_state(cfg: ModelConfig, batch: int, max_seq_len: int, num: Numerics,

@@ -33,6 +33,11 @@ class PassError(RuntimeError):
     """A pass broke the graph: it no longer lints, or its outputs changed. The message names the pass."""
 
 
+# Node meta key of a placeholder (value: (encode, decode)) or of the output node (value: {output index: (encode,
+# decode)}) whose storage a pass changed (passes/kv_compression.py): encode maps a value of the graph's original
+# form to the stored one, decode maps it back. Debug mode's check runs every graph on the original form.
+STORED_AS = "dsv4c_stored_as"
+
 @dataclasses.dataclass(frozen=True)
 class PassContext:
     """What passes may know: the target, whether to check numerics, how to make inputs, the tolerance.
@@ -47,6 +52,8 @@ class PassContext:
     tolerance: float = 1e-5
     check_batches: tuple[int, ...] = (1, 3)
     output_names: tuple[str, ...] | None = None
+    moe: str | None = None  # `dsv4c compile --moe` (None: the target table's default, codegen/targets.py)
+    cache_roundings: Mapping[str, object] | None = None  # state name -> model/step.py CacheRounding (kv_compression)
 
     def __post_init__(self) -> None:
         if self.tolerance < 0 or not self.check_batches:
@@ -197,13 +204,22 @@ class _EquivalenceChecker:
             self.outputs[batch] = outs
 
     def _run(self, gm: fx.GraphModule, batch: int, where: str) -> list:
+        """The graph's outputs on this batch's inputs, both in the input graph's form: a placeholder or output
+        whose storage a pass changed (meta `STORED_AS`: encode, decode) is encoded going in, decoded coming out."""
         args = [a.clone() if isinstance(a, torch.Tensor) else a for a in self.inputs[batch]]
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        for i, node in enumerate(placeholders):
+            if STORED_AS in node.meta:
+                args[i] = node.meta[STORED_AS][0](args[i])
         try:
             with torch.no_grad():
                 out = gm(*args)
         except Exception as err:
             raise PassError(f"{where}: graph fails to run at batch {batch}: {type(err).__name__}: {err}") from err
-        return list(out) if isinstance(out, (tuple, list)) else [out]
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        for i, (_, decode) in gm.graph.output_node().meta.get(STORED_AS, {}).items():
+            outs[i] = decode(outs[i])
+        return outs
 
     def _name(self, gm: fx.GraphModule, index: int) -> str:
         names = self.ctx.output_names

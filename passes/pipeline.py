@@ -19,9 +19,11 @@ from dsv4c.passes.constant_folding import constant_folding
 from dsv4c.passes.cse import cse
 from dsv4c.passes.dead_code import dead_code
 from dsv4c.passes.fp8_linear import fp8_linear
+from dsv4c.passes.kv_compression import kv_compression
 from dsv4c.passes.manager import PassContext, PassRecord, PipelineEntry, run_pipeline
 from dsv4c.passes.memory_planning import memory_planning
 from dsv4c.passes.mhc_fusion import mhc_fusion
+from dsv4c.passes.moe_fp4 import moe_fp4
 from dsv4c.passes.noop_removal import noop_removal
 from dsv4c.passes.reinplace_state import reinplace_state
 from dsv4c.passes.shape_propagation import shape_propagation
@@ -37,6 +39,10 @@ CLEANUP_AND_PLANNING = (
                   "after cleanup (one node per value, no asserts between ops), before folding touches weights"),
     PipelineEntry("fp8_linear", fp8_linear,
                   "after CSE (one decode per weight, one rounding per activation), before folding and shapes"),
+    PipelineEntry("moe_fp4", moe_fp4,
+                  "after fp8_linear (the shared expert is three fp8_linear nodes); a no-op on cpu unless asked"),
+    PipelineEntry("kv_compression", kv_compression,
+                  "after cleanup (one rounding per value) and the fusions; before reinplace_state packs in place"),
     PipelineEntry("constant_folding", constant_folding, "after CSE, so each duplicated table folds once"),
     PipelineEntry("dead_code_after_folding", dead_code, "removes folded subgraphs' leftovers and unused buffers"),
     PipelineEntry("reinplace_state", reinplace_state,

@@ -6,13 +6,15 @@ Layout:
     plans/<variant>.json           a `Plan` per step variant (runtime/plan.py)
     weights/model-<i>-of-<n>.safetensors   model weights by checkpoint name, plus `constants.*` graph constants
     kernels/<target>/...           optional, passed as extra files
+    tokenizer.json                 optional, passed as an extra file: the checkpoint's tokenizer, copied as it is
 
 `write_artifact` builds the folder beside the target and renames it into place, so the target holds a
 whole artifact or nothing; `check_output_path` says before any work whether a path may receive one
 (`overwrite` replaces only an existing artifact, and never an input). `load_artifact` refuses (naming the
 file or field) an unknown format version, malformed JSON, a file missing from or absent in the manifest,
 and any size or sha256 mismatch; it reads tensors with safetensors only and never unpickles. Nothing in an
-artifact is executed.
+artifact is executed. `artifact_tokenizer` reads the tokenizer an artifact carries after checking that one
+file against the manifest, so text can be encoded before the weights are loaded.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
+from tokenizers import Tokenizer
 
+from dsv4c.model.tokenizer import TOKENIZER_NAME, read_tokenizer
 from dsv4c.runtime.artifact_io import (DEFAULT_SHARD_BYTES, MANIFEST, WEIGHTS_DIR, ArtifactError,
                                        WeightStore, check_relpath, file_record, sha256_file, staging_dir,
                                        write_durable, write_weight_shards)
@@ -43,8 +47,9 @@ CALLER_FIELDS: Mapping[str, type] = {"config": dict, "numerics": dict, "targets"
 WRITER_FIELDS = ("format_version", "versions", "variants", "files")
 _VARIANT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-__all__ = ["ARTIFACT_FORMAT_VERSION", "Artifact", "ArtifactError", "WeightStore", "check_output_path",
-           "describe_numerics", "is_artifact_folder", "load_artifact", "write_artifact"]
+__all__ = ["ARTIFACT_FORMAT_VERSION", "Artifact", "ArtifactError", "TOKENIZER_NAME", "WeightStore",
+           "artifact_tokenizer", "check_output_path", "describe_numerics", "is_artifact_folder", "load_artifact",
+           "write_artifact"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +158,24 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     for name, plan in plans.items():
         _check_variant(name, plan, weights)
     return Artifact(root, manifest, plans, weights)
+
+
+def artifact_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
+    """The tokenizer the artifact at `path` carries (`tokenizer.json`, listed in its manifest), or None without
+    one. Only the manifest and that file are read: an ArtifactError when the file's size or sha256 does not match
+    the manifest, a TokenizerError when its ids do not fit the model's vocab_size (each names the file)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: not an artifact folder (no such directory)")
+    manifest = _read_manifest(root)
+    record = manifest["files"].get(TOKENIZER_NAME)
+    if record is None:
+        return None
+    _verify_file(root, TOKENIZER_NAME, record)
+    vocab_size = manifest["config"].get("vocab_size")
+    if type(vocab_size) is not int:
+        raise ArtifactError(f"artifact {root}: {MANIFEST}: field config.vocab_size is missing or not an integer")
+    return read_tokenizer(root / TOKENIZER_NAME, vocab_size)
 
 
 def _versions() -> dict[str, str | None]:
@@ -265,14 +288,31 @@ def _verify_files(root: Path, files: dict[str, dict[str, Any]]) -> None:
     if extra:
         raise ArtifactError(f"artifact {root}: files not listed in {MANIFEST}: {extra}")
     for rel, record in files.items():
-        size = (root / rel).stat().st_size
-        if size != record["bytes"]:
-            raise ArtifactError(f"artifact {root}: file {rel!r} has {size} bytes, {MANIFEST} says "
-                                f"{record['bytes']} (truncated or changed)")
+        _check_size(root, rel, record)
     for rel, record in files.items():
-        if sha256_file(root / rel) != record["sha256"]:
-            raise ArtifactError(f"artifact {root}: file {rel!r} does not match its sha256 in {MANIFEST} "
-                                f"(changed or corrupted); refusing to load it")
+        _check_sha256(root, rel, record)
+
+
+def _verify_file(root: Path, rel: str, record: dict[str, Any]) -> None:
+    """One listed file present, a regular file, with its size and sha256."""
+    path = root / rel
+    if path.is_symlink() or not path.is_file():
+        raise ArtifactError(f"artifact {root}: file {rel!r} listed in {MANIFEST} is missing or not a regular file")
+    _check_size(root, rel, record)
+    _check_sha256(root, rel, record)
+
+
+def _check_size(root: Path, rel: str, record: dict[str, Any]) -> None:
+    size = (root / rel).stat().st_size
+    if size != record["bytes"]:
+        raise ArtifactError(f"artifact {root}: file {rel!r} has {size} bytes, {MANIFEST} says "
+                            f"{record['bytes']} (truncated or changed)")
+
+
+def _check_sha256(root: Path, rel: str, record: dict[str, Any]) -> None:
+    if sha256_file(root / rel) != record["sha256"]:
+        raise ArtifactError(f"artifact {root}: file {rel!r} does not match its sha256 in {MANIFEST} "
+                            f"(changed or corrupted); refusing to load it")
 
 
 def _regular_files(root: Path) -> set[str]:
@@ -296,6 +336,25 @@ def encode_state(specs: Mapping[str, StateSpec]) -> dict[str, Any]:
     -inf, so a non-finite fill is written as its string)."""
     return {name: {"shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch."),
                    "fill": s.fill if math.isfinite(s.fill) else str(s.fill)} for name, s in specs.items()}
+
+
+def plan_state_specs(reference: Mapping[str, StateSpec], plans: Mapping[str, Plan]) -> dict[str, StateSpec]:
+    """The state the plans read: each reference state with the per-sequence shape and dtype of the plans'
+    `state.<name>` inputs (a pass may store a cache packed: passes/kv_compression.py), its fill kept. Every plan
+    must read a state alike, and a retyped state must start as zeros (zero bytes are a packed row of zeros)."""
+    specs = dict(reference)
+    for name, spec in reference.items():
+        seen = {(p.shape[1:], p.dtype) for plan in plans.values() for p in plan.inputs if p.name == f"state.{name}"}
+        if len(seen) > 1:
+            raise ArtifactError(f"state {name!r}: the plans read it in different layouts {sorted(map(str, seen))}")
+        if not seen:
+            continue
+        (shape, dtype), = seen
+        dtype = decode_dtype(dtype, f"state {name!r}")
+        if (tuple(shape), dtype) != (spec.shape, spec.dtype) and spec.fill != 0.0:
+            raise ArtifactError(f"state {name!r}: stored as {dtype} {list(shape)} but starts at {spec.fill}, not zeros")
+        specs[name] = StateSpec(tuple(int(d) for d in shape), dtype, spec.fill)
+    return specs
 
 
 def decode_state(manifest: Mapping[str, Any]) -> dict[str, StateSpec]:

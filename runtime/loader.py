@@ -4,7 +4,7 @@ Each step variant's plan becomes an `Executor` with the weights bound once. `loa
 kernels run (runtime/stored_kernels.py decides): on cpu, or on a GPU without Triton, the ops' PyTorch
 reference implementations; on a GPU the Triton mHC kernels, launched from the artifact's stored binaries
 where it holds them for this GPU's sm, built by the local Triton from the kernel source the installed dsv4c
-has; compiled from that source on first use otherwise.
+has; compiled from that source on first use otherwise. `load_tokenizer` reads the artifact's tokenizer, if any.
 """
 
 from __future__ import annotations
@@ -17,8 +17,11 @@ from typing import Any, Callable
 import torch
 
 from dsv4c.codegen.targets import target_for_device
-from dsv4c.runtime.artifact import Artifact, decode_state, distribution_version, load_artifact
+from tokenizers import Tokenizer
+
+from dsv4c.runtime.artifact import Artifact, artifact_tokenizer, decode_state, distribution_version, load_artifact
 from dsv4c.runtime.stored_kernels import KernelPlan, kernel_plan
+from dsv4c.model.config import MAX_DRAFTS
 from dsv4c.runtime.engine import Engine
 from dsv4c.runtime.state_pool import StatePool, StateSpec
 from dsv4c.runtime import capacity
@@ -38,8 +41,8 @@ def plan_executors(artifact: Artifact, device: torch.device, kernels: KernelPlan
     return executors
 
 
-# Decode, MTP verification of one draft, and the MTP draft steps: the variants a token's step runs.
-PER_TOKEN_VARIANTS = ("main_t1", "main_t2", "mtp_t1", "mtp_t2")
+# Decode, MTP verification of up to MAX_DRAFTS drafts, and the MTP draft steps: the variants a token's step runs.
+PER_TOKEN_VARIANTS = tuple(f"{kind}_t{t}" for kind in ("main", "mtp") for t in range(1, MAX_DRAFTS + 2))
 
 
 def local_target(device: torch.device) -> str:
@@ -78,7 +81,19 @@ def load(path: str | Path, device: str | torch.device = "cpu", *, max_batch: int
     pool = StatePool(specs, rows, device)
     runner = BucketRunner(plan_executors(artifact, device, kernels), pool, per_token, cuda_graphs, progress)
     return Engine(runner, specs, manifest["prefill_chunk"], manifest["max_seq_len"], device,
-                  vocab_size=manifest["config"]["vocab_size"], pool=pool)
+                  vocab_size=manifest["config"]["vocab_size"], pool=pool, max_drafts=max_drafts(manifest))
+
+
+def max_drafts(manifest) -> int:
+    """The most MTP drafts the artifact's variants verify (artifacts from before the field: one, with MTP)."""
+    return manifest.get("max_drafts", 1 if manifest.get("mtp") else 0)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer | None:
+    """The tokenizer the artifact at `path` carries, or None: checked against the manifest's sha256 and the
+    model's vocab_size (runtime/artifact.artifact_tokenizer) without loading the weights, so text can be
+    refused or encoded before the engine is built."""
+    return artifact_tokenizer(path)
 
 
 def _check_capacity(manifest, variants: tuple[str, ...], rows: int, state_per_sequence: int,

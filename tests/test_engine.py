@@ -108,6 +108,11 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert torch.allclose(probs, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
 
 
-def test_capacity_is_checked(runner):
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        engine(runner).generate([[1] * 100], 40)
+def test_a_prompt_over_capacity_is_refused_and_the_others_go_on(runner):
+    """add_request refuses it with one line; generate reports it and decodes the others as it would alone."""
+    with pytest.raises(ValueError, match="the artifact holds 128"):
+        engine(runner).add_request([1] * 100, 40)
+    ok = prompts(4)[0]
+    result = engine(runner).generate([ok, [1] * 125, ok[:5]], 6)
+    assert list(result.errors) == [1] and "125 tokens" in result.errors[1] and result.tokens[1] == []
+    assert [result.tokens[0], result.tokens[2]] == engine(runner).generate([ok, ok[:5]], 6).tokens

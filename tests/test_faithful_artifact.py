@@ -26,7 +26,7 @@ from dsv4c.model.checkpoint import Checkpoint, write_synthetic
 from dsv4c.model.numerics import Numerics
 from dsv4c.model.presets import tiny
 from dsv4c.model.step import dequantize_weights, forward, init_state
-from dsv4c.runtime.eager_runner import EagerRunner
+from dsv4c.runtime.eager_runner import EagerRunner, state_specs
 from dsv4c.runtime.engine import Engine
 from dsv4c.runtime.loader import load
 
@@ -99,5 +99,6 @@ def test_faithful_artifact_generates_eagers_greedy_tokens(artifact, eager):
     """Greedy generation for a batch of two (prompts of whole prefill chunks) through both engines."""
     prompts = [torch.randint(0, CFG.vocab_size, (n,)).tolist() for n in (6, 4)]
     engine = load(artifact)
-    reference = Engine(EagerRunner(eager, CFG, NUM), engine.state_specs, CHUNK, MAX_SEQ_LEN)
+    own_state = state_specs(CFG, MAX_SEQ_LEN, NUM)  # the reference's layout: the artifact stores its caches packed
+    reference = Engine(EagerRunner(eager, CFG, NUM), own_state, CHUNK, MAX_SEQ_LEN)
     assert engine.generate(prompts, 8).tokens == reference.generate(prompts, 8).tokens

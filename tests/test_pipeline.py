@@ -57,7 +57,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def artifact(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("pipe") / "art"
-    options = CompileOptions(numerics=NUM, max_seq_len=128, prefill_chunk=2, mtp=True)
+    options = CompileOptions(numerics=NUM, max_seq_len=128, prefill_chunk=2, mtp=True, max_drafts=1)
     return compile_checkpoint(checkpoint, out, options)
 
 

@@ -1,0 +1,426 @@
+"""`dsv4c::moe_fp4` in Triton: a MoE layer's routed experts (MXFP4) and shared expert (FP8) in four launches.
+
+The PyTorch twin is the op's reference (codegen/moe_fp4.py); tests/test_moe_fp4.py runs these kernels under
+Triton's interpreter against it. A call on N tokens with k selections each has S = N (k + 1) selections: the k
+routed ones of each token, then its shared expert, counted as expert E (weight 1, its own clamp):
+
+(1) `_group_kernel`, grid (E + 1,): program e counts every expert's selections (a histogram of the ids), so it
+    knows where its own rows start in an expert-sorted list padded to whole tiles of block_m rows, writes its
+    selections there (in selection order, -1 in the padding) and its expert id for each of its tiles. Program 0
+    writes the number of tiles. Nothing leaves the GPU: the grids below are sized for the most tiles S
+    selections can make (cdiv(S, block_m) + min(E + 1, S)) and programs past the real count return at once, so
+    an expert no token chose costs no program, and a call can be captured in a CUDA graph.
+(2) `_gate_up_kernel`, grid (tiles, I / block_n): one tile of one expert's selections against block_n rows of
+    its w1 and of its w3 (swap AB: the weight rows are the dot's M side). SwiGLU as model/layers.py
+    `swiglu_expert`: gate and up rounded to the activation dtype, clamped, silu(gate) * up times the routing
+    weight in fp32, rounded: hidden [S, I].
+(3) `_down_kernel`, grid (tiles, D / block_n, split_k): the same for w2 over a slice of I: fp32 partials
+    [split_k, S, D].
+(4) `_combine_kernel`, grid (N, D / 1024): per token, each selection's partials summed in split order and
+    rounded to the activation dtype (the expert's output), added in slot order (the shared expert last) in fp32,
+    rounded. Fixed orders, no atomics: the result is deterministic.
+
+Products, per 32 columns of K (one MXFP4 scale group): the weight tile is decoded in registers to FP8 e4m3
+values (every e2m1 code is one exactly) and multiplied by the activation tile, then scaled by the weight's
+e8m0 scale and the activation's and added to an fp32 accumulator. The activation tile is rounded in the
+program, as the reference rounds it (model/quant.py): W4A8 to e4m3 per 128 (`fake_quant_fp8`), W4A4 to e2m1
+per 32 (`fake_quant_fp4`), both with power-of-two scales rounded up from the block's amax (`_scale_exponent`);
+those products are FP8 dots (wgmma on Hopper). W4A16 (and plain numerics) multiplies the activations as they
+are: bf16 dots for bf16 activations, fp32 otherwise. Every product of two such values is exact in fp32, so the
+result is the reference's up to the order of fp32 sums (and, on Hopper, the FP8 MMA's in-group summation).
+With `native_fp4` (sm_100a / sm_103a) W4A4's routed products are `tl.dot_scaled` of the packed codes and
+e8m0 scales (tcgen05 kind::mxf4): the same rounding, the same exact products.
+
+bf16 is converted to fp32 right after each load and rounded by hand (`_round`): Triton's CPU interpreter gets
+bf16 arithmetic and conversion wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4c.codegen.kernels.fp8_gemm import _e4m3_grid, _e8m0_to_float
+from dsv4c.codegen.kernels.moe_fp4_launch import MoeFp4Launch, moe_fp4_launch
+from dsv4c.codegen.kernels.routed_moe import (_TRITON_DTYPES, POINTER_TABLES, PointerTables, _check_weight_set,
+                                              _expert_ptr, _round)
+from dsv4c.codegen.targets import target_for_device
+from dsv4c.model import quant
+
+K_BLOCK = 128  # columns of K a loop step covers: one FP8 activation scale, four MXFP4 groups
+BLOCK = tl.constexpr(K_BLOCK)
+GROUP = tl.constexpr(32)  # columns of one MXFP4 scale (and of one W4A4 activation scale)
+COMBINE_BLOCK = 1024
+ACT_ROUNDING = {"w4a8": "fp8", "w4a16": "none", "w4a4": "fp4"}  # routed activations -> the kernels' rounding
+FP8_AMAX_FLOOR = tl.constexpr(quant.FP8_AMAX_FLOOR)
+FP4_AMAX_FLOOR = tl.constexpr(quant.FP4_AMAX_FLOOR)
+
+
+# ---- number formats ------------------------------------------------------------------------------------
+@triton.jit
+def _scale_exponent(amax, FMT_MAX: tl.constexpr):
+    """The e8m0 byte (biased exponent) of the smallest power of two s with amax / s <= FMT_MAX: ceil(log2(r))
+    from the bits of the correctly rounded fp32 r = amax / FMT_MAX, as `quant.power_of_two_scale` (the
+    exponent, plus one unless r is a power of two). 255 (NaN) for inf or NaN."""
+    bits = tl.math.div_rn(amax, FMT_MAX).to(tl.int32, bitcast=True)
+    exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    return tl.minimum(exponent, 255)
+
+
+@triton.jit
+def _pow2_pair(exponent):
+    """(2^(exponent - 127), its inverse) in fp32, exactly; NaN for exponent 255."""
+    finite = exponent < 255
+    scale = tl.where(finite, (exponent << 23).to(tl.float32, bitcast=True), float("nan"))
+    inverse = tl.where(finite, ((254 - exponent) << 23).to(tl.float32, bitcast=True), float("nan"))
+    return scale, inverse
+
+
+@triton.jit
+def _e2m1_grid(q):
+    """q (fp32, |q| <= 6) rounded to the nearest e2m1 value, ties to even: values of q's binade [2^e, 2^(e+1))
+    are multiples of 2^(max(e, 0) - 1), and adding and subtracting 1.5 * 2^23 times that rounds to one."""
+    exponent = (q.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    magic = (((tl.maximum(exponent, 127) + 22) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    return (q + magic) - magic
+
+
+@triton.jit
+def _e2m1_code(q):
+    """The 4-bit e2m1 code (int32, bit 3 the sign) of q, an e2m1 value: 0, .5, 1, 1.5 -> 0..3; 2, 3 -> 4, 5;
+    4, 6 -> 6, 7."""
+    v = tl.abs(q)
+    code = tl.where(v < 2.0, v * 2.0, tl.where(v < 4.0, v + 2.0, v * 0.5 + 4.0)).to(tl.int32)
+    return code | tl.where(q < 0, 8, 0)
+
+
+@triton.jit
+def _e2m1_as_e4m3(code):
+    """e4m3 bits (int32) of the value of e2m1 codes (int32 0..15): magnitude code c >= 2 is 2^((c >> 1) - 1)
+    * (1 + (c & 1) / 2), exponent field (c >> 1) + 6, mantissa (c & 1) << 2, i.e. (c + 12) << 2; 0.5 is 0x30."""
+    magnitude = code & 7
+    bits = tl.where(magnitude >= 2, (magnitude + 12) << 2, tl.where(magnitude == 1, 0x30, 0))
+    return bits | ((code & 8) << 4)
+
+
+# ---- operand tiles -------------------------------------------------------------------------------------
+@triton.jit
+def _fp4_group(w_ptr, s_ptr, n, n_ok, k0, KDIM):
+    """(e4m3 values [BN, 32], scales [BN]) of rows n, columns k0 .. k0 + 32 of an MXFP4 weight: int8
+    [rows, KDIM / 2], the low nibble of byte b element 2b; e8m0 scales [rows, KDIM / 32]."""
+    rows = n.to(tl.int64)
+    packed = tl.load(w_ptr + rows[:, None] * (KDIM // 2) + k0 // 2 + tl.arange(0, GROUP // 2)[None, :],
+                     mask=n_ok[:, None], other=0).to(tl.int32) & 0xFF
+    bits = tl.interleave(_e2m1_as_e4m3(packed & 0xF), _e2m1_as_e4m3(packed >> 4))
+    scale = _e8m0_to_float(tl.load(s_ptr + rows * (KDIM // GROUP) + k0 // GROUP, mask=n_ok, other=127))
+    return bits.to(tl.uint8).to(tl.float8e4nv, bitcast=True), scale
+
+
+@triton.jit
+def _fp8_group(w_ptr, s_ptr, n, n_ok, k0, KDIM):
+    """(e4m3 values [BN, 32], scales [BN]) of rows n, columns k0 .. k0 + 32 of an FP8 weight [rows, KDIM] with
+    e8m0 scales [cdiv(rows, 128), cdiv(KDIM, 128)] (the shared expert's)."""
+    rows = n.to(tl.int64)
+    w = tl.load(w_ptr + rows[:, None] * KDIM + k0 + tl.arange(0, GROUP)[None, :], mask=n_ok[:, None], other=0.0)
+    scale = tl.load(s_ptr + (rows // BLOCK) * tl.cdiv(KDIM, BLOCK) + k0 // BLOCK, mask=n_ok, other=127)
+    return w, _e8m0_to_float(scale)
+
+
+@triton.jit
+def _block_scale(a_rows, a_ok, k0, ACT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(scale, inverse) [BM] of the FP8 rounding of columns k0 .. k0 + 128 of the activation rows (amax floored
+    at 1e-4, as `quant.fake_quant_fp8`); ones for the other roundings (which scale per group or not at all)."""
+    if ACT == "fp8":
+        amax = tl.full([BLOCK_M], FP8_AMAX_FLOOR, tl.float32)
+        for j in tl.static_range(BLOCK // GROUP):
+            a = tl.load(a_rows[:, None] + k0 + j * GROUP + tl.arange(0, GROUP)[None, :], mask=a_ok[:, None],
+                        other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(a), axis=1))
+        return _pow2_pair(_scale_exponent(amax, 448.0))
+    else:
+        ones = tl.full([BLOCK_M], 1.0, tl.float32)
+        return ones, ones
+
+
+@triton.jit
+def _act_group(a_rows, a_ok, k0, block_scale, block_inverse, ACT: tl.constexpr):
+    """(values [BM, 32] fp32, scales [BM]) of columns k0 .. k0 + 32 of the activation rows, rounded as the
+    reference rounds them: "fp8" e4m3 with the block's scale, "fp4" e2m1 with the group's own (amax floored at
+    6 * 2^-126, as `quant.fake_quant_fp4`), "none" as they are (scale 1)."""
+    a = tl.load(a_rows[:, None] + k0 + tl.arange(0, GROUP)[None, :], mask=a_ok[:, None], other=0.0).to(tl.float32)
+    if ACT == "fp8":
+        q = tl.clamp(a * block_inverse[:, None], -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+        return _e4m3_grid(q), block_scale
+    elif ACT == "fp4":
+        amax = tl.maximum(tl.max(tl.abs(a), axis=1), FP4_AMAX_FLOOR)
+        scale, inverse = _pow2_pair(_scale_exponent(amax, 6.0))
+        q = tl.clamp(a * inverse[:, None], -6.0, 6.0, propagate_nan=tl.PropagateNan.ALL)
+        return _e2m1_grid(q), scale
+    else:
+        return a, block_scale
+
+
+@triton.jit
+def _product(w, q, ACT: tl.constexpr, PRODUCT: tl.constexpr):
+    """w [BN, 32] (e4m3 values) times q [BM, 32]^T -> [BN, BM] fp32: an FP8 dot for rounded activations (FP8 or
+    FP4 values, exact in e4m3), else a bf16 or fp32 dot (see MoeFp4Launch.product)."""
+    if ACT != "none":
+        return tl.dot(w, tl.trans(q.to(tl.float8e4nv)))
+    elif PRODUCT == "bf16":
+        return tl.dot(w.to(tl.bfloat16), tl.trans(q.to(tl.bfloat16)))
+    else:
+        return tl.dot(w.to(tl.float32), tl.trans(q), input_precision="ieee")
+
+
+# ---- the K loops ---------------------------------------------------------------------------------------
+@triton.jit
+def _accumulate(acc, a_rows, a_ok, w_ptr, s_ptr, n, n_ok, kb_start, kb_stop, KDIM, FP8_WEIGHT: tl.constexpr,
+                ACT: tl.constexpr, PRODUCT: tl.constexpr, BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """acc [BN, BM] += weight rows n times the activation rows over the 128-column blocks [kb_start, kb_stop):
+    per 32 columns, the product times the weight's and the activation's scales."""
+    for kb in tl.range(kb_start, kb_stop, num_stages=NUM_STAGES):
+        block_scale, block_inverse = _block_scale(a_rows, a_ok, kb * BLOCK, ACT, BLOCK_M)
+        for j in tl.static_range(BLOCK // GROUP):
+            k0 = kb * BLOCK + j * GROUP
+            q, a_scale = _act_group(a_rows, a_ok, k0, block_scale, block_inverse, ACT)
+            if FP8_WEIGHT:
+                w, w_scale = _fp8_group(w_ptr, s_ptr, n, n_ok, k0, KDIM)
+            else:
+                w, w_scale = _fp4_group(w_ptr, s_ptr, n, n_ok, k0, KDIM)
+            acc += _product(w, q, ACT, PRODUCT) * (w_scale[:, None] * a_scale[None, :])
+    return acc
+
+
+@triton.jit
+def _accumulate_mxf4(acc, a_rows, a_ok, w_ptr, s_ptr, n, n_ok, kb_start, kb_stop, KDIM, BLOCK_M: tl.constexpr,
+                     NUM_STAGES: tl.constexpr):
+    """`_accumulate` of an MXFP4 weight with W4A4 activations as `tl.dot_scaled` (tcgen05 kind::mxf4): each
+    128-column block of the activation rows rounded to e2m1 per 32 in registers, packed two codes a byte (the
+    weight's layout) with its e8m0 scale bytes."""
+    rows = n.to(tl.int64)
+    for kb in tl.range(kb_start, kb_stop, num_stages=NUM_STAGES):
+        a = tl.load(a_rows[:, None] + kb * BLOCK + tl.arange(0, BLOCK)[None, :], mask=a_ok[:, None],
+                    other=0.0).to(tl.float32)
+        groups = tl.reshape(a, (BLOCK_M, BLOCK // GROUP, GROUP))
+        exponent = _scale_exponent(tl.maximum(tl.max(tl.abs(groups), axis=2), FP4_AMAX_FLOOR), 6.0)
+        _, inverse = _pow2_pair(exponent)
+        q = _e2m1_grid(tl.clamp(groups * inverse[:, :, None], -6.0, 6.0, propagate_nan=tl.PropagateNan.ALL))
+        low, high = tl.split(tl.reshape(_e2m1_code(q), (BLOCK_M, BLOCK // 2, 2)))
+        a_packed = (low | (high << 4)).to(tl.uint8)
+        w = tl.load(w_ptr + rows[:, None] * (KDIM // 2) + kb * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :],
+                    mask=n_ok[:, None], other=0).to(tl.uint8, bitcast=True)
+        w_scale = tl.load(s_ptr + rows[:, None] * (KDIM // GROUP) + kb * (BLOCK // GROUP)
+                          + tl.arange(0, BLOCK // GROUP)[None, :], mask=n_ok[:, None], other=127)
+        acc = tl.dot_scaled(w, w_scale, "e2m1", tl.trans(a_packed), exponent.to(tl.uint8), "e2m1", acc)
+    return acc
+
+
+@triton.jit
+def _routed(acc, a_rows, a_ok, w_ptr, s_ptr, n, n_ok, kb_start, kb_stop, KDIM, ACT: tl.constexpr,
+            PRODUCT: tl.constexpr, NATIVE_FP4: tl.constexpr, BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """`_accumulate` of a routed expert's MXFP4 weight (native MXFP4 products where the launch says so)."""
+    if NATIVE_FP4:
+        return _accumulate_mxf4(acc, a_rows, a_ok, w_ptr, s_ptr, n, n_ok, kb_start, kb_stop, KDIM, BLOCK_M,
+                                NUM_STAGES)
+    else:
+        return _accumulate(acc, a_rows, a_ok, w_ptr, s_ptr, n, n_ok, kb_start, kb_stop, KDIM, False, ACT, PRODUCT,
+                           BLOCK_M, NUM_STAGES)
+
+
+# ---- kernels ---------------------------------------------------------------------------------------------
+@triton.jit
+def _group_kernel(ids_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, S, K, E, BLOCK_M: tl.constexpr,
+                  BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Program e (0 .. E; E the shared expert): its selections' places in the tile-padded, expert-sorted list
+    and its tiles' expert ids. Selection s is slot s % (K + 1) of token s // (K + 1); slot K is the shared
+    expert. BLOCK_E >= E + 2: the last bin counts the lanes past S."""
+    e = tl.program_id(0)
+    s = tl.arange(0, BLOCK_S)
+    valid = s < S
+    token, slot = s // (K + 1), s % (K + 1)
+    routed = valid & (slot < K)
+    expert = tl.load(ids_ptr + token * K + slot, mask=routed, other=0).to(tl.int32)
+    expert = tl.where(routed, expert, tl.where(valid, E, BLOCK_E - 1))
+    counts = tl.histogram(expert, BLOCK_E)
+    bins = tl.arange(0, BLOCK_E)
+    tiles = tl.where(bins <= E, (counts + BLOCK_M - 1) // BLOCK_M, 0)
+    first = tl.sum(tl.where(bins < e, tiles, 0), axis=0)
+    mine = tl.sum(tl.where(bins == e, tiles, 0), axis=0)
+    count = tl.sum(tl.where(bins == e, counts, 0), axis=0)
+    member = expert == e
+    rank = tl.cumsum(member.to(tl.int32), 0) - 1
+    tl.store(sorted_ptr + first * BLOCK_M + rank, s, mask=member)
+    pad = count + tl.arange(0, BLOCK_M)
+    tl.store(sorted_ptr + first * BLOCK_M + pad, tl.full([BLOCK_M], -1, tl.int32), mask=pad < mine * BLOCK_M)
+    t = tl.arange(0, BLOCK_T)
+    tl.store(tile_expert_ptr + first + t, tl.full([BLOCK_T], 0, tl.int32) + e, mask=t < mine)
+    if e == 0:
+        tl.store(n_tiles_ptr, tl.sum(tiles, axis=0))
+
+
+@triton.jit
+def _tile_rows(sorted_ptr, tile, K, BLOCK_M: tl.constexpr):
+    """(selections [BM] (0 in the padding), valid [BM], token, slot) of one tile."""
+    sel = tl.load(sorted_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))
+    ok = sel >= 0
+    sel = tl.maximum(sel, 0)
+    return sel, ok, sel // (K + 1), sel % (K + 1)
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, weights_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, table_ptr, sw1_ptr, ss1_ptr,
+                    sw3_ptr, ss3_ptr, hidden_ptr, D, I, K, E, routed_limit, shared_limit, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, ROUTED_ACT: tl.constexpr, SHARED_ACT: tl.constexpr,
+                    PRODUCT: tl.constexpr, NATIVE_FP4: tl.constexpr, ACT_DTYPE: tl.constexpr,
+                    ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """hidden[sel, tile of I] = round(silu(clamp(round(x W1.T))) * clamp(round(x W3.T)) * weight) for the
+    selections of one tile (x [N, D] in the activation dtype; the shared expert's weight is 1)."""
+    tile = tl.program_id(0)
+    if tile < tl.load(n_tiles_ptr):
+        expert = tl.load(tile_expert_ptr + tile)
+        sel, row_ok, token, slot = _tile_rows(sorted_ptr, tile, K, BLOCK_M)
+        a_rows = x_ptr + token.to(tl.int64) * D
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < I
+        gate = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        if expert < E:
+            w1 = _expert_ptr(table_ptr, 0, E, expert, tl.int8, ALIGNED)
+            s1 = _expert_ptr(table_ptr, 1, E, expert, tl.uint8, False)
+            w3 = _expert_ptr(table_ptr, 2, E, expert, tl.int8, ALIGNED)
+            s3 = _expert_ptr(table_ptr, 3, E, expert, tl.uint8, False)
+            gate = _routed(gate, a_rows, row_ok, w1, s1, n, n_ok, 0, D // BLOCK, D, ROUTED_ACT, PRODUCT, NATIVE_FP4,
+                           BLOCK_M, NUM_STAGES)
+            up = _routed(up, a_rows, row_ok, w3, s3, n, n_ok, 0, D // BLOCK, D, ROUTED_ACT, PRODUCT, NATIVE_FP4,
+                         BLOCK_M, NUM_STAGES)
+            weight = tl.load(weights_ptr + token * K + slot, mask=row_ok, other=0.0)
+            limit = routed_limit
+        else:
+            gate = _accumulate(gate, a_rows, row_ok, sw1_ptr, ss1_ptr, n, n_ok, 0, D // BLOCK, D, True, SHARED_ACT,
+                               PRODUCT, BLOCK_M, NUM_STAGES)
+            up = _accumulate(up, a_rows, row_ok, sw3_ptr, ss3_ptr, n, n_ok, 0, D // BLOCK, D, True, SHARED_ACT,
+                             PRODUCT, BLOCK_M, NUM_STAGES)
+            weight = tl.full([BLOCK_M], 1.0, tl.float32)
+            limit = shared_limit
+        g = _round(gate, ACT_DTYPE)
+        u = _round(up, ACT_DTYPE)
+        g = tl.where(g > limit, limit, g)  # (NaN stays NaN; an absent clamp is a limit of +inf)
+        u = tl.where(u > limit, limit, tl.where(u < -limit, -limit, u))
+        h = _round(g * tl.sigmoid(g) * u * weight[None, :], ACT_DTYPE)
+        tl.store(hidden_ptr + sel.to(tl.int64)[None, :] * I + n[:, None], h.to(hidden_ptr.dtype.element_ty),
+                 mask=n_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(hidden_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, table_ptr, sw2_ptr, ss2_ptr, part_ptr,
+                 D, I, K, E, S, BLOCKS_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 ROUTED_ACT: tl.constexpr, SHARED_ACT: tl.constexpr, PRODUCT: tl.constexpr,
+                 NATIVE_FP4: tl.constexpr, ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """part[split, sel, tile of D] = hidden[sel] @ W2.T over split's slice of I (fp32, not rounded)."""
+    tile = tl.program_id(0)
+    if tile < tl.load(n_tiles_ptr):
+        expert = tl.load(tile_expert_ptr + tile)
+        sel, row_ok, _, _ = _tile_rows(sorted_ptr, tile, K, BLOCK_M)
+        a_rows = hidden_ptr + sel.to(tl.int64) * I
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < D
+        split = tl.program_id(2)
+        kb_start = split * BLOCKS_PER_SPLIT
+        kb_stop = tl.minimum(kb_start + BLOCKS_PER_SPLIT, I // BLOCK)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        if expert < E:
+            w2 = _expert_ptr(table_ptr, 4, E, expert, tl.int8, ALIGNED)
+            s2 = _expert_ptr(table_ptr, 5, E, expert, tl.uint8, False)
+            acc = _routed(acc, a_rows, row_ok, w2, s2, n, n_ok, kb_start, kb_stop, I, ROUTED_ACT, PRODUCT,
+                          NATIVE_FP4, BLOCK_M, NUM_STAGES)
+        else:
+            acc = _accumulate(acc, a_rows, row_ok, sw2_ptr, ss2_ptr, n, n_ok, kb_start, kb_stop, I, True, SHARED_ACT,
+                              PRODUCT, BLOCK_M, NUM_STAGES)
+        out = part_ptr + (split * S + sel).to(tl.int64)[None, :] * D + n[:, None]
+        tl.store(out, acc, mask=n_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(part_ptr, out_ptr, S, D, K, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+                    ACT_DTYPE: tl.constexpr):
+    """out[token, tile] = round(sum over slots 0 .. K of round(sum over splits of part[split, sel]))."""
+    token = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ok = d < D
+    total = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for slot in range(0, K + 1):
+        sel = token * (K + 1) + slot
+        y = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for split in tl.static_range(SPLITS):
+            y += tl.load(part_ptr + (split * S + sel).to(tl.int64) * D + d, mask=ok, other=0.0)
+        total += _round(y, ACT_DTYPE)
+    tl.store(out_ptr + token.to(tl.int64) * D + d, _round(total, ACT_DTYPE).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# ---- host wrapper ----------------------------------------------------------------------------------------
+def check_shared(shared: Sequence[torch.Tensor], d: int, i: int, device: torch.device) -> None:
+    """The shared expert's six tensors: e4m3 w1, w3 [I, D], w2 [D, I], e8m0 scales per 128 x 128 block."""
+    blocks = lambda rows, cols: (-(-rows // K_BLOCK), -(-cols // K_BLOCK))  # noqa: E731
+    expected = (((i, d), torch.float8_e4m3fn), (blocks(i, d), None), ((i, d), torch.float8_e4m3fn),
+                (blocks(i, d), None), ((d, i), torch.float8_e4m3fn), (blocks(d, i), None))
+    names = ("w1", "s1", "w3", "s3", "w2", "s2")
+    for name, tensor, (shape, dtype) in zip(names, shared, expected):
+        ok = tuple(tensor.shape) == shape and tensor.device == device and tensor.is_contiguous() and (
+            tensor.dtype == dtype if dtype else tensor.dtype in (torch.float8_e8m0fnu, torch.uint8))
+        if not ok:
+            raise ValueError(f"moe_fp4: shared {name} is {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}; "
+                             f"expected {shape} {dtype or 'e8m0'} contiguous on {device}")
+
+
+def moe_fp4(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, lists: Sequence[Sequence[torch.Tensor]],
+            shared: Sequence[torch.Tensor], routed_limit: float | None, shared_limit: float | None,
+            activations: str, shared_act_quant: bool, launch: MoeFp4Launch | None = None,
+            tables: PointerTables = POINTER_TABLES) -> torch.Tensor:
+    """The op on flat inputs: x [N, D] (bf16, fp16 or fp32), ids [N, k] int64 in [0, E), weights [N, k] fp32,
+    `lists` the routed experts' six weight lists (w1, s1, w3, s3, w2, s2), `shared` the shared expert's six
+    tensors -> [N, D] in x's dtype. See the module docstring and codegen/moe_fp4.py."""
+    d, i = _check_weight_set(lists, x, every=False)
+    check_shared(shared, d, i, x.device)
+    if d % K_BLOCK or i % K_BLOCK:
+        raise ValueError(f"moe_fp4: D ({d}) and I ({i}) must be multiples of {K_BLOCK}")
+    if x.dtype not in _TRITON_DTYPES or activations not in ACT_ROUNDING:
+        raise ValueError(f"moe_fp4: activations {activations!r} in {x.dtype}; allowed: {', '.join(ACT_ROUNDING)} "
+                         f"in bf16, fp16 or fp32")
+    (n, k), experts = ids.shape, len(lists[0])
+    launch = launch or moe_fp4_launch(target_for_device(x.device), n, k, d, i, activations, x.dtype == torch.bfloat16)
+    if launch.product == "bf16" and x.dtype != torch.bfloat16 or launch.native_fp4 and activations != "w4a4":
+        raise ValueError(f"moe_fp4: {launch} does not fit {activations} in {x.dtype}")
+    out = torch.empty((n, d), dtype=x.dtype, device=x.device)
+    if n == 0:
+        return out
+    table, aligned = tables.get(lists, x)
+    x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
+    s, bm = n * (k + 1), launch.block_m
+    max_tiles = triton.cdiv(s, bm) + min(experts + 1, s)
+    order = torch.empty(max_tiles * bm, dtype=torch.int32, device=x.device)
+    tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=x.device)
+    n_tiles = torch.empty(1, dtype=torch.int32, device=x.device)
+    _group_kernel[(experts + 1,)](ids, order, tile_expert, n_tiles, s, k, experts, BLOCK_M=bm,
+                                  BLOCK_S=triton.next_power_of_2(s), BLOCK_E=triton.next_power_of_2(experts + 2),
+                                  BLOCK_T=triton.next_power_of_2(triton.cdiv(s, bm)))
+    act = _TRITON_DTYPES[x.dtype]
+    sw1, ss1, sw3, ss3, sw2, ss2 = (t.view(torch.uint8) if t.dtype == torch.float8_e8m0fnu else t for t in shared)
+    common = dict(BLOCK_M=bm, BLOCK_N=launch.block_n, ROUTED_ACT=ACT_ROUNDING[activations],
+                  SHARED_ACT="fp8" if shared_act_quant else "none", PRODUCT=launch.product,
+                  NATIVE_FP4=launch.native_fp4, ALIGNED=aligned, NUM_STAGES=launch.num_stages,
+                  num_warps=launch.num_warps)
+    limits = [float("inf") if v is None else float(v) for v in (routed_limit, shared_limit)]
+    hidden = torch.empty((s, i), dtype=x.dtype, device=x.device)
+    _gate_up_kernel[(max_tiles, triton.cdiv(i, launch.block_n))](
+        x, weights, order, tile_expert, n_tiles, table, sw1, ss1, sw3, ss3, hidden, d, i, k, experts, *limits,
+        ACT_DTYPE=act, **common)
+    blocks_per_split = triton.cdiv(i // K_BLOCK, launch.split_k)
+    part = torch.empty((launch.split_k, s, d), dtype=torch.float32, device=x.device)
+    _down_kernel[(max_tiles, triton.cdiv(d, launch.block_n), launch.split_k)](
+        hidden, order, tile_expert, n_tiles, table, sw2, ss2, part, d, i, k, experts, s, blocks_per_split, **common)
+    _combine_kernel[(n, triton.cdiv(d, COMBINE_BLOCK))](part, out, s, d, k, SPLITS=launch.split_k,
+                                                        BLOCK_D=COMBINE_BLOCK, ACT_DTYPE=act, num_warps=4)
+    return out

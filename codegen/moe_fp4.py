@@ -1,0 +1,117 @@
+"""`dsv4c::moe_fp4`: a MoE layer's experts after routing, as one op: the routed experts on their packed MXFP4
+weights and the shared expert on its FP8 weights, combined.
+
+    moe_fp4(x [..., D] (activation dtype), ids [..., k] int64, weights [..., k] fp32,
+            w1, s1, w3, s3, w2, s2: lists of E tensors (routed, MXFP4 as codegen/routed_moe.py),
+            shared: [w1, s1, w3, s3, w2, s2] (FP8 e4m3 with e8m0 scales per 128 x 128 block),
+            swiglu_limit: float | None, shared_limit: float | None, activations: str, shared_act_quant: bool)
+        -> [..., D] in x's dtype
+
+computes model/layers.py `moe` after `route`: `(routed + shared.float()).to(x.dtype)` where `routed` is the fp32
+sum over each token's selections of `swiglu_expert` times its routing weight (each expert's output rounded to
+x's dtype) and `shared` the unweighted shared expert clamped to `shared_limit`. What rounds each matmul's input
+is the only thing `activations` changes, for the routed experts:
+- "w4a8": FP8 e4m3 per 128 with power-of-two scales (`quant.fake_quant_fp8`), DeepSeek's faithful numerics;
+- "w4a16": nothing (the activations as they are: the model's plain numerics);
+- "w4a4": MXFP4 e2m1 per 32 with power-of-two scales (`quant.fake_quant_fp4`): opt-in, it changes numerics.
+The shared expert's inputs are rounded to FP8 per 128 when `shared_act_quant` (faithful), else not.
+With activations "w4a8" and shared_act_quant, the op equals the model's faithful `moe`; with "w4a16" and not
+shared_act_quant, its plain one.
+
+Implementations: the reference below (CPU; GPUs without Triton), which decodes only the experts some token
+chose; CUDA: the Triton kernels of codegen/kernels/moe_fp4.py (no host synchronisation: CUDA-graph capturable
+once its pointer table exists, as `routed_moe`'s). ids must lie in [0, E).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from dsv4c.codegen.cuda_impls import triton_kernels
+from dsv4c.codegen.kernels.moe_fp4_launch import ACTIVATIONS
+from dsv4c.codegen.routed_moe import WEIGHT_LISTS
+from dsv4c.model import quant
+
+KERNEL_MODULE = "dsv4c.codegen.kernels.moe_fp4"
+ROUNDINGS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "w4a8": lambda x: quant.fake_quant_fp8(x, 128),
+    "w4a16": lambda x: x,
+    "w4a4": lambda x: quant.fake_quant_fp4(x, 32),
+}
+
+
+def check(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, lists: tuple[list[torch.Tensor], ...],
+          shared: list[torch.Tensor], activations: str) -> None:
+    """Shapes, dtypes and list lengths (host metadata only: nothing reads a tensor's values)."""
+    if (ids.dtype != torch.int64 or weights.dtype != torch.float32 or ids.shape != weights.shape
+            or ids.shape[:-1] != x.shape[:-1]):
+        raise ValueError(f"moe_fp4: ids {tuple(ids.shape)} {ids.dtype} and weights {tuple(weights.shape)} must "
+                         f"be int64 / fp32 [..., k] with x's leading dims {tuple(x.shape[:-1])}")
+    lengths = {name: len(values) for name, values in zip(WEIGHT_LISTS, lists)}
+    if len(set(lengths.values())) != 1 or not lengths["w1"]:
+        raise ValueError(f"moe_fp4: the routed weight lists need one entry per expert each, got {lengths}")
+    if len(shared) != 6 or shared[0].dtype != torch.float8_e4m3fn or shared[0].shape[1] != x.shape[-1]:
+        raise ValueError(f"moe_fp4: shared must be the FP8 [w1, s1, w3, s3, w2, s2] of width {x.shape[-1]}, got "
+                         f"{[(tuple(t.shape), t.dtype) for t in shared]}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"moe_fp4: activations {activations!r}; allowed: {', '.join(ACTIVATIONS)}")
+
+
+def expert(x: torch.Tensor, gate: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None,
+           limit: float | None, rounding: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """model/layers.py `swiglu_expert` with `rounding` before each matmul (decoded fp32 weights; x's dtype)."""
+    def linear(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return (rounding(a).float() @ w.T).to(x.dtype)
+
+    g, u = linear(x, gate).float(), linear(x, up).float()
+    if limit is not None:
+        g, u = g.clamp(max=limit), u.clamp(-limit, limit)
+    hidden = F.silu(g) * u
+    if weight is not None:
+        hidden = hidden * weight.unsqueeze(-1)
+    return linear(hidden.to(x.dtype), down)
+
+
+def reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1: list[torch.Tensor],
+              s1: list[torch.Tensor], w3: list[torch.Tensor], s3: list[torch.Tensor], w2: list[torch.Tensor],
+              s2: list[torch.Tensor], shared: list[torch.Tensor], swiglu_limit: float | None,
+              shared_limit: float | None, activations: str, shared_act_quant: bool) -> torch.Tensor:
+    """The op's PyTorch reference: the selected experts only, each decoded and run on its tokens."""
+    check(x, ids, weights, (w1, s1, w3, s3, w2, s2), shared, activations)
+    k, rounding = ids.shape[-1], ROUNDINGS[activations]
+    flat, ids, weights = x.reshape(-1, x.shape[-1]), ids.reshape(-1, k), weights.reshape(-1, k)
+    routed = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
+    for e in ids.unique().tolist():
+        rows, slot = (ids == e).nonzero(as_tuple=True)
+        gate, down, up = (quant.dequant_fp4_weight(w[e], s[e]) for w, s in ((w1, s1), (w2, s2), (w3, s3)))
+        routed.index_add_(0, rows, expert(flat[rows], gate, down, up, weights[rows, slot], swiglu_limit,
+                                          rounding).float())
+    gate, down, up = (quant.dequant_fp8_weight(shared[j], shared[j + 1]) for j in (0, 4, 2))
+    own = ROUNDINGS["w4a8" if shared_act_quant else "w4a16"]
+    out = routed + expert(flat, gate, down, up, None, shared_limit, own).float()
+    return out.to(x.dtype).reshape(x.shape)
+
+
+moe_fp4 = torch.library.custom_op("dsv4c::moe_fp4", reference, mutates_args=())
+
+
+@moe_fp4.register_fake
+def _(x, ids, weights, w1, s1, w3, s3, w2, s2, shared, swiglu_limit, shared_limit, activations, shared_act_quant):
+    check(x, ids, weights, (w1, s1, w3, s3, w2, s2), shared, activations)
+    return x.new_empty(x.shape)
+
+
+@moe_fp4.register_kernel("cuda")
+def _(x, ids, weights, w1, s1, w3, s3, w2, s2, shared, swiglu_limit, shared_limit, activations, shared_act_quant):
+    check(x, ids, weights, (w1, s1, w3, s3, w2, s2), shared, activations)
+    kernels = triton_kernels(KERNEL_MODULE, "moe_fp4")
+    if kernels is None:  # no Triton: the reference, on the GPU (it reads the selected ids on the host)
+        return reference(x, ids, weights, w1, s1, w3, s3, w2, s2, shared, swiglu_limit, shared_limit, activations,
+                         shared_act_quant)
+    k = ids.shape[-1]
+    out = kernels.moe_fp4(x.reshape(-1, x.shape[-1]), ids.reshape(-1, k), weights.reshape(-1, k),
+                          (w1, s1, w3, s3, w2, s2), shared, swiglu_limit, shared_limit, activations, shared_act_quant)
+    return out.reshape(x.shape)

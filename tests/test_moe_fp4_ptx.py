@@ -1,0 +1,68 @@
+"""The fused MoE's kernels built ahead of time (no GPU: Triton's `GPUTarget`, in a spawned child without
+TRITON_INTERPRET), checked in the PTX: on sm_90a W4A8 multiplies on Hopper's FP8 tensor cores (wgmma with
+e4m3 operands) and never through bf16; on sm_103a native W4A4 multiplies MXFP4 x MXFP4 with block scales
+(tcgen05.mma kind::mxf4), the shared expert's FP8 on kind::f8f6f4. The down kernel carries both the routed
+and the shared expert's products (the gate/up kernel has the same two K loops twice); its launch is the
+target's own (codegen/kernels/moe_fp4_launch.py) at Flash's sizes, T = 1. Blackwell code is never run here."""
+
+import importlib.util
+import os
+import re
+
+import pytest
+import torch
+from child_pool import child_pool
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+MMA = re.compile(r"(tcgen05\.mma[.\w:]*|wgmma\.mma_async[.\w]*|mma\.sync[.\w]*)")
+
+
+def _start_compiler():
+    os.environ.pop("TRITON_INTERPRET", None)  # a compiling process: Triton builds PTX for a GPU it lacks
+    torch.set_num_threads(1)
+
+
+def _down_kernel_mmas(target_name: str, activations: str) -> tuple[list[str], str]:
+    """The distinct MMA instructions of the down kernel built for `target_name` (bf16 activations, faithful
+    shared expert), and its `.target` line."""
+    import triton
+    from triton.compiler import ASTSource
+
+    from dsv4c.codegen.kernels import moe_fp4 as kernels
+    from dsv4c.codegen.kernels.moe_fp4_launch import moe_fp4_launch
+    from dsv4c.codegen.targets import target, triton_gpu_target
+
+    launch = moe_fp4_launch(target(target_name), 1, 6, 4096, 2048, activations, True)
+    fn = kernels._down_kernel
+    signature = {"hidden_ptr": "*bf16", "sorted_ptr": "*i32", "tile_expert_ptr": "*i32", "n_tiles_ptr": "*i32",
+                 "table_ptr": "*i64", "sw2_ptr": "*fp8e4nv", "ss2_ptr": "*u8", "part_ptr": "*fp32", "D": "i32",
+                 "I": "i32", "K": "i32", "E": "i32", "S": "i32", "BLOCKS_PER_SPLIT": "i32"}
+    constexprs = dict(BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, ROUTED_ACT=kernels.ACT_ROUNDING[activations],
+                      SHARED_ACT="fp8", PRODUCT=launch.product, NATIVE_FP4=launch.native_fp4, ALIGNED=True,
+                      NUM_STAGES=launch.num_stages)
+    aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
+               if kind.startswith("*") or name in ("D", "I")}
+    source = ASTSource(fn, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs, aligned)
+    ptx = triton.compile(source, target=triton_gpu_target(target(target_name)),
+                         options={"num_warps": launch.num_warps, "num_stages": launch.num_stages}).asm["ptx"]
+    return sorted(set(MMA.findall(ptx))), next(line for line in ptx.splitlines() if line.startswith(".target"))
+
+
+@pytest.fixture(scope="module")
+def built():
+    with child_pool(_start_compiler) as pool:
+        return {key: pool.submit(_down_kernel_mmas, *key).result() for key in (("h100", "w4a8"), ("gb300", "w4a4"))}
+
+
+def test_sm90a_w4a8_multiplies_on_fp8_wgmma(built):
+    mmas, target_line = built["h100", "w4a8"]
+    assert target_line == ".target sm_90a"
+    assert mmas and all(m.startswith("wgmma.mma_async") and m.endswith(".f32.e4m3.e4m3") for m in mmas), mmas
+
+
+def test_sm103a_w4a4_multiplies_on_tcgen05_mxf4(built):
+    mmas, target_line = built["gb300", "w4a4"]
+    assert target_line == ".target sm_103a"
+    assert any("kind::mxf4.block_scale" in m for m in mmas), mmas  # the routed experts: MXFP4 x MXFP4
+    assert any("kind::f8f6f4" in m for m in mmas), mmas  # the shared expert: FP8 x FP8
+    assert not any(m.startswith(("wgmma", "mma.sync")) for m in mmas), mmas
