@@ -20,7 +20,9 @@ shared_act_quant, its plain one.
 
 Implementations: the reference below (CPU; GPUs without Triton), which decodes only the experts some token
 chose; CUDA: the Triton kernels of codegen/kernels/moe_fp4.py (no host synchronisation: CUDA-graph capturable
-once its pointer table exists, as `routed_moe`'s). ids must lie in [0, E).
+once its pointer table exists, as `routed_moe`'s); `every_expert`: the same values as a graph of fixed shape
+(every expert on every token, weight zero where not selected), the op's ONNX function body. ids must lie in
+[0, E).
 """
 
 from __future__ import annotations
@@ -33,13 +35,14 @@ import torch.nn.functional as F
 from dsv4c.codegen.cuda_impls import triton_kernels
 from dsv4c.codegen.kernels.moe_fp4_launch import ACTIVATIONS
 from dsv4c.codegen.routed_moe import WEIGHT_LISTS
-from dsv4c.model import quant
+from dsv4c.model import quant, rounding_ops
 
 KERNEL_MODULE = "dsv4c.codegen.kernels.moe_fp4"
+# Each through its dsv4c op (exactly quant.py's function) so a traced body holds the rounding as one node.
 ROUNDINGS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "w4a8": lambda x: quant.fake_quant_fp8(x, 128),
+    "w4a8": lambda x: rounding_ops.fake_quant_fp8(x, 128),
     "w4a16": lambda x: x,
-    "w4a4": lambda x: quant.fake_quant_fp4(x, 32),
+    "w4a4": lambda x: rounding_ops.fake_quant_fp4(x, 32),
 }
 
 
@@ -115,3 +118,24 @@ def _(x, ids, weights, w1, s1, w3, s3, w2, s2, shared, swiglu_limit, shared_limi
     out = kernels.moe_fp4(x.reshape(-1, x.shape[-1]), ids.reshape(-1, k), weights.reshape(-1, k),
                           (w1, s1, w3, s3, w2, s2), shared, swiglu_limit, shared_limit, activations, shared_act_quant)
     return out.reshape(x.shape)
+
+
+def every_expert(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1: list[torch.Tensor],
+                 s1: list[torch.Tensor], w3: list[torch.Tensor], s3: list[torch.Tensor], w2: list[torch.Tensor],
+                 s2: list[torch.Tensor], shared: list[torch.Tensor], swiglu_limit: float | None,
+                 shared_limit: float | None, activations: str, shared_act_quant: bool) -> torch.Tensor:
+    """`reference` with every expert run on every token (routing weight zero where not selected: its output
+    is an exact zero, added in the reference's expert order) and the weights decoded by the dsv4c dequant
+    ops: a graph of fixed shape that torch.export can trace, kept in x's leading dims (the ONNX exporter
+    traces a body generic in the plain batch dim only): the op's ONNX function body
+    (export/onnx_reference.py). Not for running: it reads every expert."""
+    rounding, dsv4c = ROUNDINGS[activations], torch.ops.dsv4c
+    routed = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(len(w1)):
+        combine = torch.where(ids == e, weights, 0.0).sum(-1)
+        gate, down, up = (dsv4c.dequant_fp4_weight(w[e], s[e], torch.float32)
+                          for w, s in ((w1, s1), (w2, s2), (w3, s3)))
+        routed = routed + expert(x, gate, down, up, combine, swiglu_limit, rounding).float()
+    gate, down, up = (dsv4c.dequant_fp8_weight(shared[j], shared[j + 1], torch.float32) for j in (0, 4, 2))
+    own = ROUNDINGS["w4a8" if shared_act_quant else "w4a16"]
+    return (routed + expert(x, gate, down, up, None, shared_limit, own).float()).to(x.dtype)

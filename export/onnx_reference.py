@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch.export import Dim
 
-from dsv4c.codegen import fp8_linear, ops, routed_moe
+from dsv4c.codegen import fp8_linear, moe_fp4, ops, routed_moe
 from dsv4c.model import rounding_ops
 from dsv4c.runtime.plan import BATCH, Plan
 
@@ -39,6 +39,7 @@ REFERENCES: dict[str, Callable[..., Any]] = {
     "dsv4c::fake_quant_fp4": rounding_ops.fake_quant_fp4_reference,
     "dsv4c::fp8_linear": fp8_linear.reference,
     "dsv4c::routed_moe": routed_moe.every_expert,
+    "dsv4c::moe_fp4": moe_fp4.every_expert,
 }
 
 
@@ -92,9 +93,24 @@ def trace_reference(qualname: str, named: dict[str, Any]) -> tuple[Plan, dict[st
     program = torch.export.export(_Call(fn, arguments, fixed), (tuple(examples),),
                                   dynamic_shapes=(tuple(dynamic),), strict=False)
     gm = flat_graph_module(program)
+    _read_constants_directly(gm)
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     plan = plan_from_graph(gm, [name for name, _ in inputs], [f"output{i}" for i in range(len(output.args[0]))])
     return plan, graph_constants(gm, plan)
+
+
+_CONSTANT_COPIES = (torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.detach_.default)
+
+
+def _read_constants_directly(gm: torch.fx.GraphModule) -> None:
+    """A tensor the reference builds (`torch.tensor(...)`, e.g. quant.py's e2m1 table) is traced as
+    `detach_(lift_fresh_copy(constant))`; neither changes a value and nothing writes the constant, so the
+    body reads the constant itself (ONNX has no copy, and refuses the in-place detach_)."""
+    for node in list(gm.graph.nodes):
+        if node.target in _CONSTANT_COPIES and node.args[0].op == "get_attr":
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def _is_tensor_list(value: Any) -> bool:
