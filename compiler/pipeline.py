@@ -7,6 +7,8 @@ Variants compiled (T = tokens per sequence): `main_t1` (decode), `main_t{C}` (pr
 MTP of up to k = `max_drafts` drafts `main_t2 .. main_t{k+1}` (verification: the newest token plus the drafts) and
 `mtp_t1 .. mtp_t{k+1}`, `mtp_t{C}` (drafting on the MTP layer's own output, the MTP step after a verification,
 the MTP prefill). The manifest records `max_drafts` (0 without MTP).
+With `--moe w4a4` the manifest also records `moe_accuracy`: the W4A4 MoE's top-1 agreement and mean KL
+against W4A8 on a fixed text, measured on CPU after lowering (compiler/moe_accuracy.py).
 For GPU targets the artifact also holds the mHC kernels the plans launch, built ahead of time for each
 target (codegen/aot.py). A checkpoint's tokenizer.json is copied into the artifact (and hashed in its manifest).
 """
@@ -27,6 +29,7 @@ from dsv4c.runtime.artifact import (check_output_path, describe_numerics, encode
                                     write_artifact)
 from dsv4c.compiler.capture import CapturedStep, StepVariant, capture
 from dsv4c.compiler.lowering import graph_constants, plan_from_graph
+from dsv4c.compiler.moe_accuracy import fixed_text, measure as measure_moe_accuracy
 from dsv4c.model.checkpoint import Checkpoint
 from dsv4c.model.config import MAX_DRAFTS, ModelConfig
 from dsv4c.model.numerics import Numerics
@@ -101,14 +104,21 @@ def compile_checkpoint(checkpoint: str | Path, out: str | Path, options: Compile
         norm_dtypes=mhc_norm_dtypes(plans, options.numerics.dtype),
         variant_tokens=[v.tokens for v in options.variants()], batch_buckets=options.kernel_batches,
         progress=progress)
+    specs = plan_state_specs(state_specs(cfg, options.max_seq_len, options.numerics), plans)
+    accuracy = {}
+    if options.moe == "w4a4":  # opt-in numerics: how far they move the next-token distribution, in the manifest
+        progress("measuring the W4A4 MoE against W4A8")
+        text = fixed_text(folder_tokenizer(ckpt.path, cfg.vocab_size), cfg.vocab_size, options.max_seq_len)
+        accuracy["moe_accuracy"] = measure_moe_accuracy(plans, {**weights, **constants}, specs, text,
+                                                        options.prefill_chunk)
     progress("writing artifact")
     fields = {
         "config": cfg.to_dict(), "numerics": describe_numerics(options.numerics),
         "targets": [canonical_target(t) for t in options.targets], "pass_log": pass_log, "kernels": kernels,
-        "state": encode_state(plan_state_specs(state_specs(cfg, options.max_seq_len, options.numerics), plans)),
+        "state": encode_state(specs),
         "max_seq_len": options.max_seq_len, "prefill_chunk": options.prefill_chunk, "mtp": options.mtp,
         "moe": options.moe or "default",
-        "max_drafts": options.drafts,
+        "max_drafts": options.drafts, **accuracy,
     }
     return write_artifact(out, fields, plans, {**weights, **constants}, {**kernel_files, **tokenizer},
                           overwrite=overwrite)

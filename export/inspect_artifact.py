@@ -1,10 +1,10 @@
 """`dsv4c inspect ART [--onnx FILE]`: what a compiled artifact holds, and one variant's graph as ONNX.
 
-`describe(artifact)` returns plain text lines: versions, model, numerics, targets, then per variant the op
-counts (top ops, dsv4c fused ops), the pass log (each pass's matches and node counts before -> after), the
-memory plan's peak where the memory-planning pass recorded one, the state (bytes per sequence, each packed cache's
-row layout, the bytes a token of context adds per compressed layer kind) and the kernel table (a line a kernel). It
-reads only the manifest and the plans (no weights).
+`describe(artifact)` returns plain text lines: versions, model, numerics, targets, the W4A4 MoE's accuracy record
+(`--moe w4a4`), then per variant the op counts (top ops, dsv4c fused ops), the pass log (each pass's matches and
+node counts before -> after), the memory plan's peak where the memory-planning pass recorded one, the state
+(bytes per sequence, each packed cache's row layout, the bytes a token of context adds per compressed layer kind)
+and the kernel table (a line a kernel). It reads only the manifest and the plans (no weights).
 
 `export_onnx(artifact, variant, path)` writes the variant's optimised graph as an ONNX model (see
 compiler/onnx_export.py for what it holds: the weights stay in the artifact and are graph inputs), checked
@@ -35,6 +35,7 @@ def describe(artifact: Artifact) -> list[str]:
              f"  model: {_model(manifest.get('config', {}))}",
              f"  numerics: {_pairs(manifest.get('numerics', {}))}",
              f"  targets: {', '.join(manifest.get('targets', [])) or 'none'}",
+             *_moe_accuracy(manifest.get("moe_accuracy")),
              f"  variants: {', '.join(artifact.plans)}"]
     logs = {entry.get("variant"): entry for entry in manifest.get("pass_log", []) if isinstance(entry, dict)}
     for name, plan in artifact.plans.items():
@@ -106,6 +107,17 @@ def _memory_plan(record: dict[str, Any]) -> str:
     slots = f", {details['slots']} slots" if "slots" in details else ""
     no_reuse = f" (without reuse {details['no_reuse']})" if "no_reuse" in details else ""
     return f"  memory plan: peak {details['peak']} bytes{no_reuse}{slots}" + (f"; {sizes}" if sizes else "")
+
+
+def _moe_accuracy(record: Any) -> list[str]:
+    """The `--moe w4a4` accuracy record (compiler/moe_accuracy.py) as one line; none without one."""
+    if not isinstance(record, dict):
+        return []
+    against = record.get("against", "?")
+    if "not_measured" in record:
+        return [f"  moe accuracy against {against}: not measured ({record['not_measured']})"]
+    return [f"  moe accuracy against {against}: top-1 agreement {record.get('top1_agreement')}, mean KL "
+            f"{record.get('mean_kl')} nats over {record.get('tokens')} tokens of {record.get('text')}"]
 
 
 def _state(manifest: dict[str, Any]) -> list[str]:

@@ -19,6 +19,16 @@ kernels share one hidden buffer), any piece read elsewhere, different x or numer
 shared parts, other clamps, a missing piece; on cpu, unless asked, everything (the captured ops already run
 their references there).
 
+Not matched, by construction: transformers' `DeepseekV4ForCausalLM` through the torch.compile backend
+(compiler/backend.py). Its routed experts (`DeepseekV4Experts`) are two stacked parameters of already decoded
+values in the model's dtype (`gate_up_proj [E, 2I, D]`, `down_proj [E, D, I]`), run by transformers' grouped_mm
+experts implementation (the token-expert pairs sorted by expert, `histc` + `cumsum` offsets, one grouped
+matmul over all E experts per projection: `transformers::grouped_mm_fallback` on CPU), and its shared expert is
+three dense `F.linear`s. That graph holds no `dsv4c::routed_moe` (only capture emits it, from the checkpoint's
+per-expert packed tensors) and no MXFP4 / FP8 codes with e8m0 scales for `moe_fp4` to read; lowering it would
+mean re-quantising the dense weights at compile time, a change of numerics and another pass. (Seen: 0 matches
+on its graph through the h100 pipeline, transformers 5.24.)
+
 Before: after fp8_linear (the shared expert's linears are `dsv4c::fp8_linear` nodes). Where: after fp8_linear,
 before constant_folding and shape_propagation (which gives the new nodes their sympy shapes).
 """

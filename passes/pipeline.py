@@ -27,6 +27,7 @@ from dsv4c.passes.moe_fp4 import moe_fp4
 from dsv4c.passes.noop_removal import noop_removal
 from dsv4c.passes.reinplace_state import reinplace_state
 from dsv4c.passes.shape_propagation import shape_propagation
+from dsv4c.passes.sparse_attention import sparse_attention
 from dsv4c.codegen import targets as target_table
 
 CLEANUP_AND_PLANNING = (
@@ -43,6 +44,8 @@ CLEANUP_AND_PLANNING = (
                   "after fp8_linear (the shared expert is three fp8_linear nodes); a no-op on cpu unless asked"),
     PipelineEntry("kv_compression", kv_compression,
                   "after cleanup (one rounding per value) and the fusions; before reinplace_state packs in place"),
+    PipelineEntry("sparse_attention", sparse_attention,
+                  "after kv_compression (reads its packed rows); exact on cpu (the op's reference is `attend`)"),
     PipelineEntry("constant_folding", constant_folding, "after CSE, so each duplicated table folds once"),
     PipelineEntry("dead_code_after_folding", dead_code, "removes folded subgraphs' leftovers and unused buffers"),
     PipelineEntry("reinplace_state", reinplace_state,

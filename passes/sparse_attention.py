@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.fx as fx
 
-from dsv4c.codegen import sparse_attention  # noqa: F401  (registers dsv4c::sparse_decode_attention, emitted here)
+from dsv4c.codegen import sparse_attention as decode_attention_op  # noqa: F401  (registers the op this pass emits)
 from dsv4c.codegen.kv_cache import PackedLayout
 from dsv4c.model.attention import visible_entries
 from dsv4c.passes.graph_match import (ADD, SUM, VIEWS, arg, dim, dtype, erase_dead_ancestors, is_, is_call,
@@ -115,7 +115,8 @@ def weighted_sums(probs: fx.Node, sets: list[KeySet]) -> fx.Node | None:
         offset += width or 0
         pattern = "bths,bsd->bthd" if key_set.shared else "bths,btsd->bthd"
         product = _only_user(part, aten.einsum.default)
-        if part is None or product is None or product.args[0] != pattern or list(product.args[1]) != [part, key_set.keys]:
+        if part is None or product is None or product.args[0] != pattern \
+                or list(product.args[1]) != [part, key_set.keys]:
             return None
         step = _only_user(product, aten.add.Tensor) if acc is None else _only_user(acc, aten.add.Tensor)
         if step is None or (acc is None and list(step.args) != [product, 0.0]) \

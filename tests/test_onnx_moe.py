@@ -1,10 +1,10 @@
 """The ONNX body of `dsv4c::moe_fp4` (export/onnx_reference.py traces codegen/moe_fp4.py `every_expert`).
 
 - One op: its exported model passes onnx.checker's full check with no opaque op, and onnx's ReferenceEvaluator
-  (numpy) computes what the plan executor (the op's reference) does, for W4A8, W4A4 and W4A16 with both clamps
-  binding and an expert no token selects. Tolerance: relative norm error 1e-5; every product is of exact decoded
-  values, so the two differ only by fp32 summation order and the few values such a difference moves across an
-  FP8 / FP4 rounding boundary (none seen here).
+  (numpy) computes what the plan executor (the op's reference) does, for W4A8 and W4A4 (W4A16: the artifact
+  below) with both clamps binding and an expert no token selects. Tolerance: relative norm error 1e-5; every
+  product is of exact decoded values, so the two differ only by fp32 summation order and the few values such a
+  difference moves across an FP8 / FP4 rounding boundary (none seen here).
 - A whole artifact compiled for h100 on CPU (its plans hold moe_fp4): `dsv4c inspect ART --onnx FILE` writes a
   model that passes the full check, with moe_fp4 in the dsv4c domain and its body, and that ReferenceEvaluator
   runs to the plan's outputs (same tolerance; onnxruntime is not needed).
@@ -62,7 +62,7 @@ def operands(gen: torch.Generator) -> dict[str, torch.Tensor]:
     return named
 
 
-@pytest.mark.parametrize("activations,shared_act_quant", [("w4a8", True), ("w4a4", True), ("w4a16", False)])
+@pytest.mark.parametrize("activations,shared_act_quant", [("w4a8", True), ("w4a4", True)])
 def test_one_op_body_computes_the_reference(activations, shared_act_quant):
     gen = torch.Generator().manual_seed(len(activations) + shared_act_quant)
     named = operands(gen)
