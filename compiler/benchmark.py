@@ -180,23 +180,31 @@ def time_steps(runner: StepRunner, state: dict, last: torch.Tensor, start: int, 
     device (CUDA events) and on the host (the runner calls until they return, before the synchronisation)."""
     batch = next(iter(state.values())).shape[0]
     token = last.view(1, 1).expand(batch, 1 + mtp).contiguous()
-    hidden = None
-    times, host = [], []
-    for i in range(steps + 3):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        host_begin = time.perf_counter()
+
+    def one_step(i: int) -> None:
+        nonlocal state
         out, state = _step(runner, f"main_t{1 + mtp}", state, token, start + i * (1 + mtp))
         if mtp:
-            hidden = out["hidden"]
-            out, state = _step(runner, f"mtp_t{1 + mtp}", state, token, start + i * (1 + mtp), hidden)
+            out, state = _step(runner, f"mtp_t{1 + mtp}", state, token, start + i * (1 + mtp), out["hidden"])
             for j in range(mtp - 1):
                 out, state = _step(runner, "mtp_t1", state, token[:, :1], start + i * (1 + mtp) + j,
                                    out["hidden"][:, -1:])
+    return timed(one_step, steps)
+
+
+def timed(one_step: Callable[[int], None], steps: int, warmup: int = 3) -> tuple[float, float]:
+    """Median ms of `one_step(i)` over `steps` calls after `warmup`: on the device (CUDA events around it) and
+    on the host (until the call returns, before the synchronisation)."""
+    times, host = [], []
+    for i in range(steps + warmup):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        host_begin = time.perf_counter()
+        one_step(i)
         host_ms = (time.perf_counter() - host_begin) * 1e3
         end.record()
         torch.cuda.synchronize()
-        if i >= 3:
+        if i >= warmup:
             times.append(begin.elapsed_time(end))
             host.append(host_ms)
     return statistics.median(times), statistics.median(host)
@@ -325,21 +333,10 @@ def _transformers_rows(cfg, weights, dtype, options, rows, reference_tokens, pro
             token = step_logits(model, token, cache)[:, -1].argmax(-1, keepdim=True)
             greedy.append(token.view(-1).tolist())
         progress(f"timing transformers at batch {batch}, mtp 0")
-        times, host = [], []
-        for i in range(max(5, options.steps // 3) + 3):
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            host_begin = time.perf_counter()
-            step_logits(model, token, cache)
-            host_ms = (time.perf_counter() - host_begin) * 1e3
-            end.record()
-            torch.cuda.synchronize()
-            if i >= 3:
-                times.append(begin.elapsed_time(end))
-                host.append(host_ms)
+        ms, host_ms = timed(lambda _, c=cache, t=token: step_logits(model, t, c), max(5, options.steps // 3))
         match = greedy == reference_tokens[batch] if batch in reference_tokens else None
-        rows.append(Row("transformers", batch, 0, statistics.median(times), 1.0,
-                        step_bytes(cfg, batch, options.context, False).total, match, statistics.median(host)))
+        rows.append(Row("transformers", batch, 0, ms, 1.0, step_bytes(cfg, batch, options.context, False).total,
+                        match, host_ms))
         del cache
         _release()
 

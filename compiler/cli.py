@@ -495,7 +495,7 @@ def _compile_parser(sub) -> None:
 def _generate_parser(sub) -> None:
     gen = _add_command(sub, "generate", "generate tokens with a compiled artifact",
                        "Batched generation: greedy (default) or temperature/top-p sampling, with optional MTP "
-                       "speculative decoding (one draft token).", _generate)
+                       "speculative decoding (up to three draft tokens a step).", _generate)
     gen.add_argument("artifact", metavar="ART", help="a compiled artifact folder")
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt-ids", action="append", type=cli_args.prompt_ids, metavar="IDS",
@@ -568,7 +568,7 @@ def _bench_parser(sub) -> None:
     ben.add_argument("--mtp", type=cli_args.non_negative_int_list, default=(0, 1), metavar="K,K",
                      help="draft tokens per step to time")
     ben.add_argument("--baselines", type=cli_args.name_list, default=("eager",), metavar="NAMES",
-                     help="timed in the same run: eager, inductor")
+                     help="timed in the same run: eager, inductor, transformers")
     ben.add_argument("--steps", type=cli_args.positive_int, default=30, metavar="N", help="timed steps per row")
     ben.add_argument("--json", type=cli_args.output_file, metavar="FILE", help="write the report as JSON")
     ben.add_argument("--plot", type=cli_args.output_file, metavar="FILE.png",

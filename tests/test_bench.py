@@ -29,3 +29,27 @@ def test_bench_on_a_machine_without_a_gpu_says_what_it_needs(tmp_path, capsys):
     assert main(["bench", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1
+
+
+def test_timed_runs_warmup_then_steps_and_takes_medians(monkeypatch):
+    """`timed` (what every bench row goes through) calls the step warmup + steps times, in order, and returns
+    the medians of the timed calls only (device events stubbed on this GPU-less machine: 2 ms each)."""
+    import torch
+
+    from dsv4c.compiler.benchmark import timed
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 2.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    calls = []
+    device_ms, host_ms = timed(calls.append, steps=4, warmup=3)
+    assert calls == list(range(7)) and device_ms == 2.0 and 0 <= host_ms < 1000
