@@ -29,6 +29,10 @@ collect() {
 if [ "${2:-}" = "--collect" ]; then collect "${3:-540}"; exit 0; fi
 
 python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . 2>&1 | tail -2
+if ! command -v dsv4c >/dev/null; then  # the console script's folder may not be on PATH there
+  dsv4c() { python3 -c "import sys; from dsv4c.compiler.cli import main; sys.exit(main(sys.argv[1:]))" "$@"; }
+  export -f dsv4c
+fi
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda, torch.cuda.get_device_name())"
 rm -f "$work/pipeline.done"
 setsid nohup bash -c '
