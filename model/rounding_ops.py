@@ -28,26 +28,23 @@ def fake_quant_fp8_reference(x: torch.Tensor, block: int) -> torch.Tensor:
     return quant.fake_quant_fp8(x, block)
 
 
-fake_quant_fp8 = torch.library.custom_op("dsv4c::fake_quant_fp8", fake_quant_fp8_reference, mutates_args=())
-
-
-@fake_quant_fp8.register_fake
-def _(x: torch.Tensor, block: int) -> torch.Tensor:
-    if x.dim() < 1 or block <= 0 or x.shape[-1] % block:
-        raise ValueError(f"fake_quant_fp8: the last dim of x {tuple(x.shape)} must be a multiple of block {block}")
-    return x.new_empty(x.shape)
-
-
 def fake_quant_fp4_reference(x: torch.Tensor, block: int) -> torch.Tensor:
     """`quant.fake_quant_fp4(x, block)` (a fresh tensor: its last step is a product)."""
     return quant.fake_quant_fp4(x, block)
 
 
-fake_quant_fp4 = torch.library.custom_op("dsv4c::fake_quant_fp4", fake_quant_fp4_reference, mutates_args=())
+def _rounding_op(name: str, reference):
+    """`dsv4c::{name}(x, block)` over `reference`, with the shape check of its fake (meta) implementation."""
+    op = torch.library.custom_op(f"dsv4c::{name}", reference, mutates_args=())
+
+    @op.register_fake
+    def _(x: torch.Tensor, block: int) -> torch.Tensor:
+        if x.dim() < 1 or block <= 0 or x.shape[-1] % block:
+            raise ValueError(f"{name}: the last dim of x {tuple(x.shape)} must be a multiple of block {block}")
+        return x.new_empty(x.shape)
+
+    return op
 
 
-@fake_quant_fp4.register_fake
-def _(x: torch.Tensor, block: int) -> torch.Tensor:
-    if x.dim() < 1 or block <= 0 or x.shape[-1] % block:
-        raise ValueError(f"fake_quant_fp4: the last dim of x {tuple(x.shape)} must be a multiple of block {block}")
-    return x.new_empty(x.shape)
+fake_quant_fp8 = _rounding_op("fake_quant_fp8", fake_quant_fp8_reference)
+fake_quant_fp4 = _rounding_op("fake_quant_fp4", fake_quant_fp4_reference)
