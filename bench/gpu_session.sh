@@ -53,10 +53,10 @@ setsid nohup bash -c '
 ' > "$work/pipeline.log" 2>&1 < /dev/null &
 
 rm -f "$work/kernels.done"
-stamp moe;        timeout 150 python3 bench/moe_bench.py --t 1 8 32 64 128 --json "$out/moe.json" 2>&1 | tail -8
-stamp fp8;        timeout 120 python3 bench/fp8_gemm_bench.py --json "$out/fp8.json" 2>&1 | tail -30
-stamp attention;  (cd bench && timeout 150 python3 attention_bench.py --contexts 4096 65536 262144 --batches 1 32 --json "$out/attention.json" 2>&1 | tail -12)
-stamp step-graph; timeout 150 python3 bench/step_graph_bench.py --batch 1 8 2>&1 | tail -8
-stamp synthetic;  timeout 120 python3 bench/synthetic_gpu_check.py 2>&1 | grep -E "CHECK|GB"
+stamp moe;        timeout 120 python3 bench/moe_bench.py --t 1 8 32 64 128 --json "$out/moe.json" 2>&1 | tail -8
+stamp fp8;        timeout 90 python3 bench/fp8_gemm_bench.py --json "$out/fp8.json" 2>&1 | tail -30
+stamp attention;  (cd bench && timeout 110 python3 attention_bench.py --contexts 4096 65536 262144 --batches 1 32 --json "$out/attention.json" 2>&1 | tail -12)
+stamp step-graph; timeout 90 python3 bench/step_graph_bench.py --batch 1 8 2>&1 | tail -8
+stamp synthetic;  timeout 80 python3 bench/synthetic_gpu_check.py 2>&1 | grep -E "CHECK|GB"
 touch "$work/kernels.done"
 collect "${2:-540}"
