@@ -316,12 +316,20 @@ def _select(c: OpContext) -> str:
     return c.g.add1("Gather", c.a["self"].name, c.as_dtype(c.a["index"], torch.int64), axis=c.a["dim"])
 
 
+SLICE_THROUGH_FLOAT = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e8m0fnu)  # types Slice-13 lacks
+
+
 @rule("slice")
 def _slice(c: OpContext) -> str:
+    """Slice; a packed FP8 weight's or e8m0 scale's rows (the grouped output projection) go through float32 and
+    back, exact both ways (every such value is a float32)."""
     start = c.a["start"] if c.a["start"] is not None else 0
     end = c.a["end"] if c.a["end"] is not None else INT64_MAX
-    return c.g.add1("Slice", c.a["self"].name, c.as_1d(start), c.as_1d(end), c.g.ints([c.a["dim"]]),
-                    c.as_1d(c.a["step"]))
+    x = c.a["self"]
+    through_float = x.dtype in SLICE_THROUGH_FLOAT
+    source = c.as_dtype(x, torch.float32) if through_float else x.name
+    sliced = c.g.add1("Slice", source, c.as_1d(start), c.as_1d(end), c.g.ints([c.a["dim"]]), c.as_1d(c.a["step"]))
+    return c.g.add1("Cast", sliced, to=onnx_dtype(x.dtype)) if through_float else sliced
 
 
 def _reshape_to(c: OpContext, x: Value, sizes: list | None) -> str:

@@ -14,16 +14,17 @@ What is looked through, and why it is exact (the op computes `fake_quant_rows(x)
   byte >= 3; quantize_fp8_weight's amax floor gives >= 2^-22). An fp16 rounding is not exact: no match;
 - the rounding's own cast back to x's dtype (e4m3 times its scale, a power of two >= 2^-22 by the amax floor,
   is exact in bf16);
-- a row slice of the decoded weight made of whole 128-row scale blocks (the grouped output projection: each
-  group times its rows of `wo_a`, model/attention.py): the op then reads the same rows of the packed weight
-  and of its scales, as views.
+- a row slice of the decoded weight that starts on a 128-row scale block or lies inside one block (the
+  grouped output projection: each group times its rows of `wo_a`, model/attention.py): the slice's row i
+  has the scale of the source's row start + i, which is row i // 128 of the sliced scales, so the op reads
+  the same rows of the packed weight and of its scales, as views.
 The activation rounding is recognised only as the `dsv4c::fake_quant_fp8` node with block 128 that
 model/layers.py emits (model/rounding_ops.py says why it is one node); any other activation, a rounding by
 another block or a hand-written chain included, is x itself with act_quant False (the op then computes
 exactly the graph's `x.float() @ W.T`). The operands must fit the op (its own `check_operands`): x fp32 or
 bf16, w `float8_e4m3fn [N, K]`, s `[ceil(N/128), ceil(K/128)]` (a larger scale the decode would crop: no
 match). Left alone: matmuls on any other weight (bf16, fp32, MXFP4 decodes), a weight not transposed, an
-fp16 weight path, a row slice that cuts a scale block. A decode or rounding that other nodes still read stays for them; the rest is erased.
+fp16 weight path, a row slice that starts inside one scale block and ends in another. A decode or rounding that other nodes still read stays for them; the rest is erased.
 
 Before: a flat aten graph with FakeTensor `meta["val"]`; for the captured step, after noop_removal /
 dead_code / cse (one node per value, so one decode per weight and one rounding per activation).
@@ -68,8 +69,9 @@ class Fp8Linear(NamedTuple):
 
 
 class RowBlock(NamedTuple):
-    """Rows [start, stop) of a packed weight (whole 128-row scale blocks, or through its last row): the
-    grouped output projection multiplies each group by its own rows of `wo_a`."""
+    """Rows [start, stop) of a packed weight whose scales are rows of its scales: the slice starts on a 128-row
+    scale block, or lies inside one block. The grouped output projection multiplies each group by its own
+    rows of `wo_a`."""
 
     weight: fx.Node
     scale: fx.Node
@@ -95,8 +97,7 @@ def packed_weight(node: Any) -> tuple[fx.Node, fx.Node] | RowBlock | None:
     if rows is None:
         return node.args[0], node.args[1]
     start, stop = rows
-    total = shape(node)[0]
-    if start % SCALE_BLOCK or not (stop % SCALE_BLOCK == 0 or stop == total):
+    if start % SCALE_BLOCK and start // SCALE_BLOCK != (stop - 1) // SCALE_BLOCK:
         return None
     return RowBlock(node.args[0], node.args[1], start, stop)
 
