@@ -6,8 +6,8 @@
 # Starts the flash-slice pipeline detached (setsid: it outlives this call while the machine stays held):
 # write the checkpoint on the GPU, compile it with the fused MoE and bench it, then with `--moe unfused`,
 # then the baselines; meanwhile runs the kernel benchmarks in the foreground (the fused MoE, the FP8 GEMM,
-# sparse attention, the CUDA-graph step check, the synthetic writer's check). Waits up to SECONDS (default
-# 540) for the pipeline, then copies what exists into OUT; a later `bash bench/gpu_session.sh OUT --collect
+# sparse attention, the CUDA-graph step check, the synthetic writer's check, the demo model at MTP 0..3).
+# Waits up to SECONDS (default 540) for the pipeline, then copies what exists into OUT; a later `bash bench/gpu_session.sh OUT --collect
 # SECONDS` on the same warm machine waits again and collects. Logs: /tmp/dsv4c-gpu/*.txt.
 set -u
 out=$(realpath -m "${1:?usage: gpu_session.sh OUT [SECONDS | --collect SECONDS]}")
@@ -53,10 +53,13 @@ setsid nohup bash -c '
 ' > "$work/pipeline.log" 2>&1 < /dev/null &
 
 rm -f "$work/kernels.done"
-stamp moe;        timeout 120 python3 bench/moe_bench.py --t 1 8 32 64 128 --json "$out/moe.json" 2>&1 | tail -8
-stamp fp8;        timeout 90 python3 bench/fp8_gemm_bench.py --json "$out/fp8.json" 2>&1 | tail -30
-stamp attention;  (cd bench && timeout 110 python3 attention_bench.py --contexts 4096 65536 262144 --batches 1 32 --json "$out/attention.json" 2>&1 | tail -12)
-stamp step-graph; timeout 90 python3 bench/step_graph_bench.py --batch 1 8 2>&1 | tail -8
-stamp synthetic;  timeout 80 python3 bench/synthetic_gpu_check.py 2>&1 | grep -E "CHECK|GB"
+stamp moe;        timeout 100 python3 bench/moe_bench.py --t 1 8 32 64 128 --json "$out/moe.json" 2>&1 | tail -8
+stamp fp8;        timeout 80 python3 bench/fp8_gemm_bench.py --json "$out/fp8.json" 2>&1 | tail -30
+stamp attention;  (cd bench && timeout 100 python3 attention_bench.py --contexts 4096 65536 262144 --batches 1 32 --json "$out/attention.json" 2>&1 | tail -12)
+stamp step-graph; timeout 80 python3 bench/step_graph_bench.py --batch 1 8 2>&1 | tail -8
+stamp synthetic;  timeout 70 python3 bench/synthetic_gpu_check.py 2>&1 | grep -E "CHECK|GB"
+stamp demo;       timeout 140 bash -c "dsv4c compile model/demo_model -o $work/demo.dsv4c --target h100 --max-seq-len 1024 \
+  --overwrite > $work/compile_demo.txt 2>&1 && dsv4c bench $work/demo.dsv4c --context 512 --batch 1,8 --mtp 0,1,2,3 \
+  --baselines eager --json $out/demo.json" 2>&1 | tail -14
 touch "$work/kernels.done"
 collect "${2:-540}"

@@ -29,15 +29,18 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
+from tokenizers import Tokenizer
 
 from dsv4c.model.config import ModelConfig
+from dsv4c.model.demo import DEMO_PROMPTS
 from dsv4c.model.numerics import Numerics
 from dsv4c.model.step import dequantize_weights
 from dsv4c.model.step_bytes import step_bytes
+from dsv4c.model.tokenizer import encode
 from dsv4c.runtime.artifact import distribution_version, load_artifact
 from dsv4c.runtime.eager_runner import EagerRunner, state_specs
 from dsv4c.runtime.engine import Engine, StepRunner
-from dsv4c.runtime.loader import load
+from dsv4c.runtime.loader import load, load_tokenizer
 from dsv4c.runtime.step_runner import BUCKETS
 
 BASELINES = ("eager", "inductor", "transformers")
@@ -224,7 +227,7 @@ def bench(artifact: str | Path, options: BenchOptions, progress: Progress = lamb
     start = options.context
     progress("loading the artifact and capturing CUDA graphs")
     engine = load(artifact, device, max_batch=max(options.batches), progress=progress)
-    accepted = _acceptance(engine, options)  # before the fill: it resets the pool
+    accepted = _acceptance(engine, options, load_tokenizer(artifact))  # before the fill: it resets the pool
     progress(f"filling a {options.context}-token context")
     state, last = filled_state(engine, engine.runner, max(options.batches), options.context, seed=0)
     compiled_tokens = {}
@@ -248,15 +251,23 @@ def bench(artifact: str | Path, options: BenchOptions, progress: Progress = lamb
             "tokens": {"dsv4c": compiled_tokens, "eager": reference_tokens}}
 
 
-def _acceptance(engine: Engine, options: BenchOptions) -> dict[int, float]:
+def _acceptance(engine: Engine, options: BenchOptions, tokenizer: Tokenizer | None) -> dict[int, float]:
     """Drafts accepted per verify step for each draft count in `options.mtp` (0 for 0), measured by greedy
-    generation with MTP on short prompts (0 when no draft is accepted: random weights draft at random)."""
-    prompts = [[int(t) for t in torch.randint(2, engine.vocab_size, (16,), generator=torch.Generator().manual_seed(s))]
-               for s in range(min(4, max(options.batches)))]
+    generation with MTP: on the demo prompts (model/demo.py) where the artifact carries a tokenizer (a trained
+    model's acceptance shows on text), else on random ids (0 when no draft is accepted: random weights draft at
+    random)."""
+    if tokenizer is not None:
+        prompts = [encode(tokenizer, text) for text in DEMO_PROMPTS]
+    else:
+        prompts = [[int(t) for t in torch.randint(2, engine.vocab_size, (16,),
+                                                  generator=torch.Generator().manual_seed(s))]
+                   for s in range(min(4, max(options.batches)))]
+    rows = max(options.batches)  # the engine's pool holds this many sequences at once
     accepted = {0: 0.0}
     for k in sorted(set(options.mtp) - {0}):
-        result = engine.generate(prompts, 32, mtp=k)
-        accepted[k] = k * result.accepted / result.drafted if result.drafted else 0.0
+        results = [engine.generate(prompts[i:i + rows], 32, mtp=k) for i in range(0, len(prompts), rows)]
+        drafted = sum(r.drafted for r in results)
+        accepted[k] = k * sum(r.accepted for r in results) / drafted if drafted else 0.0
     return accepted
 
 

@@ -298,11 +298,6 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     return 0 if same else 1
 
 
-# Python-ish beginnings for the demo model, which learnt from the standard library's sources.
-DEMO_PROMPTS = ("def parse(", "import os\nimport sys\n\n", "class Stack:\n    def __init__(self",
-                "    for i in range(")
-
-
 def _counted(update: Callable[[str], None], what: str, stages: int) -> Callable[[str], None]:
     """A progress callback that shows `what [i/stages] message` for the i-th message it hears."""
     heard = 0
@@ -317,7 +312,7 @@ def _counted(update: Callable[[str], None], what: str, stages: int) -> Callable[
 def _run_demo(root: Path, args: argparse.Namespace, console: Console) -> bool:
     """Whether MTP speculative decoding gave the plain greedy tokens."""
     from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
-    from dsv4c.model.demo import demo_checkpoint
+    from dsv4c.model.demo import DEMO_PROMPTS, demo_checkpoint
     from dsv4c.runtime.loader import load, load_tokenizer
 
     ckpt = demo_checkpoint()
