@@ -20,6 +20,7 @@ from dsv4c.passes.cse import cse
 from dsv4c.passes.dead_code import dead_code
 from dsv4c.passes.fp8_linear import fp8_linear
 from dsv4c.passes.kv_compression import kv_compression
+from dsv4c.passes.lightning_indexer import lightning_indexer
 from dsv4c.passes.manager import PassContext, PassRecord, PipelineEntry, run_pipeline
 from dsv4c.passes.memory_planning import memory_planning
 from dsv4c.passes.mhc_fusion import mhc_fusion
@@ -46,6 +47,8 @@ CLEANUP_AND_PLANNING = (
                   "after cleanup (one rounding per value) and the fusions; before reinplace_state packs in place"),
     PipelineEntry("sparse_attention", sparse_attention,
                   "after kv_compression (reads its packed rows); exact on cpu (the op's reference is `attend`)"),
+    PipelineEntry("lightning_indexer", lightning_indexer,
+                  "after kv_compression (reads the packed FP4 keys); its ids feed sparse_attention's op either way"),
     PipelineEntry("constant_folding", constant_folding, "after CSE, so each duplicated table folds once"),
     PipelineEntry("dead_code_after_folding", dead_code, "removes folded subgraphs' leftovers and unused buffers"),
     PipelineEntry("reinplace_state", reinplace_state,

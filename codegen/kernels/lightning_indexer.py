@@ -1,0 +1,208 @@
+"""The Lightning Indexer over packed FP4 keys in Triton; the PyTorch twin is codegen/lightning_indexer.py.
+
+Two launches, nothing read back by the host (so a call can be captured in a CUDA graph), their tile sizes and
+grids chosen by codegen/kernels/lightning_indexer_launch.py:
+(1) `_scores_kernel`, grid (B, splits): each sequence's entries are cut into `splits` ranges so that one long
+    sequence still fills the GPU. Per tile of `block_e` entries a program reads the packed rows once (64 code
+    bytes and 4 e8m0 scales a 128-dim key) and multiplies them with every query row of its sequence at once,
+    the T tokens' H heads stacked as the dot's M side: logits [T*H, block_e], then relu, times head_w, summed
+    over heads, -inf where the entry is not visible yet: scores [B, T, E] in fp32. The keys are decoded in
+    registers (decode "registers": codes and scales to fp32 values by integer arithmetic, any scale block) or by
+    `tl.dot_scaled` (decode "mxfp": bf16 queries times MXFP4 keys, Triton's own e2m1 upcast). Every product is
+    exact: queries and decoded keys are bf16 values (the op's contract), so only the fp32 summation order differs
+    from the reference. (Scale byte 0 decodes to 0 in registers, not 2^-127: kv_pack never writes it, and the
+    pool's unwritten rows, which hold it, have zero codes.)
+(2) `_topk_kernel`, grid (B * T,): an exact radix select per query row. The scores map to int32 keys whose order
+    is the scores' order (-0.0 counted as +0.0); four passes of 8 bits find the k-th largest key and how many of
+    its ties to take; a last pass writes, in ascending entry order, every entry above it and its lowest-index ties.
+    So the selected set is the first k entries ordered by (score descending, entry ascending), masked entries
+    (-inf, valid False) last: the reference's set wherever its k-th and k+1-th scores differ by more than the
+    summation order's rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4c.codegen.kernels.lightning_indexer_launch import MIN_DOT, MXFP_BLOCK, IndexerLaunch, indexer_launch
+from dsv4c.codegen.targets import target_for_device
+
+RADIX_BINS = 512  # 256 digit bins (largest digit first) and one for rows that no longer match the prefix
+
+
+# ---- scores ---------------------------------------------------------------------------------------------
+@triton.jit
+def _pow2(exponent):
+    """2^exponent for integer exponents in the normal fp32 range, exactly (built from the bits)."""
+    return ((exponent + 127).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e2m1_value(code):
+    """fp32 values of e2m1 codes (int32 0..15): magnitude m = code & 7 is m / 2 below 2, else
+    2^((m >> 1) - 1) * (1 + (m & 1) / 2); bit 3 the sign."""
+    m = code & 7
+    normal = _pow2((m >> 1) - 1) * (1.0 + 0.5 * (m & 1).to(tl.float32))
+    magnitude = tl.where(m < 2, 0.5 * m.to(tl.float32), normal)
+    return tl.where((code & 8) != 0, -magnitude, magnitude)
+
+
+@triton.jit
+def _decoded_keys(cache_ptr, row, ok, D: tl.constexpr, QBLOCK: tl.constexpr):
+    """Keys [n, D] in fp32 of the packed rows at byte offsets `row` (zeros where not `ok`): byte j holds dims 2j
+    (low nibble) and 2j + 1; the e8m0 scale of dim i is byte D / 2 + i / QBLOCK."""
+    pairs = tl.arange(0, D // 2)
+    packed = tl.load(cache_ptr + row[:, None] + pairs[None, :], mask=ok[:, None], other=0).to(tl.int32)
+    sbyte = tl.load(cache_ptr + row[:, None] + D // 2 + (2 * pairs[None, :]) // QBLOCK, mask=ok[:, None],
+                    other=127).to(tl.int32)
+    scale = _pow2(sbyte - 127)
+    return tl.interleave(_e2m1_value(packed & 15) * scale, _e2m1_value(packed >> 4) * scale)
+
+
+@triton.jit
+def _logits(q, cache_ptr, row, ok, D: tl.constexpr, QBLOCK: tl.constexpr, DECODE: tl.constexpr,
+            PRODUCT: tl.constexpr):
+    """q [M, D] (bf16, or fp32 for "ieee") times the keys of the packed rows at `row`: [M, n] fp32."""
+    if DECODE == "mxfp":
+        codes = tl.load(cache_ptr + row[:, None] + tl.arange(0, D // 2)[None, :], mask=ok[:, None], other=0)
+        scales = tl.load(cache_ptr + row[:, None] + D // 2 + tl.arange(0, D // QBLOCK)[None, :], mask=ok[:, None],
+                         other=127)
+        return tl.dot_scaled(q, None, "bf16", tl.trans(codes), scales, "e2m1")
+    keys = _decoded_keys(cache_ptr, row, ok, D, QBLOCK)
+    if PRODUCT == "bf16":
+        return tl.dot(q, tl.trans(keys.to(tl.bfloat16)))
+    return tl.dot(q, tl.trans(keys), input_precision="ieee")
+
+
+@triton.jit
+def _scores_kernel(q_ptr, w_ptr, cache_ptr, start_ptr, scores_ptr, T, H, E, entries_per_split,
+                   sq_b, sq_t, sq_h, sw_b, sw_t, sc_b, sc_e,
+                   RATIO: tl.constexpr, D: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_T: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, DECODE: tl.constexpr, PRODUCT: tl.constexpr):
+    b, split = tl.program_id(0), tl.program_id(1)
+    rows = tl.arange(0, BLOCK_T * BLOCK_H)  # query row r: token r // BLOCK_H, head r % BLOCK_H
+    t, h = rows // BLOCK_H, rows % BLOCK_H
+    row_ok = (t < T) & (h < H)
+    q = tl.load(q_ptr + b * sq_b + t[:, None] * sq_t + h[:, None] * sq_h + tl.arange(0, D)[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    if DECODE == "mxfp" or PRODUCT == "bf16":
+        q = q.to(tl.bfloat16)  # exact: the op's queries are bf16 values
+    w = tl.load(w_ptr + b * sw_b + t * sw_t + h, mask=row_ok, other=0.0)
+    tokens = tl.arange(0, BLOCK_T)
+    visible = (tl.load(start_ptr + b) + tokens + 1) // RATIO  # entries complete for each token
+    out = scores_ptr + (b * T + tokens[:, None]).to(tl.int64) * E
+    first = split * entries_per_split
+    last = tl.minimum(first + entries_per_split, E)
+    for base in range(first, last, BLOCK_E):
+        e = base + tl.arange(0, BLOCK_E)
+        ok = e < last
+        logits = _logits(q, cache_ptr, b * sc_b + e.to(tl.int64) * sc_e, ok, D, QBLOCK, DECODE, PRODUCT)
+        weighted = tl.reshape(tl.maximum(logits, 0.0) * w[:, None], [BLOCK_T, BLOCK_H, BLOCK_E])
+        score = tl.where(e[None, :] < visible[:, None], tl.sum(weighted, axis=1), float("-inf"))
+        tl.store(out + e[None, :], score, mask=(tokens[:, None] < T) & ok[None, :])
+
+
+# ---- top-k ----------------------------------------------------------------------------------------------
+@triton.jit
+def _ordered(score):
+    """int32 whose signed order is the scores' order (-0.0 counted as +0.0)."""
+    bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _digit(key, SHIFT: tl.constexpr):
+    """The 8-bit digit at SHIFT of the key read as unsigned (its sign bit flipped)."""
+    if SHIFT == 24:
+        return ((key >> 24) & 255) ^ 128
+    return (key >> SHIFT) & 255
+
+
+@triton.jit
+def _refine(row_ptr, E, prefix, remaining, SHIFT: tl.constexpr, CHUNK: tl.constexpr):
+    """One radix pass: among keys whose digits above SHIFT are the prefix's, the digit of the `remaining`-th
+    largest. Returns (prefix with that digit, how many of the matching keys with that digit are still to take)."""
+    hist = tl.zeros([RADIX_BINS], tl.int32)
+    for base in range(0, E, CHUNK):
+        offs = base + tl.arange(0, CHUNK)
+        key = _ordered(tl.load(row_ptr + offs, mask=offs < E, other=float("-inf")))
+        match = offs < E
+        if SHIFT < 24:
+            match = match & ((key >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
+        hist += tl.histogram(tl.where(match, 255 - _digit(key, SHIFT), 256), RADIX_BINS)
+    bins = tl.arange(0, RADIX_BINS)
+    reached = (tl.cumsum(hist, 0) >= remaining) & (bins < 256)
+    chosen = tl.min(tl.where(reached, bins, RADIX_BINS))
+    above = tl.sum(tl.where(bins < chosen, hist, 0))
+    digit = 255 - chosen
+    if SHIFT == 24:
+        digit = digit ^ 128
+    return prefix | (digit << SHIFT), remaining - above
+
+
+@triton.jit
+def _topk_kernel(scores_ptr, ids_ptr, valid_ptr, E, K, CHUNK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = scores_ptr + row * E
+    threshold, ties = _refine(row_ptr, E, 0, K, 24, CHUNK)
+    threshold, ties = _refine(row_ptr, E, threshold, ties, 16, CHUNK)
+    threshold, ties = _refine(row_ptr, E, threshold, ties, 8, CHUNK)
+    threshold, ties = _refine(row_ptr, E, threshold, ties, 0, CHUNK)
+    taken, tied = 0, 0
+    for base in range(0, E, CHUNK):
+        offs = base + tl.arange(0, CHUNK)
+        score = tl.load(row_ptr + offs, mask=offs < E, other=float("-inf"))
+        key = _ordered(score)
+        equal = ((offs < E) & (key == threshold)).to(tl.int32)
+        take = (((offs < E) & (key > threshold)) | ((equal != 0) & (tied + tl.cumsum(equal, 0) <= ties)))
+        take = take.to(tl.int32)
+        slot = row * K + taken + tl.cumsum(take, 0) - 1
+        tl.store(ids_ptr + slot, offs.to(tl.int64), mask=take != 0)
+        tl.store(valid_ptr + slot, (score > float("-inf")).to(tl.uint8), mask=take != 0)
+        taken += tl.sum(take)
+        tied += tl.sum(equal)
+
+
+# ---- host wrappers --------------------------------------------------------------------------------------
+def indexer_scores(q: torch.Tensor, head_w: torch.Tensor, cache: torch.Tensor, start: torch.Tensor, ratio: int,
+                   block: int, launch: IndexerLaunch) -> torch.Tensor:
+    """fp32 [B, T, E]: codegen/lightning_indexer.py's `scores` (up to fp32 summation order)."""
+    if launch.decode == "mxfp" and block != MXFP_BLOCK:
+        raise ValueError(f"lightning_indexer kernel: decode 'mxfp' reads scale blocks of {MXFP_BLOCK}, got {block}")
+    batch, steps, heads, dim = q.shape
+    q, head_w, cache = q.contiguous(), head_w.float().contiguous(), cache.contiguous()
+    out = torch.empty((batch, steps, cache.shape[1]), dtype=torch.float32, device=q.device)
+    _scores_kernel[(batch, launch.splits)](
+        q, head_w, cache, start.contiguous(), out, steps, heads, cache.shape[1], launch.entries_per_split,
+        q.stride(0), q.stride(1), q.stride(2), head_w.stride(0), head_w.stride(1), cache.stride(0), cache.stride(1),
+        RATIO=ratio, D=dim, QBLOCK=block, BLOCK_T=triton.next_power_of_2(steps),
+        BLOCK_H=max(MIN_DOT, triton.next_power_of_2(heads)), BLOCK_E=launch.block_e, DECODE=launch.decode,
+        PRODUCT=launch.product, num_warps=launch.scores_warps)
+    return out
+
+
+def select_topk(scores: torch.Tensor, k: int, launch: IndexerLaunch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids int64, valid bool) `[..., k]` of fp32 scores `[..., E]` (k <= E): the first k entries by (score
+    descending, entry ascending), listed in ascending entry order; valid where the score is above -inf."""
+    rows = scores.flatten(0, -2).contiguous()
+    ids = torch.empty((rows.shape[0], k), dtype=torch.int64, device=scores.device)
+    valid = torch.empty((rows.shape[0], k), dtype=torch.bool, device=scores.device)
+    if k and rows.shape[0]:
+        _topk_kernel[(rows.shape[0],)](rows, ids, valid.view(torch.uint8), rows.shape[1], k, CHUNK=launch.chunk,
+                                       num_warps=launch.topk_warps)
+    return ids.view(*scores.shape[:-1], k), valid.view(*scores.shape[:-1], k)
+
+
+def lightning_indexer(q: torch.Tensor, head_w: torch.Tensor, cache: torch.Tensor, start: torch.Tensor, ratio: int,
+                      topk: int, block: int, launch: IndexerLaunch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """codegen/lightning_indexer.py's op on packed rows: (ids, valid), ids in ascending entry order."""
+    batch, steps, heads, _ = q.shape
+    entries = cache.shape[1]
+    if launch is None:
+        launch = indexer_launch(target_for_device(q.device), batch, steps, heads, entries, block)
+    k = min(topk, entries)
+    if k == 0:  # an empty cache, or topk 0: nothing to score
+        return select_topk(torch.empty((batch, steps, 0), dtype=torch.float32, device=q.device), 0, launch)
+    return select_topk(indexer_scores(q, head_w, cache, start, ratio, block, launch), k, launch)
