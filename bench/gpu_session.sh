@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Every GPU measurement the open issues need, in one device call (docs: BENCHMARKS.md, bench/*.py).
+# Every GPU measurement the open issues need, in two device calls (docs: BENCHMARKS.md, bench/*.py).
 #
-#   bash bench/gpu_session.sh OUT [SECONDS]
+#   bash bench/gpu_session.sh OUT [SECONDS]          # first call
+#   bash bench/gpu_session.sh OUT --collect SECONDS  # right after, on the same warm machine
 #
-# Starts the flash-slice pipeline detached (setsid: it outlives this call while the machine stays held):
-# write the checkpoint on the GPU, compile it with the fused MoE and bench it, then with `--moe unfused`,
-# then the baselines; meanwhile runs the kernel benchmarks in the foreground (the fused MoE, the FP8 GEMM,
-# sparse attention, the CUDA-graph step check, the synthetic writer's check, the demo model at MTP 0..3).
-# Waits up to SECONDS (default 540) for the pipeline, then copies what exists into OUT; a later `bash bench/gpu_session.sh OUT --collect
-# SECONDS` on the same warm machine waits again and collects. Logs: /tmp/dsv4c-gpu/*.txt.
+# The first call starts a detached pipeline (setsid: it outlives the call while the machine stays held) that writes
+# the flash-slice checkpoint on the GPU and compiles it (fused MoE, then `--moe unfused`) and the demo model, while
+# the foreground runs the checks (CUDA graphs against the graph-free executor, the synthetic writer on the GPU;
+# they overlap the checkpoint's GPU writer) and then the kernel benchmarks (FP8 GEMM, fused MoE, sparse attention,
+# Lightning Indexer; the writer's GPU part is over by then, the compiles use only the CPU). The pipeline's timed GPU
+# work starts when the foreground is done (kernels.done) and runs serially: the
+# flash-slice step against eager and Inductor, the demo model at MTP 0..3, the batch-invariance check, the unfused
+# MoE step, transformers' model. Each call waits up to SECONDS from its start for the pipeline, then copies what
+# exists into OUT. Logs: /tmp/dsv4c-gpu/*.txt (all of them are copied back as bench_all.txt).
 set -u
 out=$(realpath -m "${1:?usage: gpu_session.sh OUT [SECONDS | --collect SECONDS]}")
 work=/tmp/dsv4c-gpu
@@ -20,10 +24,10 @@ collect() {
   local limit=$1
   while [ ! -f "$work/pipeline.done" ] && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do sleep 2; done
   cat "$work/pipeline.log"
-  for f in step_fused.json step_fused.png step_unfused.json step_baselines.json; do
+  for f in step_fused.json step_fused.png step_unfused.json step_transformers.json demo.json; do
     [ -f "$work/$f" ] && cp "$work/$f" "$out/"
   done
-  cat "$work"/bench_*.txt > "$out/bench_all.txt" 2>/dev/null
+  for f in "$work"/*.txt; do echo "#### $f"; tail -60 "$f"; done > "$out/bench_all.txt" 2>/dev/null
 }
 
 if [ "${2:-}" = "--collect" ]; then collect "${3:-540}"; exit 0; fi
@@ -34,32 +38,28 @@ if ! command -v dsv4c >/dev/null; then  # the console script's folder may not be
   export -f dsv4c
 fi
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda, torch.cuda.get_device_name())"
-rm -f "$work/pipeline.done"
+rm -f "$work/pipeline.done" "$work/kernels.done"
 setsid nohup bash -c '
   work='"$work"'; t0=$(date +%s); stamp() { echo "== $(( $(date +%s) - t0 ))s $*"; }
-  stamp write; dsv4c init-checkpoint --preset flash-slice --device cuda --overwrite $work/fs > $work/init.txt 2>&1 || { stamp write FAILED; touch $work/pipeline.done; exit 1; }
-  for moe in default unfused; do
-    flag=; [ $moe = unfused ] && flag="--moe unfused"
-    stamp compile $moe; rm -rf $work/fs.dsv4c
-    dsv4c compile $work/fs -o $work/fs.dsv4c --target h100 --max-seq-len 4224 $flag --explain > $work/compile_$moe.txt 2>&1 || { stamp compile $moe FAILED; continue; }
-    while [ ! -f $work/kernels.done ]; do sleep 2; done
-    stamp bench $moe
-    name=$([ $moe = default ] && echo fused || echo unfused)
-    dsv4c bench $work/fs.dsv4c --batch 1,8,32,64 --mtp 0,1 --baselines eager --json $work/step_$name.json --plot $work/step_$name.png > $work/bench_$name.txt 2>&1 || stamp bench $moe FAILED
-  done
-  stamp baselines
-  dsv4c bench $work/fs.dsv4c --batch 1,64 --mtp 0 --baselines eager,transformers,inductor --json $work/step_baselines.json > $work/bench_baselines.txt 2>&1 || stamp baselines FAILED
+  step() { local name=$1; shift; stamp "$name"; "$@" > $work/$name.txt 2>&1 || stamp "$name FAILED"; }
+  step init dsv4c init-checkpoint --preset flash-slice --device cuda --overwrite $work/fs
+  step compile_fused dsv4c compile $work/fs -o $work/fused.dsv4c --target h100 --max-seq-len 4224 --explain --overwrite
+  step compile_demo dsv4c compile model/demo_model -o $work/demo.dsv4c --target h100 --max-seq-len 1024 --overwrite
+  step compile_unfused dsv4c compile $work/fs -o $work/unfused.dsv4c --target h100 --max-seq-len 4224 --moe unfused --overwrite
+  while [ ! -f $work/kernels.done ]; do sleep 2; done
+  step bench_fused dsv4c bench $work/fused.dsv4c --batch 1,8,32,64 --mtp 0,1 --baselines eager,inductor --json $work/step_fused.json --plot $work/step_fused.png
+  step bench_demo dsv4c bench $work/demo.dsv4c --context 512 --batch 1,8 --mtp 0,1,2,3 --baselines eager --json $work/demo.json
+  [ -f bench/batch_invariance_check.py ] && step invariance timeout 240 python3 bench/batch_invariance_check.py --artifact $work/demo.dsv4c
+  step bench_unfused dsv4c bench $work/unfused.dsv4c --batch 1,64 --mtp 0 --json $work/step_unfused.json
+  step bench_transformers dsv4c bench $work/fused.dsv4c --batch 1,64 --mtp 0 --baselines transformers --json $work/step_transformers.json
   stamp done; touch $work/pipeline.done
 ' > "$work/pipeline.log" 2>&1 < /dev/null &
 
-rm -f "$work/kernels.done"
-stamp moe;        timeout 100 python3 bench/moe_bench.py --t 1 8 32 64 128 --json "$out/moe.json" 2>&1 | tail -8
+stamp step-graph; timeout 70 python3 bench/step_graph_bench.py --batch 1 8 2>&1 | tail -8
+stamp synthetic;  timeout 60 python3 bench/synthetic_gpu_check.py 2>&1 | grep -E "CHECK|GB"
 stamp fp8;        timeout 80 python3 bench/fp8_gemm_bench.py --json "$out/fp8.json" 2>&1 | tail -30
-stamp attention;  (cd bench && timeout 100 python3 attention_bench.py --contexts 4096 65536 262144 --batches 1 32 --json "$out/attention.json" 2>&1 | tail -12)
-stamp step-graph; timeout 80 python3 bench/step_graph_bench.py --batch 1 8 2>&1 | tail -8
-stamp synthetic;  timeout 70 python3 bench/synthetic_gpu_check.py 2>&1 | grep -E "CHECK|GB"
-stamp demo;       timeout 140 bash -c "dsv4c compile model/demo_model -o $work/demo.dsv4c --target h100 --max-seq-len 1024 \
-  --overwrite > $work/compile_demo.txt 2>&1 && dsv4c bench $work/demo.dsv4c --context 512 --batch 1,8 --mtp 0,1,2,3 \
-  --baselines eager --json $out/demo.json" 2>&1 | tail -14
+stamp moe;        timeout 100 python3 bench/moe_bench.py --t 1 8 32 64 128 --json "$out/moe.json" 2>&1 | tail -14
+stamp attention;  (cd bench && timeout 100 python3 attention_bench.py --contexts 4096 65536 262144 --batches 1 32 --json "$out/attention.json" 2>&1 | tail -14)
+stamp indexer;    (cd bench && timeout 100 python3 indexer_bench.py --contexts 4096 65536 262144 --batches 1 32 --no-compile --json "$out/indexer.json" 2>&1 | tail -16)
 touch "$work/kernels.done"
-collect "${2:-540}"
+collect "${2:-560}"
