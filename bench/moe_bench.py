@@ -1,19 +1,23 @@
-"""The fused FP4 MoE (`dsv4c::moe_fp4`) on a GPU at DeepSeek-V4-Flash's sizes: correctness against the
-reference, then time and bandwidth beside the path it replaces, in the same run on the same card.
+"""The fused FP4 MoE (`dsv4c::moe_fp4`, routing included) on a GPU at DeepSeek-V4-Flash's sizes: correctness
+against the reference, then time and bandwidth beside the path it replaces, in the same run on the same card.
 
-One MoE layer: D = 4096, I = 2048, 256 routed experts (MXFP4, random codes, scales 2^-9 .. 2^-4), top 6, the
-FP8 shared expert, bf16 activations. For each T it checks moe_fp4 (W4A8, faithful) against codegen/moe_fp4.py's
-reference on the GPU (normwise relative error, NaN never passes), then times, each as the median of CUDA-graph
-replays over rotating input sets (each set its own x, ids and routing weights, so the experts read differ from
-set to set and the 3.4 GB of routed weights are not served from L2):
-  moe_fp4_w4a8   the fused op's kernels (routed + shared + combine), W4A8
+One score-routed MoE layer: D = 4096, I = 2048, 256 routed experts (MXFP4, random codes, scales 2^-9 .. 2^-4),
+top 6 of sqrt(softplus) scores plus a bias, normalised and scaled by 1.5, the bf16 router, the FP8 shared
+expert, bf16 activations. For each T it checks moe_fp4 (W4A8, faithful) against codegen/moe_fp4.py's reference
+on the GPU (normwise relative error, NaN never passes) and the share of tokens whose experts the op's routing
+kernels select as torch does (random weights make near ties, where either choice is right, so not always 1),
+then times, each as the median of CUDA-graph replays over rotating input sets (each set its own x, so the
+experts read differ from set to set and the 3.4 GB of routed weights are not served from L2):
+  moe_fp4_w4a8   the fused op's kernels (routing + routed + shared + combine), W4A8
   moe_fp4_w4a16  the same, bf16 activations (W4A16)
-  routed_moe     the fast-step issue's routed experts alone (act_quant), codegen/kernels/routed_moe.py
-  before         what the graph ran before the lowering: routed_moe + the shared expert as three fp8_linear
-                 calls and its SwiGLU in torch, + the combine
-and reports the bytes a call must read (the distinct selected experts' FP4 codes and e8m0 scales of w1, w3,
-w2, the shared expert's FP8 weights and scales, x), GB/s and the fraction of the device-to-device copy
-bandwidth measured in the same run (the byte floor is bytes / that bandwidth).
+  route          the op's two routing launches alone (router logits, then selection and weights)
+  route_torch    the routing as the graph ran it before the lowering: the model's torch ops
+  routed_moe     the fast-step issue's routed experts alone (act_quant; ids and weights given)
+  before         what the graph ran before the lowering: route_torch + routed_moe + the shared expert as three
+                 fp8_linear calls and its SwiGLU in torch + the combine
+and reports the bytes a call must read (the router, the distinct selected experts' FP4 codes and e8m0 scales
+of w1, w3, w2, the shared expert's FP8 weights and scales, x), GB/s and the fraction of the device-to-device
+copy bandwidth measured in the same run (the byte floor is bytes / that bandwidth).
 Usage: python bench/moe_bench.py [--t 1 8 32 64 128] [--sets 8] [--json out.json]
 """
 
@@ -25,14 +29,20 @@ import json
 import torch
 import torch.nn.functional as F
 
+from dsv4c.codegen import moe_routing
 from dsv4c.codegen import ops  # noqa: F401  (registers the dsv4c ops)
 from dsv4c.codegen.kernels import moe_fp4 as kernels
 from dsv4c.codegen.kernels import routed_moe as routed_kernels
 from dsv4c.codegen.kernels.fp8_gemm import fp8_linear
+from dsv4c.codegen.kernels.moe_fp4_launch import moe_fp4_launch
+from dsv4c.codegen.kernels.moe_route import route
 from dsv4c.codegen.moe_fp4 import reference
+from dsv4c.codegen.moe_routing import Routing
+from dsv4c.codegen.targets import target_for_device
 from gpu_common import copy_gbps, environment, graph_us  # bench/gpu_common.py (scripts run from bench/)
 
 D, I, E, K, LIMIT = 4096, 2048, 256, 6, 10.0
+ROUTING = Routing(K, "sqrtsoftplus", True, 1.5)
 
 
 def routed_weights(gen: torch.Generator) -> list[list[torch.Tensor]]:
@@ -58,24 +68,34 @@ def shared_weights(gen: torch.Generator) -> list[torch.Tensor]:
     return out
 
 
-def input_sets(t: int, count: int, gen: torch.Generator) -> list[tuple[torch.Tensor, ...]]:
+def router_weights(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router (bf16 [E, D]) and its selection bias (fp32 [E])."""
+    router = (torch.randn(E, D, device="cuda", generator=gen) * D ** -0.5).to(torch.bfloat16)
+    return router, torch.randn(E, device="cuda", generator=gen) * 0.1
+
+
+def input_sets(t: int, count: int, gen: torch.Generator, router: torch.Tensor,
+               bias: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Each set: x, and the ids and weights the model's routing gives it (for the variants that take them)."""
     sets = []
     for _ in range(count):
         x = torch.randn(t, D, device="cuda", generator=gen).to(torch.bfloat16)
-        ids = torch.rand(t, E, device="cuda", generator=gen).topk(K, dim=-1).indices
-        sets.append((x, ids, torch.rand(t, K, device="cuda", generator=gen) + 0.5))
+        sets.append((x, *moe_routing.route(x, router, bias, None, None, ROUTING)))
     return sets
 
 
 def bytes_read(ids: torch.Tensor) -> int:
-    """The selected experts' FP4 codes + scales, the shared expert's FP8 weights + scales, x (bf16)."""
+    """The router (bf16), the selected experts' FP4 codes + scales, the shared expert's FP8 weights + scales,
+    x (bf16)."""
     per_expert = 3 * (I * D // 2 + I * D // 32)
     shared = 3 * (I * D + (I // 128) * (D // 128))
-    return ids.unique().numel() * per_expert + shared + ids.shape[0] * D * 2
+    return E * D * 2 + ids.unique().numel() * per_expert + shared + ids.shape[0] * D * 2
 
 
-def before(x, ids, weights, lists, shared):
-    """The graph before the lowering: routed_moe, then the shared expert's three fp8_linears and SwiGLU."""
+def before(x, router, bias, lists, shared):
+    """The graph before the lowering: the torch routing, routed_moe, then the shared expert's three fp8_linears
+    and SwiGLU."""
+    ids, weights = moe_routing.route(x, router, bias, None, None, ROUTING)
     routed = routed_kernels.routed_moe(x, ids, weights, lists, LIMIT, True)
     gate = fp8_linear(x, shared[0], shared[1], True, torch.bfloat16).float().clamp(max=LIMIT)
     up = fp8_linear(x, shared[2], shared[3], True, torch.bfloat16).float().clamp(-LIMIT, LIMIT)
@@ -97,20 +117,29 @@ def main() -> None:
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     lists, shared = routed_weights(gen), shared_weights(gen)
+    router, bias = router_weights(gen)
+    launch = moe_fp4_launch(target_for_device("cuda"), E, K, D, I, "w4a8", True)
     gbps, rows = copy_gbps(), []
+    fused = lambda x, acts: kernels.moe_fp4(x, router, bias, None, None, ROUTING, lists, shared, LIMIT,  # noqa
+                                            LIMIT, acts, True)
     variants = {
-        "moe_fp4_w4a8": lambda x, i, w: kernels.moe_fp4(x, i, w, lists, shared, LIMIT, LIMIT, "w4a8", True),
-        "moe_fp4_w4a16": lambda x, i, w: kernels.moe_fp4(x, i, w, lists, shared, LIMIT, LIMIT, "w4a16", True),
+        "moe_fp4_w4a8": lambda x, i, w: fused(x, "w4a8"),
+        "moe_fp4_w4a16": lambda x, i, w: fused(x, "w4a16"),
+        "route": lambda x, i, w: route(x, router, bias, None, None, ROUTING, launch),
+        "route_torch": lambda x, i, w: moe_routing.route(x, router, bias, None, None, ROUTING),
         "routed_moe": lambda x, i, w: routed_kernels.routed_moe(x, i, w, lists, LIMIT, True),
-        "before": lambda x, i, w: before(x, i, w, lists, shared),
+        "before": lambda x, i, w: before(x, router, bias, lists, shared),
     }
     for t in args.t:
-        sets = input_sets(t, args.sets, gen)
-        x, ids, weights = sets[0]
-        want = reference(x, ids, weights, *lists, shared, LIMIT, LIMIT, "w4a8", True)
+        sets = input_sets(t, args.sets, gen, router, bias)
+        x, ids, _ = sets[0]
+        want = reference(x, router, bias, None, None, *lists, shared, ROUTING.top_k, ROUTING.scoring,
+                         ROUTING.normalize, ROUTING.scale, LIMIT, LIMIT, "w4a8", True)
+        got_ids, _ = variants["route"](*sets[0])
         row = dict(t=t, bytes=sum(bytes_read(s[1]) for s in sets) // len(sets),
                    rel_err_w4a8=rel_err(variants["moe_fp4_w4a8"](*sets[0]), want),
-                   rel_err_before=rel_err(variants["before"](*sets[0]), want))
+                   rel_err_before=rel_err(variants["before"](*sets[0]), want),
+                   same_experts=(got_ids.long() == ids).all(-1).double().mean().item())
         for name, fn in variants.items():
             row[f"{name}_us"] = graph_us(fn, sets)
         row["w4a8_gbps"] = row["bytes"] / row["moe_fp4_w4a8_us"] / 1e3
@@ -119,9 +148,10 @@ def main() -> None:
         rows.append(row)
         print(f"T={t:4d} bytes {row['bytes'] / 1e6:7.1f} MB  floor {row['floor_us']:6.1f} us  "
               f"w4a8 {row['moe_fp4_w4a8_us']:7.1f} us ({row['w4a8_gbps']:6.0f} GB/s, {row['floor_fraction']:.0%} of "
-              f"floor)  w4a16 {row['moe_fp4_w4a16_us']:7.1f}  routed_moe {row['routed_moe_us']:7.1f}  "
-              f"before {row['before_us']:7.1f} us  err {row['rel_err_w4a8']:.1e} / {row['rel_err_before']:.1e}",
-              flush=True)
+              f"floor)  w4a16 {row['moe_fp4_w4a16_us']:7.1f}  route {row['route_us']:5.1f} (torch "
+              f"{row['route_torch_us']:5.1f})  routed_moe {row['routed_moe_us']:7.1f}  before {row['before_us']:7.1f} "
+              f"us  err {row['rel_err_w4a8']:.1e} / {row['rel_err_before']:.1e}  same experts "
+              f"{row['same_experts']:.0%}", flush=True)
     env = dict(environment(), copy_gbps=gbps)
     print(json.dumps(env))
     if args.json:

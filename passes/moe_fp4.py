@@ -1,23 +1,26 @@
-"""The MoE's experts: routed experts + shared expert + combine -> one `dsv4c::moe_fp4` on the packed weights.
+"""The whole MoE: routing + routed experts + shared expert + combine -> one `dsv4c::moe_fp4` on the packed weights.
 
-Pattern (model/layers.py `moe` after `route`, as capture and the fp8_linear pass leave it; dt the activation
-dtype, casts up to fp32 and the flattening view of x looked through, operands of add and mul either way):
+Pattern (model/layers.py `moe` as capture and the fp8_linear pass leave it; dt the activation dtype, casts up
+to fp32 and the flattening view of x looked through, operands of add and mul either way):
+    ids, weights = the routing of x's rows (passes/router_match.py: router logits, score function, the top-k
+                   of the biased scores or the hash table's rows of the token ids, normalisation, scaling)
     R  = dsv4c::routed_moe(x, ids, weights, w1[], s1[], w3[], s3[], w2[], s2[], limit, act_quant)   # [..., D] fp32
     g  = dsv4c::fp8_linear(x.view(-1, D), sw1, ss1, aq, dt);  u = dsv4c::fp8_linear(same x, sw3, ss3, aq, dt)
     h  = silu(clamp(g.float(), max=L)) * clamp(u.float(), -L, L)        # or no clamps (shared_limit None)
     d  = dsv4c::fp8_linear(h.to(dt), sw2, ss2, aq, dt)
     out = (R.view(-1, D) + d.float()).to(dt)                             # no cast when dt is fp32
   becomes
-    out = dsv4c::moe_fp4(x, ids, weights, w1[], ..., s2[], [sw1, ss1, sw3, ss3, sw2, ss2], limit, L, acts, aq)
+    out = dsv4c::moe_fp4(x, router, bias | None, table | None, tokens | None, w1[], ..., s2[],
+                         [sw1, ss1, sw3, ss3, sw2, ss2], k, scoring, normalize, scale, limit, L, acts, aq)
           (viewed as (-1, D) when x has more dims)
 where `acts` is the target table's choice (codegen/targets.py `moe_fp4_lowering`): the graph's own numerics
 unless asked otherwise ("w4a8" for act_quant, "w4a16" without: the op then computes exactly the graph's
 values), or the requested format (`--moe`; W4A4, or W4A8 on a plain graph, change the numerics: opt-in, and
-named in the pass record). The routing (router scores and top-k, or the hash lookup) stays as graph ops
-feeding ids and weights. Left alone: a shared expert whose width differs from the routed experts' (the
-kernels share one hidden buffer), any piece read elsewhere, different x or numerics between the routed and
-shared parts, other clamps, a missing piece; on cpu, unless asked, everything (the captured ops already run
-their references there).
+named in the pass record). Left alone, whole: a routing that is not the model's math (router_match's near
+misses), a router reading other rows than the experts', a shared expert whose width differs from the routed
+experts' (the kernels share one hidden buffer), any piece read elsewhere, different x or numerics between the
+routed and shared parts, other clamps, a missing piece; on cpu, unless asked, everything (the captured ops
+already run their references there).
 
 Not matched, by construction: transformers' `DeepseekV4ForCausalLM` through the torch.compile backend
 (compiler/backend.py). Its routed experts (`DeepseekV4Experts`) are two stacked parameters of already decoded
@@ -43,9 +46,10 @@ import torch.fx as fx
 from dsv4c.codegen import ops  # noqa: F401  (registers the dsv4c ops this pass reads and writes)
 from dsv4c.codegen import targets as target_table
 from dsv4c.passes.graph_match import (MUL, VIEWS, arg, downcast_source, dtype, erase_dead_ancestors, is_, is_call,
-                                      number, operands, rows_source, shape, upcast_source)
+                                      number, operands, rank, rows_source, shape, static_size, upcast_source)
 from dsv4c.passes.manager import PassContext, PassRecord, make_record
 from dsv4c.passes.op_facts import count_nodes, graph_fake_mode, tensor_val
+from dsv4c.passes.router_match import RouterMatch, router_match
 from dsv4c.passes.shape_propagation import nodes_without_val, refresh_fake_values
 
 aten = torch.ops.aten
@@ -66,6 +70,7 @@ class SharedExpert(NamedTuple):
 class MoeMatch(NamedTuple):
     output: fx.Node
     routed: fx.Node
+    router: RouterMatch
     shared: SharedExpert
     nodes: frozenset[fx.Node]  # every node of it
 
@@ -126,8 +131,11 @@ def match(node: fx.Node) -> MoeMatch | None:
             continue
         if shared.act_quant != routed.args[10] or not same_width(routed, shared):
             continue
-        nodes = {node, total, routed_view, routed, *_upcasts(shared_out), *shared.nodes}
-        return MoeMatch(node, routed, shared, frozenset(nodes))
+        router = router_match(routed.args[1], routed.args[2])
+        if router is None or not routes_rows_of(router, x, len(routed.args[3])):
+            continue
+        nodes = {node, total, routed_view, routed, *_upcasts(shared_out), *shared.nodes, *router.nodes}
+        return MoeMatch(node, routed, router, shared, frozenset(nodes))
     return None
 
 
@@ -145,6 +153,13 @@ def same_width(routed: fx.Node, shared: SharedExpert) -> bool:
     return routed_w1 is not None and shared_w1 is not None and routed_w1.shape[0] == shared_w1.shape[0]
 
 
+def routes_rows_of(router: RouterMatch, x: fx.Node, experts: int) -> bool:
+    """The router multiplies x's rows (x itself, or its flattening view) and has one row per routed expert."""
+    rows = router.x if router.x is x else rows_source(router.x)
+    return rows is x and dtype(router.x) == dtype(x) and static_size(router.router, 0) == experts \
+        and rank(router.router) == 2
+
+
 def private(found: MoeMatch) -> bool:
     """Nothing outside the match reads its intermediate values (they disappear with it)."""
     return all(user in found.nodes for node in found.nodes - {found.output} for user in node.users)
@@ -152,7 +167,7 @@ def private(found: MoeMatch) -> bool:
 
 # ---- the pass ---------------------------------------------------------------------------------------------
 def moe_fp4(gm: fx.GraphModule, ctx: PassContext, activations: str | None = None) -> tuple[fx.GraphModule, PassRecord]:
-    """Replace every MoE (routed + shared experts + combine) by `dsv4c::moe_fp4`; `activations` the `--moe`
+    """Replace every MoE (routing, routed and shared experts, combine) by `dsv4c::moe_fp4`; `activations` the `--moe`
     choice (None: the target table's default for the graph's numerics)."""
     activations = activations if activations is not None else ctx.moe
     before = count_nodes(gm)
@@ -181,10 +196,11 @@ def moe_fp4(gm: fx.GraphModule, ctx: PassContext, activations: str | None = None
 
 def _rewrite(graph: fx.Graph, found: MoeMatch, activations: str) -> None:
     """The op before the output (every input precedes it), viewed to the output's shape, takes its uses."""
-    routed, shared = found.routed, found.shared
-    x, ids, weights, *lists = routed.args[:9]
-    args = (x, ids, weights, *lists, list(shared.weights), routed.args[9], shared.limit, activations,
-            shared.act_quant)
+    routed, router, shared = found.routed, found.router, found.shared
+    x, lists, routing = routed.args[0], routed.args[3:9], found.router.routing
+    args = (x, router.router, router.bias, router.table, router.tokens, *lists, list(shared.weights),
+            routing.top_k, routing.scoring, routing.normalize, routing.scale, routed.args[9], shared.limit,
+            activations, shared.act_quant)
     with graph.inserting_before(found.output):
         call = graph.call_function(dsv4c.moe_fp4.default, args)
         result = call

@@ -1,151 +1,80 @@
-"""`dsv4c::moe_fp4` (codegen/moe_fp4.py): a MoE layer's routed (MXFP4) and shared (FP8) experts as one op.
+"""`dsv4c::moe_fp4` (codegen/moe_fp4.py): a MoE layer's routing, routed (MXFP4) and shared (FP8) experts as one op.
 
-What is checked against what:
-- the op's reference inside the model's MoE (after `route`) against model/layers.py `moe` itself, hash- and
+What is checked against what (the layer and its calls: tests/moe_layers.py):
+- the op's reference against model/layers.py `moe` itself (the router, `route` and the experts), hash- and
   score-routed, faithful (W4A8) and plain (W4A16) numerics: the same math, bit-equal;
-- the Triton kernels (codegen/kernels/moe_fp4.py) under Triton's interpreter, in a spawned child that sets
-  TRITON_INTERPRET=1 before importing Triton, against the reference: W4A8, W4A16 (bf16 and fp32), W4A4 emulated
-  and native (`tl.dot_scaled`, which the interpreter runs); hash- and score-routed ids; batches 1, 3, 64; an
-  expert every token selects and one none does; the routed and the shared clamps binding on some values
-  (checked);
+- the Triton kernels (codegen/kernels/moe_fp4.py, routing included) under Triton's interpreter, in a spawned
+  child that sets TRITON_INTERPRET=1 before importing Triton, against the reference: W4A8, W4A16 (bf16 and
+  fp32), W4A4 emulated and native (`tl.dot_scaled`, which the interpreter runs); hash- and score-routed layers;
+  batches 1, 3, 64; an expert every token selects and one none does; the routed and the shared clamps binding
+  on some values (checked); a launch with two router splits and a split down GEMM;
 - the power-of-two scales: `_scale_exponent` against `quant.power_of_two_scale` on amaxes at, just above and
   between powers of two; with the rounding up removed (monkeypatched to the e8m0 truncation behind the
   production bug) both that check and the kernel-against-reference check fail.
+(The routing alone and the batch invariance of the launches: tests/test_moe_fp4_routing.py.)
 
 Tolerances (relative norm error against the reference; NaN never passes): fp32 without activation rounding
-1e-5 (fp32 sums in another order, inexact fp32 products); with bf16 activations or FP8 / FP4 rounding 1e-3:
-every product is exact, so the kernels differ only where an fp32 difference (sum order, the last bits of exp
-in the SwiGLU) moves a value across a bf16 or FP8 / FP4 rounding boundary (one element by 2^-8 or more: ~1e-4
-of the norm here; seen: 0), while a misplaced rounding (a scale not rounded up) moves most: > 1e-2.
+1e-5 (fp32 sums in another order, inexact fp32 products, routing weights a few ulps off); with bf16 activations
+or FP8 / FP4 rounding 1e-3: every product is exact, so the kernels differ only where an fp32 difference (sum
+order, the last bits of exp in the SwiGLU and the scores) moves a value across a bf16 or FP8 / FP4 rounding
+boundary (one element by 2^-8 or more: ~1e-4 of the norm here; seen: 0), while a misplaced rounding (a scale
+not rounded up) moves most: > 1e-2. Score-routed rows have clear selection margins (tests/moe_layers.py), so
+the kernels select what the reference selects.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
-import zlib
 
 import pytest
 import torch
 from child_pool import child_pool
+from moe_layers import (CFG, EVERY, NONE, PREFIX, ROUTED_LIMIT, ROUTING, SHARED_LIMIT, decoded, gen_for, layer_call,
+                        layer_weights, op_operands, rel_err, start_interpreter)
 
 from dsv4c.codegen import ops  # noqa: F401  (registers the dsv4c ops)
-from dsv4c.codegen.moe_fp4 import ROUNDINGS, reference
+from dsv4c.codegen.moe_fp4 import ROUNDINGS
 from dsv4c.compiler.capture import PackedRoutedExperts
 from dsv4c.model import layers, quant
 from dsv4c.model.numerics import Numerics
-from dsv4c.model.presets import tiny
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-CFG = tiny().replace(hidden_size=256, moe_intermediate_size=128, num_experts_per_tok=3)
-D, I, E, K = CFG.hidden_size, CFG.moe_intermediate_size, CFG.n_routed_experts, CFG.num_experts_per_tok
-EVERY, NONE = 0, E - 1  # the expert every token selects, the one none does
-ROUTED_LIMIT, SHARED_LIMIT = 2.0, 1.5
-PREFIX = "ffn."
-
-
-def _gen(*key) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    assert not got.isnan().any() and not want.isnan().any(), "NaN never passes"
-    return ((got.double() - want.double()).norm() / want.double().norm()).item()
-
-
-# ---- a MoE layer in the release format ----------------------------------------------------------------
-def layer_weights(gen: torch.Generator, hash_layer: bool, inter: int = I) -> dict[str, torch.Tensor]:
-    """Router, routed experts (MXFP4) and shared expert (FP8) of width `inter`, by checkpoint name under
-    PREFIX; routed so that every token selects EVERY and none NONE (a hash table built so, or a large / very
-    negative bias)."""
-    w = {f"{PREFIX}gate.weight": (torch.randn(E, D, generator=gen) * D ** -0.5).to(torch.bfloat16)}
-    if hash_layer:
-        others = torch.stack([torch.randperm(NONE - 1, generator=gen)[:K - 1] + 1 for _ in range(CFG.vocab_size)])
-        w[f"{PREFIX}gate.tid2eid"] = torch.cat((torch.full((CFG.vocab_size, 1), EVERY), others), 1).to(torch.int32)
-    else:
-        bias = torch.randn(E, generator=gen) * 0.1
-        bias[EVERY], bias[NONE] = 1e3, -1e3
-        w[f"{PREFIX}gate.bias"] = bias
-    for e in range(E):
-        for name, (rows, cols) in (("w1", (inter, D)), ("w3", (inter, D)), ("w2", (D, inter))):
-            packed, scale = quant.quantize_fp4_weight(torch.randn(rows, cols, generator=gen) * cols ** -0.5)
-            w[f"{PREFIX}experts.{e}.{name}.weight"], w[f"{PREFIX}experts.{e}.{name}.scale"] = packed, scale
-    for name, (rows, cols) in (("w1", (inter, D)), ("w3", (inter, D)), ("w2", (D, inter))):
-        packed, scale = quant.quantize_fp8_weight(torch.randn(rows, cols, generator=gen) * cols ** -0.5)
-        w[f"{PREFIX}shared_experts.{name}.weight"], w[f"{PREFIX}shared_experts.{name}.scale"] = packed, scale
-    return w
-
-
-def op_operands(w: dict[str, torch.Tensor]) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
-    """(the six routed lists w1, s1, w3, s3, w2, s2; the shared expert's six tensors) of `layer_weights`."""
-    suffixes = ("w1.weight", "w1.scale", "w3.weight", "w3.scale", "w2.weight", "w2.scale")
-    lists = [[w[f"{PREFIX}experts.{e}.{s}"] for e in range(E)] for s in suffixes]
-    return lists, [w[f"{PREFIX}shared_experts.{s}"] for s in suffixes]
-
-
-def decoded(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The layer's weights as the model multiplies them (exact fp32 decodes)."""
-    out = {}
-    for name, value in w.items():
-        if name.endswith(".scale"):
-            continue
-        scale = w.get(name[:-len("weight")] + "scale")
-        if scale is None:
-            out[name] = value
-        elif value.dtype == torch.int8:
-            out[name] = quant.dequant_fp4_weight(value, scale)
-        else:
-            out[name] = quant.dequant_fp8_weight(value, scale)
-    return out
-
-
-def routed_call(key: str, tokens: int, hash_layer: bool, dtype: torch.dtype, inter: int = I, scale: float = 3.0):
-    """x [tokens, D], ids and weights from the model's router, the op's weight operands."""
-    gen = _gen(key, tokens, hash_layer, str(dtype))
-    w = layer_weights(gen, hash_layer, inter)
-    x = (torch.randn(tokens, D, generator=gen) * scale).to(dtype)
-    token_ids = torch.randint(0, CFG.vocab_size, (tokens,), generator=gen)
-    ids, weights = layers.route(x, token_ids, w, PREFIX, CFG, hash_layer)
-    return x, ids, weights, *op_operands(w)
+D = CFG.hidden_size
 
 
 # ---- the reference against the model's MoE ----------------------------------------------------------------
 @pytest.mark.parametrize("hash_layer", [True, False], ids=["hash", "score"])
 @pytest.mark.parametrize("num", [Numerics.faithful(), Numerics.plain(torch.float32)], ids=["w4a8-bf16", "w4a16-fp32"])
 def test_reference_is_the_model_moe(hash_layer, num):
-    gen = _gen("model", hash_layer, str(num.dtype))
+    gen = gen_for("model", hash_layer, str(num.dtype))
     w = layer_weights(gen, hash_layer)
     x = (torch.randn(5, D, generator=gen) * 3).to(num.dtype)
     tokens = torch.randint(0, CFG.vocab_size, (5,), generator=gen)
     want = layers.moe(x, tokens, decoded(w), PREFIX, CFG, hash_layer, num, routed=PackedRoutedExperts(w))
-    ids, weights = layers.route(x, tokens, w, PREFIX, CFG, hash_layer)
     lists, shared = op_operands(w)
-    got = torch.ops.dsv4c.moe_fp4(x, ids, weights, *lists, shared, CFG.swiglu_limit, CFG.swiglu_limit,
-                                  "w4a8" if num.act_quant else "w4a16", num.act_quant)
+    router, bias, table = w[f"{PREFIX}gate.weight"], w.get(f"{PREFIX}gate.bias"), w.get(f"{PREFIX}gate.tid2eid")
+    got = torch.ops.dsv4c.moe_fp4(x, router, bias, table, tokens if hash_layer else None, *lists, shared,
+                                  ROUTING.top_k, ROUTING.scoring, ROUTING.normalize, ROUTING.scale, CFG.swiglu_limit,
+                                  CFG.swiglu_limit, "w4a8" if num.act_quant else "w4a16", num.act_quant)
     assert torch.equal(got, want)
 
 
 # ---- the Triton kernels under the interpreter -----------------------------------------------------------
-def _start_interpreter():
-    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported in this (fresh, spawned) process
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
 def interpreter():
-    with child_pool(_start_interpreter) as pool:
+    with child_pool(start_interpreter) as pool:
         yield pool
 
 
-def _run_kernels(x, ids, weights, lists, shared, activations, shared_act_quant, launch):
+def _run_kernels(call, activations, shared_act_quant, launch):
     from dsv4c.codegen.kernels import moe_fp4 as kernels
     from dsv4c.codegen.kernels.moe_fp4_launch import MoeFp4Launch
 
     launch = MoeFp4Launch(**launch) if launch else None
-    return kernels.moe_fp4(x, ids, weights, lists, shared, ROUTED_LIMIT, SHARED_LIMIT, activations, shared_act_quant,
-                           launch, kernels.PointerTables())
+    return kernels.moe_fp4(*call.routing_operands(), ROUTING, call.lists, call.shared, ROUTED_LIMIT, SHARED_LIMIT,
+                           activations, shared_act_quant, launch=launch, tables=kernels.PointerTables())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +85,7 @@ class KernelCase:
     activations: str
     shared_act_quant: bool
     launch: dict | None = None  # None: the cpu heuristic
-    inter: int = I
+    inter: int = CFG.moe_intermediate_size
 
     @property
     def tolerance(self) -> float:
@@ -164,7 +93,8 @@ class KernelCase:
         return 1e-5 if exact else 1e-3
 
 
-CPU_LAUNCH = dict(block_m=16, block_n=128, split_k=1, product="ieee", native_fp4=False, num_warps=4, num_stages=1)
+CPU_LAUNCH = dict(block_m=16, block_n=128, split_k=1, router_block_e=16, router_splits=1, product="ieee",
+                  native_fp4=False, num_warps=4, num_stages=1)
 KERNEL_CASES = {
     "w4a8-score-b3": KernelCase(3, False, torch.bfloat16, "w4a8", True),
     "w4a8-hash-b1": KernelCase(1, True, torch.bfloat16, "w4a8", True),
@@ -175,8 +105,10 @@ KERNEL_CASES = {
     "w4a4-emulated-b3": KernelCase(3, False, torch.bfloat16, "w4a4", True),
     "w4a4-native-b3": KernelCase(3, True, torch.bfloat16, "w4a4", True,
                                  dict(CPU_LAUNCH, native_fp4=True)),
-    # two N tiles of every GEMM, the down GEMM split over I (I = 256: two 128-column blocks, one a split)
-    "w4a8-tiles-split": KernelCase(3, False, torch.bfloat16, "w4a8", True, dict(CPU_LAUNCH, split_k=2), inter=256),
+    # two N tiles of every GEMM, the down GEMM split over I (I = 256: two 128-column blocks, one a split), the
+    # router's logits in two splits of D
+    "w4a8-tiles-split": KernelCase(3, False, torch.bfloat16, "w4a8", True, dict(CPU_LAUNCH, split_k=2,
+                                                                                 router_splits=2), inter=256),
 }
 
 
@@ -192,16 +124,15 @@ def pre_clamp(x, lists, shared, ids, activations, shared_act_quant):
 @pytest.mark.parametrize("name", list(KERNEL_CASES))
 def test_kernels_equal_the_reference(interpreter, name):
     case = KERNEL_CASES[name]
-    x, ids, weights, lists, shared = routed_call(name, case.tokens, case.hash_layer, case.dtype, case.inter)
+    call = layer_call(name, case.tokens, case.hash_layer, case.dtype, case.inter)
+    ids, _ = call.route()
     assert (ids == EVERY).any(-1).all() and not (ids == NONE).any()
-    routed, own = pre_clamp(x, lists, shared, ids, case.activations, case.shared_act_quant)
+    routed, own = pre_clamp(call.x, call.lists, call.shared, ids, case.activations, case.shared_act_quant)
     assert (routed.abs() > ROUTED_LIMIT).any() and (routed.abs() < ROUTED_LIMIT).any(), "the routed clamp must bind"
     assert (own.abs() > SHARED_LIMIT).any() and (own.abs() < SHARED_LIMIT).any(), "the shared clamp must bind"
-    want = reference(x, ids, weights, *lists, shared, ROUTED_LIMIT, SHARED_LIMIT, case.activations,
-                     case.shared_act_quant)
-    got = interpreter.submit(_run_kernels, x, ids, weights, lists, shared, case.activations, case.shared_act_quant,
-                             case.launch).result()
-    assert got.shape == want.shape and got.dtype == x.dtype
+    want = call.reference(case.activations, case.shared_act_quant)
+    got = interpreter.submit(_run_kernels, call, case.activations, case.shared_act_quant, case.launch).result()
+    assert got.shape == want.shape and got.dtype == call.x.dtype
     assert rel_err(got, want) <= case.tolerance
 
 
@@ -246,7 +177,7 @@ def amaxes(fmt_max: float) -> torch.Tensor:
     """amax / fmt_max at powers of two, one fp32 ulp above them, and in between; the format's amax floor."""
     powers = fmt_max * 2.0 ** torch.arange(-20, 8, dtype=torch.float32)
     above = torch.nextafter(powers, torch.tensor(float("inf")))
-    between = powers * (1 + torch.rand(powers.shape, generator=_gen("amax", fmt_max)))
+    between = powers * (1 + torch.rand(powers.shape, generator=gen_for("amax", fmt_max)))
     floor = quant.FP8_AMAX_FLOOR if fmt_max == quant.FP8_MAX else quant.FP4_AMAX_FLOOR
     return torch.cat((powers, above, between, torch.tensor([floor])))
 
@@ -273,10 +204,9 @@ def test_scales_not_rounded_up_are_caught(interpreter):
     comparison with the reference both fail. Each run is a fresh child: the monkeypatch dies with it."""
     amax = amaxes(quant.FP8_MAX)
     case = KERNEL_CASES["w4a8-score-b3"]
-    x, ids, weights, lists, shared = routed_call("w4a8-score-b3", case.tokens, case.hash_layer, case.dtype)
-    want = reference(x, ids, weights, *lists, shared, ROUTED_LIMIT, SHARED_LIMIT, "w4a8", True)
-    with child_pool(_start_interpreter) as pool:
-        truncated, got = pool.submit(_truncated_run, amax, x, ids, weights, lists, shared, "w4a8", True,
-                                     None).result()
+    call = layer_call("w4a8-score-b3", case.tokens, case.hash_layer, case.dtype)
+    want = call.reference("w4a8", True)
+    with child_pool(start_interpreter) as pool:
+        truncated, got = pool.submit(_truncated_run, amax, call, "w4a8", True, None).result()
     assert not torch.equal(truncated, expected_bytes(amax, quant.FP8_MAX))
     assert rel_err(got, want) > 10 * case.tolerance

@@ -1,11 +1,12 @@
 """A compiled artifact with the fused MoE (`dsv4c::moe_fp4`) against the eager reference model, 50 decode steps.
 
 The tiny preset (every layer kind; hash- and score-routed MoE layers) is compiled for h100 on this CPU machine:
-the h100 pipeline lowers every MoE to `moe_fp4` (its reference runs here), W4A16 on the plain fp32 graph. In
-plain fp32 the op computes the model's own `moe` ops on the same values in the same order, so the logits agree to
-fp32 summation order at most: relative norm error <= 1e-5 over every step (a dropped shared expert or a wrong
-routing weight moves them by far more), and the same greedy token at every position. Batch 2, as
-tests/test_faithful_artifact.py explains (one-row matrix-vector products sum in an address-dependent order).
+the h100 pipeline lowers every MoE, routing included, to `moe_fp4` (its reference runs here), W4A16 on the
+plain fp32 graph. In plain fp32 the op computes the model's own `moe` ops on the same values in the same order,
+so the logits agree to fp32 summation order at most: relative norm error <= 1e-5 over every step (a dropped
+shared expert or a wrong routing weight moves them by far more), and the same greedy token at every position.
+Batch 2, as tests/test_faithful_artifact.py explains (one-row matrix-vector products sum in an
+address-dependent order).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def test_fused_moe_artifact_equals_eager_through_50_decode_steps(checkpoint, art
     stored = load_artifact(artifact)
     ops = {op.op for plan in stored.plans.values() for op in plan.ops}
     assert "dsv4c::moe_fp4.default" in ops and "dsv4c::routed_moe.default" not in ops
+    assert "aten::softplus.default" not in ops  # the router's score function is inside moe_fp4
     assert "moe_accuracy" not in stored.manifest  # measured for `--moe w4a4` only
     ckpt = Checkpoint.open(checkpoint)
     weights = dequantize_weights({n: ckpt.get(n) for n in ckpt.headers}, NUM)

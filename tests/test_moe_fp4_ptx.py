@@ -3,7 +3,9 @@ TRITON_INTERPRET), checked in the PTX: on sm_90a W4A8 multiplies on Hopper's FP8
 e4m3 operands) and never through bf16; on sm_103a native W4A4 multiplies MXFP4 x MXFP4 with block scales
 (tcgen05.mma kind::mxf4), the shared expert's FP8 on kind::f8f6f4. The down kernel carries both the routed
 and the shared expert's products (the gate/up kernel has the same two K loops twice); its launch is the
-target's own (codegen/kernels/moe_fp4_launch.py) at Flash's sizes, T = 1. Blackwell code is never run here."""
+target's own (codegen/kernels/moe_fp4_launch.py) at Flash's sizes. The routing kernels build for sm_90a too:
+the router's logits of bf16 activations on bf16 wgmma (exact products, fp32 sums), the selection (score- and
+hash-routed) without an MMA. Blackwell code is never run here."""
 
 import importlib.util
 import os
@@ -32,7 +34,7 @@ def _down_kernel_mmas(target_name: str, activations: str) -> tuple[list[str], st
     from dsv4c.codegen.kernels.moe_fp4_launch import moe_fp4_launch
     from dsv4c.codegen.targets import target, triton_gpu_target
 
-    launch = moe_fp4_launch(target(target_name), 1, 6, 4096, 2048, activations, True)
+    launch = moe_fp4_launch(target(target_name), 256, 6, 4096, 2048, activations, True)
     fn = kernels._down_kernel
     signature = {"hidden_ptr": "*bf16", "sorted_ptr": "*i32", "tile_expert_ptr": "*i32", "n_tiles_ptr": "*i32",
                  "table_ptr": "*i64", "sw2_ptr": "*fp8e4nv", "ss2_ptr": "*u8", "part_ptr": "*fp32", "D": "i32",
@@ -48,10 +50,47 @@ def _down_kernel_mmas(target_name: str, activations: str) -> tuple[list[str], st
     return sorted(set(MMA.findall(ptx))), next(line for line in ptx.splitlines() if line.startswith(".target"))
 
 
+def _mmas(fn, signature: dict[str, str], constexprs: dict, target_name: str, num_warps: int) -> list[str]:
+    """The distinct MMA instructions of `fn` built for `target_name` (pointers and D 16-byte aligned)."""
+    import triton
+    from triton.compiler import ASTSource
+
+    from dsv4c.codegen.targets import target, triton_gpu_target
+
+    aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
+               if kind.startswith("*") or name == "D"}
+    source = ASTSource(fn, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs, aligned)
+    ptx = triton.compile(source, target=triton_gpu_target(target(target_name)),
+                         options={"num_warps": num_warps}).asm["ptx"]
+    return sorted(set(MMA.findall(ptx)))
+
+
+def _routing_kernel_mmas() -> dict[str, list[str]]:
+    """The MMAs of the router (bf16 activations and router, h100's launch at Flash's sizes) and of the
+    selection kernel, score- and hash-routed, built for sm_90a."""
+    from dsv4c.codegen.kernels import moe_route
+    from dsv4c.codegen.kernels.moe_fp4_launch import moe_fp4_launch
+    from dsv4c.codegen.targets import target
+
+    launch = moe_fp4_launch(target("h100"), 256, 6, 4096, 2048, "w4a8", True)
+    router = {"x_ptr": "*bf16", "router_ptr": "*bf16", "part_ptr": "*fp32", "N": "i32", "D": "i32", "E": "i32",
+              "BLOCKS_PER_SPLIT": "i32"}
+    found = {"router": _mmas(moe_route._router_kernel, router, dict(BLOCK_T=launch.block_m,
+                             BLOCK_E=launch.router_block_e, PRODUCT=launch.product), "h100", launch.num_warps)}
+    select = {"part_ptr": "*fp32", "bias_ptr": "*fp32", "table_ptr": "*i32", "tokens_ptr": "*i64", "ids_ptr": "*i32",
+              "weights_ptr": "*fp32", "N": "i32", "E": "i32", "scale": "fp32"}
+    for hashed in (False, True):
+        constexprs = dict(SPLITS=launch.router_splits, TOP_K=6, BLOCK_E=256, BLOCK_K=8, SCORING="sqrtsoftplus",
+                          HASH=hashed, NORMALIZE=True)
+        found["hash" if hashed else "score"] = _mmas(moe_route._route_kernel, select, constexprs, "h100", 4)
+    return found
+
+
 @pytest.fixture(scope="module")
 def built():
     with child_pool(_start_compiler) as pool:
-        return {key: pool.submit(_down_kernel_mmas, *key).result() for key in (("h100", "w4a8"), ("gb300", "w4a4"))}
+        found = {key: pool.submit(_down_kernel_mmas, *key).result() for key in (("h100", "w4a8"), ("gb300", "w4a4"))}
+        return {**found, "routing": pool.submit(_routing_kernel_mmas).result()}
 
 
 def test_sm90a_w4a8_multiplies_on_fp8_wgmma(built):
@@ -66,3 +105,10 @@ def test_sm103a_w4a4_multiplies_on_tcgen05_mxf4(built):
     assert any("kind::mxf4.block_scale" in m for m in mmas), mmas  # the routed experts: MXFP4 x MXFP4
     assert any("kind::f8f6f4" in m for m in mmas), mmas  # the shared expert: FP8 x FP8
     assert not any(m.startswith(("wgmma", "mma.sync")) for m in mmas), mmas
+
+
+def test_sm90a_routing_builds_with_the_router_on_bf16_wgmma(built):
+    routing = built["routing"]
+    assert routing["router"] and all(m.startswith("wgmma.mma_async") and m.endswith(".f32.bf16.bf16")
+                                     for m in routing["router"]), routing["router"]
+    assert routing["score"] == routing["hash"] == []

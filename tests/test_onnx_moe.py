@@ -2,9 +2,11 @@
 
 - One op: its exported model passes onnx.checker's full check with no opaque op, and onnx's ReferenceEvaluator
   (numpy) computes what the plan executor (the op's reference) does, for W4A8 and W4A4 (W4A16: the artifact
-  below) with both clamps binding and an expert no token selects. Tolerance: relative norm error 1e-5; every
-  product is of exact decoded values, so the two differ only by fp32 summation order and the few values such a
-  difference moves across an FP8 / FP4 rounding boundary (none seen here).
+  below), score-routed (the bias-shifted top-k) and hash-routed (the table row of each token id), with both
+  clamps binding and an expert no token selects. Tolerance: relative norm error 1e-5; every product is of exact
+  decoded values, so the two differ only by fp32 summation order and the few values such a difference moves
+  across an FP8 / FP4 rounding boundary (none seen here); the k-th and (k+1)-th biased scores of every token
+  are at least 1e-3 apart (checked), so both select the same experts.
 - A whole artifact compiled for h100 on CPU (its plans hold moe_fp4): `dsv4c inspect ART --onnx FILE` writes a
   model that passes the full check, with moe_fp4 in the dsv4c domain and its body, and that ReferenceEvaluator
   runs to the plan's outputs (same tolerance; onnxruntime is not needed).
@@ -23,7 +25,7 @@ from dsv4c.codegen import ops  # noqa: E402, F401  (registers the dsv4c ops)
 from dsv4c.compiler.cli import main  # noqa: E402
 from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint  # noqa: E402
 from dsv4c.export.onnx_export import plan_to_onnx  # noqa: E402
-from dsv4c.model import quant  # noqa: E402
+from dsv4c.model import layers, quant  # noqa: E402
 from dsv4c.model.checkpoint import write_synthetic  # noqa: E402
 from dsv4c.model.numerics import Numerics  # noqa: E402
 from dsv4c.model.presets import tiny  # noqa: E402
@@ -34,7 +36,7 @@ from dsv4c.runtime.plan import Plan, PlanInput, PlanOp, Ref  # noqa: E402
 NUMPY_VIEWS = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e8m0fnu: "float8_e8m0fnu",
                torch.bfloat16: "bfloat16"}
 TOLERANCE = 1e-5
-D, I, E, K = 128, 128, 4, 2
+D, I, E, K, V = 128, 128, 4, 2, 16
 ROUTED_LIMIT, SHARED_LIMIT = 1.0, 0.75
 LISTS = ("w1", "s1", "w3", "s3", "w2", "s2")
 
@@ -62,25 +64,43 @@ def operands(gen: torch.Generator) -> dict[str, torch.Tensor]:
     return named
 
 
+def routing_inputs(gen: torch.Generator, hash_layer: bool, batch: int) -> dict[str, torch.Tensor]:
+    """The router (bf16) and, by plan input name, the bias spaced 0.5 apart with expert E - 1 far below every
+    other (score-routed), or a table without expert E - 1 and the token ids (hash-routed)."""
+    named = {"router": (torch.randn(E, D, generator=gen) * D ** -0.5).to(torch.bfloat16)}
+    if hash_layer:
+        named["table"] = torch.stack([torch.randperm(E - 1, generator=gen)[:K] for _ in range(V)]).to(torch.int32)
+        named["tokens"] = torch.randint(0, V, (batch, 2), generator=gen)
+    else:
+        named["bias"] = torch.randperm(E, generator=gen).float() * 0.5
+        named["bias"][E - 1] = -100.0
+    return named
+
+
+@pytest.mark.parametrize("hash_layer", [False, True], ids=["score", "hash"])
 @pytest.mark.parametrize("activations,shared_act_quant", [("w4a8", True), ("w4a4", True)])
-def test_one_op_body_computes_the_reference(activations, shared_act_quant):
-    gen = torch.Generator().manual_seed(len(activations) + shared_act_quant)
-    named = operands(gen)
+def test_one_op_body_computes_the_reference(activations, shared_act_quant, hash_layer):
+    gen = torch.Generator().manual_seed(len(activations) + shared_act_quant + 2 * hash_layer)
     batch = 3
+    named = {**routing_inputs(gen, hash_layer, batch), **operands(gen)}
     x = torch.randn(batch, 2, D, generator=gen)
-    ids = torch.stack([torch.randperm(E - 1, generator=gen)[:K] for _ in range(batch * 2)]).view(batch, 2, K)
-    weights = torch.rand(batch, 2, K, generator=gen)
-    specs = [PlanInput("x", ("B", 2, D), "float32"), PlanInput("ids", ("B", 2, K), "int64"),
-             PlanInput("weights", ("B", 2, K), "float32")]
-    specs += [PlanInput(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in named.items()]
-    args = (Ref("x"), Ref("ids"), Ref("weights"), *[[Ref(f"{n}_{e}") for e in range(E)] for n in LISTS],
-            [Ref(f"shared_{j}") for j in range(6)], ROUTED_LIMIT, SHARED_LIMIT, activations, shared_act_quant)
+    specs = [PlanInput("x", ("B", 2, D), "float32")]
+    specs += [PlanInput(n, ("B", 2) if n == "tokens" else tuple(t.shape), str(t.dtype).removeprefix("torch."))
+              for n, t in named.items()]
+    routing = [Ref(n) if n in named else None for n in ("router", "bias", "table", "tokens")]
+    args = (Ref("x"), *routing, *[[Ref(f"{n}_{e}") for e in range(E)] for n in LISTS],
+            [Ref(f"shared_{j}") for j in range(6)], K, "sqrtsoftplus", True, 1.5, ROUTED_LIMIT, SHARED_LIMIT,
+            activations, shared_act_quant)
     plan = Plan(tuple(specs), {}, (PlanOp("dsv4c::moe_fp4.default", args, {}, ("y",)),), (("y", "y"),))
     model = plan_to_onnx(plan, {})
     onnx.checker.check_model(model, full_check=True)
     assert {p.key: p.value for p in model.metadata_props}["dsv4c.opaque_ops"] == ""
     assert "moe_fp4" in {f.name for f in model.functions}
-    inputs = {"x": x, "ids": ids, "weights": weights, **named}
+    if not hash_layer:
+        biased = layers.router_scores(x.view(-1, D), named["router"], "sqrtsoftplus") + named["bias"]
+        top = biased.topk(K + 1, dim=-1).values
+        assert (top[:, K - 1] - top[:, K] > 1e-3).all(), "clear selection margins"
+    inputs = {"x": x, **named}
     want = Executor(plan, {}, "cpu").run(inputs)["y"]
     (got,) = ReferenceEvaluator(model).run(None, feeds(inputs))
     assert rel_err(torch.from_numpy(got.copy()), want) <= TOLERANCE

@@ -1,9 +1,12 @@
-"""`dsv4c::moe_fp4` in Triton: a MoE layer's routed experts (MXFP4) and shared expert (FP8) in four launches.
+"""`dsv4c::moe_fp4` in Triton: a whole MoE layer (routing, routed experts in MXFP4, shared expert in FP8) in six
+launches.
 
 The PyTorch twin is the op's reference (codegen/moe_fp4.py); tests/test_moe_fp4.py runs these kernels under
 Triton's interpreter against it. A call on N tokens with k selections each has S = N (k + 1) selections: the k
 routed ones of each token, then its shared expert, counted as expert E (weight 1, its own clamp):
 
+(0) the routing, two launches (codegen/kernels/moe_route.py): the router's logits, then per token the score
+    function, the selection (bias-shifted top-k or the hash table) and the weights: ids and weights [N, k];
 (1) `_group_kernel`, grid (E + 1,): program e counts every expert's selections (a histogram of the ids), so it
     knows where its own rows start in an expert-sorted list padded to whole tiles of block_m rows, writes its
     selections there (in selection order, -1 in the padding) and its expert id for each of its tiles. Program 0
@@ -18,7 +21,8 @@ routed ones of each token, then its shared expert, counted as expert E (weight 1
     [split_k, S, D].
 (4) `_combine_kernel`, grid (N, D / 1024): per token, each selection's partials summed in split order and
     rounded to the activation dtype (the expert's output), added in slot order (the shared expert last) in fp32,
-    rounded. Fixed orders, no atomics: the result is deterministic.
+    rounded. Fixed orders, no atomics: the result is deterministic, and since the launch depends on the
+    layer's shape only (codegen/kernels/moe_fp4_launch.py), a token's row does not depend on the step's size.
 
 Products, per 32 columns of K (one MXFP4 scale group): the weight tile is decoded in registers to FP8 e4m3
 values (every e2m1 code is one exactly) and multiplied by the activation tile, then scaled by the weight's
@@ -44,13 +48,16 @@ import triton
 import triton.language as tl
 
 from dsv4c.codegen.kernels.fp8_gemm import _e4m3_grid, _e8m0_to_float
-from dsv4c.codegen.kernels.moe_fp4_launch import MoeFp4Launch, moe_fp4_launch
+from dsv4c.codegen.kernels.moe_fp4_launch import K_COLUMNS, MoeFp4Launch, moe_fp4_launch
 from dsv4c.codegen.kernels.routed_moe import (_TRITON_DTYPES, POINTER_TABLES, PointerTables, _check_weight_set,
                                               _expert_ptr, _round)
-from dsv4c.codegen.targets import target_for_device
+from dsv4c.codegen import moe_routing
+from dsv4c.codegen.kernels.moe_route import route
+from dsv4c.codegen.moe_routing import Routing
+from dsv4c.codegen.targets import Target, target_for_device
 from dsv4c.model import quant
 
-K_BLOCK = 128  # columns of K a loop step covers: one FP8 activation scale, four MXFP4 groups
+K_BLOCK = K_COLUMNS  # columns of K a loop step covers: one FP8 activation scale, four MXFP4 groups
 BLOCK = tl.constexpr(K_BLOCK)
 GROUP = tl.constexpr(32)  # columns of one MXFP4 scale (and of one W4A4 activation scale)
 COMBINE_BLOCK = 1024
@@ -375,29 +382,36 @@ def check_shared(shared: Sequence[torch.Tensor], d: int, i: int, device: torch.d
                              f"expected {shape} {dtype or 'e8m0'} contiguous on {device}")
 
 
-def moe_fp4(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, lists: Sequence[Sequence[torch.Tensor]],
+def moe_fp4(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor | None,
+            tokens: torch.Tensor | None, routing: Routing, lists: Sequence[Sequence[torch.Tensor]],
             shared: Sequence[torch.Tensor], routed_limit: float | None, shared_limit: float | None,
-            activations: str, shared_act_quant: bool, launch: MoeFp4Launch | None = None,
-            tables: PointerTables = POINTER_TABLES) -> torch.Tensor:
-    """The op on flat inputs: x [N, D] (bf16, fp16 or fp32), ids [N, k] int64 in [0, E), weights [N, k] fp32,
-    `lists` the routed experts' six weight lists (w1, s1, w3, s3, w2, s2), `shared` the shared expert's six
-    tensors -> [N, D] in x's dtype. See the module docstring and codegen/moe_fp4.py."""
+            activations: str, shared_act_quant: bool, target: Target | None = None,
+            launch: MoeFp4Launch | None = None, tables: PointerTables = POINTER_TABLES) -> torch.Tensor:
+    """The op on flat inputs: x [N, D] (bf16, fp16 or fp32); the router [E, D] with the bias [E] (score
+    routing) or the table [V, k] and the N token ids (hash routing), as `routing` says; `lists` the routed
+    experts' six weight lists (w1, s1, w3, s3, w2, s2), `shared` the shared expert's six tensors -> [N, D] in
+    x's dtype. `launch`: `target`'s choice for the layer's shape (None: x's device's) unless given. See the
+    module docstring and codegen/moe_fp4.py."""
     d, i = _check_weight_set(lists, x, every=False)
     check_shared(shared, d, i, x.device)
+    experts, k = len(lists[0]), routing.top_k
+    moe_routing.check(x, router, bias, table, tokens, routing, experts)
     if d % K_BLOCK or i % K_BLOCK:
         raise ValueError(f"moe_fp4: D ({d}) and I ({i}) must be multiples of {K_BLOCK}")
     if x.dtype not in _TRITON_DTYPES or activations not in ACT_ROUNDING:
         raise ValueError(f"moe_fp4: activations {activations!r} in {x.dtype}; allowed: {', '.join(ACT_ROUNDING)} "
                          f"in bf16, fp16 or fp32")
-    (n, k), experts = ids.shape, len(lists[0])
-    launch = launch or moe_fp4_launch(target_for_device(x.device), n, k, d, i, activations, x.dtype == torch.bfloat16)
+    n = x.shape[0]
+    launch = launch or moe_fp4_launch(target or target_for_device(x.device), experts, k, d, i, activations,
+                                      x.dtype == torch.bfloat16)
     if launch.product == "bf16" and x.dtype != torch.bfloat16 or launch.native_fp4 and activations != "w4a4":
         raise ValueError(f"moe_fp4: {launch} does not fit {activations} in {x.dtype}")
     out = torch.empty((n, d), dtype=x.dtype, device=x.device)
     if n == 0:
         return out
-    table, aligned = tables.get(lists, x)
-    x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
+    x = x.contiguous()
+    ids, weights = route(x, router, bias, table, tokens, routing, launch)
+    pointers, aligned = tables.get(lists, x)
     s, bm = n * (k + 1), launch.block_m
     max_tiles = triton.cdiv(s, bm) + min(experts + 1, s)
     order = torch.empty(max_tiles * bm, dtype=torch.int32, device=x.device)
@@ -415,12 +429,12 @@ def moe_fp4(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, lists: Se
     limits = [float("inf") if v is None else float(v) for v in (routed_limit, shared_limit)]
     hidden = torch.empty((s, i), dtype=x.dtype, device=x.device)
     _gate_up_kernel[(max_tiles, triton.cdiv(i, launch.block_n))](
-        x, weights, order, tile_expert, n_tiles, table, sw1, ss1, sw3, ss3, hidden, d, i, k, experts, *limits,
+        x, weights, order, tile_expert, n_tiles, pointers, sw1, ss1, sw3, ss3, hidden, d, i, k, experts, *limits,
         ACT_DTYPE=act, **common)
     blocks_per_split = triton.cdiv(i // K_BLOCK, launch.split_k)
     part = torch.empty((launch.split_k, s, d), dtype=torch.float32, device=x.device)
     _down_kernel[(max_tiles, triton.cdiv(d, launch.block_n), launch.split_k)](
-        hidden, order, tile_expert, n_tiles, table, sw2, ss2, part, d, i, k, experts, s, blocks_per_split, **common)
+        hidden, order, tile_expert, n_tiles, pointers, sw2, ss2, part, d, i, k, experts, s, blocks_per_split, **common)
     _combine_kernel[(n, triton.cdiv(d, COMBINE_BLOCK))](part, out, s, d, k, SPLITS=launch.split_k,
                                                         BLOCK_D=COMBINE_BLOCK, ACT_DTYPE=act, num_warps=4)
     return out
