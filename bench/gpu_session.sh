@@ -5,14 +5,15 @@
 #   bash bench/gpu_session.sh OUT --collect SECONDS  # right after, on the same warm machine
 #
 # The first call starts a detached pipeline (setsid: it outlives the call while the machine stays held) that writes
-# the flash-slice checkpoint on the GPU and compiles it (fused MoE, then `--moe unfused`) and the demo model, while
-# the foreground runs the checks (CUDA graphs against the graph-free executor, the synthetic writer on the GPU;
-# they overlap the checkpoint's GPU writer) and then the kernel benchmarks (FP8 GEMM, fused MoE, sparse attention,
-# Lightning Indexer; the writer's GPU part is over by then, the compiles use only the CPU). The pipeline's timed GPU
-# work starts when the foreground is done (kernels.done) and runs serially: the
-# flash-slice step against eager and Inductor, the demo model at MTP 0..3, the batch-invariance check, the unfused
-# MoE step, transformers' model. Each call waits up to SECONDS from its start for the pipeline, then copies what
-# exists into OUT. Logs: /tmp/dsv4c-gpu/*.txt (all of them are copied back as bench_all.txt).
+# the flash-slice checkpoint on the GPU and compiles it (fused MoE, then `--moe unfused`) and the demo model. The
+# foreground meanwhile runs the checks (CUDA graphs against the graph-free executor, the synthetic writer on the
+# GPU, the fused MoE's rows whatever the step's size; they overlap the checkpoint's GPU writer), then the kernel
+# benchmarks (FP8 GEMM, fused MoE, sparse attention, Lightning Indexer; by then the writer's GPU part is over and
+# the compiles use only the CPU). The pipeline's timed GPU work starts when the foreground is done (kernels.done)
+# and runs serially: the flash-slice step against eager and Inductor, the demo model at MTP 0..3, the
+# batch-invariance check, the unfused MoE step, transformers' model. Each call waits up to SECONDS from its start
+# for the pipeline, then copies what exists into OUT. Logs: /tmp/dsv4c-gpu/*.txt (their tails come back in
+# bench_all.txt).
 set -u
 out=$(realpath -m "${1:?usage: gpu_session.sh OUT [SECONDS | --collect SECONDS]}")
 work=/tmp/dsv4c-gpu
@@ -57,9 +58,10 @@ setsid nohup bash -c '
 
 stamp step-graph; timeout 70 python3 bench/step_graph_bench.py --batch 1 8 2>&1 | tail -8
 stamp synthetic;  timeout 60 python3 bench/synthetic_gpu_check.py 2>&1 | grep -E "CHECK|GB"
+stamp moe-check;  timeout 60 python3 bench/moe_gpu_check.py 2>&1 | grep -E "CHECK|Error" | head -12
 stamp fp8;        timeout 80 python3 bench/fp8_gemm_bench.py --json "$out/fp8.json" 2>&1 | tail -30
-stamp moe;        timeout 100 python3 bench/moe_bench.py --t 1 8 32 64 128 --json "$out/moe.json" 2>&1 | tail -14
-stamp attention;  (cd bench && timeout 100 python3 attention_bench.py --contexts 4096 65536 262144 --batches 1 32 --json "$out/attention.json" 2>&1 | tail -14)
-stamp indexer;    (cd bench && timeout 100 python3 indexer_bench.py --contexts 4096 65536 262144 --batches 1 32 --no-compile --json "$out/indexer.json" 2>&1 | tail -16)
+stamp moe;        timeout 90 python3 bench/moe_bench.py --t 1 8 32 64 128 --json "$out/moe.json" 2>&1 | tail -14
+stamp attention;  (cd bench && timeout 90 python3 attention_bench.py --contexts 4096 65536 262144 --batches 1 32 --json "$out/attention.json" 2>&1 | tail -14)
+stamp indexer;    (cd bench && timeout 90 python3 indexer_bench.py --contexts 4096 65536 262144 --batches 1 32 --no-compile --json "$out/indexer.json" 2>&1 | tail -16)
 touch "$work/kernels.done"
 collect "${2:-560}"
