@@ -1,14 +1,16 @@
-"""Batch-invariant matrix products on CPU: a row's result does not depend on the other rows of its step.
+"""Batch-invariant steps: a row's result does not depend on the other rows of its step, on CPU and on CUDA.
 
 A BLAS library picks its kernel, and with it the order in which a dot product's terms are summed, by the shape
 of the call: MKL sums a one-row product (a matrix-vector kernel) in another order than a two-row one, and
-that in another than four rows. So the same token computed in a step of one token, of 1 + k tokens (MTP
-verification) or beside other sequences (a batch) gets logits that differ in the last bits, and in bf16 with
-FP8 requantisation such a difference grows until a near-tie flips the greedy token.
+that in another than four rows; cuBLAS picks its algorithm (split-K, tile, tensor-core instruction) by the
+shape too, and PyTorch's CUDA reductions split a row over more threads, or blocks, when there are fewer rows.
+So the same token computed in a step of one token, of 1 + k tokens (MTP verification) or beside other
+sequences (a batch) gets logits that differ in the last bits, and in bf16 with FP8 requantisation such a
+difference grows until a near-tie flips the greedy token.
 
-Within `batch_invariant()`, the CPU kernels of `aten::mm` and `aten::bmm` (which every `matmul`, `einsum` and
-linear layer decomposes into, inside the fused ops' reference implementations too) compute one output row at
-a time: each row is its own one-row product, on a fresh (64-byte aligned) copy of the row, against the other
+CPU. Within `batch_invariant()`, the CPU kernels of `aten::mm` and `aten::bmm` (which every `matmul`, `einsum`
+and linear layer decomposes into, inside the fused ops' reference implementations too) compute one output row
+at a time: each row is its own one-row product, on a fresh (64-byte aligned) copy of the row, against the other
 operand in one canonical layout (transposed-contiguous and 64-byte aligned; a weight's transposed view already
 is one, anything else is copied into it). Nothing the library sees depends on how many rows the call had. The
 other reductions (sum, mean, amax, softmax over a fixed length) are computed per row by PyTorch's CPU
@@ -21,13 +23,33 @@ exp2 in fp32, rsqrt in bf16: measured), so an element's value depends on where t
 block those ops (`TAIL_SENSITIVE`) run on a copy padded to a whole number of vector pairs, in pieces small
 enough that no thread splits them: every element takes the SIMD path.
 
-The override is process-wide while a block runs (a kernel registration: `torch.library`); nested blocks share
-it. CUDA kernels are untouched: on a GPU the compiled kernels decide.
+CUDA (where Triton is installed). Within the block, the CUDA kernels of the aten ops that sum run Triton
+kernels whose order of summation is fixed by the sizes that do not grow with the step
+(runtime/batch_invariant_cuda.py, codegen/kernels/batch_invariant_launch.py): `mm`, `bmm` and `addmm` on bf16,
+fp16 or fp32 operands (the LM head, the router and compressor projections, any einsum), `sum.dim_IntList` and
+`mean.dim` over any dims (RMS norms, the compressor's pooling, the routing weights' normalisation), `_softmax`
+and `_log_softmax` over any dim. Other dtypes, and sums over every dim, run PyTorch's kernels (through their
+`out` overloads, which the override leaves alone). Not overridden, because their result does not depend on an
+order: `amax` / `max` (exact in any order), `topk` (a selection of exact values; which of two equal values comes
+first is the one thing left to the algorithm), elementwise ops (a CUDA thread computes each element with the
+same code wherever it sits). dsv4c's own kernels are invariant by their launch choices (the FP8 GEMM's K split,
+the attention's key ranges: codegen/kernels/fp8_gemm_launch.py, attention.py); the mHC kernels' launches still
+depend on the token count (codegen/kernels/mhc_launch.py). The runtime enters the block for every step and for
+the CUDA-graph captures (runtime/engine.py, step_runner.py), so the graphs hold these kernels.
 
-Cost: a product of M rows makes M library calls and reads its weight M times. A decode step of one sequence
-and one token pays nothing but the call overhead (tiny: +30% a step, the Python per product); an MTP
+The override is process-wide while a block runs (a kernel registration: `torch.library`); nested blocks share
+it.
+
+Cost. CPU: a product of M rows makes M library calls and reads its weight M times. A decode step of one
+sequence and one token pays nothing but the call overhead (tiny: +30% a step, the Python per product); an MTP
 verification of 1 + k tokens or a batch of B sequences pays (1 + k) x B matrix-vector products instead of one
 matrix product (the weight is re-read from cache on a CPU; a 32-token prefill chunk about 3-5x the GEMM).
+CUDA: each overridden op is a Python call and a Triton launch on the host (tens of microseconds), which the
+CUDA graphs of the decode and verification steps remove and the graph-free steps (prefill chunks) pay; on the
+device, the products use 16-row tiles with no M-dependent tuning, fp32 products run as fp32 FMAs (as cuBLAS
+without TF32, but at Triton's FMA-path speed), and a small-N product's K split (chosen for one row tile)
+writes fp32 partials until the tiles fill the GPU; the reductions read their input once (softmax three times),
+in one launch. `bench/batch_invariance_check.py` measures a step with and without the block.
 """
 
 from __future__ import annotations
@@ -39,6 +61,8 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from dsv4c.runtime.batch_invariant_cuda import cuda_kernels
 
 ALIGNMENT = 64  # bytes: the CPU allocator's alignment, the one a fresh tensor gets
 
@@ -102,12 +126,14 @@ def whole_vectors(name: str):
 
 
 class _Override:
-    """The registration of the row-wise CPU kernels, shared by nested blocks (a count under a lock)."""
+    """The registration of the row-wise CPU kernels and the CUDA kernels, shared by nested blocks (a count under
+    a lock)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._depth = 0
         self._library: torch.library.Library | None = None
+        self._cuda_kernels = cuda_kernels()  # once: asking whether Triton is installed reads package metadata
 
     def enter(self) -> None:
         with self._lock:
@@ -119,6 +145,8 @@ class _Override:
                     library.impl("bmm", rowwise_bmm, "CPU")
                     for name in TAIL_SENSITIVE:
                         library.impl(name, whole_vectors(name), "CPU")
+                    for name, kernel in self._cuda_kernels.items():
+                        library.impl(name, kernel, "CUDA")
                 self._library = library
             self._depth += 1
 
@@ -134,11 +162,9 @@ _OVERRIDE = _Override()
 
 
 @contextlib.contextmanager
-def batch_invariant(enabled: bool = True) -> Iterator[None]:
-    """Within the block, CPU matrix products give each row the result it gets alone (`enabled` False: no-op)."""
-    if not enabled:
-        yield
-        return
+def batch_invariant() -> Iterator[None]:
+    """Within the block, CPU and CUDA matrix products and reductions give each row the result it gets alone
+    (module docstring)."""
     _OVERRIDE.enter()
     try:
         yield

@@ -22,7 +22,7 @@ layer having run up to pos - 1 (its output streams g and its logits q1 for the t
   MTP: one step over the main hidden h_pos .. h_{pos+k} paired with the next tokens (the accepted drafts, then
   the new token; padding after) at pos -> row a (a drafts accepted) gives the next q1 and g.
 Each request samples with its own generator (seeded by its seed), consuming it in an order that depends on its
-own tokens only, and every step computes each row as it would alone (runtime/batch_invariant.py on CPU): a
+own tokens only, and every step computes each row as it would alone (runtime/batch_invariant.py): a
 request's tokens do not depend on which others share its steps or on k (greedy).
 """
 
@@ -155,7 +155,7 @@ class Engine:
         inputs.update(tokens=tokens.to(self.device), start=start.to(self.device))
         if hidden is not None:
             inputs["hidden"] = hidden
-        with batch_invariant(self.device.type == "cpu"):
+        with batch_invariant():
             out = self.runner.run(f"{kind}_t{tokens.shape[1]}", inputs)
         self._store(views, out)
         return out["logits"], out["hidden"]

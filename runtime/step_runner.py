@@ -21,6 +21,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from dsv4c.runtime.batch_invariant import batch_invariant
 from dsv4c.runtime.executor import Executor
 from dsv4c.runtime.state_pool import StatePool
 
@@ -54,7 +55,8 @@ class BucketRunner:
         self._graphs: dict[tuple[str, int], _Graph] = {}
         self.skipped: dict[str, str] = {}
         if cuda_graphs and pool.device.type == "cuda":
-            self._capture_all([v for v in graph_variants if v in self.executors], progress)
+            with batch_invariant():  # the graphs hold the batch-invariant kernels the engine's steps run
+                self._capture_all([v for v in graph_variants if v in self.executors], progress)
 
     @property
     def captured(self) -> list[tuple[str, int]]:

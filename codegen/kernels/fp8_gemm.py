@@ -25,7 +25,9 @@ The "fp8" products follow DeepSeek's own kernels (DeepSeek-V3's reference infere
 (codegen/fp8_linear.py) sums the same exact products in fp32.
 
 split_k > 1: each split writes its fp32 partial `[split_k, M, N]` and `_split_sum_kernel` adds them in split
-order and casts (deterministic: the result does not depend on which split finishes first).
+order and casts (deterministic: the result does not depend on which split finishes first); with fold_splits
+one program sums every split into a fresh accumulator and adds them in the same order, from the same zero, so
+both give the same bits (codegen/kernels/fp8_gemm_launch.py: batch invariance).
 """
 
 from __future__ import annotations
@@ -111,30 +113,12 @@ def _block_product(w, x, PRODUCT: tl.constexpr):
 
 
 @triton.jit
-def _fp8_gemm_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, stride_xm, K_BLOCKS,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
-                     ACT_QUANT: tl.constexpr, PRODUCT: tl.constexpr, SPLIT_OUT: tl.constexpr,
-                     PDL: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """Program (n, m, s): out[m rows, n rows] over K blocks of split s. x [M, K] (row stride stride_xm),
-    w [N, K] e4m3, ws [cdiv(N, 128), K_BLOCKS] e8m0 bytes (each weight row takes its 128-row block's scale).
-    SPLIT_OUT: out is the fp32 partials [splits, M, N], this split's slice written; otherwise out [M, N] in
-    its dtype. PDL: the split sum may launch now (it waits for this grid before reading)."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+def _split_product(w_row, x_row, ws_row, n_mask, m_mask, K, first, last, ACT_QUANT: tl.constexpr,
+                   PRODUCT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """The fp32 [BLOCK_N, BLOCK_M] sum of the 128-column K blocks [first, last), in block order."""
     c = tl.arange(0, 128)
-    n_mask = n < N
-    m_mask = m < M
-    w_row = w_ptr + n.to(tl.int64)[:, None] * K
-    x_row = x_ptr + m.to(tl.int64)[:, None] * stride_xm
-    ws_row = ws_ptr + (n // 128) * K_BLOCKS
-    first = pid_s * BLOCKS_PER_SPLIT
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for kb in tl.range(first, tl.minimum(first + BLOCKS_PER_SPLIT, K_BLOCKS), num_stages=NUM_STAGES):
+    for kb in tl.range(first, last, num_stages=NUM_STAGES):
         k = kb * 128 + c
         k_mask = k < K
         w = tl.load(w_row + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
@@ -146,6 +130,43 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, stride_xm, K_BLOCKS
             acc += part * (w_scale[:, None] * x_scale[None, :])
         else:
             acc += _block_product(w, x, PRODUCT) * w_scale[:, None]
+    return acc
+
+
+@triton.jit
+def _fp8_gemm_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, stride_xm, K_BLOCKS, SPLITS,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
+                     ACT_QUANT: tl.constexpr, PRODUCT: tl.constexpr, SPLIT_OUT: tl.constexpr, FOLD: tl.constexpr,
+                     PDL: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Program (n, m, s): out[m rows, n rows] over K blocks of split s. x [M, K] (row stride stride_xm),
+    w [N, K] e4m3, ws [cdiv(N, 128), K_BLOCKS] e8m0 bytes (each weight row takes its 128-row block's scale).
+    SPLIT_OUT: out is the fp32 partials [SPLITS, M, N], this split's slice written; FOLD: this program adds
+    all SPLITS splits, in order, as `_split_sum_kernel` does; otherwise out [M, N] in its dtype. PDL: the
+    split sum may launch now (it waits for this grid before reading)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = n < N
+    m_mask = m < M
+    w_row = w_ptr + n.to(tl.int64)[:, None] * K
+    x_row = x_ptr + m.to(tl.int64)[:, None] * stride_xm
+    ws_row = ws_ptr + (n // 128) * K_BLOCKS
+    if FOLD:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for s in range(0, SPLITS):
+            first = s * BLOCKS_PER_SPLIT
+            acc += _split_product(w_row, x_row, ws_row, n_mask, m_mask, K, first,
+                                  tl.minimum(first + BLOCKS_PER_SPLIT, K_BLOCKS), ACT_QUANT, PRODUCT, BLOCK_N,
+                                  BLOCK_M, NUM_STAGES)
+    else:
+        first = pid_s * BLOCKS_PER_SPLIT
+        acc = _split_product(w_row, x_row, ws_row, n_mask, m_mask, K, first,
+                             tl.minimum(first + BLOCKS_PER_SPLIT, K_BLOCKS), ACT_QUANT, PRODUCT, BLOCK_N, BLOCK_M,
+                             NUM_STAGES)
     if SPLIT_OUT:
         out = out_ptr + pid_s.to(tl.int64) * M * N + m[None, :] * N + n[:, None]
         tl.store(out, acc, mask=n_mask[:, None] & m_mask[None, :])
@@ -158,14 +179,14 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, stride_xm, K_BLOCKS
 
 @triton.jit
 def _split_sum_kernel(part_ptr, out_ptr, MN, SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """out[i] = sum over s = 0, 1, ... of part[s, i] in that order (fp32), cast to out's dtype. PDL: launched
-    as the GEMM's programmatic dependent: waits for it before reading."""
+    """out[i] = 0 + part[0, i] + part[1, i] + ... in that order (fp32; a folding GEMM program adds the same
+    way), cast to out's dtype. PDL: launched as the GEMM's programmatic dependent: waits for it before reading."""
     if PDL:
         tl.extra.cuda.gdc_wait()
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < MN
-    acc = tl.load(part_ptr + i, mask=mask, other=0.0)
-    for s in tl.static_range(1, SPLITS):
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(0, SPLITS):
         acc += tl.load(part_ptr + s * MN + i, mask=mask, other=0.0)
     if out_ptr.dtype.element_ty == tl.bfloat16:
         acc = _round_bf16(acc)
@@ -178,16 +199,22 @@ def _on_gpu(tensor: torch.Tensor) -> bool:
     return tensor.device.type != "cpu"
 
 
+def _folds(launch: Fp8GemmLaunch) -> bool:
+    """Whether one program adds the splits (a single split has nothing to fold: its sum is written as is)."""
+    return launch.fold_splits and launch.split_k > 1
+
+
 def gemm_launch(x, weight, scale, out, act_quant: bool, launch: Fp8GemmLaunch) -> KernelLaunch:
     """The GEMM kernel's launch: `out` is the output [M, N], or the fp32 partials [split_k, M, N]."""
     (m, k), n = x.shape, weight.shape[0]
-    split_out = launch.split_k > 1
+    fold = _folds(launch)
+    split_out = launch.split_k > 1 and not fold
     args = dict(x_ptr=x, w_ptr=weight, ws_ptr=scale.view(torch.uint8), out_ptr=out, M=m, N=n, K=k,
-                stride_xm=x.stride(0), K_BLOCKS=scale.shape[1])
+                stride_xm=x.stride(0), K_BLOCKS=scale.shape[1], SPLITS=launch.split_k)
     constexprs = dict(BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCKS_PER_SPLIT=launch.blocks_per_split,
-                      ACT_QUANT=act_quant, PRODUCT=launch.product, SPLIT_OUT=split_out,
+                      ACT_QUANT=act_quant, PRODUCT=launch.product, SPLIT_OUT=split_out, FOLD=fold,
                       PDL=split_out and launch.pdl and _on_gpu(x), NUM_STAGES=launch.num_stages)
-    grid = (triton.cdiv(n, launch.block_n), triton.cdiv(m, launch.block_m), launch.split_k)
+    grid = (triton.cdiv(n, launch.block_n), triton.cdiv(m, launch.block_m), 1 if fold else launch.split_k)
     return KernelLaunch(_fp8_gemm_kernel, grid, args, constexprs, dict(num_warps=launch.num_warps))
 
 
@@ -222,7 +249,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_q
     launch.check(k)
     if (launch.product == "fp8") != act_quant:
         raise ValueError(f"{launch}: act_quant={act_quant} needs {'fp8' if act_quant else 'non-fp8'} products")
-    if launch.split_k == 1:
+    if launch.split_k == 1 or _folds(launch):
         launcher(gemm_launch(x, weight, scale.contiguous(), out, act_quant, launch))
         return out
     partials = torch.empty((launch.split_k, m, n), dtype=torch.float32, device=x.device)

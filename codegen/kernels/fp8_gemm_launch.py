@@ -4,6 +4,18 @@ Pure Python (no Triton import): the choice is a frozen `Fp8GemmLaunch`, validate
 `fp8_gemm_launch` picks it from the shape and the target table (codegen/targets.py). The kernel computes
 `out^T = W @ x^T` ("swap AB"): the weight rows fill the tensor cores' M side (64 a warpgroup on Hopper) and
 the few activation rows their N side, so a decode step of one token pads to 16 rows, not 64.
+
+Batch invariance (runtime/batch_invariant.py): a row's result never depends on M, the rows beside it. What
+orders a row's sums is chosen from (N, K, target) only: the K split (`split_k`, `blocks_per_split`) is the one
+that gives the weight tiles of a single activation tile about two programs an SM, whatever M. M only picks the
+activation tile (`block_m`, the MMA's N side: each output's 128-column block is the same chain of k-steps
+whatever the tile's width, which bench/batch_invariance_check.py checks on the GPU; Triton's CPU interpreter,
+whose dot is numpy's matmul, does not promise it) and whether the splits run as programs of their own or folded
+into one (`fold_splits`: the same additions in the same order).
+Cost: nothing up to 64 rows (the choice a 64-row tile always had); beyond, where the old choice split K less,
+the split programs write and read fp32 partials (split_k x M x N x 4 bytes each way) until the tiles alone fill
+the GPU (at least one program an SM) and the splits fold: no partials at all, at a grid of at least one
+program an SM where the old choice aimed at two.
 """
 
 from __future__ import annotations
@@ -21,15 +33,17 @@ PRODUCTS = ("fp8", "ieee", "bf16x1", "bf16x3")
 
 @dataclass(frozen=True)
 class Fp8GemmLaunch:
-    """How one call is launched. Grid (cdiv(N, block_n), cdiv(M, block_m), split_k); program (n, m, s) takes
-    `block_n` weight rows, `block_m` activation rows and K blocks [s * blocks_per_split, (s + 1) *
-    blocks_per_split) of 128 columns.
+    """How one call is launched. Grid (cdiv(N, block_n), cdiv(M, block_m), split_k, or 1 with fold_splits);
+    program (n, m, s) takes `block_n` weight rows, `block_m` activation rows and K blocks [s * blocks_per_split,
+    (s + 1) * blocks_per_split) of 128 columns (with fold_splits: every split, one after the other).
 
     block_m: activation rows of a program (power of two, >= 16: the dot's N side; rows past M are masked).
     block_n: weight rows of a program (power of two, >= 16; each row takes its 128-row block's scale).
     split_k, blocks_per_split: K split over `split_k` programs writing fp32 partials that a second kernel
         sums in split order (deterministic); split_k == 1 writes the output directly. No split is empty:
         (split_k - 1) * blocks_per_split < cdiv(K, 128) <= split_k * blocks_per_split.
+    fold_splits (split_k > 1): one program a tile sums each split into a fresh accumulator and adds them in
+        split order itself, exactly the split sum's additions: the same result bit for bit, without partials.
     product: how a 128-column block's products are summed before its scales apply, in an fp32 accumulator:
         "fp8"    e4m3 x e4m3 tl.dot (FP8 tensor cores on Hopper/Blackwell; the act_quant path);
         "ieee"   both operands widened to fp32, FMA dot (plain numerics on Triton's CPU interpreter);
@@ -48,6 +62,7 @@ class Fp8GemmLaunch:
     num_warps: int = 4
     num_stages: int = 3
     pdl: bool = False
+    fold_splits: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -95,13 +110,15 @@ def _block_m(m: int) -> int:
 
 def fp8_gemm_launch(t: Target, m: int, n: int, k: int, act_quant: bool = True,
                     x_dtype: torch.dtype = torch.bfloat16) -> Fp8GemmLaunch:
-    """The launch of an `[m, k] x [n, k]^T` FP8 linear on target `t`.
+    """The launch of an `[m, k] x [n, k]^T` FP8 linear on target `t`; its K split depends on (n, k, t) only
+    (module docstring: batch invariance).
 
     GPUs (decode: memory bound, the weight read is the cost): 64 weight rows a program (one Hopper
     warpgroup's wgmma M side), up to 64 activation rows (the x tile of a 128 block is quantised in registers);
-    K is split until the grid has about two programs an SM, so every SM streams weight tiles, and no split is
-    empty; 4 pipeline stages (16 KiB of e4m3 weight in flight a program). Chosen by that reasoning, not yet
-    by timings: `bench/fp8_gemm_bench.py --sweep` times the alternatives.
+    K is split until one tile row's grid has about two programs an SM, so every SM streams weight tiles, and no
+    split is empty; the splits fold once the tiles alone give every SM a program; 4 pipeline stages (16 KiB of
+    e4m3 weight in flight a program). Chosen by that reasoning, not yet by timings: `bench/fp8_gemm_bench.py
+    --sweep` times the alternatives.
     cpu (Triton's interpreter, tests only): few programs (the interpreter pays per program and per
     operation, not per element), up to 1024 weight rows each, and two splits wherever K has two blocks, so
     the split sum runs in tests.
@@ -112,7 +129,8 @@ def fp8_gemm_launch(t: Target, m: int, n: int, k: int, act_quant: bool = True,
         return Fp8GemmLaunch(_block_m(m), min(1024, _pow2_at_least(n)), split_k, per_split, product,
                              num_stages=1)
     block_m, block_n = _block_m(m), 64
-    tiles = -(-n // block_n) * -(-m // block_m)
-    split_k, per_split = split_blocks(k, -(-2 * t.sm_count // tiles))
+    weight_tiles = -(-n // block_n)
+    split_k, per_split = split_blocks(k, -(-2 * t.sm_count // weight_tiles))
+    fold = split_k > 1 and weight_tiles * -(-m // block_m) >= t.sm_count
     return Fp8GemmLaunch(block_m, block_n, split_k, per_split, product, num_warps=4, num_stages=4,
-                         pdl=split_k > 1)
+                         pdl=split_k > 1 and not fold, fold_splits=fold)
