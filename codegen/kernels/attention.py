@@ -87,7 +87,7 @@ def _rows(ptr, ptr16, row, mask, ROUNDED: tl.constexpr, ROUNDED_P2: tl.constexpr
 def _query(q_ptr, start_ptr, bt, hb, T, H, sq_b, sq_t, sq_h, ROUNDED: tl.constexpr, ROUNDED_P2: tl.constexpr,
            RAW: tl.constexpr, BLOCK_H: tl.constexpr):
     """Program (token bt, head block hb)'s sequence b, token t, position p, heads, head mask and fp32 query."""
-    b, t = bt // T, bt % T
+    b, t = (bt // T).to(tl.int64), bt % T  # int64: b times a sequence's cache stride passes 2^31 at long context
     start = tl.load(start_ptr + b)
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = heads < H

@@ -81,7 +81,7 @@ def _scores_kernel(q_ptr, w_ptr, cache_ptr, start_ptr, scores_ptr, T, H, E, entr
                    sq_b, sq_t, sq_h, sw_b, sw_t, sc_b, sc_e,
                    RATIO: tl.constexpr, D: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_T: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, DECODE: tl.constexpr, PRODUCT: tl.constexpr):
-    b, split = tl.program_id(0), tl.program_id(1)
+    b, split = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: b times the cache stride passes 2^31
     rows = tl.arange(0, BLOCK_T * BLOCK_H)  # query row r: token r // BLOCK_H, head r % BLOCK_H
     t, h = rows // BLOCK_H, rows % BLOCK_H
     row_ok = (t < T) & (h < H)
