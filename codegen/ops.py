@@ -133,4 +133,5 @@ from dsv4c.codegen import moe_fp4  # noqa: E402,F401  (dsv4c::moe_fp4, with its 
 from dsv4c.model import rounding_ops  # noqa: E402,F401  (dsv4c::fake_quant_fp8, the model's activation rounding)
 from dsv4c.codegen import kv_cache  # noqa: E402,F401  (dsv4c::kv_pack / kv_unpack, compressed cache rows)
 from dsv4c.codegen import sparse_attention  # noqa: E402,F401  (dsv4c::sparse_decode_attention, its kernel)
+from dsv4c.codegen import compressor  # noqa: E402,F401  (dsv4c::compress_step_, its kernel)
 from dsv4c.codegen import lightning_indexer  # noqa: E402,F401  (dsv4c::lightning_indexer, its kernels)

@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 
 import torch.fx as fx
 
+from dsv4c.passes.compressor_fusion import compressor_fusion
 from dsv4c.passes.constant_folding import constant_folding
 from dsv4c.passes.cse import cse
 from dsv4c.passes.dead_code import dead_code
@@ -49,6 +50,8 @@ CLEANUP_AND_PLANNING = (
                   "after kv_compression (reads its packed rows); exact on cpu (the op's reference is `attend`)"),
     PipelineEntry("lightning_indexer", lightning_indexer,
                   "after kv_compression (reads the packed FP4 keys); its ids feed sparse_attention's op either way"),
+    PipelineEntry("compressor_fusion", compressor_fusion,
+                  "after the packed caches' readers (they match kv_compression's row scatter); writes state in place"),
     PipelineEntry("constant_folding", constant_folding, "after CSE, so each duplicated table folds once"),
     PipelineEntry("dead_code_after_folding", dead_code, "removes folded subgraphs' leftovers and unused buffers"),
     PipelineEntry("reinplace_state", reinplace_state,
