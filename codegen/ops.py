@@ -135,3 +135,4 @@ from dsv4c.codegen import kv_cache  # noqa: E402,F401  (dsv4c::kv_pack / kv_unpa
 from dsv4c.codegen import sparse_attention  # noqa: E402,F401  (dsv4c::sparse_decode_attention, its kernel)
 from dsv4c.codegen import compressor  # noqa: E402,F401  (dsv4c::compress_step_, its kernel)
 from dsv4c.codegen import lightning_indexer  # noqa: E402,F401  (dsv4c::lightning_indexer, its kernels)
+from dsv4c.codegen import rms_norm, rope  # noqa: E402,F401  (dsv4c::rms_norm / rope / rms_norm_rope, their kernel)

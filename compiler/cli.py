@@ -195,7 +195,7 @@ def _save_logits(logits: torch.Tensor, tokens: torch.Tensor, path: str) -> None:
 
 
 def _compile(args: argparse.Namespace, console: Console) -> int:
-    if args.max_seq_len < args.prefill_chunk:
+    if args.max_seq_len is not None and args.max_seq_len < args.prefill_chunk:
         raise ValueError(f"--max-seq-len {args.max_seq_len}: less than --prefill-chunk {args.prefill_chunk}; "
                          f"a prefill chunk must fit in the cache")
     from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
@@ -357,12 +357,15 @@ def _run_demo(root: Path, args: argparse.Namespace, console: Console) -> bool:
 def _inspect(args: argparse.Namespace, console: Console) -> int:
     from dsv4c.export.inspect_artifact import describe, export_onnx
     from dsv4c.runtime.artifact import load_artifact
+    from dsv4c.runtime.capacity import MemoryBudget
+    from dsv4c.runtime.device_memory import default_budget
 
     artifact = load_artifact(args.artifact)
     if args.json:
         print(json.dumps(artifact.manifest, indent=1))
     else:
-        console.print("\n".join(describe(artifact)), highlight=False, soft_wrap=True)
+        budget = MemoryBudget(args.memory, "--memory") if args.memory is not None else default_budget()
+        console.print("\n".join(describe(artifact, budget)), highlight=False, soft_wrap=True)
     if args.onnx:
         variant = args.variant or ("main_t1" if "main_t1" in artifact.plans else sorted(artifact.plans)[0])
         export_onnx(artifact, variant, args.onnx)
@@ -473,8 +476,9 @@ def _compile_parser(sub) -> None:
                       help="comma-separated targets: cpu, h100, h200, b200, gb300 (or sm_90a, sm_100a, sm_103a)")
     comp.add_argument("--explain", action="store_true", help="print the pass log: what each pass matched and changed")
     _add_numerics_arguments(comp)
-    comp.add_argument("--max-seq-len", type=cli_args.positive_int, default=4096, metavar="N",
-                      help="cache capacity per sequence, at least --prefill-chunk")
+    comp.add_argument("--max-seq-len", type=cli_args.positive_int, default=None, metavar="N",
+                      help="cache capacity per sequence, at least --prefill-chunk and at most the model's "
+                           "max_position_embeddings (default: that, capped at 4096)")
     comp.add_argument("--prefill-chunk", type=cli_args.positive_int, default=32, metavar="N",
                       help="tokens per prefill step")
     comp.add_argument("--no-mtp", action="store_true", help="leave out the MTP variants")
@@ -521,6 +525,9 @@ def _inspect_parser(sub) -> None:
     ins.add_argument("--json", action="store_true", help="print the whole manifest as JSON (full kernel metadata)")
     ins.add_argument("--onnx", metavar="FILE", help="write the variant's graph as ONNX (checked with onnx.checker)")
     ins.add_argument("--variant", metavar="NAME", help="which step variant to export (default: main_t1)")
+    ins.add_argument("--memory", type=cli_args.memory_size, metavar="SIZE",
+                     help="device memory for the capacity table, e.g. 80GiB (default: the GPU's free memory, else "
+                          "this machine's RAM)")
 
 
 def _bench(args: argparse.Namespace, console: Console) -> int:

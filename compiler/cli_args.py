@@ -53,6 +53,24 @@ def _int_at_least(text: str, low: int, allowed: str) -> int:
     return value
 
 
+MEMORY_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def memory_size(text: str) -> int:
+    """Bytes from `80GiB`, `512 MiB`, `1.5TB` or a plain byte count (binary units KiB..TiB, decimal KB..TB)."""
+    number = text.strip().rstrip("iIbBkKmMgGtT ")
+    unit = text.strip()[len(number):].strip().upper()
+    try:
+        value = float(number) * MEMORY_UNITS[unit]
+    except (KeyError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"got {text!r}; allowed: a positive size such as 80GiB, 512MiB, 2TB or "
+                                         f"a byte count")
+    return int(value)
+
+
 def temperature(text: str) -> float:
     value = _finite_float(text)
     if value < 0:

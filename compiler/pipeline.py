@@ -40,13 +40,16 @@ from dsv4c.runtime.eager_runner import state_specs
 Progress = Callable[[str], None]
 
 
+DEFAULT_MAX_SEQ_LEN = 4096
+
+
 @dataclasses.dataclass(frozen=True)
 class CompileOptions:
     """What to compile: targets, numerics, cache capacity, prefill chunk, whether to include MTP."""
 
     targets: tuple[str, ...] = ("cpu",)
     numerics: Numerics = Numerics.faithful()
-    max_seq_len: int = 4096
+    max_seq_len: int | None = None  # None: the model's max_position_embeddings, at most DEFAULT_MAX_SEQ_LEN
     prefill_chunk: int = 32
     mtp: bool = True
     max_drafts: int = MAX_DRAFTS  # with MTP: the most drafts a step verifies (1 .. MAX_DRAFTS)
@@ -76,6 +79,11 @@ def compile_checkpoint(checkpoint: str | Path, out: str | Path, options: Compile
     pipeline = _one_pipeline(options.targets)  # unknown targets fail before any work
     ckpt = Checkpoint.open(checkpoint)
     cfg = ckpt.config
+    if options.max_seq_len is None:
+        options = dataclasses.replace(options, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, cfg.max_position_embeddings))
+    if options.max_seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"--max-seq-len {options.max_seq_len}: above the model's max_position_embeddings "
+                         f"{cfg.max_position_embeddings} ({checkpoint}); allowed: up to {cfg.max_position_embeddings}")
     if options.mtp and cfg.num_nextn_predict_layers == 0:
         raise ValueError(f"{checkpoint}: the config has no MTP layer (num_nextn_predict_layers = 0); compile without MTP")
     tokenizer = checkpoint_tokenizer_file(ckpt)

@@ -3,8 +3,10 @@
 `describe(artifact)` returns plain text lines: versions, model, numerics, targets, the W4A4 MoE's accuracy record
 (`--moe w4a4`), then per variant the op counts (top ops, dsv4c fused ops), the pass log (each pass's matches and
 node counts before -> after), the memory plan's peak where the memory-planning pass recorded one, the state
-(bytes per sequence, each packed cache's row layout, the bytes a token of context adds per compressed layer kind)
-and the kernel table (a line a kernel). It reads only the manifest and the plans (no weights).
+(bytes per sequence at max_seq_len, each packed cache's row layout, the bytes a token of context adds per
+compressed layer kind, the fixed rings), given a memory budget the capacity table (per context: the state of one
+sequence and how many sequences fit beside the weights and the step activations; runtime/capacity.py), and the
+kernel table (a line a kernel). It reads only the manifest and the plans (no weights).
 
 `export_onnx(artifact, variant, path)` writes the variant's optimised graph as an ONNX model (see
 compiler/onnx_export.py for what it holds: the weights stay in the artifact and are graph inputs), checked
@@ -18,8 +20,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from dsv4c.runtime import capacity
 from dsv4c.runtime.artifact import Artifact, ArtifactError, decode_state
-from dsv4c.runtime.state_pool import context_bytes_per_token
+from dsv4c.runtime.capacity import MemoryBudget, StateLayout
 from dsv4c.runtime.plan import Plan
 
 from dsv4c.model.config import ConfigError, ModelConfig
@@ -28,8 +31,8 @@ TOP_OPS = 8
 REPORT_BATCHES = ("1", "8", "64")
 
 
-def describe(artifact: Artifact) -> list[str]:
-    """The artifact's summary, one line a string (no trailing newlines)."""
+def describe(artifact: Artifact, budget: MemoryBudget | None = None) -> list[str]:
+    """The artifact's summary, one line a string (no trailing newlines); with a `budget`, the capacity table."""
     manifest = artifact.manifest
     lines = [f"artifact {artifact.path}", f"  versions: {_pairs(manifest.get('versions', {}))}",
              f"  model: {_model(manifest.get('config', {}))}",
@@ -42,7 +45,7 @@ def describe(artifact: Artifact) -> list[str]:
         lines.append("")
         lines.extend(_variant(name, plan, logs.get(name)))
     lines.append("")
-    lines.extend(_state(manifest))
+    lines.extend(_state(manifest, artifact.plans, budget))
     lines.append("")
     lines.extend(_kernels(manifest.get("kernels", {})))
     return lines
@@ -120,23 +123,50 @@ def _moe_accuracy(record: Any) -> list[str]:
             f"{record.get('mean_kl')} nats over {record.get('tokens')} tokens of {record.get('text')}"]
 
 
-def _state(manifest: dict[str, Any]) -> list[str]:
+def _state(manifest: dict[str, Any], plans: dict[str, Plan], budget: MemoryBudget | None) -> list[str]:
     """The state block: bytes per sequence, each cache stored packed with its row layout (the kv_compression
-    record), and the bytes a token of context adds per compressed layer kind."""
+    record), the bytes a token of context adds per compressed layer kind, the fixed rings; then, with a budget,
+    the capacity table."""
     try:
         specs = decode_state(manifest)
         cfg = ModelConfig.from_dict(manifest.get("config", {}))
+        max_seq_len = int(manifest["max_seq_len"])
     except (ArtifactError, ConfigError, KeyError, TypeError, ValueError) as error:
         return [f"state: not readable ({error})"]
-    total = sum(spec.bytes_per_sequence() for spec in specs.values())
-    lines = [f"state: {_bytes(total)} per sequence at max_seq_len {manifest.get('max_seq_len', '?')}, "
-             f"{len(specs)} tensors"]
+    layout = capacity.state_layout(specs, cfg)
+    lines = [f"state: {_bytes(layout.bytes_per_sequence(max_seq_len))} per sequence at max_seq_len "
+             f"{max_seq_len:,}, {len(specs)} tensors"]
     layouts = _cache_layouts(manifest)
     width = max((len(name) for name in layouts), default=0)
     lines.extend(f"  {name:<{width}}  {list(specs[name].shape)} {str(specs[name].dtype).removeprefix('torch.')}: "
                  f"{layout}" for name, layout in layouts.items() if name in specs)
-    per_token = ", ".join(f"{kind} layer {count:.1f} B" for kind, count in context_bytes_per_token(specs, cfg).items())
-    lines.append(f"  context bytes per token: {per_token or 'none (window-only model)'}")
+    kinds = "; ".join(f"{k.name} {k.bytes_per_token():.1f} B ({k.layers} layer{'s' * (k.layers != 1)}, "
+                      f"{k.bytes_per_token() / k.layers:.1f} B each)" for k in layout.kinds)
+    lines.append(f"  context bytes per token: {kinds}; {layout.bytes_per_token():.1f} B in all" if kinds
+                 else "  context bytes per token: none (window-only model)")
+    lines.append(f"  fixed: {_bytes(layout.fixed)} a sequence (window and compressor rings, whatever the context)")
+    if budget is not None:
+        lines.extend(_capacity(manifest, plans, cfg, layout, budget))
+    return lines
+
+
+def _capacity(manifest: dict[str, Any], plans: dict[str, Plan], cfg: ModelConfig, layout: StateLayout,
+              budget: MemoryBudget) -> list[str]:
+    """Per context: one sequence's state and how many sequences fit in the budget after the weights, beside the
+    per-token variants' activation peaks."""
+    weights = capacity.weight_bytes(plans)
+    variants = [name for name in plans if name in capacity.PER_TOKEN_VARIANTS]
+    max_seq_len = int(manifest["max_seq_len"])
+    contexts = capacity.report_contexts(max_seq_len, cfg.max_position_embeddings)
+    rows = capacity.capacity_rows(layout, manifest, variants, budget.bytes - weights, contexts)
+    lines = [f"capacity in {_bytes(budget.bytes)} ({budget.source}) after {_bytes(weights)} of weights, with the "
+             f"step activations of {', '.join(variants) or 'no variant'}:",
+             f"  {'context':>9}  {'state a sequence':>16}  {'sequences':>9}"]
+    for row in rows:
+        note = "  this artifact (a pool row holds max_seq_len positions)" if row.context == max_seq_len else ""
+        lines.append(f"  {row.context:>9,}  {_bytes(row.state_per_sequence):>16}  {row.sequences:>9,}{note}")
+    if len(rows) > 1:
+        lines.append("  (the other contexts: an artifact compiled with --max-seq-len CONTEXT)")
     return lines
 
 

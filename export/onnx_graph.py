@@ -121,7 +121,7 @@ def tensor_proto(tensor: torch.Tensor, name: str) -> onnx.TensorProto:
     """A CPU tensor as an ONNX initializer, bit for bit (narrow float types through their bytes)."""
     tensor = tensor.detach().cpu().contiguous()
     if tensor.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e8m0fnu):
-        raw = tensor.view(torch.uint8).numpy().tobytes()
+        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()  # reshape: a 0-dim tensor has no byte view
         return helper.make_tensor(name, onnx_dtype(tensor.dtype), list(tensor.shape), raw, raw=True)
     return numpy_helper.from_array(tensor.numpy(), name)
 

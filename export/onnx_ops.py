@@ -9,6 +9,7 @@ Exact where ONNX allows it; the known differences (none of which the dsv4c plans
 - `signbit` cannot see the sign of a NaN (ONNX has no bit cast below opset 25): NaN gives False.
 - `topk`, `scatter` with duplicate indices and `index` with repeated rows follow ONNX's tie rules.
 - `frexp` is exact for finite floats (scaled by powers of two in two steps, so subnormals do not overflow).
+- `view.dtype` (a bit cast) is computed from the values (export/onnx_bitcast.py): a NaN becomes its format's quiet NaN.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from dsv4c.export.onnx_bitcast import bit_cast
 from dsv4c.export.onnx_graph import INT64_MAX, NotExpressible, OpContext, Value, onnx_dtype, tensor_proto
 
 Rule = Callable[[OpContext], "list[str] | str"]
@@ -349,6 +351,8 @@ def _reshape_to(c: OpContext, x: Value, sizes: list | None) -> str:
 
 @rule("view", "reshape", "_unsafe_view")
 def _view(c: OpContext) -> str:
+    if "dtype" in c.a:  # view.dtype: the same bytes as another dtype
+        return bit_cast(c)
     return _reshape_to(c, c.a["self"], list(c.a.get("size", c.a.get("shape"))))
 
 
@@ -384,6 +388,13 @@ def _expand(c: OpContext) -> str:
     static = c.static_out_shape()
     sizes = static if static is not None else [1 if (isinstance(s, int) and s == -1) else s for s in c.a["size"]]
     return c.g.add1("Expand", c.a["self"].name, c.shape_tensor(sizes))
+
+
+@rule("arange")
+def _arange(c: OpContext) -> str:
+    """Range over start (default 0), end and step (default 1), each a number or a SymInt, in the result's dtype."""
+    bounds = (c.a.get("start", 0), c.a["end"], c.a.get("step", 1))
+    return c.g.add1("Range", *(c.as_out(v) for v in bounds))
 
 
 @rule("zeros", "new_zeros", "zeros_like", "new_empty", "empty", "empty_like")

@@ -16,7 +16,8 @@ from typing import Any, Callable
 import torch
 from torch.export import Dim
 
-from dsv4c.codegen import fp8_linear, moe_fp4, ops, routed_moe
+from dsv4c.codegen import (fp8_linear, kv_cache, moe_fp4, ops, rms_norm, rope, routed_moe,
+                           sparse_attention)
 from dsv4c.model import rounding_ops
 from dsv4c.runtime.plan import BATCH, Plan
 
@@ -40,6 +41,12 @@ REFERENCES: dict[str, Callable[..., Any]] = {
     "dsv4c::fp8_linear": fp8_linear.reference,
     "dsv4c::routed_moe": routed_moe.every_expert,
     "dsv4c::moe_fp4": moe_fp4.every_expert,
+    "dsv4c::kv_pack": kv_cache.pack_reference,
+    "dsv4c::kv_unpack": kv_cache.unpack_reference,
+    "dsv4c::sparse_decode_attention": sparse_attention.reference,
+    "dsv4c::rms_norm": rms_norm.reference,
+    "dsv4c::rope": rope.rope_reference,
+    "dsv4c::rms_norm_rope": rope.rms_norm_rope_reference,
 }
 
 

@@ -27,6 +27,7 @@ from dsv4c.passes.memory_planning import memory_planning
 from dsv4c.passes.mhc_fusion import mhc_fusion
 from dsv4c.passes.moe_fp4 import moe_fp4
 from dsv4c.passes.noop_removal import noop_removal
+from dsv4c.passes.norm_rope_fusion import norm_rope_fusion
 from dsv4c.passes.reinplace_state import reinplace_state
 from dsv4c.passes.shape_propagation import shape_propagation
 from dsv4c.passes.sparse_attention import sparse_attention
@@ -52,6 +53,8 @@ CLEANUP_AND_PLANNING = (
                   "after kv_compression (reads the packed FP4 keys); its ids feed sparse_attention's op either way"),
     PipelineEntry("compressor_fusion", compressor_fusion,
                   "after the packed caches' readers (they match kv_compression's row scatter); writes state in place"),
+    PipelineEntry("norm_rope_fusion", norm_rope_fusion,
+                  "after every other fusion (they match norms and ropes inside their own patterns); before folding"),
     PipelineEntry("constant_folding", constant_folding, "after CSE, so each duplicated table folds once"),
     PipelineEntry("dead_code_after_folding", dead_code, "removes folded subgraphs' leftovers and unused buffers"),
     PipelineEntry("reinplace_state", reinplace_state,

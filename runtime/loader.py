@@ -5,6 +5,10 @@ kernels run (runtime/stored_kernels.py decides): on cpu, or on a GPU without Tri
 reference implementations; on a GPU the Triton mHC kernels, launched from the artifact's stored binaries
 where it holds them for this GPU's sm, built by the local Triton from the kernel source the installed dsv4c
 has; compiled from that source on first use otherwise. `load_tokenizer` reads the artifact's tokenizer, if any.
+
+The state pool is sized once the weights are on the device: `max_batch` rows (as its batch bucket) where they and
+the step activations fit in the memory left, else the largest bucket that fits, said on stderr; an artifact whose
+max_seq_len leaves no room for even one sequence is refused with what it needs (runtime/capacity.py).
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ from tokenizers import Tokenizer
 
 from dsv4c.runtime.artifact import Artifact, artifact_tokenizer, decode_state, distribution_version, load_artifact
 from dsv4c.runtime.stored_kernels import KernelPlan, kernel_plan
-from dsv4c.model.config import MAX_DRAFTS
 from dsv4c.runtime.engine import Engine
 from dsv4c.runtime.state_pool import StatePool, StateSpec
-from dsv4c.runtime import capacity
+from dsv4c.runtime import capacity, device_memory
+from dsv4c.runtime.capacity import PER_TOKEN_VARIANTS
 from dsv4c.runtime.step_runner import BUCKETS, BucketRunner, bucket_for
 from dsv4c.runtime.executor import Executor, weight_inputs
 
@@ -39,10 +43,6 @@ def plan_executors(artifact: Artifact, device: torch.device, kernels: KernelPlan
         constants = {key: artifact.weights[key] for key in set(plan.constants.values())}
         executors[name] = Executor(plan, constants, device, weight_inputs(plan, artifact.weights), implementations)
     return executors
-
-
-# Decode, MTP verification of up to MAX_DRAFTS drafts, and the MTP draft steps: the variants a token's step runs.
-PER_TOKEN_VARIANTS = tuple(f"{kind}_t{t}" for kind in ("main", "mtp") for t in range(1, MAX_DRAFTS + 2))
 
 
 def local_target(device: torch.device) -> str:
@@ -62,12 +62,14 @@ def state_specs(artifact: Artifact) -> dict[str, StateSpec]:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", *, max_batch: int = 8, cuda_graphs: bool = True,
-         progress: Callable[[str], None] = lambda message: None) -> Engine:
+         progress: Callable[[str], None] = lambda message: None, free_bytes: int | None = None) -> Engine:
     """A generation engine over the artifact at `path` (verified before use; nothing in it runs as Python).
 
-    The state pool holds `max_batch` sequences of the artifact's capacity; on a CUDA device with `cuda_graphs`,
-    the per-token step variants are captured into CUDA graphs for every batch bucket up to `max_batch`, here,
-    so the first request pays nothing (`progress` hears each capture)."""
+    The state pool holds `max_batch` sequences of the artifact's capacity, or fewer where memory does not allow
+    (module docstring; `free_bytes`: the bytes the pool and the step activations may use, by default the
+    device's free memory once the weights are on it); on a CUDA device with `cuda_graphs`, the per-token step
+    variants are captured into CUDA graphs for every batch bucket the pool holds, here, so the first request pays
+    nothing (`progress` hears each capture)."""
     artifact = load_artifact(path)
     device = torch.device(device)
     kernels = kernel_plan(artifact.manifest, artifact.path, local_target(device),
@@ -75,11 +77,13 @@ def load(path: str | Path, device: str | torch.device = "cpu", *, max_batch: int
     print(kernels.message, file=sys.stderr)
     manifest = artifact.manifest
     specs = state_specs(artifact)
-    rows = bucket_for(max_batch)  # a batch pads up to its bucket: the pool holds it
     per_token = tuple(name for name in artifact.plans if name in PER_TOKEN_VARIANTS)
-    _check_capacity(manifest, per_token, rows, sum(s.bytes_per_sequence() for s in specs.values()), device)
+    executors = plan_executors(artifact, device, kernels)  # the weights take their memory before the pool is sized
+    free = free_bytes if free_bytes is not None else device_memory.free_bytes(device)
+    rows, message = pool_rows(manifest, per_token, specs, bucket_for(max_batch), free, device)
+    print(message, file=sys.stderr)
     pool = StatePool(specs, rows, device)
-    runner = BucketRunner(plan_executors(artifact, device, kernels), pool, per_token, cuda_graphs, progress)
+    runner = BucketRunner(executors, pool, per_token, cuda_graphs, progress)
     return Engine(runner, specs, manifest["prefill_chunk"], manifest["max_seq_len"], device,
                   vocab_size=manifest["config"]["vocab_size"], pool=pool, max_drafts=max_drafts(manifest))
 
@@ -96,16 +100,26 @@ def load_tokenizer(path: str | Path) -> Tokenizer | None:
     return artifact_tokenizer(path)
 
 
-def _check_capacity(manifest, variants: tuple[str, ...], rows: int, state_per_sequence: int,
-                    device: torch.device) -> None:
-    """On a GPU, refuse a pool whose state and step activations (the compile's memory plan) exceed free memory."""
-    if device.type != "cuda":
-        return
-    free, _ = torch.cuda.mem_get_info(device)
-    need = capacity.step_bytes(manifest, variants, rows, state_per_sequence)
-    if need > free:
-        fits = capacity.largest_fitting(manifest, variants, BUCKETS, state_per_sequence, free)
-        raise ValueError(f"max_batch {rows}: {rows} sequences of {manifest['max_seq_len']} tokens need "
-                         f"{need / 2**30:.2f} GiB (state and step activations), {free / 2**30:.2f} GiB is free on "
-                         f"{device}; " + (f"at most {fits} fit" if fits else "not even one fits"))
+def pool_rows(manifest: dict, variants: tuple[str, ...], specs: dict[str, StateSpec], wanted: int,
+              free: int | None, device: torch.device) -> tuple[int, str]:
+    """(rows, the line saying so): `wanted` (a batch bucket) where the pool and the step activations fit in `free`
+    bytes (or where `free` is unknown), else the largest smaller bucket that fits; ValueError if none does."""
+    state = sum(spec.bytes_per_sequence() for spec in specs.values())
+    length = f"{manifest['max_seq_len']:,} positions"
+    if free is None:
+        return wanted, f"state pool: {wanted} sequences of {length}, {_gib(state)} each (free memory unknown)"
+    most = capacity.max_sequences(manifest, variants, state, free)
+    fits = f"{most:,} fit in the {_gib(free)} free on {device}"
+    need = capacity.step_bytes(manifest, variants, wanted, state)
+    if need <= free:
+        return wanted, f"state pool: {wanted} sequences of {length}, {_gib(state)} each ({fits})"
+    rows = capacity.largest_fitting(manifest, variants, [b for b in BUCKETS if b < wanted], state, free)
+    short = (f"{wanted} sequences of {length} need {_gib(need)} (state {_gib(state)} each, and step "
+             f"activations); {fits}")
+    if rows is None:
+        raise ValueError(f"state pool: {short}; compile with a smaller --max-seq-len")
+    return rows, f"state pool: {rows} sequences, not max_batch {wanted}: {short}"
 
+
+def _gib(count: int) -> str:
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"

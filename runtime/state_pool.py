@@ -3,6 +3,8 @@
 A batch of n sequences uses rows 0..n-1 (`rows(n)` gives views, so a step that writes its state in place
 writes into the pool). Nothing is reallocated between steps: compiled steps update their state inputs in
 place (passes/reinplace_state.py), and the CUDA graphs of the step runner are captured over these views.
+Every row holds the artifact's max_seq_len positions; runtime/capacity.py says what that costs per layer kind and
+how many rows fit.
 """
 
 from __future__ import annotations
@@ -11,9 +13,6 @@ import dataclasses
 from typing import Mapping
 
 import torch
-
-from dsv4c.model.config import ModelConfig
-from dsv4c.model.layout import layer_prefix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,22 +28,6 @@ class StateSpec:
         for size in self.shape:
             count *= size
         return count * self.dtype.itemsize
-
-
-COMPRESSED_CACHES = ("compressed_kv", "indexer_kv")
-
-
-def context_bytes_per_token(specs: Mapping[str, StateSpec], cfg: ModelConfig) -> dict[str, float]:
-    """Bytes one more token of context adds to a sequence's state, per compressed layer kind (`C4`, `C128`): the
-    row bytes of the layer's compressed caches over its ratio (whatever layout the specs give them: packed or
-    not). Window rings and compressor states do not grow with the context."""
-    out: dict[str, float] = {}
-    for layer, ratio in enumerate(cfg.compress_ratios[:cfg.n_layers_total]):
-        names = [layer_prefix(cfg, layer) + cache for cache in COMPRESSED_CACHES]
-        rows = [specs[n].shape[-1] * specs[n].dtype.itemsize for n in names if n in specs]
-        if ratio and rows:
-            out[f"C{ratio}"] = sum(rows) / ratio
-    return out
 
 
 class StatePool:

@@ -15,6 +15,7 @@ import torch
 
 onnx = pytest.importorskip("onnx", reason="ONNX export needs the onnx package (pip install dsv4c[onnx])")
 ml_dtypes = pytest.importorskip("ml_dtypes", reason="feeding bf16/fp8 to onnx.reference needs ml_dtypes")
+import onnx.inliner  # noqa: E402
 from onnx.reference import ReferenceEvaluator  # noqa: E402
 
 from dsv4c.model.checkpoint import write_synthetic  # noqa: E402
@@ -212,7 +213,10 @@ def run_onnx(model, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
             feeds[name] = tensor.contiguous().view(torch.uint8).numpy().view(numpy_dtype)
         else:
             feeds[name] = tensor.numpy()
-    return [torch.from_numpy(out.copy()) for out in ReferenceEvaluator(model).run(None, feeds)]
+    # onnx.reference keys local functions by (domain, name) and so ignores overloads (an op traced for two call
+    # signatures): inline them first, as a runtime without dsv4c kernels does
+    inlined = onnx.inliner.inline_local_functions(model)
+    return [torch.from_numpy(out.copy()) for out in ReferenceEvaluator(inlined).run(None, feeds)]
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -206,7 +206,7 @@ def test_manifest_pool_and_inspect_show_the_packed_layouts(compiled):
     assert specs["layers.1.compressor.kv_state"].dtype == torch.float32  # compressor rings stay raw
     text = "\n".join(describe(artifact))
     assert "layers.1.indexer_kv     [25, 34] uint8: e2m1[64]/32 = 34 B (128 B raw)" in text
-    assert "context bytes per token: C4 layer 41.0 B, C16 layer 8.1 B" in text
+    assert "context bytes per token: C4 41.0 B (1 layer, 41.0 B each); C16 8.1 B (1 layer, 8.1 B each)" in text
 
 
 def test_a_debug_compile_checks_every_pass_through_the_packed_caches(tmp_path):
