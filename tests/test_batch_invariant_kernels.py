@@ -160,3 +160,17 @@ def test_attention_rows_do_not_depend_on_the_step(child, ratio, topk):
         assert torch.equal(one[:, 0], whole[:, j]), f"token {j} of the 4-token step differs from its own step"
     alone = child(_attention, *t.step([1], start[1:2], steps))
     assert torch.equal(alone[0], whole[1]), "a sequence alone differs from the same sequence beside two others"
+
+
+@pytest.mark.parametrize("name", ["h100", "gb300"])
+def test_mhc_sums_are_the_same_program_from_one_to_eight_tokens(name):
+    """The mHC launch decides a token's summation order by its column chunks, splits, program shape and product
+    kind; from 1 to 8 tokens a step (a decode step and an MTP verification of up to 3 drafts at batch 1 or 2)
+    it must not change with the token count. Beyond 8 tokens the tuned tensor-core launches take over."""
+    from dsv4c.codegen.kernels.mhc_launch import mhc_launch
+
+    def order(tokens):
+        launch = mhc_launch(target(name), tokens, 4096, 4)
+        return launch.block_t, launch.block_d, launch.chunks, launch.split_k, launch.dot, launch.precision
+
+    assert {order(tokens) for tokens in range(1, 9)} == {order(1)}

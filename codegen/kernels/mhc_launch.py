@@ -117,9 +117,10 @@ def dot_launch(t: Target, tokens: int, hidden: int, hc: int, block_t: int, progr
 
 def broadcast_launch(tokens: int, hidden: int, hc: int) -> MhcLaunch:
     """Up to 8 tokens on GPUs: broadcast products (a tl.dot pads to 16 rows), one token and one 32-column chunk
-    a program up to 2 tokens, 2-token blocks of 64 columns beyond; from 3 tokens the collapse writes the new
-    streams."""
-    block_t, block_d = (1, 32) if tokens <= 2 else (2, 64)
+    a program whatever the count, so a token's sums are the same program's from 1 to 8 tokens a step (a decode
+    step and an MTP verification of up to 3 drafts at batch 1 or 2 agree bit for bit); from 3 tokens the collapse
+    writes the new streams (bitwise the same streams, BENCHMARKS.md)."""
+    block_t, block_d = 1, 32
     chunks, split_k = split_over(hidden, block_d, cdiv(hidden, block_d))
     return MhcLaunch(block_t=block_t, block_d=block_d, chunks=chunks, split_k=split_k, num_warps=4, num_stages=2,
                      collapse_t=1, collapse_warps=collapse_warps(hidden, hc), dot=False, pdl=True,
