@@ -7,8 +7,8 @@ the same name (a dtype as its ONNX element type). The model also carries an ONNX
 (a `FunctionProto` in domain "dsv4c") whose body is the op's reference implementation in standard ops, so
 ONNX's shape inference checks everything downstream, and a runtime without a dsv4c kernel can run the
 graph by inlining the body while one with a kernel keeps the node. Bodies come from two places:
-- `FUNCTION_BODIES`: written here, generic in every size and attribute (the dequant ops and fp8_linear: one
-  body serves every weight shape);
+- `FUNCTION_BODIES`: written here, generic in every size and attribute (the dequant ops, fp8_linear and
+  bf16_linear: one body serves every weight shape);
 - otherwise the op's PyTorch reference traced for the call's signature (compiler/onnx_reference.py): one
   function overload per distinct (dtypes, sizes, non-tensor arguments), generic only in the batch, its
   attributes declared for the node's sake but already fixed in the body (the overload name says which).
@@ -235,6 +235,14 @@ def _fp8_linear() -> onnx.FunctionProto:
                      "@ the e4m3 weight [N, K] times its 128x128 e8m0 scales, transposed, in fp32; as out_dtype")
 
 
+def _bf16_linear() -> onnx.FunctionProto:
+    b = _Body()
+    weight = b("Transpose", b("Cast", "weight", to=TensorProto.FLOAT), perm=[1, 0])
+    b.cast_to_attr(b("MatMul", b("Cast", "x", to=TensorProto.FLOAT), weight), "out_dtype", "output")
+    return _function("bf16_linear", ["x", "weight"], b.nodes, ["out_dtype"],
+                     "x [..., K] (bf16 or fp32) @ the bf16 weight [N, K] transposed, in fp32; as out_dtype")
+
+
 def _dequant_fp4_weight() -> onnx.FunctionProto:
     b = _Body()
     raw = b("Mod", b("Cast", "weight", to=TensorProto.INT32), b.const(256, torch.int32), fmod=0)  # the byte
@@ -259,4 +267,5 @@ FUNCTION_BODIES: dict[str, Callable[[], onnx.FunctionProto]] = {
     "dequant_fp8_weight": _dequant_fp8_weight,
     "dequant_fp4_weight": _dequant_fp4_weight,
     "fp8_linear": _fp8_linear,
+    "bf16_linear": _bf16_linear,
 }

@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 
 import torch.fx as fx
 
+from dsv4c.passes.bf16_linear import bf16_linear
 from dsv4c.passes.compressor_fusion import compressor_fusion
 from dsv4c.passes.constant_folding import constant_folding
 from dsv4c.passes.cse import cse
@@ -53,6 +54,8 @@ CLEANUP_AND_PLANNING = (
                   "after kv_compression (reads the packed FP4 keys); its ids feed sparse_attention's op either way"),
     PipelineEntry("compressor_fusion", compressor_fusion,
                   "after the packed caches' readers (they match kv_compression's row scatter); writes state in place"),
+    PipelineEntry("bf16_linear", bf16_linear,
+                  "after the fusions that read bf16-weight products in their patterns (router, compressor, indexer)"),
     PipelineEntry("norm_rope_fusion", norm_rope_fusion,
                   "after every other fusion (they match norms and ropes inside their own patterns); before folding"),
     PipelineEntry("constant_folding", constant_folding, "after CSE, so each duplicated table folds once"),

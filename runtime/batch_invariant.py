@@ -26,15 +26,18 @@ enough that no thread splits them: every element takes the SIMD path.
 CUDA (where Triton is installed). Within the block, the CUDA kernels of the aten ops that sum run Triton
 kernels whose order of summation is fixed by the sizes that do not grow with the step
 (runtime/batch_invariant_cuda.py, codegen/kernels/batch_invariant_launch.py): `mm`, `bmm` and `addmm` on bf16,
-fp16 or fp32 operands (the LM head, the router and compressor projections, any einsum), `sum.dim_IntList` and
+fp16 or fp32 operands (whatever product the passes left to aten: on GPU targets the bf16-weight linears are
+`dsv4c::bf16_linear`, on the same matmul kernel), `sum.dim_IntList` and
 `mean.dim` over any dims (RMS norms, the compressor's pooling, the routing weights' normalisation), `_softmax`
 and `_log_softmax` over any dim. Other dtypes, and sums over every dim, run PyTorch's kernels (through their
 `out` overloads, which the override leaves alone). Not overridden, because their result does not depend on an
 order: `amax` / `max` (exact in any order), `topk` (a selection of exact values; which of two equal values comes
 first is the one thing left to the algorithm), elementwise ops (a CUDA thread computes each element with the
 same code wherever it sits). dsv4c's own kernels are invariant by their launch choices (the FP8 GEMM's K split,
-the attention's key ranges: codegen/kernels/fp8_gemm_launch.py, attention.py); the mHC kernels' launches still
-depend on the token count (codegen/kernels/mhc_launch.py). The runtime enters the block for every step and for
+the attention's key ranges, the MoE's shape-only launches: codegen/kernels/fp8_gemm_launch.py, attention.py,
+moe_fp4_launch.py). The mHC kernels' sums are the same from 1 to 8 tokens a step; beyond, their tuned tensor-core
+launches change with the token count (codegen/kernels/mhc_launch.py), so a batch above 8 tokens a step is not
+invariant there yet. The runtime enters the block for every step and for
 the CUDA-graph captures (runtime/engine.py, step_runner.py), so the graphs hold these kernels.
 
 The override is process-wide while a block runs (a kernel registration: `torch.library`); nested blocks share

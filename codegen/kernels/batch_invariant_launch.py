@@ -11,14 +11,14 @@ additions in the same order), so a row gets the same bits whichever rows share i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from dsv4c.codegen.targets import Target, is_gpu
 
 MIN_DOT = 16  # tl.dot's smallest side
-PRODUCTS = ("native", "ieee")
+PRODUCTS = ("native", "ieee", "bf16x3")
 MAX_REDUCE_TILE = 4096  # elements of a reduction program's fp32 tile: 32 a thread at 4 warps
 
 
@@ -38,7 +38,8 @@ class MatmulLaunch:
         and the FP8 GEMM's split sum adds them (the same additions: the same bits).
     product: "native" (bf16/fp16 operands on the tensor cores, fp32 sums) or "ieee" (operands widened to fp32,
         fp32 FMA products: fp32 matmuls on GPUs, and every dtype on Triton's CPU interpreter, which gets bf16
-        wrong; a bf16 or fp16 product is exact in fp32 either way).
+        wrong; a bf16 or fp16 product is exact in fp32 either way) or "bf16x3" (fp32 rows times a bf16 matrix:
+        each row split exactly into three bf16 parts on the tensor cores, every part's products exact, fp32 sums).
     """
 
     block_rows: int
@@ -91,6 +92,16 @@ def matmul_launch(t: Target, m: int, n: int, k: int, groups: int, dtype: torch.d
                         blocks_per_split=per_slice, product=product,
                         fold_splits=is_gpu(t) and split_k > 1 and tiles >= t.sm_count,
                         num_stages=3 if is_gpu(t) else 1)
+
+
+def bf16_weight_launch(t: Target, m: int, n: int, k: int, x_dtype: torch.dtype) -> MatmulLaunch:
+    """The launch of `x [m, k] @ w.T` for a bf16 weight w [n, k] read as it is (codegen/bf16_linear.py):
+    `matmul_launch`'s tiles and K split for bf16; on GPUs an fp32 x goes to the tensor cores as exact bf16
+    parts ("bf16x3") instead of widening the weight for FMAs."""
+    launch = matmul_launch(t, m, n, k, 1, torch.bfloat16)
+    if x_dtype == torch.float32 and launch.product == "native":
+        return replace(launch, product="bf16x3")
+    return launch
 
 
 @dataclass(frozen=True, kw_only=True)
