@@ -95,11 +95,12 @@ def finish(x: torch.Tensor, layout: PackedLayout, rotate: bool) -> torch.Tensor:
     return torch.cat((rounded, x[..., layout.rounded:]), dim=-1)
 
 
-def reference(cache: torch.Tensor, kv_state: torch.Tensor, score_state: torch.Tensor, kv: torch.Tensor,
-              score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              start: torch.Tensor, ratio: int, eps: float, format: str, rounded: int, block: int, rotate: bool,
-              dtype: torch.dtype) -> torch.Tensor:
-    """The op's definition: model/attention.py `compress` from its projections on, its writes made in place."""
+def writes(cache: torch.Tensor, kv_state: torch.Tensor, score_state: torch.Tensor, kv: torch.Tensor,
+           score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           start: torch.Tensor, ratio: int, eps: float, format: str, rounded: int, block: int, rotate: bool,
+           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """model/attention.py `compress` from its projections on, as what the op writes: (cache row index `[B, T, R]`,
+    packed rows `[B, T, R]` to scatter there, the new kv_state, the new score_state). Reads its arguments only."""
     layout = check(cache, kv_state, score_state, kv, score, ape, norm_weight, cos, sin, start, ratio, format,
                    rounded, block, dtype)
     width, steps = layout.width, kv.shape[1]
@@ -117,10 +118,24 @@ def reference(cache: torch.Tensor, kv_state: torch.Tensor, score_state: torch.Te
     done = (positions + 1) % ratio == 0
     packed = pack_reference(torch.where(done.unsqueeze(-1), finish(rows, layout, rotate), 0), format, rounded, block)
     spill = cache.shape[1] - 1
-    target = torch.where(done, entry.clamp(max=spill), spill)
-    kv_state.copy_(ring_write(kv_state, kv, start))
-    score_state.copy_(ring_write(score_state, score, start))
-    return cache.scatter_(1, target.unsqueeze(-1).expand(-1, -1, cache.shape[2]), packed)
+    target = torch.where(done, entry.clamp(max=spill), spill).unsqueeze(-1).expand(-1, -1, cache.shape[2])
+    return target, packed, ring_write(kv_state, kv, start), ring_write(score_state, score, start)
+
+
+def reference(cache: torch.Tensor, kv_state: torch.Tensor, score_state: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The op's definition: `writes` made in place (the rings, then the cache's rows); returns the cache."""
+    target, packed, new_kv_state, new_score_state = writes(cache, kv_state, score_state, *args, **kwargs)
+    kv_state.copy_(new_kv_state)
+    score_state.copy_(new_score_state)
+    return cache.scatter_(1, target, packed)
+
+
+def written_values(cache: torch.Tensor, kv_state: torch.Tensor, score_state: torch.Tensor, *args, **kwargs
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op as a function: the new (cache, kv_state, score_state), its arguments untouched (the ONNX export's
+    body: an ONNX node returns new values)."""
+    target, packed, new_kv_state, new_score_state = writes(cache, kv_state, score_state, *args, **kwargs)
+    return cache.scatter(1, target, packed), new_kv_state, new_score_state
 
 
 def fake(cache, kv_state, score_state, kv, score, ape, norm_weight, cos, sin, start, ratio, eps, format, rounded, block,

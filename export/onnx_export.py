@@ -185,16 +185,20 @@ def _dims(first: Any, second: Any) -> tuple[int | str | None, ...]:
 
 
 def _translate(g: GraphBuilder, index: int, op: PlanOp, env: dict[str, Value], values: dict[str, Value],
-               in_place_target: str | None, library: FunctionLibrary) -> None:
+               in_place_target: list[str] | None, library: FunctionLibrary) -> None:
     namespace, base, _ = parse_op_name(op.op)
     args = _bind(op.args, env)
     kwargs = {k: _bind(v, env) for k, v in op.kwargs.items()}
     results = [values[buf if buf is not None else _unused_key(index, i)] for i, buf in enumerate(op.outputs)]
     start = len(g.nodes)
-    if namespace == DOMAIN:
+    written = in_place_target or []
+    if namespace == DOMAIN:  # an op that writes k arguments returns their k new values (its body: the writes)
         schema = resolve_op(op.op)._schema
         names = library.call(g, base, schema, _by_schema(schema, args, kwargs),
-                             [g.fresh(f"{base}_out") for _ in op.outputs])
+                             [g.fresh(f"{base}_out") for _ in range(max(len(op.outputs), len(written)))])
+        for target, name in list(zip(written, names))[1:]:
+            env[target] = Value(name, values[target].meta, values[target].dims)
+        names = names[:len(op.outputs)]
     else:
         named = _by_schema(resolve_op(op.op)._schema, args, kwargs) if namespace != "operator" else {}
         context = OpContext(g, op.op, functional_name(base), named, args, results)
@@ -205,8 +209,8 @@ def _translate(g: GraphBuilder, index: int, op: PlanOp, env: dict[str, Value], v
     for buf, name in zip(op.outputs, names):
         if buf is not None:
             env[buf] = Value(_rename(g, start, name, buf), values[buf].meta, values[buf].dims)
-    if in_place_target is not None:
-        env[in_place_target] = env[op.outputs[0]]
+    if written:
+        env[written[0]] = env[op.outputs[0]]
 
 
 def _bind(value: Any, env: dict[str, Value]) -> Any:
@@ -246,11 +250,11 @@ def _rename(g: GraphBuilder, start: int, name: str, buf: str) -> str:
     return buf
 
 
-def _in_place_targets(plan: Plan) -> dict[int, str]:
-    """Op index -> the buffer an in-place op (`add_`) writes. ONNX is functional, so the write becomes a
-    new value; refused when the old one could still be observed (read later, a view of it read later, or
-    a graph input or constant other than a `state.*` input, which the step updates and returns as its new
-    state)."""
+def _in_place_targets(plan: Plan) -> dict[int, list[str]]:
+    """Op index -> the buffers an in-place op (`add_`, `dsv4c::compress_step_`) writes. ONNX is functional, so
+    each write becomes a new value; refused when an old one could still be observed (read later, a view of it
+    read later, or a graph input or constant other than a `state.*` input, which the step updates and returns as
+    its new state)."""
     last_read = {}
     for index, op in enumerate(plan.ops):
         for name in op.refs():
@@ -261,17 +265,29 @@ def _in_place_targets(plan: Plan) -> dict[int, str]:
         _, base, _ = parse_op_name(op.op)
         if not base.endswith("_") or base.startswith("__") or not op.args or not isinstance(op.args[0], Ref):
             continue
-        target = op.args[0].name
-        views = [o for i, prior in enumerate(plan.ops[:index]) if target in prior.refs() and _is_view(prior)
-                 for o in prior.outputs if o]
-        observed = last_read.get(target, -1) > index or any(last_read.get(v, -1) > index for v in views)
-        state_input = target.startswith("state.") and target in plan.input_names  # a step's own state update
-        fresh = target in producer and not _is_view(plan.ops[producer[target]])
-        if observed or not (fresh or state_input):
-            raise NotExpressible(f"op {index} ({op.op}) writes {target!r} in place, and the old value can "
-                                 "still be observed; ONNX values are immutable")
-        targets[index] = target
+        written = _written_arguments(op)
+        if not all(isinstance(a, Ref) for a in written):
+            raise NotExpressible(f"op {index} ({op.op}) writes an argument that is not a buffer")
+        for target in (a.name for a in written):
+            views = [o for i, prior in enumerate(plan.ops[:index]) if target in prior.refs() and _is_view(prior)
+                     for o in prior.outputs if o]
+            observed = last_read.get(target, -1) > index or any(last_read.get(v, -1) > index for v in views)
+            state_input = target.startswith("state.") and target in plan.input_names  # a step's own state update
+            fresh = target in producer and not _is_view(plan.ops[producer[target]])
+            if observed or not (fresh or state_input):
+                raise NotExpressible(f"op {index} ({op.op}) writes {target!r} in place, and the old value can "
+                                     "still be observed; ONNX values are immutable")
+        targets[index] = [a.name for a in written]
     return targets
+
+
+def _written_arguments(op: PlanOp) -> list[Any]:
+    """The arguments an in-place op writes (`Tensor(a!)` in its schema; the first for an aten `name_` op), in
+    schema order."""
+    schema = resolve_op(op.op)._schema
+    named = _by_schema(schema, op.args, op.kwargs)
+    written = [named[a.name] for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    return written or [op.args[0]]
 
 
 def _is_view(op: PlanOp) -> bool:

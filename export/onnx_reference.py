@@ -16,8 +16,8 @@ from typing import Any, Callable
 import torch
 from torch.export import Dim
 
-from dsv4c.codegen import (fp8_linear, kv_cache, moe_fp4, ops, rms_norm, rope, routed_moe,
-                           sparse_attention)
+from dsv4c.codegen import (compressor, fp8_linear, kv_cache, lightning_indexer, moe_fp4, ops, rms_norm, rope,
+                           routed_moe, sparse_attention)
 from dsv4c.model import rounding_ops
 from dsv4c.runtime.plan import BATCH, Plan
 
@@ -47,6 +47,8 @@ REFERENCES: dict[str, Callable[..., Any]] = {
     "dsv4c::rms_norm": rms_norm.reference,
     "dsv4c::rope": rope.rope_reference,
     "dsv4c::rms_norm_rope": rope.rms_norm_rope_reference,
+    "dsv4c::compress_step_": compressor.written_values,
+    "dsv4c::lightning_indexer": lightning_indexer.reference,
 }
 
 

@@ -277,3 +277,51 @@ def test_each_exported_call_computes_its_op(exported):
         else:
             want = op(*inputs.values(), *(attrs[k] for k in ("scale", "window", "ratio", "rounded", "block")))
             assert rel_err(to_torch(got, want.dtype), want) <= BF16_TOLERANCE, node.output[0]
+
+
+def test_the_compressor_call_returns_its_three_writes(exported):
+    """`compress_step_` writes its cache and both rings in place. Its ONNX node returns the three new values
+    (its body is the op's writes as a function, codegen/compressor.py `written_values`), and the step's new rings
+    are those values, not its old inputs."""
+    calls = [n for n in exported.graph.node if n.domain == "dsv4c" and n.op_type == "compress_step_"]
+    assert len(calls) == 2  # the C4 layer's main and indexer compressors
+    for node in calls:
+        assert len(node.output) == 3
+        assert "compress_step_" not in {p.key: p.value for p in exported.metadata_props}["dsv4c.opaque_ops"]
+        consumers = {name for n in exported.graph.node for name in n.input} | {o.name for o in exported.graph.output}
+        assert all(out in consumers for out in node.output[1:])  # the new rings reach the step's outputs
+        types = {v.name: v for v in [*exported.graph.input, *exported.graph.value_info, *exported.graph.output]}
+        outs = [types[node.output[0]]] + [helper.make_tensor_value_info(out, types[src].type.tensor_type.elem_type,
+                                                                        [d.dim_param or d.dim_value for d in
+                                                                         types[src].type.tensor_type.shape.dim])
+                                          for out, src in zip(node.output[1:], node.input[1:3])]
+        graph = helper.make_graph([node], "one_call", [types[i] for i in node.input if i], outs)
+        model = helper.make_model(graph, opset_imports=exported.opset_import, functions=exported.functions,
+                                  ir_version=exported.ir_version)
+        gen = torch.Generator().manual_seed(1)
+        dtype_of = {code: dtype for dtype, code in ONNX_DTYPES.items()}
+        inputs = {}
+        for name in node.input:
+            tensor = types[name].type.tensor_type
+            shape, dtype = [2 if d.dim_param else d.dim_value for d in tensor.shape.dim], dtype_of[tensor.elem_type]
+            if dtype == torch.uint8:  # packed cache rows: the op only writes rows, any bytes do
+                inputs[name] = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+            elif dtype == torch.int64:  # start
+                inputs[name] = torch.tensor([3, 21])
+            else:
+                inputs[name] = torch.randn(shape, generator=gen).to(dtype)
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+        attrs["dtype"] = dtype_of[attrs["dtype"]]
+        got = ReferenceEvaluator(inline_local_functions(model)).run(None, {n: to_numpy(t) for n, t in inputs.items()})
+        from dsv4c.codegen.compressor import written_values
+        want = written_values(*inputs.values(), **attrs)
+        for g, w, name in zip(got, want, node.output):
+            assert torch.equal(to_torch(g, w.dtype), w), name
+        assert not torch.equal(want[1], inputs[node.input[1]])  # the ring was written: the check can see a stale one
+
+
+def test_every_dsv4c_op_of_the_packed_step_has_a_body(exported):
+    """The faithful C4 step holds the indexer and the compressors too: no dsv4c op of it is exported opaque."""
+    assert {p.key: p.value for p in exported.metadata_props}["dsv4c.opaque_ops"] == ""
+    assert {"lightning_indexer", "compress_step_"} <= {n.op_type for n in exported.graph.node if n.domain == "dsv4c"}
