@@ -36,8 +36,9 @@ import torch.fx as fx
 
 from dsv4c.codegen.bf16_linear import check_operands
 from dsv4c.passes.fp8_linear import product_nodes
-from dsv4c.passes.graph_match import (CASTS, cast_input, downcast_source, dtype, erase_dead_ancestors, is_call,
-                                      is_topological, linear, rank, replace_with_op, stable_toposort, upcast_source)
+from dsv4c.passes.graph_match import (CASTS, cast_input, dtype, erase_dead_ancestors, is_call, is_topological, linear,
+                                      linear_product, operands_fit, rank, replace_with_op, stable_toposort,
+                                      upcast_source)
 from dsv4c.passes.manager import PassContext, PassRecord, make_record
 from dsv4c.passes.op_facts import count_nodes, tensor_val
 from dsv4c.passes.shape_propagation import nodes_without_val, refresh_fake_values
@@ -67,21 +68,14 @@ def activation(operand: Any) -> fx.Node:
 
 def fits(x: fx.Node, weight: fx.Node, out_dtype: torch.dtype) -> bool:
     """The op accepts these operands (the same check its fake function makes)."""
-    vals = tensor_val(x), tensor_val(weight)
-    if any(v is None for v in vals):
-        return False
-    try:
-        check_operands(*vals, out_dtype)
-    except ValueError:
-        return False
-    return True
+    return operands_fit(check_operands, (tensor_val(x), tensor_val(weight)), out_dtype)
 
 
 def match(node: fx.Node) -> Bf16Linear | None:
     """node as the output of a bf16-weight linear: a bf16 cast of its fp32 product (the product's only
     reader), or the fp32 product itself."""
-    product = downcast_source(node) if dtype(node) == torch.bfloat16 else node
-    if product is None or dtype(product) != torch.float32 or product is not node and len(product.users) != 1:
+    product = linear_product(node)
+    if product is None:
         return None
     operands = linear(product)
     weight = bf16_weight(operands[1]) if operands is not None else None

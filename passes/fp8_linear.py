@@ -46,9 +46,9 @@ import torch.fx as fx
 from dsv4c.codegen import ops  # noqa: F401  (registers the dsv4c ops the captured graph calls)
 from dsv4c.codegen.fp8_linear import check_operands
 from dsv4c.model import rounding_ops  # noqa: F401  (registers dsv4c::fake_quant_fp8, which this pass reads)
-from dsv4c.passes.graph_match import (VIEWS, arg, downcast_source, dtype, erase_dead_ancestors, is_,
-                                      is_call, is_topological, linear, replace_with_op, shape, stable_toposort,
-                                      upcast_source)
+from dsv4c.passes.graph_match import (VIEWS, arg, downcast_source, dtype, erase_dead_ancestors, is_, is_call,
+                                      is_topological, linear, linear_product, operands_fit, replace_with_op, shape,
+                                      stable_toposort, upcast_source)
 from dsv4c.passes.manager import PassContext, PassRecord, make_record
 from dsv4c.passes.op_facts import count_nodes, tensor_val
 from dsv4c.passes.shape_propagation import nodes_without_val, refresh_fake_values
@@ -135,20 +135,14 @@ def fits(x: fx.Node, weight: fx.Node | RowBlock, scale: fx.Node | None, out_dtyp
                 _rows(tensor_val(weight.scale), first, last)]
     else:
         vals = [tensor_val(n) for n in (x, weight, scale)]
-    if any(v is None for v in vals):
-        return False
-    try:
-        check_operands(*vals, out_dtype)
-    except ValueError:
-        return False
-    return True
+    return operands_fit(check_operands, vals, out_dtype)
 
 
 def match(node: fx.Node) -> Fp8Linear | None:
     """node as the output of an FP8 linear: a bf16 cast of its fp32 product (the product's only reader), or
     the fp32 product itself."""
-    product = downcast_source(node) if dtype(node) == torch.bfloat16 else node
-    if product is None or dtype(product) != torch.float32 or product is not node and len(product.users) != 1:
+    product = linear_product(node)
+    if product is None:
         return None
     operands = linear(product)
     packed = packed_weight(operands[1]) if operands is not None else None

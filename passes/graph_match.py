@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 import operator
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import sympy
 import torch
@@ -427,3 +427,23 @@ def stable_toposort(graph: fx.Graph) -> None:
         first = next(iter(graph.nodes))
         if first is not node:
             first.prepend(node)
+
+
+def linear_product(node: fx.Node) -> fx.Node | None:
+    """The fp32 product a linear's output `node` is: the product under node's bf16 cast (the product's only
+    reader), or node itself when it is the fp32 product; None otherwise."""
+    product = downcast_source(node) if dtype(node) == torch.bfloat16 else node
+    if product is None or dtype(product) != torch.float32 or product is not node and len(product.users) != 1:
+        return None
+    return product
+
+
+def operands_fit(check: Callable[..., Any], vals: Sequence[Any], out_dtype: torch.dtype) -> bool:
+    """Whether an op's operand check (its fake function's) accepts these meta values and output dtype."""
+    if any(v is None for v in vals):
+        return False
+    try:
+        check(*vals, out_dtype)
+    except ValueError:
+        return False
+    return True

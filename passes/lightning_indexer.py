@@ -39,7 +39,7 @@ from dsv4c.passes.graph_match import (MUL, SUM, arg, dim, dtype, erase_dead_ance
                                       static_size, upcast_source)
 from dsv4c.passes.manager import PassContext, PassRecord, make_record
 from dsv4c.passes.op_facts import count_nodes
-from dsv4c.passes.sparse_attention import _evaluate, _ratio, _start_input
+from dsv4c.passes.sparse_attention import evaluate_at_starts, mask_ratio, start_input
 
 aten, dsv4c = torch.ops.aten, torch.ops.dsv4c
 NEG_INF = float("-inf")
@@ -123,7 +123,7 @@ def match(gm: fx.GraphModule, topk: fx.Node) -> Selection | None:
         return None
     q, cache, layout = logits
     head_w, mask = summed[1], masked[1]
-    start, ratio = _start_input(mask), _ratio(mask)
+    start, ratio = start_input(mask), mask_ratio(mask)
     if not same_sizes(shape(head_w), (shape(q) or ())[:3]) or start is None or not ratio \
             or not mask_agrees(gm, mask, start, ratio, static_size(q, 1), static_size(cache, 1)):
         return None
@@ -145,7 +145,7 @@ def mask_agrees(gm: fx.GraphModule, mask: fx.Node, start: fx.Node, ratio: int, s
         return False
     starts = sample_starts(entries, ratio, steps)
     want = visible_entries(starts.unsqueeze(1) + torch.arange(steps), entries, ratio)
-    got = _evaluate(gm, mask, start, starts)
+    got = evaluate_at_starts(gm, mask, start, starts)
     return got is not None and got.shape == want.shape and torch.equal(got.to(torch.bool), want)
 
 

@@ -234,7 +234,7 @@ def all_entries_set(key_set: KeySet) -> tuple[fx.Node, PackedLayout] | None:
 
 
 # ---- position tensors, checked by value ------------------------------------------------------------------
-def _evaluate(gm: fx.GraphModule, node: fx.Node, start: fx.Node, starts: torch.Tensor) -> torch.Tensor | None:
+def evaluate_at_starts(gm: fx.GraphModule, node: fx.Node, start: fx.Node, starts: torch.Tensor) -> torch.Tensor | None:
     """node's value for `start = starts`, when `start` is the only input it reads (None otherwise)."""
     needed, stack = set(), [node]
     while stack:
@@ -255,7 +255,7 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node, start: fx.Node, starts: torch.T
         return None
 
 
-def _start_input(slots: fx.Node) -> fx.Node | None:
+def start_input(slots: fx.Node) -> fx.Node | None:
     """The one int64 `[B]` placeholder the ring slots are computed from."""
     found, stack, seen = [], [slots], set()
     while stack:
@@ -285,13 +285,13 @@ def positions_agree(gm: fx.GraphModule, core: Core, window: Window, start: fx.No
         entries = static_size(core.sets[-1].keys, -2)
         checks.append((core.sets[-1].mask, visible_entries(positions, entries, ratio)))
     for node, want in checks:
-        got = _evaluate(gm, node, start, starts)
+        got = evaluate_at_starts(gm, node, start, starts)
         if got is None or got.shape != want.shape or not torch.equal(got.to(want.dtype), want):
             return False
     return True
 
 
-def _ratio(mask: fx.Node) -> int:
+def mask_ratio(mask: fx.Node) -> int:
     """The divisor of the floor division in a visibility mask's subgraph (0 when there is none)."""
     stack, seen = [mask], set()
     while stack:
@@ -324,7 +324,7 @@ def match(gm: fx.GraphModule, div: fx.Node) -> Match | None:
     """The op's reads for the attention core around `div`, or None for a near miss."""
     core = attention_core(div)
     window = window_set(core.sets[0]) if core is not None and len(core.sets) <= 2 else None
-    start = _start_input(window.slots) if window is not None else None
+    start = start_input(window.slots) if window is not None else None
     if start is None or static_size(core.q, -1) != window.layout.width:
         return None
     cache, ids, ratio, layout = None, None, 0, window.layout
@@ -334,7 +334,7 @@ def match(gm: fx.GraphModule, div: fx.Node) -> Match | None:
             cache, ids, layout = selected
             ratio = SELECTED_RATIO
         elif every is not None:
-            (cache, layout), ratio = every, _ratio(core.sets[1].mask)
+            (cache, layout), ratio = every, mask_ratio(core.sets[1].mask)
         if cache is None or not ratio or layout != window.layout:
             return None
     if not positions_agree(gm, core, window, start, ratio if ids is None else 0):
