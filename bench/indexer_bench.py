@@ -7,8 +7,11 @@ formula, in fp64 on the same CUDA inputs) and prints a PASS or FAIL line per cas
 scores are further apart than that. Then it times, as the median of CUDA-graph replays over rotating input sets
 (bench/gpu_common.py):
   kernel    codegen/kernels/lightning_indexer.py, scores + top-k with its default launch (keys decoded in
-            registers, bf16 dots), and its two launches apart (scores, topk); `mxfp`: the same with the keys
-            decoded by `tl.dot_scaled` (a decode that fails to compile prints FAIL and times nothing)
+            registers, bf16 dots), and its two launches apart (scores, topk); the top-k also forced to one program
+            a row (`1-prog`) and spread over several programs a row (`spans`, the launch few long rows get), after
+            PASS / FAIL lines that both select exactly the default launch's ids (on the scores, and on the scores
+            rounded to eighths: many ties); `mxfp`: the same with the keys decoded by `tl.dot_scaled` (a decode
+            that fails to compile prints FAIL and times nothing)
   aten      unpack the packed keys (e2m1 codes by table, e8m0 scales) + einsum + relu + head sum + mask + topk, as
             the op's reference computes them (eager; the table lives on the device so the graph can hold it)
   compiled  torch.compile of that aten function (dynamic shapes: one compile for every case)
@@ -27,7 +30,8 @@ import json
 import torch
 
 from dsv4c.codegen.kernels import lightning_indexer as kernels
-from dsv4c.codegen.kernels.lightning_indexer_launch import IndexerLaunch, indexer_launch
+from dsv4c.codegen.kernels.lightning_indexer_launch import (IndexerLaunch, indexer_launch, with_one_program_topk,
+                                                            with_parallel_topk)
 from dsv4c.codegen.kv_cache import PackedLayout, kv_pack, unpack_reference
 from dsv4c.codegen.targets import target_for_device
 from dsv4c.model import quant
@@ -112,10 +116,22 @@ def check(args: tuple, launch: IndexerLaunch, label: str) -> bool:
     return ok
 
 
+def same_topk(scores: torch.Tensor, k: int, launches: dict[str, IndexerLaunch], label: str) -> bool:
+    """PASS / FAIL: every top-k launch selects exactly the ids and validity of the first one."""
+    results = {name: kernels.select_topk(scores, k, launch) for name, launch in launches.items()}
+    first = next(iter(results.values()))
+    ok = all(torch.equal(ids, first[0]) and torch.equal(valid, first[1]) for ids, valid in results.values())
+    print(f"{'PASS' if ok else 'FAIL'} top-k {label}: {', '.join(launches)} select the same ids")
+    return ok
+
+
 def measure(batch: int, steps: int, context: int, gbps: float, compiled) -> dict:
     sets = case(batch, steps, context, 2)
     entries, k = context // RATIO + 1, min(TOPK, context // RATIO + 1)
-    launch = indexer_launch(target_for_device("cuda"), batch, steps, HEADS, entries, BLOCK)
+    gpu = target_for_device("cuda")
+    launch = indexer_launch(gpu, batch, steps, HEADS, entries, BLOCK)
+    topk_launches = {"default": launch, "1-prog": with_one_program_topk(launch, entries),
+                     "spans": with_parallel_topk(launch, gpu, batch * steps, entries)}
     mxfp = dataclasses.replace(launch, decode="mxfp")
     label = f"B={batch} T={steps} context={context}"
     passed = check(sets[0], launch, f"{label} {launch.decode}")
@@ -123,10 +139,15 @@ def measure(batch: int, steps: int, context: int, gbps: float, compiled) -> dict
     table = torch.tensor(quant.E2M1_MAGNITUDES + tuple(-v for v in quant.E2M1_MAGNITUDES), device="cuda")
     aten_args = [(q, w, c, s, table, k) for q, w, c, s, *_ in sets]
     scores = [kernels.indexer_scores(*a[:4], RATIO, BLOCK, launch) for a in sets]
+    passed = same_topk(scores[0], k, topk_launches, label) and passed
+    passed = same_topk(torch.round(scores[0] * 8), k, topk_launches, f"{label} scores rounded (ties)") and passed
+    topk_us = {name: graph_us(lambda s, chosen=chosen: kernels.select_topk(s, k, chosen), [(s,) for s in scores])
+               for name, chosen in topk_launches.items()}
     row = dict(batch=batch, steps=steps, context=context, entries=entries, passed=passed, mxfp_passed=mxfp_passed,
+               topk_spans=launch.topk_spans, one_program_topk_us=topk_us["1-prog"], spans_topk_us=topk_us["spans"],
                kernel_us=graph_us(lambda *a: kernels.lightning_indexer(*a, launch=launch), sets),
                scores_us=graph_us(lambda *a: kernels.indexer_scores(*a[:4], RATIO, BLOCK, launch), sets),
-               topk_us=graph_us(lambda s: kernels.select_topk(s, k, launch), [(s,) for s in scores]),
+               topk_us=topk_us["default"],
                mxfp_us=graph_us(lambda *a: kernels.lightning_indexer(*a, launch=mxfp), sets) if mxfp_passed
                else float("nan"),
                aten_us=graph_us(aten_indexer, aten_args),
@@ -148,8 +169,8 @@ def main() -> None:
     gbps = copy_gbps()
     rows = []
     print(f"copy bandwidth {gbps:.0f} GB/s")
-    print(f"{'B':>3} {'context':>8} {'kernel us':>10} {'scores':>8} {'topk':>8} {'mxfp':>8} {'floor':>8} {'%':>5} "
-          f"{'aten us':>10} {'compiled':>9}")
+    print(f"{'B':>3} {'context':>8} {'kernel us':>10} {'scores':>8} {'topk':>8} {'1-prog':>8} {'spans':>8} "
+          f"{'mxfp':>8} {'floor':>8} {'%':>5} {'aten us':>10} {'compiled':>9}")
     for batch in args.batches:
         for context in args.contexts:
             try:
@@ -160,6 +181,7 @@ def main() -> None:
                 continue
             rows.append(r)
             print(f"{batch:>3} {context:>8} {r['kernel_us']:10.1f} {r['scores_us']:8.1f} {r['topk_us']:8.1f} "
+                  f"{r['one_program_topk_us']:8.1f} {r['spans_topk_us']:8.1f} "
                   f"{r['mxfp_us']:8.1f} {r['floor_us']:8.1f} {100 * r['floor_us'] / r['kernel_us']:5.0f} "
                   f"{r['aten_us']:10.1f} {r['compiled_us']:9.1f}")
             torch.cuda.empty_cache()

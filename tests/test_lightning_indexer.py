@@ -8,6 +8,11 @@
   differs), -inf exactly where the reference has it. The selected set equals the reference's in every row whose
   k-th and k+1-th scores are further apart than 1e-5 of its largest score; ties and the order of ids are the
   kernels' own definition, checked exactly on scores with many ties;
+- the top-k spread over several programs a row (the launch batch 1 gets at long context, forced here on small rows):
+  exactly the one-program select and the contract's ranking (score descending, entry ascending) on rows of ties in
+  blocks, -0.0 beside +0.0, -inf, values told apart by their lowest bits only, E on and around chunk and span
+  boundaries, k = E, B = 1 and 3, T = 1 to 4; and through the whole op (k above E; context 1000); the GPU launch's
+  spans;
 - the pass on a small graph built from the model's own `indexer_select` feeding a C4 attention, through
   kv_compression and sparse_attention in both orders: one match each, no indexer key unpacked, the graph before and
   after equal bit for bit on fresh random inputs (the op's CPU reference is the same math and the same `topk`);
@@ -21,6 +26,7 @@ import dataclasses
 import functools
 import importlib.util
 import os
+import re
 import types
 
 import pytest
@@ -159,6 +165,66 @@ def test_topk_takes_ties_lowest_entry_first(interpreter):
         assert torch.equal(valid, scores.gather(1, ids) > float("-inf"))
 
 
+def ranked_topk(scores, k):
+    """The top-k contract: the first k entries by (score descending, entry ascending), in entry order, valid where
+    the score is above -inf."""
+    ids = torch.sort(-scores, dim=-1, stable=True).indices[..., :k].sort(dim=-1).values
+    return ids, scores.gather(-1, ids) > float("-inf")
+
+
+def hard_scores(batch, steps, entries, seed):
+    """[batch, steps, entries] scores that exercise every digit and the tie rule across spans, row r of kind r % 4:
+    a few values in blocks of 7 equal entries (-0.0 beside +0.0, every fifth -inf); values 1 + j * 2^-23 (only the
+    lowest digit tells them apart); normal values; 3 finite scores, the rest -inf."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(-3, 4, (batch * steps, -(-entries // 7)), generator=g).float() / 2
+    rows = blocks.repeat_interleave(7, dim=-1)[:, :entries].clone()
+    rows[:, ::5] = float("-inf")
+    rows[:, 1::11] = -0.0
+    rows[1::4] = 1 + torch.randint(0, 40, rows[1::4].shape, generator=g).float() * 2.0 ** -23
+    rows[2::4] = torch.randn(rows[2::4].shape, generator=g)
+    rows[3::4, 3:] = float("-inf")
+    return rows.view(batch, steps, entries)
+
+
+PARALLEL = [  # (batch, steps, entries, k, launch fields): spans of whole chunks, E around their boundaries
+    (1, 1, 129, 40, {"chunk": 64, "topk_spans": 3, "topk_span": 64}),
+    (3, 2, 256, 256, {"chunk": 64, "topk_spans": 4, "topk_span": 64}),
+    (1, 4, 257, 100, {"chunk": 64, "topk_spans": 3, "topk_span": 128}),
+    (3, 1, 383, 7, {"chunk": 32, "topk_spans": 4, "topk_span": 96}),
+    (1, 3, 1000, 512, {"chunk": 128, "topk_spans": 8, "topk_span": 128}),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("batch,steps,entries,k,changes", PARALLEL)
+def test_topk_over_several_programs_a_row_selects_what_one_program_does(interpreter, batch, steps, entries, k,
+                                                                        changes):
+    """The multi-program select (each row's entries over spans, chunk- and span-boundary sizes, k = E included)
+    against the contract's ranking and against the one-program select, exactly: ids, their order and validity."""
+    scores = hard_scores(batch, steps, entries, seed=entries + k)
+    want = ranked_topk(scores, k)
+    parallel = interpreter("select_topk", (scores, k), changes)
+    one_program = interpreter("select_topk", (scores, k), {})
+    for got in (parallel, one_program):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@needs_triton
+def test_topk_over_several_programs_through_the_op(interpreter):
+    """The whole op with the multi-program top-k: top-k above the entries (k = E, most of them masked for the
+    earlier tokens) and a top-16 of 251 entries at context 1000, against the fp64 reference's selection."""
+    spread = {"chunk": 16, "topk_spans": 4, "topk_span": 16}
+    args = inputs(context=200, steps=2, topk=512, entries=60)
+    _, (ids, valid) = interpreter("lightning_indexer", args, spread)
+    assert_same_selection(ids, valid, fp64_scores(*args), 60)
+    assert valid.sum(-1).tolist() == [[49, 50], [49, 49]]
+    args = inputs(context=1000, steps=3, topk=16)
+    scores, (ids, valid) = interpreter("lightning_indexer", args, {"chunk": 32, "topk_spans": 3, "topk_span": 96})
+    assert_same_selection(ids, valid, fp64_scores(*args), 16)
+    assert torch.equal(ids, ranked_topk(scores, 16)[0])
+
+
 @pytest.mark.parametrize("batch,entries", [(1, 65_537), (32, 65_537), (128, 1025), (1, 1), (3, 251)])
 def test_gpu_launch_covers_every_entry_once_and_fills_the_gpu(batch, entries):
     """Flash sizes on H100: split ranges of whole tiles that cover the entries, none empty, at least one program
@@ -167,6 +233,57 @@ def test_gpu_launch_covers_every_entry_once_and_fills_the_gpu(batch, entries):
     tiles = -(-entries // launch.block_e)
     assert launch.splits * launch.entries_per_split >= entries > (launch.splits - 1) * launch.entries_per_split
     assert batch * launch.splits >= min(2 * 132, batch * tiles) // 2
+
+
+def _start_compiler():
+    os.environ.pop("TRITON_INTERPRET", None)  # a compiling process: Triton builds PTX for a GPU it lacks
+    torch.set_num_threads(1)
+
+
+def _topk_ptx(chunk: int) -> dict[str, str]:
+    """In the child: the PTX of each top-k kernel built for H100 (sm_90a) with 8 warps, by name."""
+    import triton
+    from triton.compiler import ASTSource
+
+    from dsv4c.codegen.kernels import lightning_indexer_topk as topk
+    from dsv4c.codegen.targets import target, triton_gpu_target
+
+    pointers = {"scores_ptr": "*fp32", "hist_ptr": "*i32", "bounds_ptr": "*i32", "ids_ptr": "*i64", "valid_ptr": "*u8"}
+    kernels = {"one program": (topk._topk_kernel, {"CHUNK": chunk}),
+               "write": (topk._topk_write_kernel, {"SPANS": 512, "CHUNK": chunk}),
+               **{f"pass {shift}": (topk._radix_pass_kernel, {"SHIFT": shift, "CHUNK": chunk}) for shift in (24, 0)}}
+    ptx = {}
+    for name, (fn, constexprs) in kernels.items():
+        signature = {arg: pointers.get(arg, "i32") for arg in fn.arg_names if arg not in constexprs}
+        source = ASTSource(fn, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs)
+        built = triton.compile(source, target=triton_gpu_target(target("h100")), options={"num_warps": 8})
+        ptx[name] = built.asm["ptx"]
+    return ptx
+
+
+@needs_triton
+def test_topk_kernels_build_for_h100():
+    """The interpreter runs what the GPU compiler may refuse (a loop-carried constant, say): every top-k kernel
+    builds for sm_90a, the histogram passes add into the row's histogram with relaxed global atomics, and neither
+    the write nor the one-program kernel touches global memory atomically."""
+    with child_pool(_start_compiler) as pool:
+        ptx = pool.submit(_topk_ptx, 1024).result()
+    atomic = re.compile(r"(?:red|atom)\.global\.[\w.]*add")
+    assert all(".target sm_90a" in text for text in ptx.values())
+    assert all(re.search(r"(?:red|atom)\.global\.gpu\.relaxed\.add", ptx[f"pass {s}"]) for s in (24, 0))
+    assert not atomic.search(ptx["write"]) and not atomic.search(ptx["one program"])
+
+
+@pytest.mark.parametrize("batch,steps,entries,spread", [
+    (1, 1, 16_384, True), (1, 4, 262_145, True), (2, 1, 65_537, True),  # batch 1-2 at 64K-1M context
+    (1, 1, 1025, False), (32, 1, 65_537, False), (128, 1, 16_384, False)])  # 4K context; rows that fill the GPU
+def test_gpu_launch_spreads_the_topk_of_few_long_rows(batch, steps, entries, spread):
+    """Flash sizes on H100: the top-k of few long rows over spans of whole chunks covering the row, none empty, at
+    most two programs an SM; short rows and batches of 32 rows and more keep one program a row."""
+    launch = indexer_launch(target("h100"), batch, steps, HEADS, entries, BLOCK)
+    assert launch.topk_spans * launch.topk_span >= entries > (launch.topk_spans - 1) * launch.topk_span
+    assert launch.topk_span % launch.chunk == 0 and (launch.topk_spans > 1) == spread
+    assert batch * steps * launch.topk_spans <= max(2 * 132, batch * steps)
 
 
 # ---- the pass ---------------------------------------------------------------------------------------------------

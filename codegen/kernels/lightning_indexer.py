@@ -12,12 +12,10 @@ grids chosen by codegen/kernels/lightning_indexer_launch.py:
     exact: queries and decoded keys are bf16 values (the op's contract), so only the fp32 summation order differs
     from the reference. (Scale byte 0 decodes to 0 in registers, not 2^-127: kv_pack never writes it, and the
     pool's unwritten rows, which hold it, have zero codes.)
-(2) `_topk_kernel`, grid (B * T,): an exact radix select per query row. The scores map to int32 keys whose order
-    is the scores' order (-0.0 counted as +0.0); four passes of 8 bits find the k-th largest key and how many of
-    its ties to take; a last pass writes, in ascending entry order, every entry above it and its lowest-index ties.
-    So the selected set is the first k entries ordered by (score descending, entry ascending), masked entries
-    (-inf, valid False) last: the reference's set wherever its k-th and k+1-th scores differ by more than the
-    summation order's rounding.
+(2) `select_topk` (codegen/kernels/lightning_indexer_topk.py): an exact radix select per query row, in one
+    program a row or, for a few long rows, in several programs a row: the first k entries ordered by (score
+    descending, entry ascending), masked entries (-inf, valid False) last, written in ascending entry order: the
+    reference's set wherever its k-th and k+1-th scores differ by more than the summation order's rounding.
 """
 
 from __future__ import annotations
@@ -27,9 +25,8 @@ import triton
 import triton.language as tl
 
 from dsv4c.codegen.kernels.lightning_indexer_launch import MIN_DOT, MXFP_BLOCK, IndexerLaunch, indexer_launch
+from dsv4c.codegen.kernels.lightning_indexer_topk import select_topk
 from dsv4c.codegen.targets import target_for_device
-
-RADIX_BINS = 512  # 256 digit bins (largest digit first) and one for rows that no longer match the prefix
 
 
 # ---- scores ---------------------------------------------------------------------------------------------
@@ -104,67 +101,6 @@ def _scores_kernel(q_ptr, w_ptr, cache_ptr, start_ptr, scores_ptr, T, H, E, entr
         tl.store(out + e[None, :], score, mask=(tokens[:, None] < T) & ok[None, :])
 
 
-# ---- top-k ----------------------------------------------------------------------------------------------
-@triton.jit
-def _ordered(score):
-    """int32 whose signed order is the scores' order (-0.0 counted as +0.0)."""
-    bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
-@triton.jit
-def _digit(key, SHIFT: tl.constexpr):
-    """The 8-bit digit at SHIFT of the key read as unsigned (its sign bit flipped)."""
-    if SHIFT == 24:
-        return ((key >> 24) & 255) ^ 128
-    return (key >> SHIFT) & 255
-
-
-@triton.jit
-def _refine(row_ptr, E, prefix, remaining, SHIFT: tl.constexpr, CHUNK: tl.constexpr):
-    """One radix pass: among keys whose digits above SHIFT are the prefix's, the digit of the `remaining`-th
-    largest. Returns (prefix with that digit, how many of the matching keys with that digit are still to take)."""
-    hist = tl.zeros([RADIX_BINS], tl.int32)
-    for base in range(0, E, CHUNK):
-        offs = base + tl.arange(0, CHUNK)
-        key = _ordered(tl.load(row_ptr + offs, mask=offs < E, other=float("-inf")))
-        match = offs < E
-        if SHIFT < 24:
-            match = match & ((key >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
-        hist += tl.histogram(tl.where(match, 255 - _digit(key, SHIFT), 256), RADIX_BINS)
-    bins = tl.arange(0, RADIX_BINS)
-    reached = (tl.cumsum(hist, 0) >= remaining) & (bins < 256)
-    chosen = tl.min(tl.where(reached, bins, RADIX_BINS))
-    above = tl.sum(tl.where(bins < chosen, hist, 0))
-    digit = 255 - chosen
-    if SHIFT == 24:
-        digit = digit ^ 128
-    return prefix | (digit << SHIFT), remaining - above
-
-
-@triton.jit
-def _topk_kernel(scores_ptr, ids_ptr, valid_ptr, E, K, CHUNK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = scores_ptr + row * E
-    threshold, ties = _refine(row_ptr, E, 0, K, 24, CHUNK)
-    threshold, ties = _refine(row_ptr, E, threshold, ties, 16, CHUNK)
-    threshold, ties = _refine(row_ptr, E, threshold, ties, 8, CHUNK)
-    threshold, ties = _refine(row_ptr, E, threshold, ties, 0, CHUNK)
-    taken, tied = 0, 0
-    for base in range(0, E, CHUNK):
-        offs = base + tl.arange(0, CHUNK)
-        score = tl.load(row_ptr + offs, mask=offs < E, other=float("-inf"))
-        key = _ordered(score)
-        equal = ((offs < E) & (key == threshold)).to(tl.int32)
-        take = (((offs < E) & (key > threshold)) | ((equal != 0) & (tied + tl.cumsum(equal, 0) <= ties)))
-        take = take.to(tl.int32)
-        slot = row * K + taken + tl.cumsum(take, 0) - 1
-        tl.store(ids_ptr + slot, offs.to(tl.int64), mask=take != 0)
-        tl.store(valid_ptr + slot, (score > float("-inf")).to(tl.uint8), mask=take != 0)
-        taken += tl.sum(take)
-        tied += tl.sum(equal)
-
-
 # ---- host wrappers --------------------------------------------------------------------------------------
 def indexer_scores(q: torch.Tensor, head_w: torch.Tensor, cache: torch.Tensor, start: torch.Tensor, ratio: int,
                    block: int, launch: IndexerLaunch) -> torch.Tensor:
@@ -181,18 +117,6 @@ def indexer_scores(q: torch.Tensor, head_w: torch.Tensor, cache: torch.Tensor, s
         BLOCK_H=max(MIN_DOT, triton.next_power_of_2(heads)), BLOCK_E=launch.block_e, DECODE=launch.decode,
         PRODUCT=launch.product, num_warps=launch.scores_warps)
     return out
-
-
-def select_topk(scores: torch.Tensor, k: int, launch: IndexerLaunch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids int64, valid bool) `[..., k]` of fp32 scores `[..., E]` (k <= E): the first k entries by (score
-    descending, entry ascending), listed in ascending entry order; valid where the score is above -inf."""
-    rows = scores.flatten(0, -2).contiguous()
-    ids = torch.empty((rows.shape[0], k), dtype=torch.int64, device=scores.device)
-    valid = torch.empty((rows.shape[0], k), dtype=torch.bool, device=scores.device)
-    if k and rows.shape[0]:
-        _topk_kernel[(rows.shape[0],)](rows, ids, valid.view(torch.uint8), rows.shape[1], k, CHUNK=launch.chunk,
-                                       num_warps=launch.topk_warps)
-    return ids.view(*scores.shape[:-1], k), valid.view(*scores.shape[:-1], k)
 
 
 def lightning_indexer(q: torch.Tensor, head_w: torch.Tensor, cache: torch.Tensor, start: torch.Tensor, ratio: int,
