@@ -11,8 +11,9 @@
       aten       inside runtime/batch_invariant.py's block: fp32 and bf16 `x @ w.T`, bmm, addmm, mean and sum over
                  the last and a middle dim, softmax, log_softmax; the same calls without the block (cuBLAS,
                  PyTorch's reductions) are printed as INFO
-      mhc        the mHC kernels (codegen/cuda_impls.py hc_pre, hc_post_pre): launched by token count
-                 (codegen/kernels/mhc_launch.py); a FAIL here names the kernels left to make invariant
+      mhc        the mHC ops hc_pre, hc_post_pre, hc_head (every output) inside the block, where their CUDA
+                 kernels take the batch-invariant launch (codegen/kernels/mhc_launch.py); without the block (the
+                 tuned launches, token-count dependent above 8 tokens) printed as INFO
 (b) End to end, through the engine (runtime/engine.py, CUDA graphs on): greedy decoding of --artifact (compiled
     with --target h100; without one, the embedded demo model's reference model in bf16) with --mtp 1..max
     must give the tokens of --mtp 0, and prompts decoded together the tokens each gets alone.
@@ -26,13 +27,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import time
 from typing import Callable
 
 import torch
 
-from dsv4c.codegen import cuda_impls
 from dsv4c.codegen.kernels import attention, fp8_gemm
 from dsv4c.codegen.kernels.fp8_gemm_launch import Fp8GemmLaunch, fp8_gemm_launch, split_blocks
 from dsv4c.codegen.kv_cache import kv_pack
@@ -193,9 +194,22 @@ def check_mhc() -> None:
     scale = torch.rand(3, generator=gen, device="cuda") + 0.5
     norm = (torch.rand(hidden, generator=gen, device="cuda") + 0.5).bfloat16()
     mix = (fn, base, scale, norm, 1e-6, 1e-6, 20)
-    rows_invariant("mhc hc_pre (normed)", lambda lo, hi: cuda_impls.hc_pre(streams[lo:hi], *mix)[0])
-    rows_invariant("mhc hc_post_pre (normed)", lambda lo, hi: cuda_impls.hc_post_pre(
-        block_out[lo:hi], streams[lo:hi], post[lo:hi], comb[lo:hi], *mix)[1])
+    head = (fn[:hc], base[:hc], scale[:1], norm, 1e-6, 1e-6)
+    importlib.import_module("dsv4c.codegen.ops")  # defines torch.ops.dsv4c
+    ops = torch.ops.dsv4c
+    calls = {"hc_pre": lambda lo, hi: ops.hc_pre(streams[lo:hi], *mix),
+             "hc_post_pre": lambda lo, hi: ops.hc_post_pre(block_out[lo:hi], streams[lo:hi], post[lo:hi], comb[lo:hi],
+                                                           *mix),
+             "hc_head": lambda lo, hi: ops.hc_head(streams[lo:hi], *head)}
+    for name, call in calls.items():
+        rows = lambda lo, hi, call=call: token_rows(call(lo, hi))  # noqa: E731
+        rows_invariant(f"mhc {name} (every output), in the block", in_block(rows))
+        rows_invariant(f"mhc {name} (every output), without the block", rows, kind="INFO")
+
+
+def token_rows(out) -> torch.Tensor:
+    """An op's outputs as one fp32 row a token (bf16 widened exactly), every output side by side."""
+    return torch.cat([o.float().flatten(1) for o in (out if isinstance(out, tuple) else (out,))], dim=1)
 
 
 # ---- (b) end to end ------------------------------------------------------------------------------------------

@@ -14,12 +14,22 @@ and the byte floor: bytes that must move (streams read, fn read, outputs written
 measured in this run. Usage (Flash dims by default):
   python bench/mhc_bench.py [--tokens 1 8 64 256] [--hidden 4096] [--hc 4] [--iters 20] [--json out.json]
   python bench/mhc_bench.py --sweep   # also time a grid of MhcLaunch configs of the fused kernels
+  python bench/mhc_bench.py --invariant --tokens 1 8 16 64 128   # only the batch-invariant launch, below
+With --invariant (runtime/batch_invariant.py's launch, `batch_invariant_launch`) it prints, instead of the table:
+  PASS / FAIL  each op's rows of steps of every --tokens count (and of 9 and 17 tokens at other offsets) equal
+               bit for bit the same tokens' rows of one step of the largest count, bf16 and fp32 streams (the
+               tuned launch's result as INFO); and the ops inside the block (torch.ops.dsv4c.*, eager and in a
+               CUDA graph captured in it) equal the wrapper with that launch, outside it the tuned launch
+  COST         each op at each --tokens count, tuned and batch-invariant launch side by side (CUDA graphs over
+               rotating input sets, as the table), with the invariant launch's check against the reference
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import importlib
 import json
 
 import torch
@@ -29,7 +39,7 @@ import triton.language as tl
 from dsv4c.codegen import mhc_reference as ref
 from dsv4c.codegen.kernels import mhc
 from dsv4c.codegen.kernels.launcher import JIT
-from dsv4c.codegen.kernels.mhc_launch import MIN_DOT, dot_launch, mhc_launch, split_over
+from dsv4c.codegen.kernels.mhc_launch import MIN_DOT, batch_invariant_launch, dot_launch, mhc_launch, split_over
 from dsv4c.codegen.targets import target_for_device
 from gpu_common import copy_gbps, environment, graph_us  # bench/gpu_common.py (scripts run from bench/)
 
@@ -252,6 +262,103 @@ def kernel_breakdown(tokens, args, l2_bytes) -> None:
     print("  ".join(out), flush=True)
 
 
+# ---- batch invariance (runtime/batch_invariant.py) -------------------------------------------------------
+TOKEN_INPUTS = ("streams", "block_out", "post", "comb")  # make_set's tensors with a token dim
+
+
+def token_rows(out) -> torch.Tensor:
+    """An op's outputs as one fp32 row a token (bf16 widened exactly), every output side by side."""
+    return torch.cat([o.float().flatten(1) for o in (out if isinstance(out, tuple) else (out,))], dim=1)
+
+
+def tokens_of(s: dict, lo: int, hi: int) -> dict:
+    """Input set `s` cut to tokens lo .. hi - 1 (contiguous copies: a step of its own)."""
+    return {k: v[lo:hi].contiguous() if k in TOKEN_INPUTS else v for k, v in s.items()}
+
+
+def report(label: str, name: str, detail: str = "") -> dict:
+    print(f"{label:<5} {name}  {detail}", flush=True)
+    return dict(label=label, name=name, detail=detail)
+
+
+def steps_agree(args, dtype: torch.dtype) -> list[dict]:
+    """Each op's rows of steps of every --tokens count, and of 9 and 17 tokens at other offsets, against the same
+    rows of one step of the largest count: PASS / FAIL with `batch_invariant_launch`, INFO with the tuned one."""
+    top = max(max(args.tokens), 17)
+    s = make_set(top, args.hc, args.hidden, dtype, torch.Generator(device="cuda").manual_seed(13))
+    spans = sorted({(0, t) for t in args.tokens} | {(5, 14), (top - 17, top)})
+    results = []
+    for op in OPS:
+        for name, kw in (("batch-invariant", dict(launch_choice=batch_invariant_launch)), ("tuned", {})):
+            def run(lo, hi, op=op, kw=kw):
+                return token_rows(getattr(mhc, op)(*op_args(op, tokens_of(s, lo, hi), args.iters), **kw))
+            whole = run(0, top)
+            bad = [f"{lo}..{hi - 1}" for lo, hi in spans if not torch.equal(run(lo, hi), whole[lo:hi])]
+            ok = not bad and not whole.isnan().any()
+            detail = (f"rows differing from the {top}-token step: {', '.join(bad)}" if bad else
+                      f"{len(spans)} steps ({', '.join(str(hi - lo) for lo, hi in spans)} tokens) equal")
+            label = "INFO" if name == "tuned" else ("PASS" if ok else "FAIL")
+            results.append(report(label, f"{op} {str(dtype)[6:]}, {name} launch: a token's bits in every step", detail))
+    return results
+
+
+def block_dispatch(args) -> list[dict]:
+    """The mHC ops inside runtime/batch_invariant.py's block (the CUDA kernels it registers) against the wrapper
+    with `batch_invariant_launch`, eager and replayed from a CUDA graph captured inside the block; outside it,
+    against the tuned launch."""
+    from dsv4c.runtime.batch_invariant import batch_invariant
+
+    importlib.import_module("dsv4c.codegen.ops")  # defines torch.ops.dsv4c
+    results = []
+    for tokens in sorted({min(args.tokens), 9, max(args.tokens)}):
+        s = make_set(tokens, args.hc, args.hidden, torch.bfloat16, torch.Generator(device="cuda").manual_seed(17))
+        for op in OPS:
+            a, registered = op_args(op, s, args.iters), getattr(torch.ops.dsv4c, op)
+            want = token_rows(getattr(mhc, op)(*a, launch_choice=batch_invariant_launch))
+            with batch_invariant():
+                eager = token_rows(registered(*a))
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    captured = registered(*a)
+            graph.replay()
+            outside = torch.equal(token_rows(registered(*a)), token_rows(getattr(mhc, op)(*a)))
+            ok = torch.equal(eager, want) and torch.equal(token_rows(captured), want) and outside
+            results.append(report("PASS" if ok else "FAIL", f"{op} T={tokens}: torch.ops.dsv4c in the block",
+                                  f"eager {torch.equal(eager, want)}, graph {torch.equal(token_rows(captured), want)}"
+                                  f", outside the block the tuned launch {outside}"))
+    return results
+
+
+def invariance_cost(args, l2_bytes: int) -> list[dict]:
+    """Each op at each --tokens count: the tuned launch and `batch_invariant_launch` (the same up to 8 tokens),
+    median microseconds of CUDA-graph replays over rotating input sets."""
+    t, results = target_for_device("cuda"), []
+    for tokens in args.tokens:
+        sets = input_sets(tokens, args.hc, args.hidden, torch.bfloat16, l2_bytes)
+        launch = batch_invariant_launch(t, tokens, args.hidden, args.hc)
+        for op in OPS:
+            arg_sets = [op_args(op, s, args.iters) for s in sets]
+            tuned = graph_us(getattr(mhc, op), arg_sets)
+            invariant = graph_us(functools.partial(getattr(mhc, op), launch=launch), arg_sets)
+            same = launch == mhc_launch(t, tokens, args.hidden, args.hc)
+            detail = (f"tuned {tuned:7.2f} us, batch-invariant {invariant:7.2f} us (x{invariant / tuned:.2f}"
+                      f"{', the same launch' if same else ''}); check {check(op, sets[0], args.iters, launch=launch)}")
+            results.append(dict(report("COST", f"{op:<12} T={tokens:<4}", detail), op=op, tokens=tokens,
+                                tuned_us=tuned, invariant_us=invariant))
+    return results
+
+
+def invariant_mode(args, env: dict, l2_bytes: int) -> None:
+    """--invariant: the bit-equality checks, then the cost; a final line counts the FAILs."""
+    results = [*steps_agree(args, torch.bfloat16), *steps_agree(args, torch.float32), *block_dispatch(args),
+               *invariance_cost(args, l2_bytes)]
+    failed = [r["name"] for r in results if r["label"] == "FAIL"]
+    print(f"{len(failed)} FAIL: {failed}" if failed else "all PASS", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(env=env, args=vars(args), results=results), f, indent=1)
+
+
 def format_row(r: dict) -> str:
     return (f"{r['op']:<12}{r['tokens']:>5}  {r['check']:<28}{r['floor_us']:>7.2f}{r['fused_us']:>8.2f}"
             f"{r['fused_gbps']:>8.0f}{r['fused_nograph_us']:>9.1f}{r['eager_us']:>9.1f}{r['inductor_us']:>9.1f}"
@@ -270,10 +377,15 @@ def main() -> None:
     parser.add_argument("--max-autotune", action="store_true",
                         help="also time Inductor's max-autotune-no-cudagraphs (autotuning takes minutes)")
     parser.add_argument("--check-tf32x3", action="store_true", help="check the tensor-core tf32x3 dots too")
+    parser.add_argument("--invariant", action="store_true",
+                        help="only the batch-invariant launch: bit-equality across steps and its cost (docstring)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     env = environment()
     l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
+    if args.invariant:
+        print(json.dumps(env), flush=True)
+        return invariant_mode(args, env, l2_bytes)
     gbps = copy_gbps()
     print(json.dumps(env), f"\ncopy bandwidth {gbps:.0f} GB/s (read + written), L2 {l2_bytes >> 20} MiB", flush=True)
     # every token count is its own static-shape graph: past dynamo's default limit (8) it would silently

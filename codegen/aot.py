@@ -22,8 +22,9 @@ the activation dtype and each dtype of the norm weights the plans pass (`mhc_nor
 bf16 norms next to fp32 activations make other collapse specialisations). Token counts built:
 T x b for every variant's T and b in `batch_buckets` (CompileOptions.kernel_batches; default (1,): one
 sequence, i.e. decode, MTP verification and prefill chunks of one request. Each token count costs about
-ten kernels a target at 1-4 s each to build, so buckets are opt-in: `(1, 8)` adds batch-8 decode and
-reaches the tensor-core (tf32x3 tl.dot) launches from 9 tokens). Other token counts have other
+ten kernels a target at 1-4 s each to build, so buckets are opt-in: `(1, 8)` adds batch-8 decode). The launch
+is the batch-invariant one (`batch_invariant_launch`), the one the runtime's stored kernels run (runtime/loader.py:
+every step runs inside runtime/batch_invariant.py's block). Other token counts have other
 launches: the registered CUDA implementations JIT-compile those from the same source. Specialisations
 shared by several (op, N) are built once (the json lists all their uses); builds run on a thread pool.
 The AOT kernels are general in N and assume 16-byte aligned pointers (Triton's JIT also specialises
@@ -46,7 +47,7 @@ import torch
 
 from dsv4c.codegen.kernel_catalog import KERNEL_SOURCE_FILE, kernel_source, kernel_source_attrs
 from dsv4c.codegen.kernels.launcher import KernelSpec, SpecRecorder
-from dsv4c.codegen.kernels.mhc_launch import MhcLaunch, mhc_launch
+from dsv4c.codegen.kernels.mhc_launch import LaunchChoice, MhcLaunch, batch_invariant_launch
 from dsv4c.codegen.targets import Target, target as lookup_target
 
 MHC_OPS = ("hc_pre", "hc_post_pre", "hc_post", "hc_head")
@@ -104,13 +105,14 @@ def op_specs(op: str, tokens: int, hidden: int, hc: int, iters: int, dtype: torc
 
 
 def mhc_specs(t: Target, ops: Iterable[str], token_counts: Iterable[int], hidden: int, hc: int, iters: int,
-              dtype: torch.dtype, norm_dtypes: Iterable[torch.dtype] = ()) -> dict[KernelSpec, list[dict]]:
+              dtype: torch.dtype, norm_dtypes: Iterable[torch.dtype] = (),
+              launch_choice: LaunchChoice = batch_invariant_launch) -> dict[KernelSpec, list[dict]]:
     """Every specialisation the host wrappers of codegen/kernels/mhc.py launch for `ops` at `token_counts`
-    on target `t` (norm weights of each of `norm_dtypes`, default the activation dtype) -> its uses
-    [{"op", "tokens"}] (`op_specs`)."""
+    on target `t` with `launch_choice`'s launches (norm weights of each of `norm_dtypes`, default the activation
+    dtype) -> its uses [{"op", "tokens"}] (`op_specs`)."""
     specs: dict[KernelSpec, list[dict]] = {}
     for tokens in sorted(set(token_counts)):
-        launch = mhc_launch(t, tokens, hidden, hc)
+        launch = launch_choice(t, tokens, hidden, hc)
         for op in ops:
             for norm_dtype in list(norm_dtypes) or [dtype]:
                 for spec in op_specs(op, tokens, hidden, hc, 1 if op == "hc_head" else iters, dtype, norm_dtype,
@@ -160,8 +162,10 @@ def _fp_fusion_notice_hidden() -> Iterator[None]:
 def build_kernels(targets: Iterable[str | Target], *, hidden: int, hc: int, iters: int, dtype: torch.dtype,
                   ops: Iterable[str] = MHC_OPS, variant_tokens: Iterable[int] = (1,),
                   batch_buckets: Iterable[int] = DEFAULT_BATCH_BUCKETS, norm_dtypes: Iterable[torch.dtype] = (),
+                  launch_choice: LaunchChoice = batch_invariant_launch,
                   progress=lambda message: None) -> tuple[dict[str, bytes], dict[str, list[dict]]]:
-    """(extra files, manifest "kernels" table) for the GPU targets among `targets`; cpu adds nothing."""
+    """(extra files, manifest "kernels" table) for the GPU targets among `targets`; cpu adds nothing. The
+    launches are the batch-invariant ones the runtime's stored kernels run, unless `launch_choice` says other."""
     gpu_targets = [t for t in (lookup_target(x) for x in targets) if t.is_gpu]
     ops = [op for op in ops if op in MHC_OPS]
     files: dict[str, bytes] = {}
@@ -174,7 +178,7 @@ def build_kernels(targets: Iterable[str | Target], *, hidden: int, hc: int, iter
     for t in gpu_targets:
         folder = f"{KERNELS_DIR}/{t.sm}"
         files[f"{folder}/{KERNEL_SOURCE_FILE}"] = source
-        specs = mhc_specs(t, ops, token_counts, hidden, hc, iters, dtype, norm_dtypes)
+        specs = mhc_specs(t, ops, token_counts, hidden, hc, iters, dtype, norm_dtypes, launch_choice)
         progress(f"building {len(specs)} mHC kernels for {t.sm}")
         workers = max(1, min(8, os.cpu_count() or 1))
         with _fp_fusion_notice_hidden(), concurrent.futures.ThreadPoolExecutor(workers) as pool:

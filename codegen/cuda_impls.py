@@ -6,7 +6,9 @@ neither Triton nor the kernel module: each implementation imports them when a CU
 (Triton then JIT-compiles the kernel specialisation it needs, the same source as the artifact's
 ahead-of-time kernels, codegen/aot.py). The ops take any leading dims; the wrappers take `[N, n, D]`, so the
 inputs are flattened and the outputs reshaped back. The runtime calls these functions directly with
-`launcher=` (runtime/stored_kernels.py) to run an artifact's ahead-of-time binaries instead of Triton's JIT.
+`launcher=` (runtime/stored_kernels.py) to run an artifact's ahead-of-time binaries instead of Triton's JIT;
+`launch_choice=` picks the launch instead of the tuned one (runtime/batch_invariant_cuda.py passes the
+batch-invariant one, codegen/kernels/mhc_launch.py).
 
 Where Triton is not installed, the PyTorch references run on the GPU, as the loader says
 (runtime/stored_kernels.py, mode "reference"). Where it is, a kernel module that fails to import is an
@@ -58,33 +60,36 @@ def _kernels():
     return triton_kernels(KERNEL_MODULE, "the mHC ops") or mhc_reference
 
 
-def _launcher(launcher) -> dict:
-    """The `launcher` keyword for the kernel wrappers (codegen/kernels/launcher.py); none means Triton's JIT."""
-    return {} if launcher is None else {"launcher": launcher}
+def _wrapper_keywords(launcher, launch_choice) -> dict:
+    """The `launcher` and `launch_choice` keywords for the kernel wrappers (codegen/kernels/launcher.py,
+    mhc_launch.py); none means Triton's JIT and the tuned launch."""
+    given = {"launcher": launcher, "launch_choice": launch_choice}
+    return {name: value for name, value in given.items() if value is not None}
 
 
-def hc_pre(streams, fn, base, scale, norm_weight, rms_eps, hc_eps, iters, *, launcher=None):
+def hc_pre(streams, fn, base, scale, norm_weight, rms_eps, hc_eps, iters, *, launcher=None, launch_choice=None):
     lead, flat = tokens(streams)
     return pre_outputs(lead, *_kernels().hc_pre(flat, fn, base, scale, norm_weight, rms_eps, hc_eps, iters,
-                                                **_launcher(launcher)))
+                                                **_wrapper_keywords(launcher, launch_choice)))
 
 
-def hc_post(block_out, streams, post, comb, *, launcher=None):
+def hc_post(block_out, streams, post, comb, *, launcher=None, launch_choice=None):
     _, flat = flat_post_inputs(block_out, streams, post, comb)
-    return _kernels().hc_post(*flat, **_launcher(launcher)).reshape(streams.shape)
+    return _kernels().hc_post(*flat, **_wrapper_keywords(launcher, launch_choice)).reshape(streams.shape)
 
 
 def hc_post_pre(block_out, streams, post, comb, fn, base, scale, norm_weight, rms_eps, hc_eps, iters, *,
-                launcher=None):
+                launcher=None, launch_choice=None):
     lead, flat = flat_post_inputs(block_out, streams, post, comb)
     new, *pre = _kernels().hc_post_pre(*flat, fn, base, scale, norm_weight, rms_eps, hc_eps, iters,
-                                       **_launcher(launcher))
+                                       **_wrapper_keywords(launcher, launch_choice))
     return (new.reshape(streams.shape), *pre_outputs(lead, *pre))
 
 
-def hc_head(streams, fn, base, scale, norm_weight, rms_eps, hc_eps, *, launcher=None):
+def hc_head(streams, fn, base, scale, norm_weight, rms_eps, hc_eps, *, launcher=None, launch_choice=None):
     lead, flat = tokens(streams)
-    normed = _kernels().hc_head(flat, fn, base, scale, norm_weight, rms_eps, hc_eps, **_launcher(launcher))
+    normed = _kernels().hc_head(flat, fn, base, scale, norm_weight, rms_eps, hc_eps,
+                                **_wrapper_keywords(launcher, launch_choice))
     return normed.reshape(*lead, normed.shape[-1])
 
 

@@ -35,10 +35,13 @@ order: `amax` / `max` (exact in any order), `topk` (a selection of exact values;
 first is the one thing left to the algorithm), elementwise ops (a CUDA thread computes each element with the
 same code wherever it sits). dsv4c's own kernels are invariant by their launch choices (the FP8 GEMM's K split,
 the attention's key ranges, the MoE's shape-only launches: codegen/kernels/fp8_gemm_launch.py, attention.py,
-moe_fp4_launch.py). The mHC kernels' sums are the same from 1 to 8 tokens a step; beyond, their tuned tensor-core
-launches change with the token count (codegen/kernels/mhc_launch.py), so a batch above 8 tokens a step is not
-invariant there yet. The runtime enters the block for every step and for
-the CUDA-graph captures (runtime/engine.py, step_runner.py), so the graphs hold these kernels.
+moe_fp4_launch.py). The mHC kernels' tuned launches change with the token count above 8 tokens (tensor-core dots
+on token blocks, codegen/kernels/mhc_launch.py), so within the block the CUDA kernels of the mHC ops
+(`dsv4c::hc_pre`, `hc_post`, `hc_post_pre`, `hc_head`) are their same implementations with
+`batch_invariant_launch`: one token a program and D split by its size alone for every token count, the tuned
+launch itself up to 8 tokens (an artifact's stored kernels are called past the dispatcher, so the loader binds
+them to that launch, runtime/loader.py). The runtime enters the block for every step and for the CUDA-graph captures
+(runtime/engine.py, step_runner.py), so the graphs hold these kernels.
 
 The override is process-wide while a block runs (a kernel registration: `torch.library`); nested blocks share
 it.
@@ -52,7 +55,10 @@ CUDA graphs of the decode and verification steps remove and the graph-free steps
 device, the products use 16-row tiles with no M-dependent tuning, fp32 products run as fp32 FMAs (as cuBLAS
 without TF32, but at Triton's FMA-path speed), and a small-N product's K split (chosen for one row tile)
 writes fp32 partials until the tiles fill the GPU; the reductions read their input once (softmax three times),
-in one launch. `bench/batch_invariance_check.py` measures a step with and without the block.
+in one launch. The mHC boundaries cost nothing up to 8 tokens a step (the tuned launch); above, every token's
+programs read the whole mHC weight fn and multiply with FMAs, where the tuned launches read it once a 16- or
+64-token block on the tensor cores, so their time grows with the step's tokens. `bench/batch_invariance_check.py`
+measures a step with and without the block, `bench/mhc_bench.py --invariant` an mHC boundary at each launch.
 """
 
 from __future__ import annotations
@@ -65,7 +71,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from dsv4c.runtime.batch_invariant_cuda import cuda_kernels
+from dsv4c.runtime.batch_invariant_cuda import cuda_kernels, mhc_cuda_kernels
 
 ALIGNMENT = 64  # bytes: the CPU allocator's alignment, the one a fresh tensor gets
 
@@ -129,14 +135,15 @@ def whole_vectors(name: str):
 
 
 class _Override:
-    """The registration of the row-wise CPU kernels and the CUDA kernels, shared by nested blocks (a count under
-    a lock)."""
+    """The registration of the row-wise CPU kernels and the CUDA kernels (aten's and dsv4c's mHC ops'), shared by
+    nested blocks (a count under a lock)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._depth = 0
-        self._library: torch.library.Library | None = None
+        self._libraries: tuple[torch.library.Library, ...] = ()
         self._cuda_kernels = cuda_kernels()  # once: asking whether Triton is installed reads package metadata
+        self._mhc_kernels = mhc_cuda_kernels()
 
     def enter(self) -> None:
         with self._lock:
@@ -150,15 +157,19 @@ class _Override:
                         library.impl(name, whole_vectors(name), "CPU")
                     for name, kernel in self._cuda_kernels.items():
                         library.impl(name, kernel, "CUDA")
-                self._library = library
+                    mhc = torch.library.Library("dsv4c", "IMPL")
+                    for name, kernel in self._mhc_kernels.items():
+                        mhc.impl(name, kernel, "CUDA")
+                self._libraries = (library, mhc)
             self._depth += 1
 
     def exit(self) -> None:
         with self._lock:
             self._depth -= 1
             if self._depth == 0:
-                self._library._destroy()  # restores the library's kernels
-                self._library = None
+                for library in self._libraries:
+                    library._destroy()  # restores the kernels it replaced
+                self._libraries = ()
 
 
 _OVERRIDE = _Override()

@@ -51,10 +51,14 @@ def local_target(device: torch.device) -> str:
 
 
 def stored_kernel_implementations(launcher) -> dict[str, Callable[..., Any]]:
-    """The mHC ops' CUDA implementations bound to `launcher` (runtime/stored_kernels.py)."""
+    """The mHC ops' CUDA implementations bound to `launcher` (runtime/stored_kernels.py) and to the batch-invariant
+    launch: they bypass the dispatcher, where runtime/batch_invariant.py's block puts that launch, and the engine
+    runs every step inside the block."""
     from dsv4c.codegen import cuda_impls
+    from dsv4c.codegen.kernels.mhc_launch import batch_invariant_launch
 
-    return {f"dsv4c::{name}": functools.partial(impl, launcher=launcher) for name, impl in cuda_impls.IMPLS.items()}
+    return {f"dsv4c::{name}": functools.partial(impl, launcher=launcher, launch_choice=batch_invariant_launch)
+            for name, impl in cuda_impls.IMPLS.items()}
 
 
 def state_specs(artifact: Artifact) -> dict[str, StateSpec]:

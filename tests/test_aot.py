@@ -43,8 +43,12 @@ def _start_child():
     torch.set_num_threads(1)
 
 
-def _build(targets, **kwargs):
+def _build(targets, tuned=False, **kwargs):
     from dsv4c.codegen import aot
+    from dsv4c.codegen.kernels.mhc_launch import mhc_launch
+
+    if tuned:  # the launches the kernels take outside runtime/batch_invariant.py's block (Triton's JIT)
+        kwargs["launch_choice"] = mhc_launch
 
     return aot.build_kernels(targets, hidden=128, hc=4, iters=20, dtype=torch.float32, **kwargs)
 
@@ -90,8 +94,9 @@ def child():
 
 @pytest.fixture(scope="module")
 def built(child):
-    """hc_pre at 1 token (FMA) and 64 tokens (tensor-core dots), for both GPUs and cpu (which adds nothing)."""
-    return child.submit(_build, ["cpu", "h100", "gb300"], ops=["hc_pre"], variant_tokens=[1, 64]).result()
+    """hc_pre's tuned launches at 1 token (FMA) and 64 tokens (tensor-core dots), for both GPUs and cpu (which adds
+    nothing)."""
+    return child.submit(_build, ["cpu", "h100", "gb300"], tuned=True, ops=["hc_pre"], variant_tokens=[1, 64]).result()
 
 
 def test_cpu_only_builds_nothing(child):
@@ -134,6 +139,14 @@ def test_ptx_targets_the_arch_and_multiplies_as_the_launch_says(built, sm):
         assert (DOT_PRODUCT[sm] in ptx) == dot, entry["name"]
         assert "tcgen05" not in ptx or sm == "sm_103a"
         assert "wgmma" not in ptx or sm == "sm_90a"
+
+
+def test_artifact_kernels_take_the_batch_invariant_launch(child):
+    """By default the built kernels are the launches runtime/loader.py binds (the batch-invariant ones): at 64
+    tokens, broadcast products a token, not the tuned tensor-core dots."""
+    _, table = child.submit(_build, ["h100"], ops=["hc_pre"], variant_tokens=[64]).result()
+    mixes = [e for e in table["sm_90a"] if e["kernel"] == "_mix_partials_kernel"]
+    assert mixes and all(not e["constexprs"]["DOT"] and e["constexprs"]["BLOCK_T"] == 1 for e in mixes)
 
 
 # ---- end to end: tiny compiled for h100 and gb300 on this CPU machine ---------------------------------

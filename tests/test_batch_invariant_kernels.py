@@ -11,11 +11,21 @@ rows share its call.
   same query computed in a one-token step (the ring then holds the earlier tokens), and a sequence computed
   beside two others equals it alone (the step's tokens cross the fold: 12 tokens fold on the interpreter's 8
   SMs, 1 or 3 do not).
+- mHC (codegen/kernels/mhc.py) inside runtime/batch_invariant.py's block: the CUDA implementations the block
+  registers for the mHC ops (`mhc_cuda_kernels`), run on CPU tensors, give a token the same bits in steps of 1,
+  3, 9 and 17 tokens (hc_pre, hc_post_pre, hc_head, fp32 streams), with the same launches (one token a program,
+  D's split by its size) at every count: the launches are compared too, since the interpreter's numpy sums give
+  a row the same bits whatever its token block (a D split that follows the token count does show in the bits).
+  The block puts them in the ops' CUDA dispatch table and takes them out after it (checked in the table: there
+  is no GPU here to dispatch to), and the loader's stored-kernel implementations take the same launch. Off the
+  GPU the ops' tuned launch is the interpreter's, so the invariant launch is exercised by calling the block's
+  implementations themselves.
 
 The GEMM writes fp32 (x fp32 for plain products), where a changed order of summation shows in the last bits
 (a bf16 output would hide most of it, and FP8 products of bf16 inputs often sum exactly). Each case also checks
 the call against the op's reference (FP8: relative norm error 1e-6 and every element within 1e-5 of the
-largest, as tests/test_fp8_linear.py; attention: relative norm error 1e-2, as tests/test_attention_kernels.py),
+largest, as tests/test_fp8_linear.py; attention: relative norm error 1e-2, as tests/test_attention_kernels.py;
+mHC: relative norm error 1e-5 against the float64 spec, outputs NaN-poisoned, as tests/test_mhc_cuda_wrappers.py),
 so equal means equal and right. The kernels run in a spawned child that sets TRITON_INTERPRET before importing
 Triton (tests/child_pool.py).
 """
@@ -29,6 +39,7 @@ import os
 import pytest
 import torch
 
+import mhc_spec as spec
 from child_pool import child_pool
 from dsv4c.codegen import fp8_linear, sparse_attention
 from dsv4c.codegen.kernels.fp8_gemm_launch import fp8_gemm_launch
@@ -166,7 +177,8 @@ def test_attention_rows_do_not_depend_on_the_step(child, ratio, topk):
 def test_mhc_sums_are_the_same_program_from_one_to_eight_tokens(name):
     """The mHC launch decides a token's summation order by its column chunks, splits, program shape and product
     kind; from 1 to 8 tokens a step (a decode step and an MTP verification of up to 3 drafts at batch 1 or 2)
-    it must not change with the token count. Beyond 8 tokens the tuned tensor-core launches take over."""
+    it must not change with the token count. Beyond 8 tokens the tuned tensor-core launches take over (outside
+    runtime/batch_invariant.py's block; inside it, the next test)."""
     from dsv4c.codegen.kernels.mhc_launch import mhc_launch
 
     def order(tokens):
@@ -174,3 +186,154 @@ def test_mhc_sums_are_the_same_program_from_one_to_eight_tokens(name):
         return launch.block_t, launch.block_d, launch.chunks, launch.split_k, launch.dot, launch.precision
 
     assert {order(tokens) for tokens in range(1, 9)} == {order(1)}
+
+
+def test_mhc_block_launch_sums_alike_at_every_token_count():
+    """`batch_invariant_launch`, the mHC launch inside the block: what decides a token's sums (token and column
+    blocks, chunks, splits, product kind, which kernel sums the squares) is the same at every token count on
+    every target; up to 8 tokens on GPUs it is the tuned launch itself (decode and small MTP steps keep theirs)."""
+    from dsv4c.codegen.kernels.mhc_launch import batch_invariant_launch, mhc_launch
+
+    def order(launch):
+        return (launch.block_t, launch.block_d, launch.chunks, launch.split_k, launch.dot, launch.precision,
+                launch.collapse_t, launch.collapse_sums_squares)
+
+    for name in ("cpu", "h100", "b200", "gb300"):
+        for hidden in (72, 4096, 7168):
+            counts = (1, 2, 3, 8, 9, 16, 17, 64, 65, 256, 1024)
+            assert len({order(batch_invariant_launch(target(name), tokens, hidden, 4)) for tokens in counts}) == 1
+    for name in ("h100", "gb300"):
+        for tokens in range(1, 9):
+            assert batch_invariant_launch(target(name), tokens, 4096, 4) == mhc_launch(target(name), tokens, 4096, 4)
+
+
+# ---- mHC inside the block --------------------------------------------------------------------------------------
+MHC_STEPS = ((0, 1), (16, 17), (0, 3), (8, 11), (5, 14), (0, 17))  # steps of 1, 3, 9 and 17 tokens (the whole)
+MHC_TOKEN_ARGS = {"hc_pre": 1, "hc_post_pre": 4, "hc_head": 1}  # leading arguments with a token dim
+MHC_N, MHC_HIDDEN, MHC_TOL = 4, 72, 1e-5  # D = 72: three 32-column splits, the last one masked
+MHC_ITERS = 3  # Sinkhorn iterations: the interpreter's time is mostly the Sinkhorn's; any count shows the order
+
+
+class _RecordingJit:
+    """A launcher (codegen/kernels/launcher.py) that runs each launch with Triton's JIT and keeps the constants
+    that decide a token's sums: the kernel, its token block, column block, chunks, splits and product kind."""
+
+    def __init__(self):
+        self.orders: set[tuple] = set()
+
+    def __call__(self, launch) -> None:
+        from dsv4c.codegen.kernels.launcher import JIT
+
+        self.orders.add((launch.fn.__name__, *(launch.constexprs.get(name) for name in
+                                               ("BLOCK_T", "BLOCK_D", "CHUNKS", "SPLIT", "DOT", "SQ", "OWN_SQ"))))
+        JIT(launch)
+
+
+def _mhc_in_block(op: str, args: tuple, poisoned: tuple):
+    """In the child: ({step: (outputs, launch orders)} of the block's CUDA implementation of `op` on each step's
+    tokens, the whole step through the host wrapper with the block's launch choice into `poisoned` outputs)."""
+    from dsv4c.codegen.kernels import mhc
+    from dsv4c.codegen.kernels.mhc_launch import batch_invariant_launch
+    from dsv4c.runtime.batch_invariant_cuda import mhc_cuda_kernels
+
+    def as_tuple(out):
+        return out if isinstance(out, tuple) else (out,)
+
+    steps, impl, lead = {}, mhc_cuda_kernels()[op], MHC_TOKEN_ARGS[op]
+    for lo, hi in MHC_STEPS:
+        recorder = _RecordingJit()
+        out = impl(*(a[lo:hi] for a in args[:lead]), *args[lead:], launcher=recorder)
+        steps[(lo, hi)] = (as_tuple(out), recorder.orders)
+    whole = getattr(mhc, op)(*args, launch_choice=batch_invariant_launch,
+                             out=poisoned if len(poisoned) > 1 else poisoned[0])
+    return steps, as_tuple(whole)
+
+
+def _mhc_expected(op: str, x: dict) -> tuple:
+    """The float64 spec's outputs of `op` (tests/mhc_spec.py), normed after the RMSNorm."""
+    norm = lambda block: spec.rms_norm(block, x["norm_weight"], spec.RMS_EPS)  # noqa: E731
+    if op == "hc_head":
+        head = (x["fn"][:MHC_N], x["base"][:MHC_N], x["scale"][:1])
+        return (norm(spec.hc_head(x["streams"], *head, spec.RMS_EPS, spec.HC_EPS)),)
+    streams = x["streams"].double()
+    if op == "hc_post_pre":
+        streams = spec.hc_post(x["block_out"], x["streams"], x["post"], x["comb"])
+    block, post, comb = spec.hc_pre(streams, x["fn"], x["base"], x["scale"], spec.RMS_EPS, spec.HC_EPS, MHC_ITERS)
+    return ((streams,) if op == "hc_post_pre" else ()) + (norm(block), post, comb)
+
+
+def _mhc_args(op: str, x: dict) -> tuple:
+    if op == "hc_head":
+        return (x["streams"], x["fn"][:MHC_N], x["base"][:MHC_N], x["scale"][:1], x["norm_weight"], spec.RMS_EPS,
+                spec.HC_EPS)
+    mix = (x["fn"], x["base"], x["scale"], x["norm_weight"], spec.RMS_EPS, spec.HC_EPS, MHC_ITERS)
+    if op == "hc_post_pre":
+        return (x["block_out"], x["streams"], x["post"], x["comb"], *mix)
+    return (x["streams"], *mix)
+
+
+@pytest.mark.parametrize("op", ["hc_pre", "hc_post_pre", "hc_head"])
+def test_mhc_rows_do_not_depend_on_the_step_in_the_block(child, op):
+    """A token computed in steps of 1, 3, 9 and 17 tokens by the block's mHC implementation: the same bits, the
+    same launch orders (one token a program: BLOCK_T 1), and the whole step right against the float64 spec."""
+    tokens = MHC_STEPS[-1][1]
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))  # fresh each run
+    x = spec.slow_sinkhorn_inputs(gen, (tokens,), MHC_N, MHC_HIDDEN)
+    x.update(block_out=torch.randn(tokens, MHC_HIDDEN, generator=gen),
+             post=torch.rand(tokens, MHC_N, generator=gen) * 2,
+             comb=torch.rand(tokens, MHC_N, MHC_N, generator=gen) / MHC_N)
+    expected = _mhc_expected(op, x)
+    poisoned = tuple(torch.full(e.shape, float("nan")) for e in expected)
+    steps, whole = child(_mhc_in_block, op, _mhc_args(op, x), poisoned)
+    for got, want in zip(whole, expected):
+        assert not got.isnan().any(), "an output element was not written (or is NaN)"
+        error = ((got.double() - want).norm() / want.norm()).item()
+        assert got.shape == want.shape and error <= MHC_TOL, (op, error)
+    orders = {step: order for step, (_, order) in steps.items()}
+    assert len({frozenset(order) for order in orders.values()}) == 1, orders
+    assert all(order[1] == 1 for order in orders[(0, tokens)]), "one token a program"
+    full, _ = steps[(0, tokens)]
+    assert all(torch.equal(a, b) for a, b in zip(full, whole)), "the block's implementation differs from the wrapper"
+    for (lo, hi), (outputs, _) in steps.items():
+        for index, (got, all_rows) in enumerate(zip(outputs, full)):
+            assert torch.equal(got, all_rows[lo:hi]), f"{op} output {index}: tokens {lo}..{hi - 1} differ in their step"
+
+
+def test_block_puts_the_mhc_kernels_in_the_cuda_dispatch_table():
+    """Inside the block the mHC ops' CUDA kernels are the block's implementations (the ops' own, with the
+    batch-invariant launch choice); before and after, the ops' registered CUDA kernels (codegen/cuda_impls.py)."""
+    from dsv4c.codegen import cuda_impls
+    from dsv4c.codegen.kernels.mhc_launch import batch_invariant_launch
+    from dsv4c.runtime.batch_invariant import batch_invariant
+    from dsv4c.runtime.batch_invariant_cuda import mhc_cuda_kernels
+
+    def cuda_kernel(op):
+        return next(line for line in torch._C._dispatch_dump_table(f"dsv4c::{op}").splitlines()
+                    if line.startswith("CUDA:"))
+
+    kernels = mhc_cuda_kernels()
+    assert sorted(kernels) == sorted(cuda_impls.IMPLS) == ["hc_head", "hc_post", "hc_post_pre", "hc_pre"]
+    assert all(k.func is cuda_impls.IMPLS[name] and k.keywords == {"launch_choice": batch_invariant_launch}
+               for name, k in kernels.items())
+    before = {op: cuda_kernel(op) for op in kernels}
+    assert not any("runtime/batch_invariant.py" in line for line in before.values()), before
+    with batch_invariant():
+        with batch_invariant():  # nested blocks share the registration
+            pass
+        inside = {op: cuda_kernel(op) for op in kernels}
+    assert all("runtime/batch_invariant.py" in line for line in inside.values()), inside
+    assert {op: cuda_kernel(op) for op in kernels} == before
+
+
+def test_stored_kernels_take_the_batch_invariant_launch():
+    """The loader's implementations over an artifact's stored kernels bypass the dispatcher: they are bound to the
+    batch-invariant launch choice themselves (the engine runs every step inside the block)."""
+    from dsv4c.codegen import cuda_impls
+    from dsv4c.codegen.kernels.mhc_launch import batch_invariant_launch
+    from dsv4c.runtime.loader import stored_kernel_implementations
+
+    launcher = object()
+    implementations = stored_kernel_implementations(launcher)
+    assert sorted(implementations) == sorted(f"dsv4c::{name}" for name in cuda_impls.IMPLS)
+    assert all(impl.keywords == {"launcher": launcher, "launch_choice": batch_invariant_launch}
+               for impl in implementations.values())

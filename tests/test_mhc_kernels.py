@@ -88,10 +88,13 @@ def _start_compiler():
 
 
 def _ptx_facts(target_name, tokens):
+    """The tuned launch's split-K kernel (the one outside runtime/batch_invariant.py's block) built for a GPU."""
     from dsv4c.codegen import aot
+    from dsv4c.codegen.kernels.mhc_launch import mhc_launch
 
     t = target(target_name)
-    spec = next(spec for spec in aot.mhc_specs(t, ["hc_post_pre"], [tokens], 4096, 4, 20, torch.bfloat16)
+    spec = next(spec for spec in aot.mhc_specs(t, ["hc_post_pre"], [tokens], 4096, 4, 20, torch.bfloat16,
+                                               launch_choice=mhc_launch)
                 if spec.kernel == "_mix_partials_kernel")
     ptx = aot.compile_spec(t, spec).asm["ptx"]
     return [line for line in ptx.splitlines() if line.startswith(".target")], {
@@ -270,6 +273,36 @@ def test_either_kernel_may_write_the_new_streams_and_sum_their_squares(mhc, coll
     args = (*post_inputs, *_mix_params(gen, hc, hc, hidden, dtype, 1), RMS_EPS, HC_EPS)
     _check_post_then_pre(mhc.hc_post_head(*args, launch=launch, out=_poisoned(*ref.hc_post_head(*args))), args,
                          dtype, head=True)
+
+
+def _with_recorded_choice(name, args, out):
+    """In the child: wrapper `name` with a launch choice that notes what it is asked, then picks
+    `batch_invariant_launch`: (its outputs, [(target, tokens, hidden, hc)] asked)."""
+    from dsv4c.codegen.kernels.mhc_launch import batch_invariant_launch
+
+    asked = []
+
+    def choice(t, tokens, hidden, hc):
+        asked.append((t.name, tokens, hidden, hc))
+        return batch_invariant_launch(t, tokens, hidden, hc)
+    return getattr(_kernel_module(), name)(*args, launch_choice=choice, out=out), asked
+
+
+def test_wrappers_launch_by_the_launch_choice_given(mhc):
+    """hc_post and hc_post_head (the wrappers runtime/batch_invariant.py's block does not register) with a launch
+    choice: asked once for the boundary's sizes, and its launch (the batch-invariant one, above 8 tokens) gives
+    the reference's outputs, bf16 streams."""
+    tokens, hidden, hc, dtype = 9, 200, 4, torch.bfloat16
+    gen = _gen("launch-choice")
+    post_inputs = _post_inputs(gen, tokens, hc, hidden, dtype)
+    expected = ref.hc_post(*post_inputs)
+    got, asked = mhc.call(_with_recorded_choice, "hc_post", post_inputs, _poisoned(expected)[0])
+    assert asked == [("cpu", tokens, hidden, hc)]
+    _check(got, expected, TOL[dtype])
+    args = (*post_inputs, *_mix_params(gen, hc, hc, hidden, dtype, 1), RMS_EPS, HC_EPS)
+    got, asked = mhc.call(_with_recorded_choice, "hc_post_head", args, _poisoned(*ref.hc_post_head(*args)))
+    assert asked == [("cpu", tokens, hidden, hc)]
+    _check_post_then_pre(got, args, dtype, head=True)
 
 
 def test_launch_heuristics_cover_every_column():

@@ -5,9 +5,11 @@ hc_pre, hc_post, hc_post_pre, hc_head and hc_post_head take `[N, n, D]` streams 
 flattens the ops' leading dims); their PyTorch twins, same signatures and math, are in
 codegen/mhc_reference.py. A boundary is two launches (plain hc_post: the first alone), described by
 `mix_partials_launch` and `collapse_launch` as `KernelLaunch`es of the kernels in
-codegen/kernels/mhc_kernels.py, with the launch chosen by codegen/kernels/mhc_launch.py unless given. The
-launcher (codegen/kernels/launcher.py) runs them: Triton's JIT by default, an artifact's ahead-of-time
-binaries in the runtime, a spec recorder for ahead-of-time builds (codegen/aot.py).
+codegen/kernels/mhc_kernels.py, with the launch given (`launch`) or chosen by `launch_choice`
+(codegen/kernels/mhc_launch.py: `mhc_launch`, the tuned one, by default; runtime/batch_invariant.py's block
+passes `batch_invariant_launch`). The launcher (codegen/kernels/launcher.py) runs them: Triton's JIT by
+default, an artifact's ahead-of-time binaries in the runtime, a spec recorder for ahead-of-time builds
+(codegen/aot.py).
 
 The GPU-only paths (PDL, inline PTX, bf16 tensor-core products) are asked for only on non-cpu tensors
 (`_on_gpu`): Triton's CPU interpreter runs none of them correctly; meta tensors (ahead-of-time builds) and
@@ -22,7 +24,8 @@ import torch
 
 from dsv4c.codegen.kernels.launcher import JIT, KernelLaunch
 from dsv4c.codegen.kernels.mhc_kernels import _collapse_kernel, _mix_partials_kernel
-from dsv4c.codegen.kernels.mhc_launch import MIN_DOT, MhcLaunch, cdiv, mhc_launch, next_power_of_2
+from dsv4c.codegen.kernels.mhc_launch import (MIN_DOT, LaunchChoice, MhcLaunch, cdiv, mhc_launch,
+                                              next_power_of_2)
 from dsv4c.codegen.targets import Target, target_for_device
 
 
@@ -46,9 +49,9 @@ def _device_target(device: torch.device) -> Target:
     return target_for_device(device)
 
 
-def _launch_for(streams: torch.Tensor, launch: MhcLaunch | None) -> MhcLaunch:
+def _launch_for(streams: torch.Tensor, launch: MhcLaunch | None, launch_choice: LaunchChoice) -> MhcLaunch:
     n_tokens, _, hidden = streams.shape
-    launch = launch or mhc_launch(_device_target(streams.device), n_tokens, hidden, streams.shape[1])
+    launch = launch or launch_choice(_device_target(streams.device), n_tokens, hidden, streams.shape[1])
     launch.check(hidden)
     return launch
 
@@ -153,12 +156,12 @@ def _check_new_streams(new: torch.Tensor, normed: torch.Tensor, inputs: tuple[to
 
 
 def _mixes_and_collapse(x, streams, post_inputs, new, fn, base, scale, norm_weight, rms_eps, hc_eps, iters,
-                        launch: MhcLaunch | None, normed, post, comb, launcher):
+                        launch: MhcLaunch | None, launch_choice: LaunchChoice, normed, post, comb, launcher):
     """Both launches of one boundary. `post_inputs` = (streams, post, comb) with hc_post (x: block output,
     `new` the new streams, written by the split-K kernel or the collapse); None otherwise (x: the streams)."""
     if post_inputs is not None:
         _check_new_streams(new, normed, (x, *post_inputs))
-    lc = _launch_for(streams, launch)
+    lc = _launch_for(streams, launch, launch_choice)
     partials = mix_workspace(streams.shape[0], fn.shape[0], lc, streams.device)
     mix_in = (*post_inputs, new) if post_inputs is not None else None
     launcher(mix_partials_launch(x, mix_in, fn, partials, lc, streams.shape[1]))
@@ -175,16 +178,18 @@ def _new_pre_outputs(streams: torch.Tensor):
 
 def hc_pre(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
            norm_weight: torch.Tensor, rms_eps: float, hc_eps: float, iters: int, *,
-           launch: MhcLaunch | None = None, out=None,
+           launch: MhcLaunch | None = None, launch_choice: LaunchChoice = mhc_launch, out=None,
            launcher=JIT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(normed [N, D] in streams' dtype, post [N, n] fp32, comb [N, n, n] fp32); see mhc_reference.hc_pre.
-    `out`: optional (normed, post, comb) to write into. `launcher`: codegen/kernels/launcher.py."""
+    `out`: optional (normed, post, comb) to write into. `launcher`: codegen/kernels/launcher.py. `launch`, or
+    `launch_choice` where none is given: the launch (module docstring); the same keywords on every wrapper."""
     _, hc, hidden = _check_streams(streams)
     _check_mix_params(fn, base, scale, norm_weight, (2 + hc) * hc, hc, hidden, 3)
     streams = streams.contiguous()
     normed, post, comb = _outputs(out, lambda: _new_pre_outputs(streams))
     _mixes_and_collapse(streams, streams, None, None, fn.contiguous(), base.float(), scale.float(),
-                        norm_weight.contiguous(), rms_eps, hc_eps, iters, launch, normed, post, comb, launcher)
+                        norm_weight.contiguous(), rms_eps, hc_eps, iters, launch, launch_choice, normed, post, comb,
+                        launcher)
     return normed, post, comb
 
 
@@ -198,19 +203,21 @@ def _post_inputs(block_out, streams, post, comb):
 
 
 def hc_post(block_out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, *,
-            launch: MhcLaunch | None = None, out: torch.Tensor | None = None, launcher=JIT) -> torch.Tensor:
+            launch: MhcLaunch | None = None, launch_choice: LaunchChoice = mhc_launch,
+            out: torch.Tensor | None = None, launcher=JIT) -> torch.Tensor:
     """New streams [N, n, D] in streams' dtype; see mhc_reference.hc_post."""
     block_out, streams, post, comb = _post_inputs(block_out, streams, post, comb)
     new = _outputs(out, lambda: torch.empty_like(streams))
-    launcher(mix_partials_launch(block_out, (streams, post, comb, new), None, None, _launch_for(streams, launch),
-                                 streams.shape[1]))
+    launcher(mix_partials_launch(block_out, (streams, post, comb, new), None, None,
+                                 _launch_for(streams, launch, launch_choice), streams.shape[1]))
     return new
 
 
 def hc_post_pre(block_out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
                 fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_weight: torch.Tensor,
                 rms_eps: float, hc_eps: float, iters: int, *, launch: MhcLaunch | None = None,
-                out=None, launcher=JIT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                launch_choice: LaunchChoice = mhc_launch, out=None,
+                launcher=JIT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(new streams, normed, post_next, comb_next); see mhc_reference.hc_post_pre.
     `out`: optional (new_streams, normed, post_next, comb_next) to write into."""
     block_out, streams, post, comb = _post_inputs(block_out, streams, post, comb)
@@ -219,28 +226,30 @@ def hc_post_pre(block_out: torch.Tensor, streams: torch.Tensor, post: torch.Tens
     new, normed, post_next, comb_next = _outputs(out, lambda: (torch.empty_like(streams),
                                                                *_new_pre_outputs(streams)))
     _mixes_and_collapse(block_out, streams, (streams, post, comb), new, fn.contiguous(), base.float(),
-                        scale.float(), norm_weight.contiguous(), rms_eps, hc_eps, iters, launch, normed, post_next,
-                        comb_next, launcher)
+                        scale.float(), norm_weight.contiguous(), rms_eps, hc_eps, iters, launch, launch_choice, normed,
+                        post_next, comb_next, launcher)
     return new, normed, post_next, comb_next
 
 
 def hc_head(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
             norm_weight: torch.Tensor, rms_eps: float, hc_eps: float, *, launch: MhcLaunch | None = None,
-            out: torch.Tensor | None = None, launcher=JIT) -> torch.Tensor:
+            launch_choice: LaunchChoice = mhc_launch, out: torch.Tensor | None = None, launcher=JIT) -> torch.Tensor:
     """normed [N, D] in streams' dtype; see mhc_reference.hc_head."""
     n_tokens, hc, hidden = _check_streams(streams)
     _check_mix_params(fn, base, scale, norm_weight, hc, hc, hidden, 1)
     streams = streams.contiguous()
     normed = _outputs(out, lambda: torch.empty((n_tokens, hidden), dtype=streams.dtype, device=streams.device))
     _mixes_and_collapse(streams, streams, None, None, fn.contiguous(), base.float(), scale.float(),
-                        norm_weight.contiguous(), rms_eps, hc_eps, 1, launch, normed, None, None, launcher)
+                        norm_weight.contiguous(), rms_eps, hc_eps, 1, launch, launch_choice, normed, None, None,
+                        launcher)
     return normed
 
 
 def hc_post_head(block_out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
                  fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_weight: torch.Tensor,
                  rms_eps: float, hc_eps: float, *, launch: MhcLaunch | None = None,
-                 out=None, launcher=JIT) -> tuple[torch.Tensor, torch.Tensor]:
+                 launch_choice: LaunchChoice = mhc_launch, out=None,
+                 launcher=JIT) -> tuple[torch.Tensor, torch.Tensor]:
     """(new streams, normed): the last layer's hc_post fused with hc_head; see mhc_reference.hc_post_head."""
     block_out, streams, post, comb = _post_inputs(block_out, streams, post, comb)
     n_tokens, hc, hidden = streams.shape
@@ -248,6 +257,6 @@ def hc_post_head(block_out: torch.Tensor, streams: torch.Tensor, post: torch.Ten
     new, normed = _outputs(out, lambda: (torch.empty_like(streams), torch.empty(
         (n_tokens, hidden), dtype=streams.dtype, device=streams.device)))
     _mixes_and_collapse(block_out, streams, (streams, post, comb), new, fn.contiguous(), base.float(),
-                        scale.float(), norm_weight.contiguous(), rms_eps, hc_eps, 1, launch, normed, None, None,
-                        launcher)
+                        scale.float(), norm_weight.contiguous(), rms_eps, hc_eps, 1, launch, launch_choice, normed,
+                        None, None, launcher)
     return new, normed

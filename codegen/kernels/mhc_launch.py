@@ -1,7 +1,8 @@
 """Launch choices of the fused mHC kernels (codegen/kernels/mhc_kernels.py), per target and token count.
 
 Pure Python (no Triton import): the choice is a frozen `MhcLaunch`, built with keywords only and validated on
-construction, and `mhc_launch` picks it from the target table (codegen/targets.py) and the boundary's sizes.
+construction, and a `LaunchChoice` picks it from the target table (codegen/targets.py) and the boundary's sizes:
+`mhc_launch`, the tuned one, or `batch_invariant_launch`, the one runtime/batch_invariant.py's block asks for.
 The host wrappers (codegen/kernels/mhc.py) turn it into the kernels' constexprs and launch options. The
 timings behind each choice are in BENCHMARKS.md (mHC sections).
 """
@@ -9,6 +10,7 @@ timings behind each choice are in BENCHMARKS.md (mHC sections).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from dsv4c.codegen.targets import Target, is_gpu
 
@@ -150,3 +152,21 @@ def mhc_launch(t: Target, tokens: int, hidden: int, hc: int = 4) -> MhcLaunch:
     if tokens <= 16:
         return dot_launch(t, tokens, hidden, hc, MIN_DOT, programs_per_sm=1)
     return dot_launch(t, tokens, hidden, hc, 64)
+
+
+LaunchChoice = Callable[[Target, int, int, int], MhcLaunch]  # (target, tokens, hidden, hc) -> launch: mhc_launch's
+
+
+def batch_invariant_launch(t: Target, tokens: int, hidden: int, hc: int = 4) -> MhcLaunch:
+    """The launch runtime/batch_invariant.py's block asks for, on any target: `broadcast_launch` for every token
+    count. D's split depends on `hidden` alone, a split-K program sums one token's 32 columns of every stream and a
+    collapse program one token's splits, so a token's sums are the same whatever the step holds; up to 8 tokens
+    it is the tuned GPU launch, so decode and small MTP steps keep theirs. (Tensor-core dots on fixed 16-token
+    blocks would also sum each row on its own, but the 1..8-token steps would then take them too, a decode
+    step's one token padded to 16 rows.) `collapse_stores_new`, on from 3 tokens, moves which kernel writes the
+    new streams, not a sum: both build them with one function of explicit FMAs (bitwise equal on the GPU,
+    BENCHMARKS.md); `collapse_sums_squares`, which would sum the RMS scale's squares in another order, stays off.
+    Cost, above 8 tokens only: each token's programs read all of fn and multiply with FMAs, where the tuned
+    launch reads fn once a 16- or 64-token block on the tensor cores, so the split-K kernel's work grows with the
+    token count (`bench/mhc_bench.py --invariant` times both)."""
+    return broadcast_launch(tokens, hidden, hc)
