@@ -73,6 +73,7 @@ setsid nohup bash -c '
 stamp step-graph; timeout 70 python3 bench/step_graph_bench.py --batch 1 8 2>&1 | tail -8
 stamp synthetic;  timeout 60 python3 bench/synthetic_gpu_check.py 2>&1 | grep -E "CHECK|GB"
 stamp moe-check;  timeout 60 python3 bench/moe_gpu_check.py 2>&1 | grep -E "CHECK|Error" | head -12
+stamp mhc-invariant; timeout 45 python3 bench/mhc_bench.py --invariant --tokens 1 8 16 64 128 --json "$out/mhc_invariant.json" 2>&1 | grep -E "PASS|FAIL|COST|Error" | head -20
 stamp fp8;        timeout 80 python3 bench/fp8_gemm_bench.py --json "$out/fp8.json" 2>&1 | tail -30
 stamp moe;        timeout 90 python3 bench/moe_bench.py --t 1 8 32 64 128 --json "$out/moe.json" 2>&1 | tail -14
 stamp attention;  (cd bench && timeout 90 python3 attention_bench.py --contexts 4096 65536 262144 --batches 1 32 --json "$out/attention.json" 2>&1 | tail -14)
