@@ -3,7 +3,8 @@
 #
 #   bash bench/gpu_session.sh OUT [SECONDS]          # first call
 #   bash bench/gpu_session.sh OUT --collect SECONDS  # right after, on the same warm machine
-#   bash bench/gpu_session.sh OUT --quick            # one call: the checks, the demo model, the kernel benches
+#   bash bench/gpu_session.sh OUT --quick            # one call: the checks, the demo model, the kernel benches;
+#                                                    # then --collect runs flash-mini's step (written, compiled meanwhile)
 #
 # The first call starts a detached pipeline (setsid: it outlives the call while the machine stays held) that writes
 # the flash-slice checkpoint on the GPU and compiles it (fused MoE, then `--moe unfused`) and the demo model. The
@@ -26,7 +27,8 @@ collect() {
   local limit=$1
   while [ ! -f "$work/pipeline.done" ] && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do sleep 2; done
   cat "$work/pipeline.log"
-  for f in step_fused.json step_fused.png step_unfused.json step_transformers.json demo.json; do
+  for f in step_fused.json step_fused.png step_unfused.json step_transformers.json demo.json step_mini.json \
+      step_mini_inductor.json; do
     [ -f "$work/$f" ] && cp "$work/$f" "$out/"
   done
   for f in "$work"/*.txt; do echo "#### $f"; tail -60 "$f"; done > "$out/bench_all.txt" 2>/dev/null
@@ -41,17 +43,29 @@ if ! command -v dsv4c >/dev/null; then  # the console script's folder may not be
 fi
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda, torch.cuda.get_device_name())"
 rm -f "$work/pipeline.done" "$work/kernels.done"
-if [ "${2:-}" = "--quick" ]; then  # one call, no flash-slice pipeline: the checks and what fits in ten minutes
-  stamp step-graph; timeout 60 python3 bench/step_graph_bench.py --batch 1 8 2>&1 | tail -8
-  stamp moe-check;  timeout 50 python3 bench/moe_gpu_check.py 2>&1 | grep -E "CHECK|Error" | head -12
+if [ "${2:-}" = "--quick" ]; then  # one call of checks and kernel benches; flash-mini's step in a --collect call after
+  setsid nohup bash -c '
+    work='"$work"'; t0=$(date +%s); stamp() { echo "== $(( $(date +%s) - t0 ))s $*"; }
+    step() { local name=$1; shift; stamp "$name"; "$@" > $work/$name.txt 2>&1 || stamp "$name FAILED"; }
+    step init_mini dsv4c init-checkpoint --preset flash-mini --device cuda --overwrite $work/fm
+    step compile_mini dsv4c compile $work/fm -o $work/mini.dsv4c --target h100 --max-seq-len 4224 --explain --overwrite
+    while [ ! -f $work/kernels.done ]; do sleep 2; done
+    step bench_mini dsv4c bench $work/mini.dsv4c --batch 1,8,32,64 --mtp 0,1 --baselines eager --json $work/step_mini.json
+    step bench_mini_inductor dsv4c bench $work/mini.dsv4c --batch 1,64 --mtp 0 --baselines inductor --json $work/step_mini_inductor.json
+    stamp done; touch $work/pipeline.done
+  ' > "$work/pipeline.log" 2>&1 < /dev/null &
+  stamp step-graph; timeout 50 python3 bench/step_graph_bench.py --batch 1 8 2>&1 | tail -8
+  stamp moe-check;  timeout 45 python3 bench/moe_gpu_check.py 2>&1 | grep -E "CHECK|Error" | head -12
+  stamp mhc-invariant; timeout 40 python3 bench/mhc_bench.py --invariant --tokens 1 8 16 64 128 --json "$out/mhc_invariant.json" 2>&1 | grep -E "PASS|FAIL|COST|Error" | head -20
   stamp demo;       timeout 150 bash -c "dsv4c compile model/demo_model -o $work/demo.dsv4c --target h100 --max-seq-len 1024 \
     --overwrite > $work/compile_demo.txt 2>&1 && dsv4c bench $work/demo.dsv4c --context 512 --batch 1,8 --mtp 0,1,2,3 \
     --baselines eager --json $out/demo.json && timeout 60 python3 bench/batch_invariance_check.py --artifact $work/demo.dsv4c" \
     2>&1 | grep -vE "^\s*$" | tail -40
-  stamp fp8;        timeout 70 python3 bench/fp8_gemm_bench.py --json "$out/fp8.json" 2>&1 | tail -30
-  stamp moe;        timeout 80 python3 bench/moe_bench.py --t 1 8 32 64 128 --json "$out/moe.json" 2>&1 | tail -14
-  stamp attention;  (cd bench && timeout 70 python3 attention_bench.py --contexts 4096 65536 --batches 1 32 --json "$out/attention.json" 2>&1 | tail -12)
-  stamp indexer;    (cd bench && timeout 60 python3 indexer_bench.py --contexts 4096 65536 --batches 1 32 --no-compile --json "$out/indexer.json" 2>&1 | tail -12)
+  stamp fp8;        timeout 60 python3 bench/fp8_gemm_bench.py --json "$out/fp8.json" 2>&1 | tail -30
+  stamp moe;        timeout 70 python3 bench/moe_bench.py --t 1 8 32 64 128 --json "$out/moe.json" 2>&1 | tail -14
+  stamp attention;  (cd bench && timeout 60 python3 attention_bench.py --contexts 4096 65536 --batches 1 32 --json "$out/attention.json" 2>&1 | tail -12)
+  stamp indexer;    (cd bench && timeout 50 python3 indexer_bench.py --contexts 4096 65536 --batches 1 32 --no-compile --json "$out/indexer.json" 2>&1 | tail -14)
+  touch "$work/kernels.done"
   exit 0
 fi
 setsid nohup bash -c '
