@@ -43,7 +43,8 @@ if ! command -v dsv4c >/dev/null; then  # the console script's folder may not be
 fi
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda, torch.cuda.get_device_name())"
 rm -f "$work/pipeline.done" "$work/kernels.done"
-if [ "${2:-}" = "--quick" ]; then  # one call of checks and kernel benches; flash-mini's step in a --collect call after
+if [ "${2:-}" = "--quick" ]; then  # one call, most wanted first: the demo model, the kernel benches, the checks;
+  # flash-mini is written and compiled meanwhile for a --collect call to bench
   setsid nohup bash -c '
     work='"$work"'; t0=$(date +%s); stamp() { echo "== $(( $(date +%s) - t0 ))s $*"; }
     step() { local name=$1; shift; stamp "$name"; "$@" > $work/$name.txt 2>&1 || stamp "$name FAILED"; }
@@ -54,17 +55,17 @@ if [ "${2:-}" = "--quick" ]; then  # one call of checks and kernel benches; flas
     step bench_mini_inductor dsv4c bench $work/mini.dsv4c --batch 1,64 --mtp 0 --baselines inductor --json $work/step_mini_inductor.json
     stamp done; touch $work/pipeline.done
   ' > "$work/pipeline.log" 2>&1 < /dev/null &
-  stamp step-graph; timeout 50 python3 bench/step_graph_bench.py --batch 1 8 2>&1 | tail -8
-  stamp moe-check;  timeout 45 python3 bench/moe_gpu_check.py 2>&1 | grep -E "CHECK|Error" | head -12
-  stamp mhc-invariant; timeout 40 python3 bench/mhc_bench.py --invariant --tokens 1 8 16 64 128 --json "$out/mhc_invariant.json" 2>&1 | grep -E "PASS|FAIL|COST|Error" | head -20
   stamp demo;       timeout 150 bash -c "dsv4c compile model/demo_model -o $work/demo.dsv4c --target h100 --max-seq-len 1024 \
     --overwrite > $work/compile_demo.txt 2>&1 && dsv4c bench $work/demo.dsv4c --context 512 --batch 1,8 --mtp 0,1,2,3 \
     --baselines eager --json $out/demo.json && timeout 60 python3 bench/batch_invariance_check.py --artifact $work/demo.dsv4c" \
     2>&1 | grep -vE "^\s*$" | tail -40
-  stamp fp8;        timeout 60 python3 bench/fp8_gemm_bench.py --json "$out/fp8.json" 2>&1 | tail -30
   stamp moe;        timeout 70 python3 bench/moe_bench.py --t 1 8 32 64 128 --json "$out/moe.json" 2>&1 | tail -14
   stamp attention;  (cd bench && timeout 60 python3 attention_bench.py --contexts 4096 65536 --batches 1 32 --json "$out/attention.json" 2>&1 | tail -12)
   stamp indexer;    (cd bench && timeout 50 python3 indexer_bench.py --contexts 4096 65536 --batches 1 32 --no-compile --json "$out/indexer.json" 2>&1 | tail -14)
+  stamp fp8;        timeout 60 python3 bench/fp8_gemm_bench.py --json "$out/fp8.json" 2>&1 | tail -30
+  stamp moe-check;  timeout 45 python3 bench/moe_gpu_check.py 2>&1 | grep -E "CHECK|Error" | head -12
+  stamp mhc-invariant; timeout 40 python3 bench/mhc_bench.py --invariant --tokens 1 8 16 64 128 --json "$out/mhc_invariant.json" 2>&1 | grep -E "PASS|FAIL|COST|Error" | head -20
+  stamp step-graph; timeout 50 python3 bench/step_graph_bench.py --batch 1 8 2>&1 | tail -8
   touch "$work/kernels.done"
   exit 0
 fi
