@@ -8,6 +8,12 @@ rows (96 dims, 64 e4m3 + 32 bf16, 130-byte rows, window 32, 4 heads). Tolerance 
 kernel rounds the online softmax's unnormalised probabilities to bf16, the reference its normalised ones, and
 both round the output to bf16 (measured 2.5e-3 to 3.2e-3).
 
+One range over many tiles (no processors to fill: one split), with window keys flat or growing so fast that
+every tile's maximum passes the running one by far more than the rescale slack: the lazily rescaled online
+softmax matches the reference in both. Keys that do not count (ring slots of no position yet, cache rows past
+the visible entries, ids of -1) read other rows; with 0xFF bytes in theirs (NaN codes, an infinite scale) the
+kernel still equals the reference on clean rows.
+
 Probabilities: the interpreter's products ("ieee", fp32) round the probabilities to bf16 as the GPU's bf16
 products do. With one tile of keys in one range, the kernel equals that computation done in float64 within
 1e-4 (measured: the same bits); unrounded probabilities are about 1e-3 away.
@@ -15,6 +21,8 @@ products do. With one tile of keys in one range, the kernel equals that computat
 sm_90a (built without a GPU, in a child without TRITON_INTERPRET): at Flash's 64 heads the split and the folded
 kernel multiply on wgmma (M = 64: the program's heads) with bf16 operands and fp32 accumulators; a 16-head
 program has too few rows for wgmma and runs on mma.sync, bf16 too. "ieee" products would have no MMA at all.
+At 64 heads the rows arrive only by asynchronous copies (no plain byte load: the scales come as one 8-byte word)
+and the codes are decoded by the hardware e4m3 conversion and a bf16 multiply-add.
 
 The kernels run in spawned children that set (or clear) TRITON_INTERPRET before importing Triton
 (tests/child_pool.py).
@@ -38,6 +46,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 TOL = 1e-2
 ROUNDING_TOL = 1e-4
 MMA = re.compile(r"(wgmma\.mma_async[.\w]*|mma\.sync[.\w]*)")
+DECODE_AND_READS = re.compile(r"(cvt\.rn\.f16x2\.e4m3x2|fma\.rn\.bf16|ld\.global[.\w]*|cp\.async\.\w+\.shared\.global)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +88,18 @@ def _kernel(*args):
     from dsv4c.codegen.kernels import attention
 
     return attention.sparse_decode_attention(*args)
+
+
+def _kernel_in_one_range(*args):
+    """The kernel with every key of a query in one range (no processors to fill: one split), so that one program
+    walks all the tiles and its online softmax meets each tile's maximum."""
+    from dsv4c.codegen.kernels import attention
+
+    q, cache, ids, window, ratio = args[0], args[3], args[4], args[8], args[9]
+    keys = window + (ids.shape[-1] if ratio and ids.shape[-1] else cache.shape[1] if ratio else 0)
+    launch = attention.attention_launch(q.shape[0] * q.shape[1], q.shape[2], keys, 0, "ieee")
+    assert launch.splits == 1 and launch.keys_per_split >= 4 * launch.block_n, launch
+    return attention.sparse_decode_attention(*args, launch=launch)
 
 
 def _launches(tokens: list[int], heads: int, keys: int, sms: int) -> list:
@@ -168,6 +189,45 @@ def test_interpreter_products_round_the_probabilities_to_bf16(interpreter):
     assert rounded <= ROUNDING_TOL < unrounded, (rounded, unrounded)
 
 
+def _ring_positions(start: torch.Tensor, slots: int) -> torch.Tensor:
+    """[sequence, slot]: the position a ring slot holds before a step from `start` (the latest below start with
+    that residue; negative where none was written yet)."""
+    slot = torch.arange(slots)
+    return start.unsqueeze(1) - 1 - (start.unsqueeze(1) - 1 - slot) % slots
+
+
+@pytest.mark.parametrize("growth", [0.0, 0.5], ids=["flat", "rising past the slack"])
+def test_one_range_over_many_tiles_matches_the_reference(interpreter, growth):
+    """One program over 136 keys (5 tiles: 4 of the window, then C128's entries). With the window's keys grown
+    by 1 + growth x (their rank in the window), each tile's maximum passes the running one by far more than the
+    rescale slack and the output must be rescaled tile after tile; flat keys stay within it."""
+    rows = FLASH_ROWS
+    q, new, _, cache, ids, start, sink, scale, window, ratio, rounded, block = inputs(1000, 1, 128, 0)
+    positions = _ring_positions(start, rows.slots)
+    rank = (positions - (start.unsqueeze(1) - window)).clamp(min=0)  # 0 for the oldest key of the window
+    values = torch.randn(2, rows.slots, rows.width) * 2 * (1 + growth * rank).unsqueeze(-1)
+    ring = rows.pack(values.bfloat16())
+    args = (q, new, ring, cache, ids, start, sink, scale, window, ratio, rounded, block)
+    error = relative_error(interpreter(_kernel_in_one_range, *args), sparse_attention.reference(*args))
+    assert error <= TOL, error
+
+
+@pytest.mark.parametrize("steps,ratio,topk", [(1, 4, 300), (1, 128, 0)], ids=["C4", "C128"])
+def test_keys_that_do_not_count_never_weigh_whatever_their_bytes(interpreter, steps, ratio, topk):
+    """At position 40 of a window of 128: the ring slots of no position yet, the cache rows past the visible
+    entries (and the ids' -1 padding) hold 0xFF bytes (NaN codes, an infinite scale, NaN RoPE dims). The kernel
+    on those rows equals the reference on clean ones: a key that does not count is never weighed."""
+    rows = FLASH_ROWS
+    args = list(inputs(40, steps, ratio, topk))
+    clean = sparse_attention.reference(*args)
+    ring, cache, start = args[2].clone(), args[3].clone(), args[5]
+    ring[_ring_positions(start, rows.slots) < 0] = 255
+    cache[:, 40 // ratio:] = 255
+    args[2], args[3] = ring, cache
+    error = relative_error(interpreter(_kernel, *args), clean)
+    assert error <= TOL, error
+
+
 def test_bf16_products_are_refused_on_the_interpreter(interpreter):
     assert "need a GPU" in interpreter(_bf16_products_on_cpu, *inputs(129, 1, 4, 40))
 
@@ -177,6 +237,7 @@ def test_launch_holds_a_token_s_heads_and_cuts_ranges_without_the_tokens(interpr
     for heads, block_h in ((4, 16), (16, 16), (20, 64), (64, 64), (128, 64)):
         launches = interpreter(_launches, [1, 3, 66, 1000], heads, 640, 132)
         assert {la.block_h for la in launches} == {block_h}, (heads, launches)
+        assert {la.block_n for la in launches} == {64 if block_h == 64 else 32}, (heads, launches)
         assert len({(la.splits, la.keys_per_split) for la in launches}) == 1, (heads, launches)
         assert [la.fold for la in launches] == [False, False, heads > 64, True], (heads, launches)
 
@@ -187,9 +248,10 @@ POINTER_TYPES = {"q_ptr": "*bf16", "out_ptr": "*bf16", "new_ptr": "*u8", "ring_p
                  "merged_ptr": "*fp32"}
 
 
-def _sm90a_mmas(kernel: str, heads: int) -> tuple[list[str], str]:
+def _sm90a_build(kernel: str, heads: int) -> tuple[list[str], str, set[str]]:
     """The distinct MMA instructions of `kernel` built for sm_90a with h100's launch at Flash's sizes (C4, top-512
-    and a window of 128: 640 keys; 584-byte rows), and the PTX's `.target` line."""
+    and a window of 128: 640 keys; 584-byte rows), the PTX's `.target` line, and its distinct decode
+    instructions and global reads (DECODE_AND_READS)."""
     import triton
     from triton.compiler import ASTSource
 
@@ -206,24 +268,35 @@ def _sm90a_mmas(kernel: str, heads: int) -> tuple[list[str], str]:
                if name in fn.arg_names}
     ptx = triton.compile(ASTSource(fn, signature, constexprs, aligned), target=triton_gpu_target(target("h100")),
                          options={"num_warps": launch.num_warps}).asm["ptx"]
-    return sorted(set(MMA.findall(ptx))), next(line for line in ptx.splitlines() if line.startswith(".target"))
+    return (sorted(set(MMA.findall(ptx))), next(line for line in ptx.splitlines() if line.startswith(".target")),
+            set(DECODE_AND_READS.findall(ptx)))
 
 
 @pytest.fixture(scope="module")
 def sm90a():
     with child_pool(_start_compiler) as pool:
-        yield {key: pool.submit(_sm90a_mmas, *key).result()
+        yield {key: pool.submit(_sm90a_build, *key).result()
                for key in (("_split_kernel", 64), ("_folded_kernel", 64), ("_split_kernel", 16))}
 
 
 @pytest.mark.parametrize("kernel", ["_split_kernel", "_folded_kernel"])
 def test_sm90a_multiplies_64_heads_on_bf16_wgmma(sm90a, kernel):
-    mmas, target_line = sm90a[kernel, 64]
+    mmas, target_line, _ = sm90a[kernel, 64]
     assert target_line == ".target sm_90a"
     assert mmas and all(m.startswith("wgmma.mma_async") and ".m64n" in m and m.endswith(".f32.bf16.bf16")
                         for m in mmas), mmas
 
 
 def test_sm90a_multiplies_16_heads_on_bf16_mma_sync(sm90a):
-    mmas, _ = sm90a["_split_kernel", 16]
+    mmas, _, _ = sm90a["_split_kernel", 16]
     assert mmas and all(m.startswith("mma.sync") and ".f32.bf16.bf16.f32" in m for m in mmas), mmas
+
+
+@pytest.mark.parametrize("kernel", ["_split_kernel", "_folded_kernel"])
+def test_sm90a_reads_rows_by_async_copies_and_decodes_on_the_fp8_conversion(sm90a, kernel):
+    """Flash's rows (scales in one 8-byte word) reach the program only through asynchronous copies, pipelined a
+    tile ahead: no byte is read by a plain load, whose latency each tile would wait out. The codes go through
+    the hardware e4m3 conversion and one bf16 multiply-add with the scale and the RoPE dims."""
+    _, _, found = sm90a[kernel, 64]
+    assert {"cp.async.ca.shared.global", "cvt.rn.f16x2.e4m3x2", "fma.rn.bf16"} <= found, found
+    assert not {op for op in found if op.startswith("ld.global") and op.endswith("8")}, found

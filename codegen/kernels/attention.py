@@ -2,12 +2,32 @@
 
 Flash-decoding: the keys of one query (its window, then its selected or visible compressed entries) form one
 index space, cut into `splits` ranges so that a single long sequence still fills the GPU. A program owns one
-query token, one range and `block_h` heads (all heads share the one KV head, so a row read serves them all): per
-tile of `block_n` keys it picks each key's packed row (this step's rows, the ring or the compressed cache, by
-masks) and decodes it once into one [block_n, width] tile of exact values (e4m3 codes through the fp8
-conversion times their e8m0 scale, built from the bits; the RoPE dims from their bf16 bits) that serves as the
-keys of the scores and the values of the output; it runs an online softmax and writes its (max, sum,
-unnormalised output). `_combine_kernel` merges the ranges with the sink in the denominator.
+query token, one range and `block_h` heads (all heads share the one KV head, so a row read serves them all) and
+walks the range in tiles of `block_n` keys: first the window's tiles (each key this step's row or a ring slot),
+then the entries' (each key a cache row), in two loops so that a tile computes only its own kind of address (a
+tile across the window's end, where `block_n` does not divide it, runs in both, each on its own keys). A tile
+decodes each key's packed row once into one [block_n, width] tile of exact values that serves as the keys of the
+scores and the values of the output, runs an online softmax step and, at the range's end, writes its (max, sum,
+unnormalised output); `_combine_kernel` merges the ranges with the sink in the denominator.
+
+Rows and decode (`_keys`). Every read of a tile is a plain copy of row bytes, so Triton pipelines all of them
+(asynchronous copies a tile ahead): the codes, the bf16 RoPE dims, and the scales as one 8-byte word a row where
+the layout puts them in one aligned word (`SCALE_WORD`; Flash's 584-byte rows), else a byte each. An invalid key
+(a window position before 0, an id of -1, an entry not yet visible) reads this step's first row instead, a key
+that every query of the step weighs (so its values are finite wherever a result is), and gets a score of -inf:
+its probability is 0 and it adds nothing, whatever the bytes of the row it stands for (unwritten ring slots and
+cache rows included). No row read is masked by key, and none outside the step's tensors is touched.
+Values: e4m3 code times 2^(scale byte - 127), plus the RoPE dims, as one fused multiply-add over the [key,
+scale block, dim] tile (the code is 0 on RoPE dims, the RoPE value 0 on coded dims); "bf16" builds take the
+code through the hardware fp8 -> bf16 conversion and the power of two as bf16 bits, exact wherever the value is
+a normal bf16 number, "ieee" builds do the same in fp32.
+
+Online softmax (`_online_step`). Scores s = q . k unscaled; the running maximum m (per head, in units of
+s x scale, as the merges and the sink use) moves only when a tile's maximum passes it by more than
+RESCALE_SLACK (8 ln 2), and only then is the output rescaled (a branch the whole program takes or skips;
+before the first valid tile the output is zero and is left alone). So a probability is e^(s scale - m) <= 256,
+computed as 2^(fma(s, scale log2 e, -m log2 e)): the same sums, relative to a maximum that may lag the true
+one by the slack, exact in the math. Split ranges and the fold run this same code, so their bits agree.
 
 Products (`AttentionLaunch.product`). "bf16" (GPUs): scores = q @ keys^T as a bf16 x bf16 -> fp32 tensor-core
 dot, exact products (q is bf16 by the op's contract, every decoded key is a bf16 value), then the probabilities
@@ -15,17 +35,18 @@ cast to bf16, as the reference casts its own, times the same key tile, accumulat
 (the CPU interpreter, whose bf16 arithmetic is wrong): the same values in fp32 IEEE dots, the probabilities
 rounded to bf16 (nearest, ties to even) by integer arithmetic first, so both sum the same products, in their own
 orders; the output is rounded to bf16 the same way on both. The probabilities are the online softmax's
-unnormalised ones (relative to the running maximum), so the result agrees with the reference within their bf16
-rounding.
+unnormalised ones, so the result agrees with the reference within their bf16 rounding.
 
 Launch (`attention_launch`). A program holds 64 heads (16 where a model has at most 16), so one row read and
-decode serves all of them and the dots have the M = 64 rows of Hopper's wgmma: m64n16k16 for the scores of a
-32-key tile (Triton gives each warpgroup all 64 rows of a dot whose result feeds another), m64n256k16 for the
-output, half of its 512 dims a warpgroup (16-head programs run on mma.sync; 17 to 32 heads are padded to 64,
-since 32-row mma.sync programs spill). The output accumulator [64, 512] fp32
-is 128 KB: 8 warps at 128 registers a thread, with 32-key tiles beside it (64 decoded values a thread; 64-key
-tiles spill). Splitting the 512 output dims over programs instead would repeat the decode and the scores dot,
-which cost as much as the output dot.
+decode serves all of them and the dots have the M = 64 rows of Hopper's wgmma: m64n32k16 for the scores of a
+64-key tile (Triton gives each warpgroup all 64 rows of a dot whose result feeds another), m64n256k16 for the
+output, half of its 512 dims a warpgroup (16-head programs run on mma.sync with 32-key tiles; 17 to 32 heads are
+padded to 64, since 32-row mma.sync programs spill). The output accumulator [64, 512] fp32 is 128 KB: 8 warps
+at 128 registers a thread, half the register file, and the build sits at the 255-register limit;
+bench/attention_sass.py counts the key loops' instructions of the sm_90a build. 64-key tiles halve the per-tile
+work (softmax bookkeeping, wgmma issue, loop control) per key against 32-key ones. The ring must hold a tile
+(C >= block_n: a tile's slots wrap at most once). Splitting the 512 output dims over programs instead would
+repeat the decode and the scores dot, which cost as much as the output dot.
 
 Batch invariance (runtime/batch_invariant.py): the ranges are a function of the key count, the heads and the
 GPU only, never of the tokens in the step, so a query's result is the same bits whether it runs alone, as one
@@ -52,6 +73,8 @@ MIN_DOT = 16  # tl.dot's smallest side: a program of up to 16 heads
 WGMMA_M = 64  # Hopper's wgmma rows: a program of 17 or more heads (64 at most)
 COMBINE_HEADS = 16  # heads a combine program: [16, 512] fp32 fit 4 warps (the bits do not depend on blocking)
 PRODUCTS = ("bf16", "ieee")
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+RESCALE_SLACK: tl.constexpr = tl.constexpr(5.545177444479562)  # 8 ln 2: rescale once a maximum grows x 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,11 +99,11 @@ class AttentionLaunch:
 
 
 def attention_launch(tokens: int, heads: int, keys: int, sms: int, product: str = "bf16") -> AttentionLaunch:
-    """Programs of 64 heads (16 for up to 16 heads), tiles of 32 keys, 8 warps; ranges of whole tiles enough for
-    one token's (range, head block) programs to fill two waves of `sms` processors (at most MAX_SPLITS): a
-    function of (heads, keys, sms), never of `tokens`, which only decides the fold: once the tokens' head blocks
-    alone give every processor a program. `product`: "bf16" on GPUs, "ieee" under the interpreter."""
-    block_h, block_n = (MIN_DOT if heads <= MIN_DOT else WGMMA_M), 32
+    """Programs of 64 heads with tiles of 64 keys (16 heads and 32 keys for up to 16 heads), 8 warps; ranges of
+    whole tiles enough for one token's (range, head block) programs to fill two waves of `sms` processors (at most
+    MAX_SPLITS): a function of (heads, keys, sms), never of `tokens`, which only decides the fold: once the tokens'
+    head blocks alone give every processor a program. `product`: "bf16" on GPUs, "ieee" under the interpreter."""
+    block_h, block_n = (MIN_DOT, 32) if heads <= MIN_DOT else (WGMMA_M, 64)
     tiles = triton.cdiv(max(keys, 1), block_n)
     head_blocks = triton.cdiv(heads, block_h)
     splits = max(1, min(tiles, MAX_SPLITS, (2 * sms) // head_blocks))
@@ -106,22 +129,34 @@ def _bf16_rounded(x):
 
 
 @triton.jit
-def _keys(row, ok, ROUNDED: tl.constexpr, WIDTH: tl.constexpr, D_P2: tl.constexpr, QBLOCK: tl.constexpr,
-          SCALE_OFF: tl.constexpr, BLOCK_N: tl.constexpr):
-    """fp32 keys [n, D_P2] of the packed rows at byte pointers `row` (zeros where not `ok`, and past WIDTH):
-    dims below ROUNDED are e4m3 codes times their block's e8m0 scale, the rest bf16 bits at byte ROUNDED."""
-    cols = tl.arange(0, D_P2)
-    code = tl.load(row[:, None] + cols[None, :], mask=ok[:, None] & (cols < ROUNDED)[None, :], other=0)
+def _keys(row, ROUNDED: tl.constexpr, WIDTH: tl.constexpr, D_P2: tl.constexpr, QBLOCK: tl.constexpr,
+          SCALE_OFF: tl.constexpr, SCALE_WORD: tl.constexpr, BLOCK_N: tl.constexpr, PRODUCT: tl.constexpr):
+    """Keys [n, D_P2] of the packed rows at byte pointers `row` (zeros past WIDTH), every row read whole: dims
+    below ROUNDED are e4m3 codes times their block's e8m0 scale, the rest bf16 bits at byte ROUNDED. bf16 for
+    "bf16" products (code -> bf16 by the hardware conversion, times the scale as a bf16 power of two, plus the
+    RoPE dim, in one multiply-add: exact wherever the value is a normal bf16 number), fp32 for "ieee"."""
     blocks = tl.arange(0, D_P2 // QBLOCK)  # a scale a block, read once (not once a dim)
-    sbyte = tl.load(row[:, None] + SCALE_OFF + blocks[None, :], mask=ok[:, None] & (blocks * QBLOCK < ROUNDED)[None, :],
-                    other=127)
-    value = tl.reshape(code.to(tl.float8e4nv, bitcast=True).to(tl.float32), (BLOCK_N, D_P2 // QBLOCK, QBLOCK))
-    nope = tl.reshape(value * _pow2(sbyte.to(tl.int32) - 127)[:, :, None], (BLOCK_N, D_P2))
-    raw_ptr = (row + ROUNDED).to(tl.pointer_type(tl.bfloat16))
+    cols = (blocks * QBLOCK)[:, None] + tl.arange(0, QBLOCK)[None, :]  # [blocks, QBLOCK]: every load shares `row`
+    row3 = row[:, None, None]
+    code = tl.load(row3 + cols[None, :, :], mask=(cols < ROUNDED)[None, :, :], other=0)
+    if SCALE_WORD == 8:  # the scales in one 8-byte word a row (one copy a row, pipelined like the codes)
+        word = tl.load((row + SCALE_OFF).to(tl.pointer_type(tl.int64)))
+        sbyte = (word[:, None] >> (8 * blocks[None, :]).to(tl.int64)) & 255
+        sbyte = tl.where((blocks * QBLOCK < ROUNDED)[None, :], sbyte, 127)
+    else:
+        sbyte = tl.load(row[:, None] + SCALE_OFF + blocks[None, :], mask=(blocks * QBLOCK < ROUNDED)[None, :],
+                        other=127)
+    raw_ptr = (row3 + ROUNDED).to(tl.pointer_type(tl.bfloat16))
     raw_cols = cols - ROUNDED
-    uncoded = ok[:, None] & ((raw_cols >= 0) & (cols < WIDTH))[None, :]
-    raw = tl.load(raw_ptr[:, None] + raw_cols[None, :], mask=uncoded, other=0.0).to(tl.float32)
-    return tl.where((cols < ROUNDED)[None, :], nope, raw)
+    raw = tl.load(raw_ptr + raw_cols[None, :, :], mask=((raw_cols >= 0) & (cols < WIDTH))[None, :, :], other=0.0)
+    if PRODUCT == "bf16":
+        value = code.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
+        power = (sbyte.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)  # 2^(sbyte - 127)
+    else:
+        value = code.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        power = _pow2(sbyte.to(tl.int32) - 127)
+        raw = raw.to(tl.float32)
+    return tl.reshape(tl.fma(value, power[:, :, None], raw), (BLOCK_N, D_P2))
 
 
 @triton.jit
@@ -142,55 +177,79 @@ def _query(q_ptr, start_ptr, bt, hb, T, H, sq_b, sq_t, sq_h, WIDTH: tl.constexpr
 
 
 @triton.jit
+def _online_step(q, keys, valid, m_i, l_i, acc, scale, PRODUCT: tl.constexpr):
+    """One tile of keys (valid ones only) folded into the online softmax (max m_i, sum l_i, output acc). The
+    output is rescaled only when a head's tile maximum passes its running one by more than RESCALE_SLACK, so a
+    probability may reach e^RESCALE_SLACK: the same sums relative to a maximum that may lag the true one."""
+    if PRODUCT == "bf16":
+        s = tl.dot(q, tl.trans(keys))
+    else:
+        s = tl.dot(q, tl.trans(keys), input_precision="ieee")
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_tile = tl.max(s, axis=1) * scale  # scale > 0: the maximum of the scaled scores
+    if tl.max((m_tile > m_i + RESCALE_SLACK).to(tl.int32), axis=0) > 0:  # a scalar: the whole program rescales
+        m_new = tl.maximum(m_i, m_tile)
+        alpha = tl.exp(m_i - tl.where(m_new > float("-inf"), m_new, 0.0))
+        if tl.max(m_i, axis=0) > float("-inf"):  # acc holds keys (before the first valid tile it is zero)
+            acc = acc * alpha[:, None]
+        l_i = l_i * alpha
+        m_i = m_new
+    shift = tl.where(m_i > float("-inf"), m_i, 0.0) * -LOG2E
+    prob = tl.exp2(tl.fma(s, scale * LOG2E, shift[:, None]))  # e^(s scale - m), one multiply-add and one ex2
+    l_i = l_i + tl.sum(prob, axis=1)
+    if PRODUCT == "bf16":
+        acc = tl.dot(prob.to(tl.bfloat16), keys, acc)
+    else:
+        acc = tl.dot(_bf16_rounded(prob), keys, acc, input_precision="ieee")
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _attend_range(q, b, t, start, p, first, last, new_ptr, ring_ptr, cache_ptr, ids_ptr, C, K, NENTRIES, scale,
                   sn_b, sn_t, sr_b, sr_c, sc_b, sc_e, si_b, si_t, WINDOW: tl.constexpr, RATIO: tl.constexpr,
                   SPARSE: tl.constexpr, ROUNDED: tl.constexpr, WIDTH: tl.constexpr, D_P2: tl.constexpr,
-                  QBLOCK: tl.constexpr, SCALE_OFF: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_N: tl.constexpr, PRODUCT: tl.constexpr):
+                  QBLOCK: tl.constexpr, SCALE_OFF: tl.constexpr, SCALE_WORD: tl.constexpr, ROW_ALIGN: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PRODUCT: tl.constexpr):
     """Online softmax of one query over its keys [first, last): (max, sum, unnormalised output [BLOCK_H, D_P2]).
     Key j < WINDOW is position pos = p - WINDOW + 1 + j: this step's row from `start` on, else ring slot pos % C
-    (C >= BLOCK_N: a tile's slots wrap at most once); key WINDOW + c is entry ids[c] (SPARSE) or entry c."""
-    visible = (p + 1) // RATIO if RATIO > 0 else 0
+    (C >= BLOCK_N: a tile's slots wrap at most once); key WINDOW + c is entry ids[c] (SPARSE) or entry c. The
+    window's tiles, then the entries' (a tile across WINDOW, if any, visits both loops, each its own keys)."""
     m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, D_P2), tl.float32)
-    for base in range(first, last, BLOCK_N):
+    lowest = p - WINDOW + 1  # position of key 0
+    new_rows = new_ptr + b * sn_b  # this step's first row: what an invalid key reads (it is never weighed)
+    ring_rows = ring_ptr + b * sr_b
+    slot = (lowest + first + WINDOW * C) % C  # the ring slot of key `first`: kept below C as the tiles advance
+    for base in range(first, tl.minimum(last, WINDOW), BLOCK_N):
         j = base + tl.arange(0, BLOCK_N)
-        pos = p - WINDOW + 1 + j
-        in_window = (j < WINDOW) & (pos >= 0)
-        c = j - WINDOW
-        if SPARSE:
-            listed = (j >= WINDOW) & (c < K)
-            entry = tl.load(ids_ptr + b * si_b + t * si_t + c, mask=listed, other=-1)
-            from_cache = listed & (entry >= 0)
-        else:
-            entry = c.to(tl.int64)
-            from_cache = (j >= WINDOW) & (c < visible) & (c < NENTRIES)
-        from_new = in_window & (pos >= start)
-        new_row = tl.multiple_of(b * sn_b + tl.where(from_new, pos - start, 0).to(tl.int64) * sn_t, ROW_ALIGN)
-        slot = (p - WINDOW + 1 + base + WINDOW * C) % C + tl.arange(0, BLOCK_N)  # pos % C, once a tile
+        pos = lowest + j
+        valid = (j < WINDOW) & (pos >= 0)
+        from_new = pos >= start
+        ring_slot = slot + tl.arange(0, BLOCK_N)
+        ring_slot = tl.where(ring_slot >= C, ring_slot - C, ring_slot)
+        from_ring = valid & (pos < start)
+        new_row = tl.where(valid & from_new, pos - start, 0) * sn_t
+        row = tl.multiple_of(tl.where(from_ring, ring_rows + ring_slot * sr_c, new_rows + new_row), ROW_ALIGN)
+        keys = _keys(row, ROUNDED, WIDTH, D_P2, QBLOCK, SCALE_OFF, SCALE_WORD, BLOCK_N, PRODUCT)
+        m_i, l_i, acc = _online_step(q, keys, valid, m_i, l_i, acc, scale, PRODUCT)
+        slot += BLOCK_N
         slot = tl.where(slot >= C, slot - C, slot)
-        ring_row = tl.multiple_of(b * sr_b + tl.where(in_window, slot, 0).to(tl.int64) * sr_c, ROW_ALIGN)
-        cache_row = tl.multiple_of(b * sc_b + tl.where(from_cache, entry, 0).to(tl.int64) * sc_e, ROW_ALIGN)
-        row = tl.where(from_new, new_ptr + new_row, tl.where(in_window, ring_ptr + ring_row, cache_ptr + cache_row))
-        valid = in_window | from_cache
-        keys = _keys(row, valid, ROUNDED, WIDTH, D_P2, QBLOCK, SCALE_OFF, BLOCK_N)
-        if PRODUCT == "bf16":
-            keys = keys.to(tl.bfloat16)  # exact: bf16 values
-            s = tl.dot(q, tl.trans(keys))
-        else:
-            s = tl.dot(q, tl.trans(keys), input_precision="ieee")
-        s = tl.where(valid[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
-        alpha = tl.exp(m_i - m_use)
-        prob = tl.exp(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(prob, axis=1)
-        if PRODUCT == "bf16":
-            acc = tl.dot(prob.to(tl.bfloat16), keys, acc * alpha[:, None])
-        else:
-            acc = tl.dot(_bf16_rounded(prob), keys, acc * alpha[:, None], input_precision="ieee")
-        m_i = m_new
+    if RATIO > 0:
+        cache_rows = cache_ptr + b * sc_b
+        listed_ids = ids_ptr.to(tl.pointer_type(tl.int32)) + 2 * (b * si_b + t * si_t)  # low words: ids < 2^31
+        visible = tl.minimum((p + 1) // RATIO, NENTRIES)
+        for base in range(tl.maximum(first, WINDOW - WINDOW % BLOCK_N), last, BLOCK_N):
+            c = base - WINDOW + tl.arange(0, BLOCK_N)
+            if SPARSE:
+                entry = tl.load(listed_ids + 2 * c, mask=(c >= 0) & (c < K), other=-1)
+                valid = entry >= 0
+            else:
+                entry = c
+                valid = (c >= 0) & (c < visible)
+            row = tl.multiple_of(tl.where(valid, cache_rows + entry.to(tl.int64) * sc_e, new_rows), ROW_ALIGN)
+            keys = _keys(row, ROUNDED, WIDTH, D_P2, QBLOCK, SCALE_OFF, SCALE_WORD, BLOCK_N, PRODUCT)
+            m_i, l_i, acc = _online_step(q, keys, valid, m_i, l_i, acc, scale, PRODUCT)
     return m_i, l_i, acc
 
 
@@ -214,8 +273,8 @@ def _split_kernel(q_ptr, new_ptr, ring_ptr, cache_ptr, ids_ptr, start_ptr, acc_p
                   SPLITS, keys_per_split, total_keys, scale, sq_b, sq_t, sq_h, sn_b, sn_t, sr_b, sr_c, sc_b, sc_e,
                   si_b, si_t, WINDOW: tl.constexpr, RATIO: tl.constexpr, SPARSE: tl.constexpr,
                   ROUNDED: tl.constexpr, WIDTH: tl.constexpr, D_P2: tl.constexpr, QBLOCK: tl.constexpr,
-                  SCALE_OFF: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PRODUCT: tl.constexpr):
+                  SCALE_OFF: tl.constexpr, SCALE_WORD: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BLOCK_N: tl.constexpr, PRODUCT: tl.constexpr):
     """Program (token, range, head block): the range's (max, sum, unnormalised output) into the partials."""
     bt, split, hb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, t, start, p, heads, hmask, q = _query(q_ptr, start_ptr, bt, hb, T, H, sq_b, sq_t, sq_h, WIDTH, D_P2,
@@ -224,7 +283,7 @@ def _split_kernel(q_ptr, new_ptr, ring_ptr, cache_ptr, ids_ptr, start_ptr, acc_p
     m_i, l_i, acc = _attend_range(
         q, b, t, start, p, first, tl.minimum(first + keys_per_split, total_keys), new_ptr, ring_ptr, cache_ptr,
         ids_ptr, C, K, NENTRIES, scale, sn_b, sn_t, sr_b, sr_c, sc_b, sc_e, si_b, si_t, WINDOW, RATIO, SPARSE,
-        ROUNDED, WIDTH, D_P2, QBLOCK, SCALE_OFF, ROW_ALIGN, BLOCK_H, BLOCK_N, PRODUCT)
+        ROUNDED, WIDTH, D_P2, QBLOCK, SCALE_OFF, SCALE_WORD, ROW_ALIGN, BLOCK_H, BLOCK_N, PRODUCT)
     cols = tl.arange(0, D_P2)
     row = (bt * SPLITS + split) * H + heads
     tl.store(ml_ptr + row * 2, m_i, mask=hmask)
@@ -237,8 +296,8 @@ def _folded_kernel(q_ptr, new_ptr, ring_ptr, cache_ptr, ids_ptr, start_ptr, sink
                    K, NENTRIES, SPLITS, keys_per_split, total_keys, scale, sq_b, sq_t, sq_h, sn_b, sn_t, sr_b, sr_c,
                    sc_b, sc_e, si_b, si_t, WINDOW: tl.constexpr, RATIO: tl.constexpr, SPARSE: tl.constexpr,
                    ROUNDED: tl.constexpr, WIDTH: tl.constexpr, D_P2: tl.constexpr, QBLOCK: tl.constexpr,
-                   SCALE_OFF: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PRODUCT: tl.constexpr):
+                   SCALE_OFF: tl.constexpr, SCALE_WORD: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_N: tl.constexpr, PRODUCT: tl.constexpr):
     """Program (token, head block): every range in order, each merged as `_combine_kernel` merges partials. The
     merged output lives in this program's own fp32 rows of `merged_ptr` (cache-resident), not in registers: two
     [64, 512] fp32 accumulators would be the whole register file."""
@@ -255,7 +314,7 @@ def _folded_kernel(q_ptr, new_ptr, ring_ptr, cache_ptr, ids_ptr, start_ptr, sink
         m_i, l_i, acc = _attend_range(
             q, b, t, start, p, first, tl.minimum(first + keys_per_split, total_keys), new_ptr, ring_ptr, cache_ptr,
             ids_ptr, C, K, NENTRIES, scale, sn_b, sn_t, sr_b, sr_c, sc_b, sc_e, si_b, si_t, WINDOW, RATIO, SPARSE,
-            ROUNDED, WIDTH, D_P2, QBLOCK, SCALE_OFF, ROW_ALIGN, BLOCK_H, BLOCK_N, PRODUCT)
+            ROUNDED, WIDTH, D_P2, QBLOCK, SCALE_OFF, SCALE_WORD, ROW_ALIGN, BLOCK_H, BLOCK_N, PRODUCT)
         peak, total, old_w, new_w = _merge(peak, total, m_i, l_i)
         tl.debug_barrier()  # the rows other threads of this program stored for the range before
         tl.store(merged, _merged(tl.load(merged, mask=mine & (split > 0), other=0.0), acc, old_w, new_w), mask=mine)
@@ -288,11 +347,14 @@ def _combine_kernel(acc_ptr, ml_ptr, sink_ptr, out_ptr, H, SPLITS, D: tl.constex
 
 def kernel_constexprs(window: int, ratio: int, sparse: bool, width: int, rounded: int, block: int, row_bytes: int,
                       launch: AttentionLaunch) -> dict:
-    """The split and folded kernels' constexprs, for rows of `row_bytes` bytes."""
-    return dict(WINDOW=window, RATIO=ratio, SPARSE=sparse, ROUNDED=rounded, WIDTH=width,
-                D_P2=triton.next_power_of_2(width), QBLOCK=block, SCALE_OFF=rounded + 2 * (width - rounded),
-                ROW_ALIGN=min(16, row_bytes & -row_bytes), BLOCK_H=launch.block_h, BLOCK_N=launch.block_n,
-                PRODUCT=launch.product)
+    """The split and folded kernels' constexprs, for rows of `row_bytes` bytes. SCALE_WORD: 8 where a row's scales
+    fill (with padding) one aligned 8-byte word, read as one; else 1 (a byte each)."""
+    scale_off, row_align = rounded + 2 * (width - rounded), min(16, row_bytes & -row_bytes)
+    d_p2 = triton.next_power_of_2(width)
+    word = scale_off % 8 == 0 and row_align >= 8 and row_bytes - scale_off >= 8 and d_p2 // block <= 8
+    return dict(WINDOW=window, RATIO=ratio, SPARSE=sparse, ROUNDED=rounded, WIDTH=width, D_P2=d_p2, QBLOCK=block,
+                SCALE_OFF=scale_off, SCALE_WORD=8 if word else 1, ROW_ALIGN=row_align, BLOCK_H=launch.block_h,
+                BLOCK_N=launch.block_n, PRODUCT=launch.product)
 
 
 def sparse_decode_attention(q: torch.Tensor, new: torch.Tensor, ring: torch.Tensor, cache: torch.Tensor,
@@ -312,9 +374,10 @@ def sparse_decode_attention(q: torch.Tensor, new: torch.Tensor, ring: torch.Tens
         launch = attention_launch(batch * steps, heads, total, sms, "bf16" if q.is_cuda else "ieee")
     if launch.product == "bf16" and not q.is_cuda:
         raise ValueError("sparse_decode_attention kernel: bf16 products need a GPU (the interpreter's are wrong)")
-    if block & (block - 1) or ring.shape[1] < launch.block_n:
-        raise ValueError(f"sparse_decode_attention kernel: the scale block ({block}) must be a power of two and the "
-                         f"ring ({ring.shape[1]} slots) hold a tile of {launch.block_n} keys")
+    if block & (block - 1) or ring.shape[1] < launch.block_n or ids.dtype != torch.int64:
+        raise ValueError(f"sparse_decode_attention kernel: the scale block ({block}) must be a power of two, the "
+                         f"ring ({ring.shape[1]} slots) hold a tile of {launch.block_n} keys and ids be int64 "
+                         f"({ids.dtype})")
     ids = ids.contiguous()
     sink = sink.float().contiguous()
     out = torch.empty_like(q)
