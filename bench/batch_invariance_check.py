@@ -11,9 +11,9 @@
       aten       inside runtime/batch_invariant.py's block: fp32 and bf16 `x @ w.T`, bmm, addmm, mean and sum over
                  the last and a middle dim, softmax, log_softmax; the same calls without the block (cuBLAS,
                  PyTorch's reductions) are printed as INFO
-      mhc        the mHC ops hc_pre, hc_post_pre, hc_head (every output) inside the block, where their CUDA
-                 kernels take the batch-invariant launch (codegen/kernels/mhc_launch.py); without the block (the
-                 tuned launches, token-count dependent above 8 tokens) printed as INFO
+      mhc        the mHC ops hc_pre, hc_post_pre, hc_head (every output) as the runtime's executors call them
+                 (runtime/loader.py `mhc_implementations`: the batch-invariant launch, codegen/kernels/mhc_launch.py);
+                 the registered ops (the tuned launches, token-count dependent above 8 tokens) printed as INFO
 (b) End to end, through the engine (runtime/engine.py, CUDA graphs on): greedy decoding of --artifact (compiled
     with --target h100; without one, the embedded demo model's reference model in bf16) with --mtp 1..max
     must give the tokens of --mtp 0, and prompts decoded together the tokens each gets alone.
@@ -46,6 +46,7 @@ from dsv4c.model.step import dequantize_weights
 from dsv4c.runtime.batch_invariant import batch_invariant
 from dsv4c.runtime.eager_runner import EagerRunner, state_specs
 from dsv4c.runtime.engine import Engine
+from dsv4c.runtime.loader import mhc_implementations
 from dsv4c.runtime.loader import load
 from gpu_common import environment, graph_us
 
@@ -196,15 +197,17 @@ def check_mhc() -> None:
     mix = (fn, base, scale, norm, 1e-6, 1e-6, 20)
     head = (fn[:hc], base[:hc], scale[:1], norm, 1e-6, 1e-6)
     importlib.import_module("dsv4c.codegen.ops")  # defines torch.ops.dsv4c
-    ops = torch.ops.dsv4c
-    calls = {"hc_pre": lambda lo, hi: ops.hc_pre(streams[lo:hi], *mix),
-             "hc_post_pre": lambda lo, hi: ops.hc_post_pre(block_out[lo:hi], streams[lo:hi], post[lo:hi], comb[lo:hi],
-                                                           *mix),
-             "hc_head": lambda lo, hi: ops.hc_head(streams[lo:hi], *head)}
-    for name, call in calls.items():
-        rows = lambda lo, hi, call=call: token_rows(call(lo, hi))  # noqa: E731
-        rows_invariant(f"mhc {name} (every output), in the block", in_block(rows))
-        rows_invariant(f"mhc {name} (every output), without the block", rows, kind="INFO")
+    runtime = {name.split("::")[1]: impl for name, impl in mhc_implementations(None).items()}
+    registered = {name: getattr(torch.ops.dsv4c, name) for name in runtime}
+    for label, ops, kind in (("as the runtime runs them", runtime, None),
+                             ("registered (tuned launches)", registered, "INFO")):
+        calls = {"hc_pre": lambda lo, hi, ops=ops: ops["hc_pre"](streams[lo:hi], *mix),
+                 "hc_post_pre": lambda lo, hi, ops=ops: ops["hc_post_pre"](block_out[lo:hi], streams[lo:hi],
+                                                                           post[lo:hi], comb[lo:hi], *mix),
+                 "hc_head": lambda lo, hi, ops=ops: ops["hc_head"](streams[lo:hi], *head)}
+        for name, call in calls.items():
+            rows = lambda lo, hi, call=call: token_rows(call(lo, hi))  # noqa: E731
+            rows_invariant(f"mhc {name} (every output), {label}", in_block(rows), kind=kind)
 
 
 def token_rows(out) -> torch.Tensor:

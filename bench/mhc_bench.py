@@ -18,8 +18,8 @@ measured in this run. Usage (Flash dims by default):
 With --invariant (runtime/batch_invariant.py's launch, `batch_invariant_launch`) it prints, instead of the table:
   PASS / FAIL  each op's rows of steps of every --tokens count (and of 9 and 17 tokens at other offsets) equal
                bit for bit the same tokens' rows of one step of the largest count, bf16 and fp32 streams (the
-               tuned launch's result as INFO); and the ops inside the block (torch.ops.dsv4c.*, eager and in a
-               CUDA graph captured in it) equal the wrapper with that launch, outside it the tuned launch
+               tuned launch's result as INFO); and the runtime's implementations of the ops (runtime/loader.py
+               `mhc_implementations`, eager and in a CUDA graph) equal the wrapper with that launch
   COST         each op at each --tokens count, tuned and batch-invariant launch side by side (CUDA graphs over
                rotating input sets, as the table), with the invariant launch's check against the reference
 """
@@ -302,30 +302,26 @@ def steps_agree(args, dtype: torch.dtype) -> list[dict]:
     return results
 
 
-def block_dispatch(args) -> list[dict]:
-    """The mHC ops inside runtime/batch_invariant.py's block (the CUDA kernels it registers) against the wrapper
-    with `batch_invariant_launch`, eager and replayed from a CUDA graph captured inside the block; outside it,
-    against the tuned launch."""
-    from dsv4c.runtime.batch_invariant import batch_invariant
+def runtime_implementations(args) -> list[dict]:
+    """The mHC ops as the runtime's executors call them (runtime/loader.py `mhc_implementations`, Triton's JIT)
+    against the wrapper with `batch_invariant_launch`, eager and replayed from a CUDA graph."""
+    from dsv4c.runtime.loader import mhc_implementations
 
-    importlib.import_module("dsv4c.codegen.ops")  # defines torch.ops.dsv4c
+    implementations = mhc_implementations(None)
     results = []
     for tokens in sorted({min(args.tokens), 9, max(args.tokens)}):
         s = make_set(tokens, args.hc, args.hidden, torch.bfloat16, torch.Generator(device="cuda").manual_seed(17))
         for op in OPS:
-            a, registered = op_args(op, s, args.iters), getattr(torch.ops.dsv4c, op)
+            a, run = op_args(op, s, args.iters), implementations[f"dsv4c::{op}"]
             want = token_rows(getattr(mhc, op)(*a, launch_choice=batch_invariant_launch))
-            with batch_invariant():
-                eager = token_rows(registered(*a))
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    captured = registered(*a)
+            eager = token_rows(run(*a))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = run(*a)
             graph.replay()
-            outside = torch.equal(token_rows(registered(*a)), token_rows(getattr(mhc, op)(*a)))
-            ok = torch.equal(eager, want) and torch.equal(token_rows(captured), want) and outside
-            results.append(report("PASS" if ok else "FAIL", f"{op} T={tokens}: torch.ops.dsv4c in the block",
-                                  f"eager {torch.equal(eager, want)}, graph {torch.equal(token_rows(captured), want)}"
-                                  f", outside the block the tuned launch {outside}"))
+            ok = torch.equal(eager, want) and torch.equal(token_rows(captured), want)
+            results.append(report("PASS" if ok else "FAIL", f"{op} T={tokens}: the runtime's implementation",
+                                  f"eager {torch.equal(eager, want)}, graph {torch.equal(token_rows(captured), want)}"))
     return results
 
 
@@ -350,7 +346,7 @@ def invariance_cost(args, l2_bytes: int) -> list[dict]:
 
 def invariant_mode(args, env: dict, l2_bytes: int) -> None:
     """--invariant: the bit-equality checks, then the cost; a final line counts the FAILs."""
-    results = [*steps_agree(args, torch.bfloat16), *steps_agree(args, torch.float32), *block_dispatch(args),
+    results = [*steps_agree(args, torch.bfloat16), *steps_agree(args, torch.float32), *runtime_implementations(args),
                *invariance_cost(args, l2_bytes)]
     failed = [r["name"] for r in results if r["label"] == "FAIL"]
     print(f"{len(failed)} FAIL: {failed}" if failed else "all PASS", flush=True)

@@ -36,11 +36,10 @@ first is the one thing left to the algorithm), elementwise ops (a CUDA thread co
 same code wherever it sits). dsv4c's own kernels are invariant by their launch choices (the FP8 GEMM's K split,
 the attention's key ranges, the MoE's shape-only launches: codegen/kernels/fp8_gemm_launch.py, attention.py,
 moe_fp4_launch.py). The mHC kernels' tuned launches change with the token count above 8 tokens (tensor-core dots
-on token blocks, codegen/kernels/mhc_launch.py), so within the block the CUDA kernels of the mHC ops
-(`dsv4c::hc_pre`, `hc_post`, `hc_post_pre`, `hc_head`) are their same implementations with
-`batch_invariant_launch`: one token a program and D split by its size alone for every token count, the tuned
-launch itself up to 8 tokens (an artifact's stored kernels are called past the dispatcher, so the loader binds
-them to that launch, runtime/loader.py). The runtime enters the block for every step and for the CUDA-graph captures
+on token blocks, codegen/kernels/mhc_launch.py), so the runtime's executors call the mHC ops' CUDA implementations
+bound to `batch_invariant_launch` (one token a program, D split by its size alone, the tuned launch itself up to 8
+tokens: runtime/loader.py `mhc_implementations`) whether or not a block is open. The runtime enters the block for
+every step and for the CUDA-graph captures
 (runtime/engine.py, step_runner.py), so the graphs hold these kernels.
 
 The override is process-wide while a block runs (a kernel registration: `torch.library`); nested blocks share
@@ -71,7 +70,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from dsv4c.runtime.batch_invariant_cuda import cuda_kernels, mhc_cuda_kernels
+from dsv4c.runtime.batch_invariant_cuda import cuda_kernels
 
 ALIGNMENT = 64  # bytes: the CPU allocator's alignment, the one a fresh tensor gets
 
@@ -135,15 +134,14 @@ def whole_vectors(name: str):
 
 
 class _Override:
-    """The registration of the row-wise CPU kernels and the CUDA kernels (aten's and dsv4c's mHC ops'), shared by
-    nested blocks (a count under a lock)."""
+    """The registration of the row-wise CPU kernels and the CUDA kernels, shared by nested blocks (a count under
+    a lock)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._depth = 0
-        self._libraries: tuple[torch.library.Library, ...] = ()
+        self._library: torch.library.Library | None = None
         self._cuda_kernels = cuda_kernels()  # once: asking whether Triton is installed reads package metadata
-        self._mhc_kernels = mhc_cuda_kernels()
 
     def enter(self) -> None:
         with self._lock:
@@ -157,19 +155,15 @@ class _Override:
                         library.impl(name, whole_vectors(name), "CPU")
                     for name, kernel in self._cuda_kernels.items():
                         library.impl(name, kernel, "CUDA")
-                    mhc = torch.library.Library("dsv4c", "IMPL")
-                    for name, kernel in self._mhc_kernels.items():
-                        mhc.impl(name, kernel, "CUDA")
-                self._libraries = (library, mhc)
+                self._library = library
             self._depth += 1
 
     def exit(self) -> None:
         with self._lock:
             self._depth -= 1
             if self._depth == 0:
-                for library in self._libraries:
-                    library._destroy()  # restores the kernels it replaced
-                self._libraries = ()
+                self._library._destroy()  # restores the library's kernels
+                self._library = None
 
 
 _OVERRIDE = _Override()

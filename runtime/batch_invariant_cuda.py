@@ -1,7 +1,6 @@
 """The CUDA half of runtime/batch_invariant.py: aten's products and reductions on CUDA tensors computed by
 Triton kernels whose order of summation does not depend on how many rows a call has
-(codegen/kernels/batch_invariant_matmul.py, batch_invariant_reduce.py), and dsv4c's mHC ops launched the same
-way for every token count (`mhc_cuda_kernels`).
+(codegen/kernels/batch_invariant_matmul.py, batch_invariant_reduce.py).
 
 Each function takes the arguments of its aten overload (`cuda_kernels` names them) and returns what it returns:
 `mm`, `bmm`, `addmm` on operands of one dtype among KERNEL_DTYPES; `sum.dim_IntList` and `mean.dim` over a
@@ -13,14 +12,11 @@ too (under TRITON_INTERPRET=1), which is how the tests call them.
 
 from __future__ import annotations
 
-import functools
-import importlib
 from typing import Any, Callable
 
 import torch
 
-from dsv4c.codegen.cuda_impls import IMPLS as MHC_IMPLS, triton_installed, triton_kernels
-from dsv4c.codegen.kernels.mhc_launch import batch_invariant_launch
+from dsv4c.codegen.cuda_impls import triton_installed, triton_kernels
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the batch_invariant_* kernels' DTYPES
 
@@ -101,14 +97,3 @@ def cuda_kernels() -> dict[str, Callable[..., Any]]:
         return {}
     return {"mm": cuda_mm, "bmm": cuda_bmm, "addmm": cuda_addmm, "sum.dim_IntList": cuda_sum, "mean.dim": cuda_mean,
             "_softmax": _cuda_softmax(log=False), "_log_softmax": _cuda_softmax(log=True)}
-
-
-def mhc_cuda_kernels() -> dict[str, Callable[..., Any]]:
-    """dsv4c mHC op -> its CUDA implementation (codegen/cuda_impls.py) with `batch_invariant_launch` for launch
-    choice (none where Triton is not installed). The ops are defined first (codegen/ops.py), so the block's kernels
-    replace their CUDA kernels rather than being replaced by a later definition."""
-    if not triton_installed():
-        return {}
-    importlib.import_module("dsv4c.codegen.ops")
-    return {name: functools.partial(impl, launch_choice=batch_invariant_launch)
-            for name, impl in MHC_IMPLS.items()}

@@ -35,9 +35,9 @@ from dsv4c.runtime.executor import Executor, weight_inputs
 
 def plan_executors(artifact: Artifact, device: torch.device, kernels: KernelPlan) -> dict[str, Executor]:
     """An executor per step variant with the weights bound once. `kernels`: what runs the mHC kernels
-    (runtime/stored_kernels.KernelPlan); with a launcher, the CUDA implementations bound to it replace the
-    registered ops."""
-    implementations = stored_kernel_implementations(kernels.launcher) if kernels.launcher is not None else None
+    (runtime/stored_kernels.KernelPlan); on a GPU with Triton (any mode but "reference") the mHC ops run
+    `mhc_implementations` of its launcher (None: Triton's JIT) in place of the registered ops."""
+    implementations = mhc_implementations(kernels.launcher) if kernels.mode != "reference" else None
     executors = {}
     for name, plan in artifact.plans.items():
         constants = {key: artifact.weights[key] for key in set(plan.constants.values())}
@@ -50,10 +50,11 @@ def local_target(device: torch.device) -> str:
     return target_for_device(device).name
 
 
-def stored_kernel_implementations(launcher) -> dict[str, Callable[..., Any]]:
-    """The mHC ops' CUDA implementations bound to `launcher` (runtime/stored_kernels.py) and to the batch-invariant
-    launch: they bypass the dispatcher, where runtime/batch_invariant.py's block puts that launch, and the engine
-    runs every step inside the block."""
+def mhc_implementations(launcher) -> dict[str, Callable[..., Any]]:
+    """The mHC ops' CUDA implementations bound to `launcher` (runtime/stored_kernels.py; None: Triton's JIT) and
+    to the batch-invariant launch (codegen/kernels/mhc_launch.py): one token a program and D split by its size
+    alone at every token count, so a token's bits do not depend on its step (runtime/batch_invariant.py; the tuned
+    launch itself up to 8 tokens). The executors call them in place of the registered ops."""
     from dsv4c.codegen import cuda_impls
     from dsv4c.codegen.kernels.mhc_launch import batch_invariant_launch
 

@@ -11,15 +11,13 @@ rows share its call.
   same query computed in a one-token step (the ring then holds the earlier tokens), and a sequence computed
   beside two others equals it alone (the step's tokens cross the fold: 12 tokens fold on the interpreter's 8
   SMs, 1 or 3 do not).
-- mHC (codegen/kernels/mhc.py) inside runtime/batch_invariant.py's block: the CUDA implementations the block
-  registers for the mHC ops (`mhc_cuda_kernels`), run on CPU tensors, give a token the same bits in steps of 1,
-  3, 9 and 17 tokens (hc_pre, hc_post_pre, hc_head, fp32 streams), with the same launches (one token a program,
-  D's split by its size) at every count: the launches are compared too, since the interpreter's numpy sums give
-  a row the same bits whatever its token block (a D split that follows the token count does show in the bits).
-  The block puts them in the ops' CUDA dispatch table and takes them out after it (checked in the table: there
-  is no GPU here to dispatch to), and the loader's stored-kernel implementations take the same launch. Off the
-  GPU the ops' tuned launch is the interpreter's, so the invariant launch is exercised by calling the block's
-  implementations themselves.
+- mHC (codegen/kernels/mhc.py) as the runtime runs it: the CUDA implementations the loader binds for the
+  executors (`mhc_implementations`), run on CPU tensors, give a token the same bits in steps of 1, 3, 9 and 17
+  tokens (hc_pre, hc_post_pre, hc_head, fp32 streams), with the same launches (one token a program, D's split by
+  its size) at every count: the launches are compared too, since the interpreter's numpy sums give a row the
+  same bits whatever its token block (a D split that follows the token count does show in the bits). The loader
+  binds them on every GPU kernel plan but the reference one. Off the GPU the ops' tuned launch is the
+  interpreter's, so the invariant launch is exercised by calling those implementations themselves.
 
 The GEMM writes fp32 (x fp32 for plain products), where a changed order of summation shows in the last bits
 (a bf16 output would hide most of it, and FP8 products of bf16 inputs often sum exactly). Each case also checks
@@ -229,17 +227,17 @@ class _RecordingJit:
         JIT(launch)
 
 
-def _mhc_in_block(op: str, args: tuple, poisoned: tuple):
-    """In the child: ({step: (outputs, launch orders)} of the block's CUDA implementation of `op` on each step's
-    tokens, the whole step through the host wrapper with the block's launch choice into `poisoned` outputs)."""
+def _mhc_as_run(op: str, args: tuple, poisoned: tuple):
+    """In the child: ({step: (outputs, launch orders)} of the runtime's CUDA implementation of `op` on each step's
+    tokens, the whole step through the host wrapper with the invariant launch choice into `poisoned` outputs)."""
     from dsv4c.codegen.kernels import mhc
     from dsv4c.codegen.kernels.mhc_launch import batch_invariant_launch
-    from dsv4c.runtime.batch_invariant_cuda import mhc_cuda_kernels
+    from dsv4c.runtime.loader import mhc_implementations
 
     def as_tuple(out):
         return out if isinstance(out, tuple) else (out,)
 
-    steps, impl, lead = {}, mhc_cuda_kernels()[op], MHC_TOKEN_ARGS[op]
+    steps, impl, lead = {}, mhc_implementations(None)[f"dsv4c::{op}"], MHC_TOKEN_ARGS[op]
     for lo, hi in MHC_STEPS:
         recorder = _RecordingJit()
         out = impl(*(a[lo:hi] for a in args[:lead]), *args[lead:], launcher=recorder)
@@ -273,8 +271,8 @@ def _mhc_args(op: str, x: dict) -> tuple:
 
 
 @pytest.mark.parametrize("op", ["hc_pre", "hc_post_pre", "hc_head"])
-def test_mhc_rows_do_not_depend_on_the_step_in_the_block(child, op):
-    """A token computed in steps of 1, 3, 9 and 17 tokens by the block's mHC implementation: the same bits, the
+def test_mhc_rows_do_not_depend_on_the_step_as_the_runtime_runs_them(child, op):
+    """A token computed in steps of 1, 3, 9 and 17 tokens by the runtime's mHC implementation: the same bits, the
     same launch orders (one token a program: BLOCK_T 1), and the whole step right against the float64 spec."""
     tokens = MHC_STEPS[-1][1]
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))  # fresh each run
@@ -284,7 +282,7 @@ def test_mhc_rows_do_not_depend_on_the_step_in_the_block(child, op):
              comb=torch.rand(tokens, MHC_N, MHC_N, generator=gen) / MHC_N)
     expected = _mhc_expected(op, x)
     poisoned = tuple(torch.full(e.shape, float("nan")) for e in expected)
-    steps, whole = child(_mhc_in_block, op, _mhc_args(op, x), poisoned)
+    steps, whole = child(_mhc_as_run, op, _mhc_args(op, x), poisoned)
     for got, want in zip(whole, expected):
         assert not got.isnan().any(), "an output element was not written (or is NaN)"
         error = ((got.double() - want).norm() / want.norm()).item()
@@ -293,47 +291,36 @@ def test_mhc_rows_do_not_depend_on_the_step_in_the_block(child, op):
     assert len({frozenset(order) for order in orders.values()}) == 1, orders
     assert all(order[1] == 1 for order in orders[(0, tokens)]), "one token a program"
     full, _ = steps[(0, tokens)]
-    assert all(torch.equal(a, b) for a, b in zip(full, whole)), "the block's implementation differs from the wrapper"
+    assert all(torch.equal(a, b) for a, b in zip(full, whole)), "the runtime's implementation differs from the wrapper"
     for (lo, hi), (outputs, _) in steps.items():
         for index, (got, all_rows) in enumerate(zip(outputs, full)):
             assert torch.equal(got, all_rows[lo:hi]), f"{op} output {index}: tokens {lo}..{hi - 1} differ in their step"
 
 
-def test_block_puts_the_mhc_kernels_in_the_cuda_dispatch_table():
-    """Inside the block the mHC ops' CUDA kernels are the block's implementations (the ops' own, with the
-    batch-invariant launch choice); before and after, the ops' registered CUDA kernels (codegen/cuda_impls.py)."""
+def test_executors_run_the_mhc_ops_with_the_batch_invariant_launch(monkeypatch):
+    """The loader's executors call the mHC ops' CUDA implementations bound to the batch-invariant launch choice
+    and to the kernel plan's launcher (stored binaries, or None: Triton's JIT) on every GPU plan, and the
+    registered ops (the references) on the reference plan."""
+    import types
+
     from dsv4c.codegen import cuda_impls
     from dsv4c.codegen.kernels.mhc_launch import batch_invariant_launch
-    from dsv4c.runtime.batch_invariant import batch_invariant
-    from dsv4c.runtime.batch_invariant_cuda import mhc_cuda_kernels
+    from dsv4c.runtime import loader
+    from dsv4c.runtime.stored_kernels import KernelPlan
 
-    def cuda_kernel(op):
-        return next(line for line in torch._C._dispatch_dump_table(f"dsv4c::{op}").splitlines()
-                    if line.startswith("CUDA:"))
-
-    kernels = mhc_cuda_kernels()
-    assert sorted(kernels) == sorted(cuda_impls.IMPLS) == ["hc_head", "hc_post", "hc_post_pre", "hc_pre"]
-    assert all(k.func is cuda_impls.IMPLS[name] and k.keywords == {"launch_choice": batch_invariant_launch}
-               for name, k in kernels.items())
-    before = {op: cuda_kernel(op) for op in kernels}
-    assert not any("runtime/batch_invariant.py" in line for line in before.values()), before
-    with batch_invariant():
-        with batch_invariant():  # nested blocks share the registration
-            pass
-        inside = {op: cuda_kernel(op) for op in kernels}
-    assert all("runtime/batch_invariant.py" in line for line in inside.values()), inside
-    assert {op: cuda_kernel(op) for op in kernels} == before
-
-
-def test_stored_kernels_take_the_batch_invariant_launch():
-    """The loader's implementations over an artifact's stored kernels bypass the dispatcher: they are bound to the
-    batch-invariant launch choice themselves (the engine runs every step inside the block)."""
-    from dsv4c.codegen import cuda_impls
-    from dsv4c.codegen.kernels.mhc_launch import batch_invariant_launch
-    from dsv4c.runtime.loader import stored_kernel_implementations
-
+    seen = {}
+    monkeypatch.setattr(loader, "Executor", lambda plan, constants, device, weights, implementations:
+                        seen.setdefault("implementations", implementations))
+    monkeypatch.setattr(loader, "weight_inputs", lambda plan, weights: {})
+    artifact = types.SimpleNamespace(plans={"main_t1": types.SimpleNamespace(constants={})}, weights={})
     launcher = object()
-    implementations = stored_kernel_implementations(launcher)
-    assert sorted(implementations) == sorted(f"dsv4c::{name}" for name in cuda_impls.IMPLS)
-    assert all(impl.keywords == {"launcher": launcher, "launch_choice": batch_invariant_launch}
-               for impl in implementations.values())
+    for mode, plan_launcher in (("stored", launcher), ("none", None), ("compile", None), ("installed", None)):
+        seen.clear()
+        loader.plan_executors(artifact, torch.device("cpu"), KernelPlan(mode, "", plan_launcher))
+        implementations = seen["implementations"]
+        assert sorted(implementations) == sorted(f"dsv4c::{name}" for name in cuda_impls.IMPLS), mode
+        assert all(impl.keywords == {"launcher": plan_launcher, "launch_choice": batch_invariant_launch}
+                   for impl in implementations.values()), mode
+    seen.clear()
+    loader.plan_executors(artifact, torch.device("cpu"), KernelPlan("reference", ""))
+    assert seen["implementations"] is None
