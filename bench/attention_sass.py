@@ -100,7 +100,7 @@ def build(kernel: str, layer: str) -> tuple[bytes, object]:
     aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in POINTER_TYPES
                if name in fn.arg_names}
     compiled = triton.compile(ASTSource(fn, signature, constexprs, aligned), target=triton_gpu_target(gpu),
-                              options={"num_warps": launch.num_warps})
+                              options=launch.options())
     return compiled.asm["cubin"], launch
 
 

@@ -248,10 +248,10 @@ POINTER_TYPES = {"q_ptr": "*bf16", "out_ptr": "*bf16", "new_ptr": "*u8", "ring_p
                  "merged_ptr": "*fp32"}
 
 
-def _sm90a_build(kernel: str, heads: int) -> tuple[list[str], str, set[str]]:
+def _sm90a_build(kernel: str, heads: int) -> tuple[list[str], str, set[str], int]:
     """The distinct MMA instructions of `kernel` built for sm_90a with h100's launch at Flash's sizes (C4, top-512
-    and a window of 128: 640 keys; 584-byte rows), the PTX's `.target` line, and its distinct decode
-    instructions and global reads (DECODE_AND_READS)."""
+    and a window of 128: 640 keys; 584-byte rows), the PTX's `.target` line, its distinct decode instructions and
+    global reads (DECODE_AND_READS), and the shared memory a program takes."""
     import triton
     from triton.compiler import ASTSource
 
@@ -266,10 +266,11 @@ def _sm90a_build(kernel: str, heads: int) -> tuple[list[str], str, set[str]]:
                  for name in fn.arg_names}
     aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in POINTER_TYPES
                if name in fn.arg_names}
-    ptx = triton.compile(ASTSource(fn, signature, constexprs, aligned), target=triton_gpu_target(target("h100")),
-                         options={"num_warps": launch.num_warps}).asm["ptx"]
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, aligned),
+                              target=triton_gpu_target(target("h100")), options=launch.options())
+    ptx = compiled.asm["ptx"]
     return (sorted(set(MMA.findall(ptx))), next(line for line in ptx.splitlines() if line.startswith(".target")),
-            set(DECODE_AND_READS.findall(ptx)))
+            set(DECODE_AND_READS.findall(ptx)), compiled.metadata.shared)
 
 
 @pytest.fixture(scope="module")
@@ -281,15 +282,24 @@ def sm90a():
 
 @pytest.mark.parametrize("kernel", ["_split_kernel", "_folded_kernel"])
 def test_sm90a_multiplies_64_heads_on_bf16_wgmma(sm90a, kernel):
-    mmas, target_line, _ = sm90a[kernel, 64]
+    mmas, target_line, _, _ = sm90a[kernel, 64]
     assert target_line == ".target sm_90a"
     assert mmas and all(m.startswith("wgmma.mma_async") and ".m64n" in m and m.endswith(".f32.bf16.bf16")
                         for m in mmas), mmas
 
 
 def test_sm90a_multiplies_16_heads_on_bf16_mma_sync(sm90a):
-    mmas, _, _ = sm90a["_split_kernel", 16]
+    mmas, _, _, _ = sm90a["_split_kernel", 16]
     assert mmas and all(m.startswith("mma.sync") and ".f32.bf16.bf16.f32" in m for m in mmas), mmas
+
+
+@pytest.mark.parametrize("key", [("_split_kernel", 64), ("_folded_kernel", 64), ("_split_kernel", 16)])
+def test_sm90a_programs_fit_the_h100s_shared_memory(sm90a, key):
+    """A program's pipelined tiles fit the shared memory an H100 block may opt into (a launch past it fails on
+    the GPU with OutOfResources: three stages of 64-key tiles took 321 KiB)."""
+    from dsv4c.codegen.targets import target
+
+    assert 0 < sm90a[key][3] <= target("h100").smem_bytes, sm90a[key][3]
 
 
 @pytest.mark.parametrize("kernel", ["_split_kernel", "_folded_kernel"])
@@ -297,6 +307,6 @@ def test_sm90a_reads_rows_by_async_copies_and_decodes_on_the_fp8_conversion(sm90
     """Flash's rows (scales in one 8-byte word) reach the program only through asynchronous copies, pipelined a
     tile ahead: no byte is read by a plain load, whose latency each tile would wait out. The codes go through
     the hardware e4m3 conversion and one bf16 multiply-add with the scale and the RoPE dims."""
-    _, _, found = sm90a[kernel, 64]
+    _, _, found, _ = sm90a[kernel, 64]
     assert {"cp.async.ca.shared.global", "cvt.rn.f16x2.e4m3x2", "fma.rn.bf16"} <= found, found
     assert not {op for op in found if op.startswith("ld.global") and op.endswith("8")}, found

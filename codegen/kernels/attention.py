@@ -90,6 +90,11 @@ class AttentionLaunch:
     num_warps: int
     fold: bool = False
     product: str = "bf16"
+    num_stages: int = 3
+
+    def options(self) -> dict:
+        """Triton's launch options of the split and folded kernels."""
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
     def __post_init__(self) -> None:
         pow2 = all(v >= MIN_DOT and v & (v - 1) == 0 for v in (self.block_h, self.block_n))
@@ -99,7 +104,8 @@ class AttentionLaunch:
 
 
 def attention_launch(tokens: int, heads: int, keys: int, sms: int, product: str = "bf16") -> AttentionLaunch:
-    """Programs of 64 heads with tiles of 64 keys (16 heads and 32 keys for up to 16 heads), 8 warps; ranges of
+    """Programs of 64 heads with tiles of 64 keys in two pipeline stages (three would pass the 227 KiB of shared
+    memory an H100 block may use), or 16 heads and 32 keys in three for up to 16 heads, 8 warps; ranges of
     whole tiles enough for one token's (range, head block) programs to fill two waves of `sms` processors (at most
     MAX_SPLITS): a function of (heads, keys, sms), never of `tokens`, which only decides the fold: once the tokens'
     head blocks alone give every processor a program. `product`: "bf16" on GPUs, "ieee" under the interpreter."""
@@ -110,7 +116,7 @@ def attention_launch(tokens: int, heads: int, keys: int, sms: int, product: str 
     keys_per_split = triton.cdiv(tiles, splits) * block_n
     splits = triton.cdiv(max(keys, 1), keys_per_split)
     fold = splits > 1 and tokens * head_blocks >= sms
-    return AttentionLaunch(block_h, block_n, splits, keys_per_split, 8, fold, product)
+    return AttentionLaunch(block_h, block_n, splits, keys_per_split, 8, fold, product, 3 if heads <= MIN_DOT else 2)
 
 
 @triton.jit
@@ -390,12 +396,12 @@ def sparse_decode_attention(q: torch.Tensor, new: torch.Tensor, ring: torch.Tens
     if launch.fold:
         merged = torch.empty((batch * steps, heads, width), dtype=torch.float32, device=q.device)
         _folded_kernel[(batch * steps, head_blocks)](*rows, sink, merged, out, *sizes, **constexprs,
-                                                     num_warps=launch.num_warps)
+                                                     **launch.options())
         return out
     acc = torch.empty((batch * steps, launch.splits, heads, width), dtype=torch.float32, device=q.device)
     ml = torch.empty((batch * steps, launch.splits, heads, 2), dtype=torch.float32, device=q.device)
     _split_kernel[(batch * steps, launch.splits, head_blocks)](*rows, acc, ml, *sizes, **constexprs,
-                                                               num_warps=launch.num_warps)
+                                                               **launch.options())
     _combine_kernel[(batch * steps, triton.cdiv(heads, COMBINE_HEADS))](
         acc, ml, sink, out, heads, launch.splits, D=width, D_P2=triton.next_power_of_2(width), BLOCK_H=COMBINE_HEADS)
     return out
