@@ -29,19 +29,28 @@ _E2M1_TIE_UP = (False, True, False, True, False, True, False)
 
 
 # ---- scales --------------------------------------------------------------------------------------
+def pow2(exponent: torch.Tensor) -> torch.Tensor:
+    """2^exponent (integer tensor) as fp32, built from the bits: exact on every device (a device's exp2 need not
+    be), subnormal down to 2^-149, 0 below it, inf above 2^127."""
+    e = exponent.to(torch.int32).clamp(-150, 128)
+    normal = ((e.clamp(-126, 128) + 127) << 23).view(torch.float32)
+    subnormal = (torch.ones_like(e) << (e.clamp(-149, -127) + 149)).view(torch.float32)
+    return torch.where(e >= -126, normal, torch.where(e >= -149, subnormal, torch.zeros_like(normal)))
+
+
 def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
     """Decode e8m0 scales (dtype float8_e8m0fnu or uint8 bytes) to fp32; byte 255 gives NaN."""
     raw = scale.view(torch.uint8) if scale.dtype == torch.float8_e8m0fnu else scale
     if raw.dtype != torch.uint8:
         raise TypeError(f"e8m0 scales must be float8_e8m0fnu or uint8, got {scale.dtype}")
-    value = torch.exp2(raw.to(torch.float64) - 127.0)
-    return torch.where(raw == 255, torch.nan, value).to(torch.float32)
+    return torch.where(raw == 255, torch.nan, pow2(raw.to(torch.int32) - 127))
 
 
 def float_to_e8m0(scale: torch.Tensor) -> torch.Tensor:
     """Encode positive powers of two (fp32) as float8_e8m0fnu; anything else is a ValueError."""
-    exponent = torch.log2(scale.to(torch.float64))
-    if not torch.all(exponent == torch.round(exponent)) or not torch.all((exponent >= -127) & (exponent <= 127)):
+    mantissa, exponent = torch.frexp(scale.to(torch.float64))  # exact: scale = mantissa * 2^exponent
+    exponent = exponent - 1
+    if not torch.all(mantissa == 0.5) or not torch.all((exponent >= -127) & (exponent <= 127)):
         raise ValueError("e8m0 can only hold powers of two between 2^-127 and 2^127")
     return (exponent + 127).to(torch.uint8).view(torch.float8_e8m0fnu)
 
@@ -53,7 +62,7 @@ def power_of_two_scale(amax: torch.Tensor, fmt_max: float) -> torch.Tensor:
     ratio = amax.to(torch.float32) / fmt_max
     mantissa, exponent = torch.frexp(ratio)  # ratio = mantissa * 2^exponent, mantissa in [0.5, 1)
     exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
-    return torch.where(torch.isfinite(ratio), torch.exp2(exponent.to(torch.float32)), ratio)
+    return torch.where(torch.isfinite(ratio), pow2(exponent), ratio)
 
 
 # ---- e2m1 codes ----------------------------------------------------------------------------------
