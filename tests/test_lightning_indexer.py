@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import itertools
 import os
 import re
 import types
@@ -259,6 +260,41 @@ def _topk_ptx(chunk: int) -> dict[str, str]:
         built = triton.compile(source, target=triton_gpu_target(target("h100")), options={"num_warps": 8})
         ptx[name] = built.asm["ptx"]
     return ptx
+
+
+def _scores_builds() -> dict[str, int]:
+    """In the child: the scores kernel built for H100 (sm_90a) with each product, for 1 and 4 tokens of Flash's
+    64 indexer heads of 128 dims: its shared memory by (decode, product, tokens)."""
+    import triton
+    from triton.compiler import ASTSource
+
+    from dsv4c.codegen.kernels import lightning_indexer as indexer
+    from dsv4c.codegen.targets import target, triton_gpu_target
+
+    pointers = {"q_ptr": "*bf16", "w_ptr": "*fp32", "cache_ptr": "*u8", "start_ptr": "*i64", "scores_ptr": "*fp32"}
+    shared = {}
+    for (decode, product), tokens in itertools.product((("registers", "bf16"), ("registers", "ieee")), (1, 4)):
+        constexprs = dict(RATIO=4, D=128, QBLOCK=32, BLOCK_T=tokens, BLOCK_H=64, BLOCK_E=64, DECODE=decode,
+                          PRODUCT=product)
+        signature = {arg: "constexpr" if arg in constexprs else pointers.get(arg, "i32") for arg in
+                     indexer._scores_kernel.arg_names}
+        built = triton.compile(ASTSource(indexer._scores_kernel, signature, constexprs),
+                               target=triton_gpu_target(target("h100")), options={"num_warps": 8})
+        assert ".target sm_90a" in built.asm["ptx"]
+        shared[f"{decode} {product} {tokens}"] = built.metadata.shared
+    return shared
+
+
+@needs_triton
+def test_scores_kernel_builds_for_h100():
+    """Every product of the scores kernel builds for sm_90a (Triton 3.6, the GPU image's, refused the bf16 one
+    while an early `return` in a constexpr branch left the fp32 product after it to be type-checked), within the
+    shared memory an H100 block may use."""
+    from dsv4c.codegen.targets import target
+
+    with child_pool(_start_compiler) as pool:
+        shared = pool.submit(_scores_builds).result()
+    assert len(shared) == 4 and all(0 < v <= target("h100").smem_bytes for v in shared.values()), shared
 
 
 @needs_triton

@@ -62,15 +62,17 @@ def _decoded_keys(cache_ptr, row, ok, D: tl.constexpr, QBLOCK: tl.constexpr):
 def _logits(q, cache_ptr, row, ok, D: tl.constexpr, QBLOCK: tl.constexpr, DECODE: tl.constexpr,
             PRODUCT: tl.constexpr):
     """q [M, D] (bf16, or fp32 for "ieee") times the keys of the packed rows at `row`: [M, n] fp32."""
+    # if / else, no early return: Triton 3.6 also type-checks the code after a constexpr branch that returned
     if DECODE == "mxfp":
         codes = tl.load(cache_ptr + row[:, None] + tl.arange(0, D // 2)[None, :], mask=ok[:, None], other=0)
         scales = tl.load(cache_ptr + row[:, None] + D // 2 + tl.arange(0, D // QBLOCK)[None, :], mask=ok[:, None],
                          other=127)
-        return tl.dot_scaled(q, None, "bf16", tl.trans(codes), scales, "e2m1")
-    keys = _decoded_keys(cache_ptr, row, ok, D, QBLOCK)
-    if PRODUCT == "bf16":
-        return tl.dot(q, tl.trans(keys.to(tl.bfloat16)))
-    return tl.dot(q, tl.trans(keys), input_precision="ieee")
+        logits = tl.dot_scaled(q, None, "bf16", tl.trans(codes), scales, "e2m1")
+    elif PRODUCT == "bf16":
+        logits = tl.dot(q, tl.trans(_decoded_keys(cache_ptr, row, ok, D, QBLOCK).to(tl.bfloat16)))
+    else:
+        logits = tl.dot(q, tl.trans(_decoded_keys(cache_ptr, row, ok, D, QBLOCK)), input_precision="ieee")
+    return logits
 
 
 @triton.jit
