@@ -31,11 +31,13 @@ _E2M1_TIE_UP = (False, True, False, True, False, True, False)
 # ---- scales --------------------------------------------------------------------------------------
 def pow2(exponent: torch.Tensor) -> torch.Tensor:
     """2^exponent (integer tensor) as fp32, built from the bits: exact on every device (a device's exp2 need not
-    be), subnormal down to 2^-149, 0 below it, inf above 2^127."""
+    be), subnormal down to 2^-149, 0 below it, inf above 2^127. Subnormals are a normal power of two times 2^-64
+    (an exact product; 2^-150, half the smallest subnormal, rounds to even: 0). Shifts by constants only, so the
+    traced graph exports to ONNX."""
     e = exponent.to(torch.int32).clamp(-150, 128)
     normal = ((e.clamp(-126, 128) + 127) << 23).view(torch.float32)
-    subnormal = (torch.ones_like(e) << (e.clamp(-149, -127) + 149)).view(torch.float32)
-    return torch.where(e >= -126, normal, torch.where(e >= -149, subnormal, torch.zeros_like(normal)))
+    small = ((e.clamp(-150, -127) + 191) << 23).view(torch.float32) * 2.0 ** -64
+    return torch.where(e >= -126, normal, small)
 
 
 def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
