@@ -16,9 +16,11 @@ act_quant, 3e-7 plain fp32) and every element within 1e-5 of the largest; bf16 o
 one bf16 step (2^-7 relative, plus 1e-6 of the largest for values near zero) of the reference's bf16 output
 and at most 1% + 1 of them different (an fp32 order difference flips a rounding only where the fp32 value
 sits next to a bf16 tie). The rounding of the
-activations is checked bit for bit through an identity weight.
+activations is checked bit for bit through an identity weight, in the GEMM and in its own kernel (`prequantise`,
+past 32 rows), and the two placements against each other.
 """
 
+import dataclasses
 import importlib.util
 import os
 import re
@@ -146,6 +148,19 @@ def test_gpu_launch_under_the_interpreter(interpreter, m, n, k):
     _check(got, x, weight, scale, True, torch.float32)
 
 
+@needs_triton
+def test_gpu_prequantised_launch_under_the_interpreter(interpreter):
+    """The H100 launch past 32 rows computes the same function: x rounded by its own kernel, 64-row weight tiles
+    spanning two 128-row scale blocks (one scale a tile), K and N on the tile grid (no masks), split-K."""
+    m, n, k = 64, 320, 1024
+    launch = fp8_gemm_launch(target("h100"), m, n, k)
+    assert launch.prequantise and launch.block_n == 64 and launch.split_k > 1 and n % 128 and not n % 64
+    x, weight, scale = _inputs(m, n, k, torch.bfloat16, "gpu prequantised")
+    got = interpreter(x, weight, scale, True, torch.float32, launch=dataclasses.asdict(dataclasses.replace(
+        launch, pdl=False)), out=_poisoned(m, n, torch.float32))
+    _check(got, x, weight, scale, True, torch.float32)
+
+
 def _rounding_rows(k: int) -> torch.Tensor:
     """Rows that hit the quantiser's edges, K = 200 (blocks of 128 and 72 columns): a block amax of exactly
     448 x 2^-3 (scale 2^-3 exactly) and one fp32 step above it (scale 2^-2); every e4m3 midpoint (ties go to
@@ -187,6 +202,35 @@ def test_activation_rounding_is_bit_exact(interpreter):
     assert 2 * (k - 2) >= 3 * 126  # the tie rows hold every midpoint
     got = interpreter(x, weight, scale, True, torch.float32, out=_poisoned(x.shape[0], k, torch.float32))
     assert torch.equal(got, op.fake_quant_rows(x))
+
+
+@needs_triton
+def test_prequantised_rounding_is_bit_exact(interpreter):
+    """The rounding kernel (`prequantise`), through an identity weight: its e4m3 codes times its scales, as the
+    GEMM reads them, are the reference's rounded activations bit for bit (the edge rows above)."""
+    k = 200
+    x = _rounding_rows(k)
+    weight = torch.eye(k).to(torch.float8_e4m3fn)
+    scale = torch.full((2, 2), 127, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+    launch = dataclasses.replace(fp8_gemm_launch(target("cpu"), x.shape[0], k, k), prequantise=True)
+    got = interpreter(x, weight, scale, True, torch.float32, launch=dataclasses.asdict(launch),
+                      out=_poisoned(x.shape[0], k, torch.float32))
+    assert torch.equal(got, op.fake_quant_rows(x))
+
+
+@needs_triton
+@pytest.mark.parametrize("m, n, k, x_dtype", [(64, 130, 250, torch.bfloat16), (65, 256, 1024, torch.float32)])
+def test_where_x_is_rounded_changes_no_bit(interpreter, m, n, k, x_dtype):
+    """The default launch past 32 rows (x rounded by its own kernel) and the same launch rounding in the GEMM
+    give the same fp32 output bit for bit (batch invariance: the choice follows M), and the reference's values."""
+    launch = fp8_gemm_launch(target("cpu"), m, n, k, True, x_dtype)
+    assert launch.prequantise and launch.split_k > 1
+    x, weight, scale = _inputs(m, n, k, x_dtype, "placement")
+    got = {pre: interpreter(x, weight, scale, True, torch.float32,
+                            launch=dataclasses.asdict(dataclasses.replace(launch, prequantise=pre)),
+                            out=_poisoned(m, n, torch.float32)) for pre in (True, False)}
+    _check(got[True], x, weight, scale, True, torch.float32)
+    assert torch.equal(got[True], got[False])
 
 
 # ---- the reference op ---------------------------------------------------------------------------------
@@ -263,33 +307,72 @@ def test_launch_validation():
     assert split_blocks(1000, 3) == (3, 3) and split_blocks(1000, 7) == (4, 2) and split_blocks(100, 4) == (1, 1)
 
 
+def test_h100_split_follows_the_shape_alone():
+    """Batch invariance on h100: every M from 1 to 256 gets the same K split of each Flash shape (and of shapes
+    off the tile grid); x is rounded by its own kernel exactly past 32 rows (act_quant only), and an
+    activation tile holds at most 128 rows (64 where the GEMM rounds or widens x itself)."""
+    t = target("h100")
+    for n, k in FLASH_SHAPES + [(127, 300), (70, 390)]:
+        launches = {m: fp8_gemm_launch(t, m, n, k) for m in range(1, 257)}
+        assert len({(la.split_k, la.blocks_per_split) for la in launches.values()}) == 1, (n, k)
+        assert all(la.prequantise == (m > 32) for m, la in launches.items()), (n, k)
+        assert all(min(m, 16) <= la.block_m <= (128 if la.prequantise else 64) for m, la in launches.items())
+        plain = fp8_gemm_launch(t, 256, n, k, act_quant=False)
+        assert not plain.prequantise and plain.block_m == 64
+        assert (plain.split_k, plain.blocks_per_split) == (launches[1].split_k, launches[1].blocks_per_split)
+
+
+def test_prequantise_needs_fp8_products():
+    with pytest.raises(ValueError, match="prequantise"):
+        Fp8GemmLaunch(block_m=64, block_n=64, split_k=1, blocks_per_split=1, product="bf16x1", prequantise=True)
+
+
 # ---- ahead of time, for the GPU targets (compiler process) ----------------------------------------------
-def _ptx(target_name, m, n, k):
-    """(PTX of the GEMM kernel of the wrapper's default launch on `target_name`, the launch): the wrapper runs
-    on meta tensors with a recording launcher; integer arguments divisible by 16 are marked so, as Triton's JIT
-    specialises them (an unmarked K leaves the weight rows' alignment unknown and the loads unpipelined)."""
-    import triton
-    from triton.compiler import ASTSource
-
+def _recorded_launches(t, m, n, k) -> list:
+    """The launches of the wrapper's default launch on target `t` (act_quant, bf16 in and out), recorded: the
+    wrapper runs on meta tensors with a recording launcher."""
     from dsv4c.codegen.kernels import fp8_gemm
-    from dsv4c.codegen.targets import triton_gpu_target
 
-    t, meta = target(target_name), dict(device="meta")
-    launches = []
+    meta, launches = dict(device="meta"), []
     fp8_gemm.fp8_linear(torch.empty(m, k, dtype=torch.bfloat16, **meta),
                         torch.empty(n, k, dtype=torch.float8_e4m3fn, **meta),
                         torch.empty(-(-n // 128), -(-k // 128), dtype=torch.float8_e8m0fnu, **meta), True,
                         torch.bfloat16, launch=fp8_gemm_launch(t, m, n, k), launcher=launches.append)
-    launch = launches[0]
+    return launches
+
+
+def _compiled_ptx(launch, t) -> str:
+    """PTX of one recorded launch for target `t`: integer arguments divisible by 16 are marked so, as Triton's
+    JIT specialises them (an unmarked K leaves the weight rows' alignment unknown and the loads unpipelined);
+    launch_pdl is a launch attribute, not a compile option."""
+    import triton
+    from triton.compiler import ASTSource
+
+    from dsv4c.codegen.targets import triton_gpu_target
+
     types = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float8_e4m3fn: "*fp8e4nv", torch.uint8: "*u8"}
     signature = {name: "constexpr" if name in launch.constexprs else
                  types[launch.args[name].dtype] if isinstance(launch.args[name], torch.Tensor) else "i32"
                  for name in launch.fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(launch.fn.arg_names)
              if signature[name] != "constexpr" and (signature[name].startswith("*") or launch.args[name] % 16 == 0)}
+    options = {key: value for key, value in launch.options.items() if key != "launch_pdl"}
     compiled = triton.compile(ASTSource(launch.fn, signature, launch.constexprs, attrs),
-                              target=triton_gpu_target(t), options=launch.options)
-    return compiled.asm["ptx"], {"split_k": launches[0].grid[2], "kernels": len(launches)}
+                              target=triton_gpu_target(t), options=options)
+    return compiled.asm["ptx"]
+
+
+def _ptx(target_name, m, n, k):
+    """(PTX of the first kernel of the wrapper's default launch on `target_name`, facts about the launches)."""
+    t = target(target_name)
+    launches = _recorded_launches(t, m, n, k)
+    return _compiled_ptx(launches[0], t), {"split_k": launches[0].grid[2], "kernels": len(launches)}
+
+
+def _kernel_ptx(target_name, m, n, k) -> dict[str, str]:
+    """{kernel name: PTX} of every launch of the wrapper's default launch on `target_name`, in launch order."""
+    t = target(target_name)
+    return {launch.fn.__name__: _compiled_ptx(launch, t) for launch in _recorded_launches(t, m, n, k)}
 
 
 @needs_triton
@@ -306,6 +389,31 @@ def test_kernel_builds_for_gpu_targets(compiler, name, arch, mma):
     assert re.findall(r"^\.target (\S+)", ptx, re.M) == [arch]
     assert re.search(mma, ptx), sorted(set(re.findall(r"(?:wgmma|tcgen05\.mma|mma\.sync)[\w.:]*", ptx)))
     assert "cp.async" in ptx
+
+
+@needs_triton
+def test_rows_past_32_are_rounded_once_for_sm_90a(compiler):
+    """wq_a (4096 -> 1024) at 64 rows for sm_90a: a rounding kernel converts x with the hardware's
+    cvt.rn.satfinite alone (no clamp or rounding by hand: `min.NaN`, `add.f32`) and lets the GEMM launch early
+    (PDL); the GEMM waits for it, multiplies its codes (wgmma m64n64k32 e4m3, cp.async copies) and rounds
+    nothing to e4m3 itself; the split sum follows."""
+    ptx = compiler.submit(_kernel_ptx, "h100", 64, 1024, 4096).result()
+    assert list(ptx) == ["_act_quant_kernel", "_fp8_gemm_kernel", "_split_sum_kernel"]
+    rounding, gemm = ptx["_act_quant_kernel"], ptx["_fp8_gemm_kernel"]
+    assert "cvt.rn.satfinite.e4m3x2.f32" in rounding and "min.NaN" not in rounding and "add.f32" not in rounding
+    assert "griddepcontrol.launch_dependents" in rounding and "griddepcontrol.wait" in gemm
+    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n64k32\.f32\.e4m3\.e4m3", gemm)
+    assert "cvt.rn.satfinite.e4m3x2" not in gemm and "cp.async" in gemm
+
+
+@needs_triton
+def test_decode_gemm_rounds_with_the_hardware_conversion(compiler):
+    """At one row (wq_a, sm_90a) the GEMM rounds its x tiles itself: the hardware's cvt.rn.satfinite, no clamp
+    or rounding by hand (`min.NaN`, `add.f32`: the interpreter's path)."""
+    ptx = compiler.submit(_kernel_ptx, "h100", 1, 1024, 4096).result()
+    assert list(ptx) == ["_fp8_gemm_kernel", "_split_sum_kernel"]
+    gemm = ptx["_fp8_gemm_kernel"]
+    assert "cvt.rn.satfinite.e4m3x2.f32" in gemm and "min.NaN" not in gemm and "add.f32" not in gemm
 
 
 def test_this_process_never_imports_triton():

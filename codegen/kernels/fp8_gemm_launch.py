@@ -10,12 +10,12 @@ orders a row's sums is chosen from (N, K, target) only: the K split (`split_k`, 
 that gives the weight tiles of a single activation tile about two programs an SM, whatever M. M only picks the
 activation tile (`block_m`, the MMA's N side: each output's 128-column block is the same chain of k-steps
 whatever the tile's width, which bench/batch_invariance_check.py checks on the GPU; Triton's CPU interpreter,
-whose dot is numpy's matmul, does not promise it) and whether the splits run as programs of their own or folded
-into one (`fold_splits`: the same additions in the same order).
-Cost: nothing up to 64 rows (the choice a 64-row tile always had); beyond, where the old choice split K less,
-the split programs write and read fp32 partials (split_k x M x N x 4 bytes each way) until the tiles alone fill
-the GPU (at least one program an SM) and the splits fold: no partials at all, at a grid of at least one
-program an SM where the old choice aimed at two.
+whose dot is numpy's matmul, does not promise it), whether the splits run as programs of their own or folded
+into one (`fold_splits`: the same additions in the same order), and where the activations are rounded
+(`prequantise`: the same codes and scales either way).
+Cost: the split programs write and read fp32 partials (split_k x M x N x 4 bytes each way) until the tiles
+alone fill the GPU (at least one program an SM) and the splits fold. At decode's few rows that is a few KiB;
+at 64-128 rows on the small-N shapes (wq_a, wkv: 16-32 splits) it is 1-4 times the weight's bytes, in L2.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from dsv4c.codegen.fp8_operands import QUANT_BLOCK
 from dsv4c.codegen.targets import Target, is_gpu
 
 MIN_DOT = 16  # tl.dot's smallest side
+PREQUANTISE_ABOVE = 32  # activation rows (rounded up to a power of two) above which x is rounded by its own kernel
 PRODUCTS = ("fp8", "ieee", "bf16x1", "bf16x3")
 
 
@@ -50,8 +51,13 @@ class Fp8GemmLaunch:
         "bf16x1" bf16 x and the weight widened to bf16 (exact), one tensor-core dot (plain, bf16 x);
         "bf16x3" fp32 x split into three bf16 parts (exact) against the widened weight: three dots whose
                  products are exact (plain, fp32 x).
-    num_warps, num_stages: Triton's options. pdl (CUDA only): the split-sum kernel is launched as the GEMM's
-        programmatic dependent, so its launch overlaps the GEMM's tail; it waits before reading partials.
+    prequantise (act_quant, "fp8" products): x is rounded once by a kernel of its own that writes its e4m3
+        codes and scales, which the GEMM's programs read; otherwise every program rounds the x tile of each K
+        block itself (n tiles programs round the same tile). Either way the same codes and scales, the same
+        products: the same result bit for bit.
+    num_warps, num_stages: Triton's options. pdl (CUDA only): each kernel after the first (the GEMM after the
+        rounding kernel, the split sum after the GEMM) is launched as the one before's programmatic dependent,
+        so its launch overlaps the other's run; it waits for it before reading what it wrote.
     """
 
     block_m: int
@@ -63,6 +69,7 @@ class Fp8GemmLaunch:
     num_stages: int = 3
     pdl: bool = False
     fold_splits: bool = False
+    prequantise: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -71,6 +78,8 @@ class Fp8GemmLaunch:
                 raise ValueError(f"Fp8GemmLaunch.{name} must be a power of two >= {MIN_DOT}: {self}")
         if self.product not in PRODUCTS:
             raise ValueError(f"Fp8GemmLaunch.product must be one of {PRODUCTS}: {self}")
+        if self.prequantise and self.product != "fp8":
+            raise ValueError(f"Fp8GemmLaunch.prequantise rounds activations for fp8 products only: {self}")
         if min(self.split_k, self.blocks_per_split, self.num_warps, self.num_stages) < 1:
             raise ValueError(f"Fp8GemmLaunch fields must be positive: {self}")
 
@@ -104,8 +113,10 @@ def _pow2_at_least(size: int) -> int:
     return max(MIN_DOT, 1 << (max(1, size) - 1).bit_length())
 
 
-def _block_m(m: int) -> int:
-    return min(64, _pow2_at_least(m))
+def _block_m(m: int, prequantise: bool) -> int:
+    """The activation tile: M's rows rounded up to a power of two, at most 64 (128 with prequantised codes, whose
+    K loop holds no rounding: the tile's width costs registers, not instructions)."""
+    return min(128 if prequantise else 64, _pow2_at_least(m))
 
 
 def fp8_gemm_launch(t: Target, m: int, n: int, k: int, act_quant: bool = True,
@@ -113,24 +124,29 @@ def fp8_gemm_launch(t: Target, m: int, n: int, k: int, act_quant: bool = True,
     """The launch of an `[m, k] x [n, k]^T` FP8 linear on target `t`; its K split depends on (n, k, t) only
     (module docstring: batch invariance).
 
-    GPUs (decode: memory bound, the weight read is the cost): 64 weight rows a program (one Hopper
-    warpgroup's wgmma M side), up to 64 activation rows (the x tile of a 128 block is quantised in registers);
-    K is split until one tile row's grid has about two programs an SM, so every SM streams weight tiles, and no
-    split is empty; the splits fold once the tiles alone give every SM a program; 4 pipeline stages (16 KiB of
-    e4m3 weight in flight a program). Chosen by that reasoning, not yet by timings: `bench/fp8_gemm_bench.py
-    --sweep` times the alternatives.
+    GPUs (decode: memory bound, the weight read is the cost, so every SM must keep enough weight bytes in
+    flight and issue few enough instructions a weight byte; `bench/fp8_gemm_sass.py` reads both off the build):
+    64 weight rows a program (one Hopper warpgroup's wgmma M side), 4 warps, 4 pipeline stages (3 weight tiles
+    of 8 KiB ahead of the MMA a program, several programs an SM); K is split until one tile row's grid has
+    about two programs an SM, so every SM streams weight tiles, and no split is empty; the splits fold once
+    the tiles alone give every SM a program. Up to 32 rows each program rounds its x tiles itself (no extra
+    kernel); beyond, the rounding's instructions grow with the tile's rows while the weight bytes do not, so x
+    is rounded once by a kernel of its own (`prequantise`, PDL-chained to the GEMM) and up to 128 rows share a
+    weight tile.
     cpu (Triton's interpreter, tests only): few programs (the interpreter pays per program and per
     operation, not per element), up to 1024 weight rows each, and two splits wherever K has two blocks, so
-    the split sum runs in tests.
+    the split sum runs in tests; the same prequantise rule as the GPUs, so both roundings run in tests.
     """
     product = product_for(t, act_quant, x_dtype)
+    prequantise = act_quant and _pow2_at_least(m) > PREQUANTISE_ABOVE
+    block_m = _block_m(m, prequantise)
     if not is_gpu(t):
         split_k, per_split = split_blocks(k, 2)
-        return Fp8GemmLaunch(_block_m(m), min(1024, _pow2_at_least(n)), split_k, per_split, product,
-                             num_stages=1)
-    block_m, block_n = _block_m(m), 64
+        return Fp8GemmLaunch(block_m, min(1024, _pow2_at_least(n)), split_k, per_split, product, num_stages=1,
+                             prequantise=prequantise)
+    block_n = 64
     weight_tiles = -(-n // block_n)
     split_k, per_split = split_blocks(k, -(-2 * t.sm_count // weight_tiles))
     fold = split_k > 1 and weight_tiles * -(-m // block_m) >= t.sm_count
     return Fp8GemmLaunch(block_m, block_n, split_k, per_split, product, num_warps=4, num_stages=4,
-                         pdl=split_k > 1 and not fold, fold_splits=fold)
+                         pdl=(split_k > 1 and not fold) or prequantise, fold_splits=fold, prequantise=prequantise)
