@@ -3,6 +3,7 @@
 #
 #   bash bench/gpu_session.sh OUT [SECONDS]          # first call
 #   bash bench/gpu_session.sh OUT --collect SECONDS  # right after, on the same warm machine
+#   bash bench/gpu_session.sh OUT --short            # one call of about 280 s: FP8 check, attention, indexer, MoE, demo
 #   bash bench/gpu_session.sh OUT --quick            # one call: the checks, the demo model, the kernel benches;
 #                                                    # then --collect runs flash-mini's step (written, compiled meanwhile)
 #
@@ -43,6 +44,18 @@ if ! command -v dsv4c >/dev/null; then  # the console script's folder may not be
 fi
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda, torch.cuda.get_device_name())"
 rm -f "$work/pipeline.done" "$work/kernels.done"
+if [ "${2:-}" = "--short" ]; then  # one call of about 280 s: the demo model compiled meanwhile, then benched
+  (dsv4c compile model/demo_model -o $work/demo.dsv4c --target h100 --max-seq-len 1024 --overwrite \
+    > $work/compile_demo.txt 2>&1; touch $work/demo.done) &
+  stamp fp8-check;  timeout 35 python3 bench/fp8_gemm_gpu_check.py 2>&1 | grep -E "PASS|FAIL|Error" | head -12
+  stamp attention;  (cd bench && timeout 50 python3 attention_bench.py --contexts 4096 65536 --batches 1 32 --json "$out/attention.json" 2>&1 | tail -12)
+  stamp indexer;    (cd bench && timeout 40 python3 indexer_bench.py --contexts 4096 65536 --batches 1 32 --no-compile --json "$out/indexer.json" 2>&1 | tail -14)
+  stamp moe;        timeout 45 python3 bench/moe_bench.py --t 1 8 64 --json "$out/moe.json" 2>&1 | tail -8
+  stamp demo;       while [ ! -f $work/demo.done ]; do sleep 1; done; tail -3 $work/compile_demo.txt
+  timeout 60 dsv4c bench $work/demo.dsv4c --context 512 --batch 1,8 --mtp 0,1,2,3 --baselines eager --json $out/demo.json 2>&1 | grep -vE "^\s*$" | tail -24
+  stamp invariance; timeout 45 python3 bench/batch_invariance_check.py --artifact $work/demo.dsv4c 2>&1 | grep -E "PASS|FAIL|Error|ms" | head -30
+  stamp done; exit 0
+fi
 if [ "${2:-}" = "--quick" ]; then  # one call, most wanted first: the demo model, the kernel benches, the checks;
   # flash-mini is written and compiled meanwhile for a --collect call to bench
   setsid nohup bash -c '
