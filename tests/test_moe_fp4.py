@@ -10,7 +10,12 @@ What is checked against what (the layer and its calls: tests/moe_layers.py):
   on some values (checked); a launch with two router splits and a split down GEMM;
 - the power-of-two scales: `_scale_exponent` against `quant.power_of_two_scale` on amaxes at, just above and
   between powers of two; with the rounding up removed (monkeypatched to the e8m0 truncation behind the
-  production bug) both that check and the kernel-against-reference check fail.
+  production bug) both that check and the kernel-against-reference check fail;
+- the MXFP4 widening of the GEMM loops (codegen/kernels/moe_fp4_tiles.py `mxfp4_block`), bit for bit, on a
+  weight holding every byte and scales holding every e8m0 byte, from aligned (word loads) and unaligned (byte
+  loads) pointers: each code's e4m3 bits are its e2m1 value times 2^-6 at the documented MMA K position
+  (`mma_order` too), each scale 2^(byte - 127) (2^-127 for 0, NaN for 255); and the whole op on expert
+  tensors that are not 16-byte aligned (the byte-load path) against the reference.
 (The routing alone and the batch invariance of the launches: tests/test_moe_fp4_routing.py.)
 
 Tolerances (relative norm error against the reference; NaN never passes): fp32 without activation rounding
@@ -210,3 +215,96 @@ def test_scales_not_rounded_up_are_caught(interpreter):
         truncated, got = pool.submit(_truncated_run, amax, call, "w4a8", True, None).result()
     assert not torch.equal(truncated, expected_bytes(amax, quant.FP8_MAX))
     assert rel_err(got, want) > 10 * case.tolerance
+
+
+# ---- the MXFP4 widening and unaligned weights ---------------------------------------------------------------
+WIDEN_ROWS, WIDEN_K = 32, 256  # 32 x 128 packed bytes (every byte 16 times), 32 x 8 scales (every byte once)
+
+
+def mma_position(column: torch.Tensor) -> torch.Tensor:
+    """The documented MMA K order: column 32g + 8q + 2i + h of a block sits at 32g + 16h + 4q + i."""
+    g, q, i, h = column // 32, column % 32 // 8, column % 8 // 2, column % 2
+    return 32 * g + 16 * h + 4 * q + i
+
+
+def _define_widening_probe() -> None:
+    """Define the widening probe, in the child only (see `_define_probes`)."""
+    global triton, tl, tiles, _widening_probe
+    import triton
+    import triton.language as tl
+
+    from dsv4c.codegen.kernels import moe_fp4_tiles as tiles
+
+    @triton.jit
+    def _widening_probe(w_ptr, s_ptr, bits_ptr, scale_ptr, order_ptr, KDIM, ROWS: tl.constexpr,
+                        ALIGNED: tl.constexpr):
+        rows = tl.arange(0, ROWS)
+        k = tl.arange(0, 128)
+        for kb in range(KDIM // 128):
+            values, s0, s1, s2, s3 = tiles.mxfp4_block(w_ptr, s_ptr, rows, rows < ROWS, kb, KDIM, ROWS, ALIGNED)
+            tl.store(bits_ptr + rows[:, None] * KDIM + kb * 128 + k[None, :], values.to(tl.uint8, bitcast=True))
+            start = scale_ptr + rows * (KDIM // 32) + kb * 4
+            tl.store(start, s0)
+            tl.store(start + 1, s1)
+            tl.store(start + 2, s2)
+            tl.store(start + 3, s3)
+        tl.store(order_ptr + k, tiles.mma_order(k))
+
+
+def misplaced(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A copy of t starting `offset` bytes past a 16-byte boundary."""
+    buffer = torch.empty(t.numel() * t.element_size() + 32, dtype=torch.uint8)
+    start = (-buffer.data_ptr()) % 16 + offset
+    return buffer[start:start + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
+
+
+def _widened(packed: torch.Tensor, scales: torch.Tensor, offset: int) -> tuple[torch.Tensor, ...]:
+    """(widened e4m3 bits [rows, K], scales [rows, K / 32], mma_order(0 .. 127)) from `mxfp4_block` under the
+    interpreter, its weight and scales `offset` bytes past a 16-byte boundary (0: the word loads)."""
+    _define_widening_probe()
+    bits = torch.empty((WIDEN_ROWS, WIDEN_K), dtype=torch.uint8)
+    out_scales = torch.empty((WIDEN_ROWS, WIDEN_K // 32), dtype=torch.float32)
+    order = torch.empty(128, dtype=torch.int32)
+    _widening_probe[(1,)](misplaced(packed, offset), misplaced(scales, offset), bits, out_scales, order, WIDEN_K,
+                          ROWS=WIDEN_ROWS, ALIGNED=offset == 0)
+    return bits, out_scales, order
+
+
+@needs_triton
+@pytest.mark.parametrize("offset", [0, 3], ids=["aligned", "unaligned"])
+def test_mxfp4_widening_is_exact_for_every_byte(interpreter, offset):
+    gen = gen_for("widen", offset)
+    packed = torch.arange(256, dtype=torch.int32).repeat(WIDEN_ROWS * WIDEN_K // 2 // 256)
+    packed = packed[torch.randperm(packed.numel(), generator=gen)].to(torch.uint8).view(torch.int8)
+    packed = packed.view(WIDEN_ROWS, WIDEN_K // 2)
+    scales = torch.randperm(256, generator=gen).to(torch.uint8).view(WIDEN_ROWS, WIDEN_K // 32)
+    bits, got_scales, order = interpreter.submit(_widened, packed, scales, offset).result()
+    codes = quant.unpack_fp4(packed)  # [rows, K]: element 2b the low nibble of byte b
+    want = (quant.e2m1_to_float(codes) / 64).to(torch.float8_e4m3fn).view(torch.uint8)
+    column = torch.arange(WIDEN_K)
+    position = column // 128 * 128 + mma_position(column % 128)
+    assert torch.equal(order.long(), mma_position(torch.arange(128)))
+    assert torch.equal(bits[:, position], want)
+    exponent = scales.to(torch.float64) - 127
+    want_scales = torch.where(scales == 255, float("nan"), torch.exp2(exponent)).to(torch.float32)
+    assert torch.equal(got_scales.isnan(), scales == 255)
+    assert torch.equal(got_scales[scales != 255], want_scales[scales != 255])
+
+
+def _run_unaligned(call, activations, shared_act_quant):
+    """The kernels on copies of call's routed expert tensors that start 1 byte past a 16-byte boundary."""
+    from dsv4c.codegen.kernels import moe_fp4 as kernels
+
+    lists = [[misplaced(t, 1) for t in tensors] for tensors in call.lists]
+    tables = kernels.PointerTables()
+    assert not tables.get(lists, call.x)[1], "the copies must not be 16-byte aligned"
+    return kernels.moe_fp4(*call.routing_operands(), ROUTING, lists, call.shared, ROUTED_LIMIT, SHARED_LIMIT,
+                           activations, shared_act_quant, tables=tables)
+
+
+@needs_triton
+def test_kernels_on_unaligned_expert_tensors_equal_the_reference(interpreter):
+    call = layer_call("unaligned", 3, False, torch.bfloat16)
+    want = call.reference("w4a8", True)
+    got = interpreter.submit(_run_unaligned, call, "w4a8", True).result()
+    assert rel_err(got, want) <= 1e-3

@@ -7,33 +7,45 @@ routed ones of each token, then its shared expert, counted as expert E (weight 1
 
 (0) the routing, two launches (codegen/kernels/moe_route.py): the router's logits, then per token the score
     function, the selection (bias-shifted top-k or the hash table) and the weights: ids and weights [N, k];
-(1) `_group_kernel`, grid (E + 1,): program e counts every expert's selections (a histogram of the ids), so it
+(1) `_prepare_kernel`, grid (E + 1,): program e counts every expert's selections (a histogram of the ids), so it
     knows where its own rows start in an expert-sorted list padded to whole tiles of block_m rows, writes its
     selections there (in selection order, -1 in the padding) and its expert id for each of its tiles. Program 0
     writes the number of tiles. Nothing leaves the GPU: the grids below are sized for the most tiles S
     selections can make (cdiv(S, block_m) + min(E + 1, S)) and programs past the real count return at once, so
-    an expert no token chose costs no program, and a call can be captured in a CUDA graph.
-(2) `_gate_up_kernel`, grid (tiles, I / block_n): one tile of one expert's selections against block_n rows of
-    its w1 and of its w3 (swap AB: the weight rows are the dot's M side). SwiGLU as model/layers.py
+    an expert no token chose costs no program, and a call can be captured in a CUDA graph. The programs also
+    share out x's 128-column blocks and write the gate/up GEMMs' activation operands (below);
+(2) `_gate_up_kernel`, grid (tiles, I / 128): one tile of one expert's selections against 128 rows of its w1
+    and of its w3, one loop for both (swap AB: the weight rows are the dot's M side). SwiGLU as model/layers.py
     `swiglu_expert`: gate and up rounded to the activation dtype, clamped, silu(gate) * up times the routing
-    weight in fp32, rounded: hidden [S, I].
-(3) `_down_kernel`, grid (tiles, D / block_n, split_k): the same for w2 over a slice of I: fp32 partials
-    [split_k, S, D].
+    weight in fp32, rounded: hidden [S, I], written as the down GEMM's operand: the program's 128 hidden
+    features of a selection are one rounding block;
+(3) `_down_kernel`, grid (tiles, D / 256, split_k): the same for w2 (256 rows a program) over a slice of I:
+    fp32 partials [split_k, S, D];
 (4) `_combine_kernel`, grid (N, D / 1024): per token, each selection's partials summed in split order and
     rounded to the activation dtype (the expert's output), added in slot order (the shared expert last) in fp32,
     rounded. Fixed orders, no atomics: the result is deterministic, and since the launch depends on the
     layer's shape only (codegen/kernels/moe_fp4_launch.py), a token's row does not depend on the step's size.
 
-Products, per 32 columns of K (one MXFP4 scale group): the weight tile is decoded in registers to FP8 e4m3
-values (every e2m1 code is one exactly) and multiplied by the activation tile, then scaled by the weight's
-e8m0 scale and the activation's and added to an fp32 accumulator. The activation tile is rounded in the
-program, as the reference rounds it (model/quant.py): W4A8 to e4m3 per 128 (`fake_quant_fp8`), W4A4 to e2m1
-per 32 (`fake_quant_fp4`), both with power-of-two scales rounded up from the block's amax (`_scale_exponent`);
-those products are FP8 dots (wgmma on Hopper). W4A16 (and plain numerics) multiplies the activations as they
-are: bf16 dots for bf16 activations, fp32 otherwise. Every product of two such values is exact in fp32, so the
-result is the reference's up to the order of fp32 sums (and, on Hopper, the FP8 MMA's in-group summation).
-With `native_fp4` (sm_100a / sm_103a) W4A4's routed products are `tl.dot_scaled` of the packed codes and
-e8m0 scales (tcgen05 kind::mxf4): the same rounding, the same exact products.
+Activation operands. A matmul's input is rounded once, where it is made, as the reference rounds it
+(model/quant.py): W4A8 to e4m3 per 128 columns (`fake_quant_fp8`), W4A4 to e2m1 per 32 (`fake_quant_fp4`),
+both with power-of-two scales rounded up from the block's amax (`_scale_exponent`); W4A16 (and plain numerics)
+not at all. An operand is a buffer [rows, K] in the activation dtype whose rounded rows hold K e4m3 bytes and
+then K / 32 fp32 scales (codegen/kernels/moe_fp4_tiles.py); the routed experts' values in that file's MMA K
+order, the shared expert's in the natural order. `_prepare_kernel` writes x's two ([N, D]: xr, and xs unless
+the shared expert's input is x as it is), `_gate_up_kernel` the down GEMM's (hidden [S, I], each row in its
+expert's format). The GEMM loops then only load, per 128 columns, the weight block, its scales and the operand
+block (all pipelined), and multiply.
+
+Products: an MXFP4 block is widened in registers to e4m3 (every e2m1 code times 2^-6 is one) and multiplied
+by the operand on FP8 tensor cores (wgmma on Hopper) as four diagonal blocks, one dot for its four 32-column
+scale groups; each group's product is scaled by the weight's e8m0 scale, the operand's scale and 64 and the
+groups added in fp32 (codegen/kernels/moe_fp4_tiles.py). The shared expert's FP8 blocks (one scale per 128 x
+128) multiply its operand in one FP8 dot a block. W4A16 multiplies the activations as they are: bf16 dots for
+bf16 activations, fp32 otherwise. Every product of two such values is exact in fp32, so the result is the
+reference's up to the order of fp32 sums (and, on Hopper, the FP8 MMA's in-group summation). With
+`native_fp4` (sm_100a / sm_103a) W4A4's routed products are `tl.dot_scaled` of the packed codes and e8m0
+scales (tcgen05 kind::mxf4), rounding their unrounded operand (x, the hidden rows) in the loop: the same
+rounding, the same exact products.
 
 bf16 is converted to fp32 right after each load and rounded by hand (`_round`): Triton's CPU interpreter gets
 bf16 arithmetic and conversion wrong.
@@ -47,8 +59,11 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4c.codegen.kernels.fp8_gemm import _e4m3_grid, _e8m0_to_float
-from dsv4c.codegen.kernels.moe_fp4_launch import K_COLUMNS, MoeFp4Launch, moe_fp4_launch
+from dsv4c.codegen.kernels.fp8_gemm import _e4m3_grid
+from dsv4c.codegen.kernels.moe_fp4_launch import DOWN_ROWS, K_COLUMNS, MoeFp4Launch, moe_fp4_launch
+from dsv4c.codegen.kernels.moe_fp4_tiles import (fp8_block, grouped_product, mma_order, mxfp4_block, operand_diag,
+                                                 operand_rows, operand_scale, operand_scale_pointers, operand_scales,
+                                                 operand_value_pointers, product)
 from dsv4c.codegen.kernels.routed_moe import (_TRITON_DTYPES, POINTER_TABLES, PointerTables, _check_weight_set,
                                               _expert_ptr, _round)
 from dsv4c.codegen import moe_routing
@@ -59,7 +74,8 @@ from dsv4c.model import quant
 
 K_BLOCK = K_COLUMNS  # columns of K a loop step covers: one FP8 activation scale, four MXFP4 groups
 BLOCK = tl.constexpr(K_BLOCK)
-GROUP = tl.constexpr(32)  # columns of one MXFP4 scale (and of one W4A4 activation scale)
+GROUP = tl.constexpr(32)  # columns of one MXFP4 scale, of one W4A4 activation scale and of one operand scale
+GROUPS = tl.constexpr(K_BLOCK // 32)
 COMBINE_BLOCK = 1024
 ACT_ROUNDING = {"w4a8": "fp8", "w4a16": "none", "w4a4": "fp4"}  # routed activations -> the kernels' rounding
 FP8_AMAX_FLOOR = tl.constexpr(quant.FP8_AMAX_FLOOR)
@@ -69,12 +85,17 @@ FP4_AMAX_FLOOR = tl.constexpr(quant.FP4_AMAX_FLOOR)
 # ---- number formats ------------------------------------------------------------------------------------
 @triton.jit
 def _scale_exponent(amax, FMT_MAX: tl.constexpr):
-    """The e8m0 byte (biased exponent) of the smallest power of two s with amax / s <= FMT_MAX: ceil(log2(r))
-    from the bits of the correctly rounded fp32 r = amax / FMT_MAX, as `quant.power_of_two_scale` (the
-    exponent, plus one unless r is a power of two). 255 (NaN) for inf or NaN."""
-    bits = tl.math.div_rn(amax, FMT_MAX).to(tl.int32, bitcast=True)
-    exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-    return tl.minimum(exponent, 255)
+    """The e8m0 byte (biased exponent) of the smallest power of two s with amax / s <= FMT_MAX (448 or 6), as
+    `quant.power_of_two_scale` takes it from the correctly rounded fp32 r = amax / FMT_MAX (r's exponent, plus
+    one unless r is a power of two); 255 (NaN) for inf or NaN. amax is positive and r normal (the amax floors
+    see to it). Without the division: with amax = M 2^a and FMT_MAX = F 2^f (M, F in [1, 2), F 1.75 or 1.5), r
+    rounds to a power of two exactly when M = F, and its exponent is a - f, less one when M < F; so the byte is
+    a - f + 127 (biased) plus one when M > F."""
+    bits = amax.to(tl.int32, bitcast=True)
+    fmt_bits = tl.full([], FMT_MAX, tl.float32).to(tl.int32, bitcast=True)
+    biased = (bits >> 23) & 0xFF
+    exponent = biased - ((fmt_bits >> 23) - 127) + ((bits & 0x7FFFFF) > (fmt_bits & 0x7FFFFF)).to(tl.int32)
+    return tl.where(biased == 255, 255, exponent)
 
 
 @triton.jit
@@ -104,109 +125,82 @@ def _e2m1_code(q):
     return code | tl.where(q < 0, 8, 0)
 
 
+# ---- activation operands -------------------------------------------------------------------------------
 @triton.jit
-def _e2m1_as_e4m3(code):
-    """e4m3 bits (int32) of the value of e2m1 codes (int32 0..15): magnitude code c >= 2 is 2^((c >> 1) - 1)
-    * (1 + (c & 1) / 2), exponent field (c >> 1) + 6, mantissa (c & 1) << 2, i.e. (c + 12) << 2; 0.5 is 0x30."""
-    magnitude = code & 7
-    bits = tl.where(magnitude >= 2, (magnitude + 12) << 2, tl.where(magnitude == 1, 0x30, 0))
-    return bits | ((code & 8) << 4)
-
-
-# ---- operand tiles -------------------------------------------------------------------------------------
-@triton.jit
-def _fp4_group(w_ptr, s_ptr, n, n_ok, k0, KDIM):
-    """(e4m3 values [BN, 32], scales [BN]) of rows n, columns k0 .. k0 + 32 of an MXFP4 weight: int8
-    [rows, KDIM / 2], the low nibble of byte b element 2b; e8m0 scales [rows, KDIM / 32]."""
-    rows = n.to(tl.int64)
-    packed = tl.load(w_ptr + rows[:, None] * (KDIM // 2) + k0 // 2 + tl.arange(0, GROUP // 2)[None, :],
-                     mask=n_ok[:, None], other=0).to(tl.int32) & 0xFF
-    bits = tl.interleave(_e2m1_as_e4m3(packed & 0xF), _e2m1_as_e4m3(packed >> 4))
-    scale = _e8m0_to_float(tl.load(s_ptr + rows * (KDIM // GROUP) + k0 // GROUP, mask=n_ok, other=127))
-    return bits.to(tl.uint8).to(tl.float8e4nv, bitcast=True), scale
-
-
-@triton.jit
-def _fp8_group(w_ptr, s_ptr, n, n_ok, k0, KDIM):
-    """(e4m3 values [BN, 32], scales [BN]) of rows n, columns k0 .. k0 + 32 of an FP8 weight [rows, KDIM] with
-    e8m0 scales [cdiv(rows, 128), cdiv(KDIM, 128)] (the shared expert's)."""
-    rows = n.to(tl.int64)
-    w = tl.load(w_ptr + rows[:, None] * KDIM + k0 + tl.arange(0, GROUP)[None, :], mask=n_ok[:, None], other=0.0)
-    scale = tl.load(s_ptr + (rows // BLOCK) * tl.cdiv(KDIM, BLOCK) + k0 // BLOCK, mask=n_ok, other=127)
-    return w, _e8m0_to_float(scale)
-
-
-@triton.jit
-def _block_scale(a_rows, a_ok, k0, ACT: tl.constexpr, BLOCK_M: tl.constexpr):
-    """(scale, inverse) [BM] of the FP8 rounding of columns k0 .. k0 + 128 of the activation rows (amax floored
-    at 1e-4, as `quant.fake_quant_fp8`); ones for the other roundings (which scale per group or not at all)."""
-    if ACT == "fp8":
-        amax = tl.full([BLOCK_M], FP8_AMAX_FLOOR, tl.float32)
-        for j in tl.static_range(BLOCK // GROUP):
-            a = tl.load(a_rows[:, None] + k0 + j * GROUP + tl.arange(0, GROUP)[None, :], mask=a_ok[:, None],
-                        other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.max(tl.abs(a), axis=1))
-        return _pow2_pair(_scale_exponent(amax, 448.0))
-    else:
-        ones = tl.full([BLOCK_M], 1.0, tl.float32)
-        return ones, ones
-
-
-@triton.jit
-def _act_group(a_rows, a_ok, k0, block_scale, block_inverse, ACT: tl.constexpr):
-    """(values [BM, 32] fp32, scales [BM]) of columns k0 .. k0 + 32 of the activation rows, rounded as the
-    reference rounds them: "fp8" e4m3 with the block's scale, "fp4" e2m1 with the group's own (amax floored at
-    6 * 2^-126, as `quant.fake_quant_fp4`), "none" as they are (scale 1)."""
-    a = tl.load(a_rows[:, None] + k0 + tl.arange(0, GROUP)[None, :], mask=a_ok[:, None], other=0.0).to(tl.float32)
-    if ACT == "fp8":
-        q = tl.clamp(a * block_inverse[:, None], -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
-        return _e4m3_grid(q), block_scale
-    elif ACT == "fp4":
-        amax = tl.maximum(tl.max(tl.abs(a), axis=1), FP4_AMAX_FLOOR)
+def _rounded(a, FMT: tl.constexpr):
+    """(values [R, 128] fp32, scales [R, 4] fp32) of rows a [R, 128] (fp32) rounded as the reference rounds a
+    matmul's input: "fp8" to e4m3 with one scale (amax floored at 1e-4, as `quant.fake_quant_fp8`), "fp4" to e2m1
+    with a scale per 32 (amax floored at 6 * 2^-126, as `quant.fake_quant_fp4`); "none" as they are, scales 1.
+    values * scale is the reference's rounded input."""
+    rows: tl.constexpr = a.shape[0]
+    if FMT == "fp8":
+        amax = tl.maximum(tl.max(tl.abs(a), axis=1), FP8_AMAX_FLOOR)
+        scale, inverse = _pow2_pair(_scale_exponent(amax, 448.0))
+        q = tl.clamp(a * inverse[:, None], -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+        return _e4m3_grid(q), tl.broadcast_to(scale[:, None], (rows, GROUPS))
+    elif FMT == "fp4":
+        groups = tl.reshape(a, (rows, GROUPS, GROUP))
+        amax = tl.maximum(tl.max(tl.abs(groups), axis=2), FP4_AMAX_FLOOR)
         scale, inverse = _pow2_pair(_scale_exponent(amax, 6.0))
-        q = tl.clamp(a * inverse[:, None], -6.0, 6.0, propagate_nan=tl.PropagateNan.ALL)
-        return _e2m1_grid(q), scale
+        q = tl.clamp(groups * inverse[:, :, None], -6.0, 6.0, propagate_nan=tl.PropagateNan.ALL)
+        return tl.reshape(_e2m1_grid(q), (rows, BLOCK)), scale
     else:
-        return a, block_scale
+        return a, tl.full([rows, GROUPS], 1.0, tl.float32)
 
 
 @triton.jit
-def _product(w, q, ACT: tl.constexpr, PRODUCT: tl.constexpr):
-    """w [BN, 32] (e4m3 values) times q [BM, 32]^T -> [BN, BM] fp32: an FP8 dot for rounded activations (FP8 or
-    FP4 values, exact in e4m3), else a bf16 or fp32 dot (see MoeFp4Launch.product)."""
-    if ACT != "none":
-        return tl.dot(w, tl.trans(q.to(tl.float8e4nv)))
-    elif PRODUCT == "bf16":
-        return tl.dot(w.to(tl.bfloat16), tl.trans(q.to(tl.bfloat16)))
+def _store_operand(ptr, rows, ok, kb, a, KDIM, FMT: tl.constexpr, MMA_ORDER: tl.constexpr):
+    """Block kb of operand rows `rows` [R] (where `ok`) of ptr [rows, KDIM] (see codegen/kernels/moe_fp4_tiles.py):
+    a [R, 128] (fp32) rounded to FMT, its values in the MMA K order when MMA_ORDER."""
+    values, scales = _rounded(a, FMT)
+    column = tl.arange(0, BLOCK)
+    if MMA_ORDER:
+        column = mma_order(column)
+    start = operand_value_pointers(ptr, rows, KDIM, FMT) + kb * BLOCK
+    tl.store(start[:, None] + column[None, :], values.to(start.dtype.element_ty), mask=ok[:, None])
+    if FMT != "none":
+        start = operand_scale_pointers(ptr, rows, KDIM) + kb * GROUPS
+        tl.store(start[:, None] + tl.arange(0, GROUPS)[None, :], scales, mask=ok[:, None])
+
+
+@triton.jit
+def _store_routed(ptr, rows, ok, kb, a, KDIM, ROUTED_ACT: tl.constexpr, NATIVE_FP4: tl.constexpr):
+    """`_store_operand` of routed rows: as they are in the natural order for native MXFP4 products (which round
+    in their loop), else rounded to ROUTED_ACT in the MMA K order."""
+    if NATIVE_FP4:
+        _store_operand(ptr, rows, ok, kb, a, KDIM, "none", False)
     else:
-        return tl.dot(w.to(tl.float32), tl.trans(q), input_precision="ieee")
+        _store_operand(ptr, rows, ok, kb, a, KDIM, ROUTED_ACT, True)
 
 
 # ---- the K loops ---------------------------------------------------------------------------------------
 @triton.jit
-def _accumulate(acc, a_rows, a_ok, w_ptr, s_ptr, n, n_ok, kb_start, kb_stop, KDIM, FP8_WEIGHT: tl.constexpr,
-                ACT: tl.constexpr, PRODUCT: tl.constexpr, BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """acc [BN, BM] += weight rows n times the activation rows over the 128-column blocks [kb_start, kb_stop):
-    per 32 columns, the product times the weight's and the activation's scales."""
+def _mxfp4_gemm(acc, acc2, w_ptr, s_ptr, w2_ptr, s2_ptr, a_ptr, rows, ok, rows4, ok4, n, n_ok, kb_start, kb_stop,
+                KDIM, FMT: tl.constexpr, PAIR: tl.constexpr, PRODUCT: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """acc [BN, BM] += rows n of an MXFP4 weight times operand rows `rows` of a_ptr (FMT, MMA K order) over the
+    128-column blocks [kb_start, kb_stop); with PAIR, acc2 the same for a second weight (one operand tile for
+    both). rows / ok [BM]; rows4 / ok4 [4 BM]: the same, four times (`_tile_rows`)."""
     for kb in tl.range(kb_start, kb_stop, num_stages=NUM_STAGES):
-        block_scale, block_inverse = _block_scale(a_rows, a_ok, kb * BLOCK, ACT, BLOCK_M)
-        for j in tl.static_range(BLOCK // GROUP):
-            k0 = kb * BLOCK + j * GROUP
-            q, a_scale = _act_group(a_rows, a_ok, k0, block_scale, block_inverse, ACT)
-            if FP8_WEIGHT:
-                w, w_scale = _fp8_group(w_ptr, s_ptr, n, n_ok, k0, KDIM)
-            else:
-                w, w_scale = _fp4_group(w_ptr, s_ptr, n, n_ok, k0, KDIM)
-            acc += _product(w, q, ACT, PRODUCT) * (w_scale[:, None] * a_scale[None, :])
-    return acc
+        b = operand_diag(a_ptr, rows4, ok4, kb, KDIM, BLOCK_M, FMT)
+        if FMT == "fp4":
+            a_scale = operand_scales(a_ptr, rows, ok, kb, KDIM, FMT)  # a scale per 32 columns
+        else:
+            a_scale = operand_scale(a_ptr, rows, ok, kb, KDIM, FMT)  # one for the 128
+        w, s0, s1, s2, s3 = mxfp4_block(w_ptr, s_ptr, n, n_ok, kb, KDIM, BLOCK_N, ALIGNED)
+        acc += grouped_product(w, s0, s1, s2, s3, b, a_scale, PRODUCT)
+        if PAIR:
+            w, s0, s1, s2, s3 = mxfp4_block(w2_ptr, s2_ptr, n, n_ok, kb, KDIM, BLOCK_N, ALIGNED)
+            acc2 += grouped_product(w, s0, s1, s2, s3, b, a_scale, PRODUCT)
+    return acc, acc2
 
 
 @triton.jit
 def _accumulate_mxf4(acc, a_rows, a_ok, w_ptr, s_ptr, n, n_ok, kb_start, kb_stop, KDIM, BLOCK_M: tl.constexpr,
                      NUM_STAGES: tl.constexpr):
-    """`_accumulate` of an MXFP4 weight with W4A4 activations as `tl.dot_scaled` (tcgen05 kind::mxf4): each
-    128-column block of the activation rows rounded to e2m1 per 32 in registers, packed two codes a byte (the
-    weight's layout) with its e8m0 scale bytes."""
+    """acc [BN, BM] += rows n of an MXFP4 weight times the unrounded activation rows a_rows (natural order),
+    rounded to W4A4's e2m1 per 32 in the loop, as `tl.dot_scaled` (tcgen05 kind::mxf4): each 128-column block
+    packed two codes a byte (the weight's layout) with its e8m0 scale bytes."""
     rows = n.to(tl.int64)
     for kb in tl.range(kb_start, kb_stop, num_stages=NUM_STAGES):
         a = tl.load(a_rows[:, None] + kb * BLOCK + tl.arange(0, BLOCK)[None, :], mask=a_ok[:, None],
@@ -226,21 +220,25 @@ def _accumulate_mxf4(acc, a_rows, a_ok, w_ptr, s_ptr, n, n_ok, kb_start, kb_stop
 
 
 @triton.jit
-def _routed(acc, a_rows, a_ok, w_ptr, s_ptr, n, n_ok, kb_start, kb_stop, KDIM, ACT: tl.constexpr,
-            PRODUCT: tl.constexpr, NATIVE_FP4: tl.constexpr, BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """`_accumulate` of a routed expert's MXFP4 weight (native MXFP4 products where the launch says so)."""
-    if NATIVE_FP4:
-        return _accumulate_mxf4(acc, a_rows, a_ok, w_ptr, s_ptr, n, n_ok, kb_start, kb_stop, KDIM, BLOCK_M,
-                                NUM_STAGES)
-    else:
-        return _accumulate(acc, a_rows, a_ok, w_ptr, s_ptr, n, n_ok, kb_start, kb_stop, KDIM, False, ACT, PRODUCT,
-                           BLOCK_M, NUM_STAGES)
+def _fp8_gemm(acc, acc2, w_ptr, s_ptr, w2_ptr, s2_ptr, a_ptr, rows, ok, n, n_ok, kb_start, kb_stop, KDIM,
+              FMT: tl.constexpr, PAIR: tl.constexpr, PRODUCT: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """`_mxfp4_gemm` for FP8 weights (e8m0 scales per 128 x 128) and an operand in the natural order (FMT "fp8"
+    or "none"): one dot a block, times the weight's and the operand's scale. rows / ok [BM]."""
+    for kb in tl.range(kb_start, kb_stop, num_stages=NUM_STAGES):
+        b = operand_rows(a_ptr, rows, ok, kb, KDIM, FMT)
+        a_scale = operand_scale(a_ptr, rows, ok, kb, KDIM, FMT)
+        w, w_scale = fp8_block(w_ptr, s_ptr, n, n_ok, kb, KDIM)
+        acc += product(w, b, PRODUCT) * (w_scale[:, None] * a_scale[None, :])
+        if PAIR:
+            w, w_scale = fp8_block(w2_ptr, s2_ptr, n, n_ok, kb, KDIM)
+            acc2 += product(w, b, PRODUCT) * (w_scale[:, None] * a_scale[None, :])
+    return acc, acc2
 
 
 # ---- kernels ---------------------------------------------------------------------------------------------
 @triton.jit
-def _group_kernel(ids_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, S, K, E, BLOCK_M: tl.constexpr,
-                  BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
+def _group(ids_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, S, K, E, BLOCK_M: tl.constexpr,
+           BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
     """Program e (0 .. E; E the shared expert): its selections' places in the tile-padded, expert-sorted list
     and its tiles' expert ids. Selection s is slot s % (K + 1) of token s // (K + 1); slot K is the shared
     expert. BLOCK_E >= E + 2: the last bin counts the lanes past S."""
@@ -269,56 +267,83 @@ def _group_kernel(ids_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, S, K, E, BL
 
 
 @triton.jit
-def _tile_rows(sorted_ptr, tile, K, BLOCK_M: tl.constexpr):
-    """(selections [BM] (0 in the padding), valid [BM], token, slot) of one tile."""
-    sel = tl.load(sorted_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))
-    ok = sel >= 0
-    sel = tl.maximum(sel, 0)
-    return sel, ok, sel // (K + 1), sel % (K + 1)
+def _prepare_kernel(ids_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, x_ptr, xr_ptr, xs_ptr, N, S, D, K, E,
+                    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
+                    ROUTED_ACT: tl.constexpr, SHARED_ACT: tl.constexpr, NATIVE_FP4: tl.constexpr):
+    """`_group`, then x's 128-column blocks shared out over the programs, each rounded to the gate/up GEMMs'
+    operands [N, D]: the routed experts' xr (ROUTED_ACT, MMA K order; not for native products, which read x)
+    and the shared expert's xs (when SHARED_ACT is "fp8"; unrounded, it reads x)."""
+    _group(ids_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, S, K, E, BLOCK_M, BLOCK_S, BLOCK_E, BLOCK_T)
+    if not NATIVE_FP4 or SHARED_ACT != "none":
+        blocks = D // BLOCK
+        for index in range(tl.program_id(0), N * blocks, tl.num_programs(0)):
+            token = tl.full([1], index // blocks, tl.int32)
+            kb = index % blocks
+            ok = token < N
+            a = tl.load(x_ptr + token.to(tl.int64)[:, None] * D + kb * BLOCK + tl.arange(0, BLOCK)[None, :],
+                        mask=ok[:, None], other=0.0)
+            if not NATIVE_FP4:
+                _store_operand(xr_ptr, token, ok, kb, a.to(tl.float32), D, ROUTED_ACT, True)
+            if SHARED_ACT != "none":
+                _store_operand(xs_ptr, token, ok, kb, a.to(tl.float32), D, SHARED_ACT, False)
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, weights_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, table_ptr, sw1_ptr, ss1_ptr,
-                    sw3_ptr, ss3_ptr, hidden_ptr, D, I, K, E, routed_limit, shared_limit, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, ROUTED_ACT: tl.constexpr, SHARED_ACT: tl.constexpr,
-                    PRODUCT: tl.constexpr, NATIVE_FP4: tl.constexpr, ACT_DTYPE: tl.constexpr,
-                    ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr):
+def _tile_rows(sorted_ptr, tile, BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
+    """(selections [ROWS] (0 in the padding), valid [ROWS]) of one tile; entry r is its row r % BLOCK_M (ROWS =
+    4 BLOCK_M: the rows of `operand_diag`'s four blocks). Selection s is token s // (K + 1)'s slot s % (K + 1)."""
+    sel = tl.load(sorted_ptr + tile * BLOCK_M + tl.arange(0, ROWS) % BLOCK_M)
+    return tl.maximum(sel, 0), sel >= 0
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, xr_ptr, xs_ptr, weights_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, table_ptr, sw1_ptr,
+                    ss1_ptr, sw3_ptr, ss3_ptr, hidden_ptr, D, I, K, E, routed_limit, shared_limit,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROUTED_ACT: tl.constexpr,
+                    SHARED_ACT: tl.constexpr, PRODUCT: tl.constexpr, NATIVE_FP4: tl.constexpr,
+                    ACT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr):
     """hidden[sel, tile of I] = round(silu(clamp(round(x W1.T))) * clamp(round(x W3.T)) * weight) for the
-    selections of one tile (x [N, D] in the activation dtype; the shared expert's weight is 1)."""
+    selections of one tile (x [N, D] in the activation dtype, its operands xr and xs; the shared expert's
+    weight is 1), written as the down GEMM's operand [S, I]."""
     tile = tl.program_id(0)
     if tile < tl.load(n_tiles_ptr):
         expert = tl.load(tile_expert_ptr + tile)
-        sel, row_ok, token, slot = _tile_rows(sorted_ptr, tile, K, BLOCK_M)
-        a_rows = x_ptr + token.to(tl.int64) * D
+        sel, row_ok = _tile_rows(sorted_ptr, tile, BLOCK_M, BLOCK_M)
+        token, slot = sel // (K + 1), sel % (K + 1)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < I
         gate = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         if expert < E:
             w1 = _expert_ptr(table_ptr, 0, E, expert, tl.int8, ALIGNED)
-            s1 = _expert_ptr(table_ptr, 1, E, expert, tl.uint8, False)
+            s1 = _expert_ptr(table_ptr, 1, E, expert, tl.uint8, ALIGNED)
             w3 = _expert_ptr(table_ptr, 2, E, expert, tl.int8, ALIGNED)
-            s3 = _expert_ptr(table_ptr, 3, E, expert, tl.uint8, False)
-            gate = _routed(gate, a_rows, row_ok, w1, s1, n, n_ok, 0, D // BLOCK, D, ROUTED_ACT, PRODUCT, NATIVE_FP4,
-                           BLOCK_M, NUM_STAGES)
-            up = _routed(up, a_rows, row_ok, w3, s3, n, n_ok, 0, D // BLOCK, D, ROUTED_ACT, PRODUCT, NATIVE_FP4,
-                         BLOCK_M, NUM_STAGES)
+            s3 = _expert_ptr(table_ptr, 3, E, expert, tl.uint8, ALIGNED)
+            if NATIVE_FP4:
+                a_rows = x_ptr + token.to(tl.int64) * D
+                gate = _accumulate_mxf4(gate, a_rows, row_ok, w1, s1, n, n_ok, 0, D // BLOCK, D, BLOCK_M, NUM_STAGES)
+                up = _accumulate_mxf4(up, a_rows, row_ok, w3, s3, n, n_ok, 0, D // BLOCK, D, BLOCK_M, NUM_STAGES)
+            else:
+                sel4, ok4 = _tile_rows(sorted_ptr, tile, BLOCK_M, 4 * BLOCK_M)
+                gate, up = _mxfp4_gemm(gate, up, w1, s1, w3, s3, xr_ptr, token, row_ok, sel4 // (K + 1), ok4, n,
+                                       n_ok, 0, D // BLOCK, D, ROUTED_ACT, True, PRODUCT, BLOCK_M, BLOCK_N, ALIGNED,
+                                       NUM_STAGES)
             weight = tl.load(weights_ptr + token * K + slot, mask=row_ok, other=0.0)
             limit = routed_limit
         else:
-            gate = _accumulate(gate, a_rows, row_ok, sw1_ptr, ss1_ptr, n, n_ok, 0, D // BLOCK, D, True, SHARED_ACT,
-                               PRODUCT, BLOCK_M, NUM_STAGES)
-            up = _accumulate(up, a_rows, row_ok, sw3_ptr, ss3_ptr, n, n_ok, 0, D // BLOCK, D, True, SHARED_ACT,
-                             PRODUCT, BLOCK_M, NUM_STAGES)
+            gate, up = _fp8_gemm(gate, up, sw1_ptr, ss1_ptr, sw3_ptr, ss3_ptr, xs_ptr, token, row_ok, n, n_ok, 0,
+                                 D // BLOCK, D, SHARED_ACT, True, PRODUCT, NUM_STAGES)
             weight = tl.full([BLOCK_M], 1.0, tl.float32)
             limit = shared_limit
         g = _round(gate, ACT_DTYPE)
         u = _round(up, ACT_DTYPE)
         g = tl.where(g > limit, limit, g)  # (NaN stays NaN; an absent clamp is a limit of +inf)
         u = tl.where(u > limit, limit, tl.where(u < -limit, -limit, u))
-        h = _round(g * tl.sigmoid(g) * u * weight[None, :], ACT_DTYPE)
-        tl.store(hidden_ptr + sel.to(tl.int64)[None, :] * I + n[:, None], h.to(hidden_ptr.dtype.element_ty),
-                 mask=n_ok[:, None] & row_ok[None, :])
+        h = tl.trans(_round(g * tl.sigmoid(g) * u * weight[None, :], ACT_DTYPE))  # [BM, 128]: one rounding block
+        if expert < E:
+            _store_routed(hidden_ptr, sel, row_ok, tl.program_id(1), h, I, ROUTED_ACT, NATIVE_FP4)
+        else:
+            _store_operand(hidden_ptr, sel, row_ok, tl.program_id(1), h, I, SHARED_ACT, False)
 
 
 @triton.jit
@@ -326,12 +351,12 @@ def _down_kernel(hidden_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, table_ptr
                  D, I, K, E, S, BLOCKS_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  ROUTED_ACT: tl.constexpr, SHARED_ACT: tl.constexpr, PRODUCT: tl.constexpr,
                  NATIVE_FP4: tl.constexpr, ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """part[split, sel, tile of D] = hidden[sel] @ W2.T over split's slice of I (fp32, not rounded)."""
+    """part[split, sel, tile of D] = hidden[sel] @ W2.T over split's slice of I (fp32, not rounded); hidden: the
+    operand [S, I] the gate/up kernel wrote."""
     tile = tl.program_id(0)
     if tile < tl.load(n_tiles_ptr):
         expert = tl.load(tile_expert_ptr + tile)
-        sel, row_ok, _, _ = _tile_rows(sorted_ptr, tile, K, BLOCK_M)
-        a_rows = hidden_ptr + sel.to(tl.int64) * I
+        sel, row_ok = _tile_rows(sorted_ptr, tile, BLOCK_M, BLOCK_M)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < D
         split = tl.program_id(2)
@@ -340,12 +365,17 @@ def _down_kernel(hidden_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, table_ptr
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         if expert < E:
             w2 = _expert_ptr(table_ptr, 4, E, expert, tl.int8, ALIGNED)
-            s2 = _expert_ptr(table_ptr, 5, E, expert, tl.uint8, False)
-            acc = _routed(acc, a_rows, row_ok, w2, s2, n, n_ok, kb_start, kb_stop, I, ROUTED_ACT, PRODUCT,
-                          NATIVE_FP4, BLOCK_M, NUM_STAGES)
+            s2 = _expert_ptr(table_ptr, 5, E, expert, tl.uint8, ALIGNED)
+            if NATIVE_FP4:
+                acc = _accumulate_mxf4(acc, hidden_ptr + sel.to(tl.int64) * I, row_ok, w2, s2, n, n_ok, kb_start,
+                                       kb_stop, I, BLOCK_M, NUM_STAGES)
+            else:
+                sel4, ok4 = _tile_rows(sorted_ptr, tile, BLOCK_M, 4 * BLOCK_M)
+                acc = _mxfp4_gemm(acc, acc, w2, s2, w2, s2, hidden_ptr, sel, row_ok, sel4, ok4, n, n_ok, kb_start,
+                                  kb_stop, I, ROUTED_ACT, False, PRODUCT, BLOCK_M, BLOCK_N, ALIGNED, NUM_STAGES)[0]
         else:
-            acc = _accumulate(acc, a_rows, row_ok, sw2_ptr, ss2_ptr, n, n_ok, kb_start, kb_stop, I, True, SHARED_ACT,
-                              PRODUCT, BLOCK_M, NUM_STAGES)
+            acc = _fp8_gemm(acc, acc, sw2_ptr, ss2_ptr, sw2_ptr, ss2_ptr, hidden_ptr, sel, row_ok, n, n_ok, kb_start,
+                            kb_stop, I, SHARED_ACT, False, PRODUCT, NUM_STAGES)[0]
         out = part_ptr + (split * S + sel).to(tl.int64)[None, :] * D + n[:, None]
         tl.store(out, acc, mask=n_ok[:, None] & row_ok[None, :])
 
@@ -417,24 +447,29 @@ def moe_fp4(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None, ta
     order = torch.empty(max_tiles * bm, dtype=torch.int32, device=x.device)
     tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=x.device)
     n_tiles = torch.empty(1, dtype=torch.int32, device=x.device)
-    _group_kernel[(experts + 1,)](ids, order, tile_expert, n_tiles, s, k, experts, BLOCK_M=bm,
-                                  BLOCK_S=triton.next_power_of_2(s), BLOCK_E=triton.next_power_of_2(experts + 2),
-                                  BLOCK_T=triton.next_power_of_2(triton.cdiv(s, bm)))
-    act = _TRITON_DTYPES[x.dtype]
+    routed_act, shared_act = ACT_ROUNDING[activations], "fp8" if shared_act_quant else "none"
+    native = launch.native_fp4
+    xr = x if native else torch.empty_like(x)  # the operands (codegen/kernels/moe_fp4_tiles.py); unrounded, x
+    xs = torch.empty_like(x) if shared_act_quant else x
+    _prepare_kernel[(experts + 1,)](ids, order, tile_expert, n_tiles, x, xr, xs, n, s, d, k, experts, BLOCK_M=bm,
+                                    BLOCK_S=triton.next_power_of_2(s), BLOCK_E=triton.next_power_of_2(experts + 2),
+                                    BLOCK_T=triton.next_power_of_2(triton.cdiv(s, bm)), ROUTED_ACT=routed_act,
+                                    SHARED_ACT=shared_act, NATIVE_FP4=native)
     sw1, ss1, sw3, ss3, sw2, ss2 = (t.view(torch.uint8) if t.dtype == torch.float8_e8m0fnu else t for t in shared)
-    common = dict(BLOCK_M=bm, BLOCK_N=launch.block_n, ROUTED_ACT=ACT_ROUNDING[activations],
-                  SHARED_ACT="fp8" if shared_act_quant else "none", PRODUCT=launch.product,
-                  NATIVE_FP4=launch.native_fp4, ALIGNED=aligned, NUM_STAGES=launch.num_stages,
+    common = dict(BLOCK_M=bm, BLOCK_N=launch.block_n, ROUTED_ACT=routed_act, SHARED_ACT=shared_act,
+                  PRODUCT=launch.product, NATIVE_FP4=native, ALIGNED=aligned, NUM_STAGES=launch.num_stages,
                   num_warps=launch.num_warps)
     limits = [float("inf") if v is None else float(v) for v in (routed_limit, shared_limit)]
     hidden = torch.empty((s, i), dtype=x.dtype, device=x.device)
     _gate_up_kernel[(max_tiles, triton.cdiv(i, launch.block_n))](
-        x, weights, order, tile_expert, n_tiles, pointers, sw1, ss1, sw3, ss3, hidden, d, i, k, experts, *limits,
-        ACT_DTYPE=act, **common)
+        x, xr, xs, weights, order, tile_expert, n_tiles, pointers, sw1, ss1, sw3, ss3, hidden, d, i, k, experts,
+        *limits, ACT_DTYPE=_TRITON_DTYPES[x.dtype], **common)
     blocks_per_split = triton.cdiv(i // K_BLOCK, launch.split_k)
     part = torch.empty((launch.split_k, s, d), dtype=torch.float32, device=x.device)
-    _down_kernel[(max_tiles, triton.cdiv(d, launch.block_n), launch.split_k)](
-        hidden, order, tile_expert, n_tiles, pointers, sw2, ss2, part, d, i, k, experts, s, blocks_per_split, **common)
+    _down_kernel[(max_tiles, triton.cdiv(d, DOWN_ROWS), launch.split_k)](
+        hidden, order, tile_expert, n_tiles, pointers, sw2, ss2, part, d, i, k, experts, s, blocks_per_split,
+        **dict(common, BLOCK_N=DOWN_ROWS))
     _combine_kernel[(n, triton.cdiv(d, COMBINE_BLOCK))](part, out, s, d, k, SPLITS=launch.split_k,
-                                                        BLOCK_D=COMBINE_BLOCK, ACT_DTYPE=act, num_warps=4)
+                                                        BLOCK_D=COMBINE_BLOCK, ACT_DTYPE=_TRITON_DTYPES[x.dtype],
+                                                        num_warps=4)
     return out

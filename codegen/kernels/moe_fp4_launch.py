@@ -1,9 +1,19 @@
 """Launch choices of the fused FP4 MoE kernels (codegen/kernels/moe_fp4.py), per target and layer shape.
 
 Pure Python (no Triton import): `moe_fp4_launch` picks a frozen `MoeFp4Launch` from the target table
-(codegen/targets.py) and the layer's sizes. The GEMMs compute `out^T = W @ a^T` (swap AB): `block_n` weight
-rows fill the tensor cores' M side (64 a warpgroup for Hopper's wgmma, 128 for Blackwell's tcgen05) and
-`block_m` selections of one expert their N side, so a decode step of one token pads to 16 rows, not 64.
+(codegen/targets.py) and the layer's sizes. The GEMMs compute `out^T = W @ a^T` (swap AB): the weight rows of a
+program (128 in the gate/up GEMM, DOWN_ROWS = 256 in the down GEMM) fill the tensor cores' M side (two wgmma
+warpgroups on Hopper, tcgen05 tiles of 128 on Blackwell) and `block_m` selections of one expert their N side,
+so a decode step of one token pads to 16 rows, not 64.
+
+Bytes in flight. A one-token step is memory-bound: its programs must keep enough weight bytes in flight to
+cover the memory latency (Little's law: about 3.35 TB/s x 1 us / 132 SMs = 25 KB an SM on an H100). A GEMM
+program streams 17 KB of MXFP4 codes and scales a 128-column step (w1 and w3 of 128 rows; w2 of 256 rows),
+twice that for the shared expert's FP8 rows, and `num_stages` = 4 keeps three steps ahead in flight: about
+50 KB a program, one program an SM (its registers). A one-token step has (top_k + 1) x I / 128 gate/up
+programs and (top_k + 1) x D / 256 down programs, 112 each for Flash, so every GEMM spreads the six experts'
+and the shared expert's bytes over 112 of an H100's 132 SMs; an expert no token chose costs no program.
+bench/moe_sass.py measures all this on the sm_90a build.
 
 Batch invariance: nothing here reads the number of tokens a step holds, so every reduction of a token's
 result (the router's logits over D and their splits, each expert GEMM over its K and the down GEMM's splits,
@@ -23,6 +33,7 @@ ACTIVATIONS = ("w4a8", "w4a16", "w4a4")  # the routed experts' activation format
 PRODUCTS = ("ieee", "bf16")  # how unrounded activations multiply: fp32 FMA dots, or bf16 tensor cores
 MIN_DOT = 16  # tl.dot's smallest side
 K_COLUMNS = 128  # columns of K a kernel's loop step covers (codegen/kernels/moe_fp4.py K_BLOCK)
+DOWN_ROWS = 256  # weight rows a down program computes: one weight a step, so twice the gate/up program's rows
 ROUTER_BLOCK_E = 64  # router rows a GPU program computes: one wgmma warpgroup's M side
 
 
@@ -30,7 +41,8 @@ ROUTER_BLOCK_E = 64  # router rows a GPU program computes: one wgmma warpgroup's
 class MoeFp4Launch:
     """block_m: rows a tile multiplies: selections of one expert in the GEMMs, tokens in the router (the dots'
     N side);
-    block_n: weight rows a program computes (gate/up: hidden features of w1 and of w3; down: outputs);
+    block_n: weight rows a gate/up program computes: 128, one rounding block of the hidden features (the program
+    rounds its own block of the down GEMM's operand); a down program computes DOWN_ROWS;
     split_k: slices of the hidden features the down GEMM's programs split (partials summed by the combine);
     router_block_e: experts (router rows) a router program computes;
     router_splits: slices of D the router's programs split (partial logits summed by the routing kernel);
@@ -51,42 +63,41 @@ class MoeFp4Launch:
     num_stages: int
 
     def __post_init__(self) -> None:
-        sides = (self.block_m, self.block_n, self.router_block_e)
+        sides = (self.block_m, self.router_block_e)
         sides_ok = all(v >= MIN_DOT and v & (v - 1) == 0 for v in sides)
-        if not sides_ok or min(self.split_k, self.router_splits) < 1 or self.product not in PRODUCTS \
-                or self.num_warps < 1:
-            raise ValueError(f"{self}: block_m / block_n / router_block_e powers of two >= {MIN_DOT}, split_k and "
-                             f"router_splits >= 1, product one of {PRODUCTS}")
-        if self.native_fp4 and self.block_n < 128:
-            raise ValueError(f"{self}: native MXFP4 products need block_n >= 128 (tcgen05's M side)")
+        if not sides_ok or self.block_n != K_COLUMNS or min(self.split_k, self.router_splits) < 1 \
+                or self.product not in PRODUCTS or self.num_warps < 1:
+            raise ValueError(f"{self}: block_m / router_block_e powers of two >= {MIN_DOT}, block_n {K_COLUMNS}, "
+                             f"split_k and router_splits >= 1, product one of {PRODUCTS}")
 
 
 def moe_fp4_launch(t: Target, experts: int, top_k: int, hidden: int, intermediate: int, activations: str,
                    bf16_activations: bool) -> MoeFp4Launch:
     """The launch for a layer of `experts` routed experts (top_k a token) of width `intermediate` on `hidden`,
     chosen by the layer's shape and the target only (never the token count: see the module docstring).
-    GPUs: 16-selection tiles against 64 weight rows (one wgmma warpgroup; 128 rows for native MXFP4); the
-    down GEMM splits its K when a one-token step's top_k + 1 experts x D / block_n programs leave fewer than
-    two an SM; the router splits D so that its programs (64 experts each) cover every SM at one token.
+    GPUs: 16-selection tiles against 128 weight rows (DOWN_ROWS in the down GEMM), eight warps (two wgmma
+    warpgroups), four stages; the down GEMM splits its K while twice a one-token step's programs
+    ((top_k + 1) x D / DOWN_ROWS) still fit one an SM (a program holds most of an SM's registers, so a split
+    past that is a second wave); the router splits D so that its programs (64 experts each) cover every SM at
+    one token.
     cpu (Triton's interpreter, tests only): as few programs as the sizes allow (it pays per program and per
-    operation, not per element): 128 weight rows, 64-row tiles, all experts in one router program; fp32."""
+    operation, not per element): 64-row tiles, all experts in one router program; fp32."""
     if activations not in ACTIVATIONS:
         raise ValueError(f"moe_fp4: activations {activations!r}; allowed: {', '.join(ACTIVATIONS)}")
     if not t.is_gpu:
-        return MoeFp4Launch(block_m=64, block_n=128, split_k=1, router_block_e=max(MIN_DOT, _pow2_at_least(experts)),
-                            router_splits=1, product="ieee", native_fp4=False, num_warps=4, num_stages=1)
-    native = activations == "w4a4" and has_native_mxfp4(t)
-    block_n = 128 if native else 64
-    down_programs = (top_k + 1) * -(-hidden // block_n)
+        return MoeFp4Launch(block_m=64, block_n=K_COLUMNS, split_k=1,
+                            router_block_e=max(MIN_DOT, _pow2_at_least(experts)), router_splits=1, product="ieee",
+                            native_fp4=False, num_warps=4, num_stages=1)
+    down_programs = (top_k + 1) * -(-hidden // DOWN_ROWS)
     blocks = max(1, intermediate // K_COLUMNS)
     split_k = 1
-    while down_programs * split_k < 2 * t.sm_count and split_k * 2 <= min(4, blocks):
+    while 2 * down_programs * split_k <= t.sm_count and split_k * 2 <= min(4, blocks):
         split_k *= 2
     router_rows, d_blocks = -(-experts // ROUTER_BLOCK_E), max(1, hidden // K_COLUMNS)
     per_split = max(1, d_blocks * router_rows // t.sm_count)
-    return MoeFp4Launch(block_m=16, block_n=block_n, split_k=split_k, router_block_e=ROUTER_BLOCK_E,
+    return MoeFp4Launch(block_m=16, block_n=K_COLUMNS, split_k=split_k, router_block_e=ROUTER_BLOCK_E,
                         router_splits=-(-d_blocks // per_split), product="bf16" if bf16_activations else "ieee",
-                        native_fp4=native, num_warps=4, num_stages=3)
+                        native_fp4=activations == "w4a4" and has_native_mxfp4(t), num_warps=8, num_stages=4)
 
 
 def _pow2_at_least(n: int) -> int:

@@ -222,11 +222,12 @@ class PointerTables:
         self._tables: dict[tuple[torch.device, tuple[int, ...]], tuple[torch.Tensor, bool]] = {}
 
     def get(self, lists: Sequence[Sequence[torch.Tensor]], x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """(table, whether every packed weight is 16-byte aligned) for the six lists, on x's device."""
+        """(table, whether every tensor (packed weights and scales) is 16-byte aligned) for the six lists, on x's
+        device."""
         key = (x.device, tuple(t.data_ptr() for tensors in lists for t in tensors))
         if key not in self._tables:
             _check_weight_set(lists, x, every=True)
-            aligned = all(t.data_ptr() % POINTER_ALIGN == 0 for tensors in lists[::2] for t in tensors)
+            aligned = all(t.data_ptr() % POINTER_ALIGN == 0 for tensors in lists for t in tensors)
             table = torch.tensor(key[1], dtype=torch.int64, device=x.device).view(len(lists), -1)
             self._tables[key] = table, aligned
         return self._tables[key]
