@@ -4,8 +4,9 @@
 #   bash bench/gpu_session.sh OUT [SECONDS]          # first call
 #   bash bench/gpu_session.sh OUT --collect SECONDS  # right after, on the same warm machine
 #   bash bench/gpu_session.sh OUT --short            # one call of about 280 s: FP8 check, attention, indexer, MoE, demo
-#   bash bench/gpu_session.sh OUT --quick            # one call: the checks, the demo model, the kernel benches;
-#                                                    # then --collect runs flash-mini's step (written, compiled meanwhile)
+#   bash bench/gpu_session.sh OUT --quick [SECONDS]  # one call: the demo model, the kernel benches, the MoE check,
+#                                                    # then flash-mini's step (written, compiled meanwhile) until
+#                                                    # SECONDS (570); --collect gathers what was still running
 #
 # The first call starts a detached pipeline (setsid: it outlives the call while the machine stays held) that writes
 # the flash-slice checkpoint on the GPU and compiles it (fused MoE, then `--moe unfused`) and the demo model. The
@@ -64,7 +65,7 @@ if [ "${2:-}" = "--quick" ]; then  # one call, most wanted first: the demo model
     step init_mini dsv4c init-checkpoint --preset flash-mini --device cuda --overwrite $work/fm
     step compile_mini dsv4c compile $work/fm -o $work/mini.dsv4c --target h100 --max-seq-len 4224 --explain --overwrite
     while [ ! -f $work/kernels.done ]; do sleep 2; done
-    step bench_mini dsv4c bench $work/mini.dsv4c --batch 1,8,32,64 --mtp 0,1 --baselines eager --json $work/step_mini.json
+    step bench_mini dsv4c bench $work/mini.dsv4c --batch 1,8,64 --mtp 0,1 --baselines eager --json $work/step_mini.json
     step bench_mini_inductor dsv4c bench $work/mini.dsv4c --batch 1,64 --mtp 0 --baselines inductor --json $work/step_mini_inductor.json
     stamp done; touch $work/pipeline.done
   ' > "$work/pipeline.log" 2>&1 < /dev/null &
@@ -77,10 +78,8 @@ if [ "${2:-}" = "--quick" ]; then  # one call, most wanted first: the demo model
   stamp indexer;    (cd bench && timeout 50 python3 indexer_bench.py --contexts 4096 65536 --batches 1 32 --no-compile --json "$out/indexer.json" 2>&1 | tail -14)
   stamp fp8;        timeout 60 python3 bench/fp8_gemm_bench.py --json "$out/fp8.json" 2>&1 | tail -30
   stamp moe-check;  timeout 45 python3 bench/moe_gpu_check.py 2>&1 | grep -E "CHECK|Error" | head -12
-  stamp mhc-invariant; timeout 40 python3 bench/mhc_bench.py --invariant --tokens 1 8 16 64 128 --json "$out/mhc_invariant.json" 2>&1 | grep -E "PASS|FAIL|COST|Error" | head -20
-  stamp step-graph; timeout 50 python3 bench/step_graph_bench.py --batch 1 8 2>&1 | tail -8
   touch "$work/kernels.done"
-  exit 0
+  stamp flash-mini; collect "${3:-570}"; exit 0
 fi
 setsid nohup bash -c '
   work='"$work"'; t0=$(date +%s); stamp() { echo "== $(( $(date +%s) - t0 ))s $*"; }
