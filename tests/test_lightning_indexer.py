@@ -120,15 +120,13 @@ def assert_same_selection(ids, valid, scores, k):
 
 
 SPLIT = {"block_e": 32, "entries_per_split": 96, "splits": 3}  # 251 entries over 3 programs, a partial last tile
-CASES = [(context, steps, {}) for context in (1, 127, 128, 129, 1000) for steps in (1, 4)] + [
+CASES = [(context, steps, {}) for context in (1, 127, 128, 129, 1000) for steps in (1, 4) if steps <= context] + [
     (129, 2, {"decode": "mxfp"}), (1000, 3, {"decode": "mxfp"}), (129, 3, SPLIT), (1000, 1, SPLIT)]
 
 
 @needs_triton
 @pytest.mark.parametrize("context,steps,changes", CASES)
 def test_kernels_select_the_reference_set(interpreter, context, steps, changes):
-    if context < steps:
-        pytest.skip("a step's tokens start at position 0 or later")
     args = inputs(context, steps, topk=16)
     scores, (ids, valid) = interpreter("lightning_indexer", args, changes)
     want = fp64_scores(*args)
