@@ -51,7 +51,8 @@ if [ "${2:-}" = "--short" ]; then  # one call of about 280 s: the demo model com
   stamp fp8-check;  timeout 35 python3 bench/fp8_gemm_gpu_check.py 2>&1 | grep -E "PASS|FAIL|Error" | head -12
   stamp attention;  (cd bench && timeout 50 python3 attention_bench.py --contexts 4096 65536 --batches 1 32 --json "$out/attention.json" 2>&1 | tail -12)
   stamp indexer;    (cd bench && timeout 40 python3 indexer_bench.py --contexts 4096 65536 --batches 1 32 --no-compile --json "$out/indexer.json" 2>&1 | tail -14)
-  stamp moe;        timeout 45 python3 bench/moe_bench.py --t 1 8 64 --json "$out/moe.json" 2>&1 | tail -8
+  stamp moe;        timeout 55 python3 bench/moe_bench.py --t 1 8 32 64 128 --json "$out/moe.json" 2>&1 | tail -10
+  stamp moe-check;  timeout 35 python3 bench/moe_gpu_check.py 2>&1 | grep -E "CHECK|Error" | head -12
   stamp demo;       while [ ! -f $work/demo.done ]; do sleep 1; done; tail -3 $work/compile_demo.txt
   timeout 60 dsv4c bench $work/demo.dsv4c --context 512 --batch 1,8 --mtp 0,1,2,3 --baselines eager --json $out/demo.json 2>&1 | grep -vE "^\s*$" | tail -24
   stamp invariance; timeout 45 python3 bench/batch_invariance_check.py --artifact $work/demo.dsv4c 2>&1 | grep -E "PASS|FAIL|Error|ms" | head -30
