@@ -69,10 +69,14 @@ def power_of_two_scale(amax: torch.Tensor, fmt_max: float) -> torch.Tensor:
 
 # ---- e2m1 codes ----------------------------------------------------------------------------------
 def e2m1_to_float(codes: torch.Tensor) -> torch.Tensor:
-    """Decode 4-bit e2m1 codes (uint8 values 0..15, bit 3 the sign) to fp32."""
-    table = torch.tensor(E2M1_MAGNITUDES + tuple(-v for v in E2M1_MAGNITUDES), dtype=torch.float32,
-                         device=codes.device)
-    return table[codes.to(torch.int64)]
+    """Decode 4-bit e2m1 codes (uint8 values 0..15, bit 3 the sign) to fp32, by arithmetic on the codes: no
+    table made from Python data, which on a GPU would be a host-to-device copy (refused inside CUDA-graph
+    capture). Magnitude code m: m / 2 below 4 (0, 0.5, 1, 1.5), m - 2 for 4 and 5, 2m - 8 for 6 and 7."""
+    value = codes.to(torch.float32)
+    negative = value >= 8
+    m = torch.where(negative, value - 8, value)
+    magnitude = torch.where(m < 4, m * 0.5, torch.where(m < 6, m - 2, m * 2 - 8))
+    return torch.where(negative, -magnitude, magnitude)
 
 
 def float_to_e2m1(x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -94,6 +95,24 @@ def test_every_e2m1_code_decodes_to_its_bit_fields():
     want = torch.tensor([e2m1_reference(c) for c in range(16)], dtype=torch.float32)
     assert torch.equal(quant.e2m1_to_float(codes), want)
     assert tuple(want[:8].tolist()) == quant.E2M1_MAGNITUDES
+
+
+def test_device_rounding_makes_no_tensor_from_python_data():
+    """The rounding references run inside a captured CUDA graph on GPUs, where a tensor made from Python data
+    (aten.lift_fresh: a host-to-device copy) is refused; the e2m1 decoding once made its table so."""
+    made = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            made.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(4, 128) * 3
+    with Record():
+        quant.e2m1_to_float(torch.arange(16, dtype=torch.uint8))
+        quant.fake_quant_fp4(x, 32)
+        quant.fake_quant_fp8(x, 64)
+    assert made and torch.ops.aten.lift_fresh.default not in made
 
 
 def test_e2m1_matches_torch_float4_where_torch_can_decode_it():
