@@ -62,6 +62,13 @@ def input_sets(m: int, n: int, k: int, l2_bytes: int) -> list[dict]:
 
 # ---- timing --------------------------------------------------------------------------------------------
 # ---- correctness ---------------------------------------------------------------------------------------
+# Hopper's FP8 tensor cores sum a wgmma chain's products with about 14 bits of mantissa, not fp32's 24: on an
+# H100 every Flash shape measured 1.6e-4 to 2.0e-4 normwise against the fp32 reference (the reference itself
+# 5e-8 from fp64). One activation rounded to a neighbouring e4m3 code moves its row by about 2e-3, so 5e-4
+# still catches a rounding that differs from the reference's.
+TOLERANCE = 5e-4
+
+
 def rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     assert not got.isnan().any(), "NaN in the kernel's output (an element left unwritten?)"
     return ((got.double() - expected.double()).norm() / expected.double().norm()).item()
@@ -80,7 +87,7 @@ def check(s: dict, act_quant: bool, launch: Fp8GemmLaunch | None = None, x_dtype
     ref64 = values.double() @ quant.dequant_fp8_weight(weight, scale).double().T
     ref16 = op.reference(x, weight, scale, act_quant, torch.bfloat16)
     # one bf16 step of the reference (2^-7 of |value| bounds it) plus the fp32 tolerance, for values near zero
-    step = ref16.float().abs() * 2.0 ** -7 + 1e-4 * ref32.square().mean().sqrt()
+    step = ref16.float().abs() * 2.0 ** -7 + TOLERANCE * ref32.square().mean().sqrt()
     return dict(rel_fp32=rel_error(out[torch.float32], ref32), rel_fp64=rel_error(out[torch.float32], ref64),
                 ref_rel_fp64=rel_error(ref32, ref64),
                 bf16_diff=int((out[torch.bfloat16] != ref16).sum().item()),
@@ -90,10 +97,10 @@ def check(s: dict, act_quant: bool, launch: Fp8GemmLaunch | None = None, x_dtype
 
 
 def check_ok(c: dict) -> bool:
-    """fp32 output within 1e-4 of the fp32 reference (normwise: FP8 tensor cores sum a block's products with
-    less than fp32 precision); every bf16 output within one bf16 step of the reference's (how many differ at
-    all is reported, bf16_diff); the registered op's CUDA kernel gives the wrapper's output."""
-    return c["rel_fp32"] <= 1e-4 and c["bf16_far"] == 0 and c["op_equal"] is not False
+    """fp32 output within TOLERANCE of the fp32 reference (normwise); every bf16 output within one bf16 step of
+    the reference's (how many differ at all is reported, bf16_diff); the registered op's CUDA kernel gives the
+    wrapper's output."""
+    return c["rel_fp32"] <= TOLERANCE and c["bf16_far"] == 0 and c["op_equal"] is not False
 
 
 # ---- the run ---------------------------------------------------------------------------------------------

@@ -143,7 +143,8 @@ def measure(batch: int, steps: int, context: int, gbps: float, compiled) -> dict
     passed = same_topk(torch.round(scores[0] * 8), k, topk_launches, f"{label} scores rounded (ties)") and passed
     topk_us = {name: graph_us(lambda s, chosen=chosen: kernels.select_topk(s, k, chosen), [(s,) for s in scores])
                for name, chosen in topk_launches.items()}
-    row = dict(batch=batch, steps=steps, context=context, entries=entries, passed=passed, mxfp_passed=mxfp_passed,
+    row = dict(batch=batch, steps=steps, context=context, entries=entries, passed=bool(passed),
+               mxfp_passed=bool(mxfp_passed),
                topk_spans=launch.topk_spans, one_program_topk_us=topk_us["1-prog"], spans_topk_us=topk_us["spans"],
                kernel_us=graph_us(lambda *a: kernels.lightning_indexer(*a, launch=launch), sets),
                scores_us=graph_us(lambda *a: kernels.indexer_scores(*a[:4], RATIO, BLOCK, launch), sets),
