@@ -4,9 +4,9 @@
 #   bash bench/gpu_session.sh OUT [SECONDS]          # first call
 #   bash bench/gpu_session.sh OUT --collect SECONDS  # right after, on the same warm machine
 #   bash bench/gpu_session.sh OUT --short            # one call of about 280 s: FP8 check, attention, indexer, MoE, demo
-#   bash bench/gpu_session.sh OUT --quick [SECONDS]  # one call: the demo model, the kernel benches, the MoE check,
-#                                                    # then flash-mini's step (written, compiled meanwhile) until
-#                                                    # SECONDS (570); --collect gathers what was still running
+#   bash bench/gpu_session.sh OUT --quick [SECONDS]  # one call: the kernel benches and checks, then flash-mini's
+#                                                    # step and the demo model at MTP 0..3 (written, compiled
+#                                                    # meanwhile) until SECONDS (570); --collect gathers the rest
 #
 # The first call starts a detached pipeline (setsid: it outlives the call while the machine stays held) that writes
 # the flash-slice checkpoint on the GPU and compiles it (fused MoE, then `--moe unfused`) and the demo model. The
@@ -58,29 +58,31 @@ if [ "${2:-}" = "--short" ]; then  # one call of about 280 s: the demo model com
   stamp invariance; timeout 45 python3 bench/batch_invariance_check.py --artifact $work/demo.dsv4c 2>&1 | grep -E "PASS|FAIL|Error|ms" | head -30
   stamp done; exit 0
 fi
-if [ "${2:-}" = "--quick" ]; then  # one call, most wanted first: the demo model, the kernel benches, the checks;
-  # flash-mini is written and compiled meanwhile for a --collect call to bench
+if [ "${2:-}" = "--quick" ]; then  # one call: the kernel benches and checks in the foreground while flash-mini and
+  # the demo model are written and compiled (CPU); then, serially on the GPU, flash-mini's step, the demo model at
+  # MTP 0..3 and its batch invariance, Inductor of flash-mini
   setsid nohup bash -c '
     work='"$work"'; t0=$(date +%s); stamp() { echo "== $(( $(date +%s) - t0 ))s $*"; }
     step() { local name=$1; shift; stamp "$name"; "$@" > $work/$name.txt 2>&1 || stamp "$name FAILED"; }
+    (step compile_demo dsv4c compile model/demo_model -o $work/demo.dsv4c --target h100 --max-seq-len 1024 --overwrite) &
     step init_mini dsv4c init-checkpoint --preset flash-mini --device cuda --overwrite $work/fm
     step compile_mini dsv4c compile $work/fm -o $work/mini.dsv4c --target h100 --max-seq-len 4224 --explain --overwrite
+    wait
     while [ ! -f $work/kernels.done ]; do sleep 2; done
     step bench_mini dsv4c bench $work/mini.dsv4c --batch 1,8,64 --mtp 0,1 --baselines eager --json $work/step_mini.json
+    step bench_demo dsv4c bench $work/demo.dsv4c --context 512 --batch 1,8 --mtp 0,1,2,3 --baselines eager --json $work/demo.json
+    step invariance timeout 120 python3 bench/batch_invariance_check.py --artifact $work/demo.dsv4c
     step bench_mini_inductor dsv4c bench $work/mini.dsv4c --batch 1,64 --mtp 0 --baselines inductor --json $work/step_mini_inductor.json
     stamp done; touch $work/pipeline.done
   ' > "$work/pipeline.log" 2>&1 < /dev/null &
-  stamp demo;       timeout 150 bash -c "dsv4c compile model/demo_model -o $work/demo.dsv4c --target h100 --max-seq-len 1024 \
-    --overwrite > $work/compile_demo.txt 2>&1 && dsv4c bench $work/demo.dsv4c --context 512 --batch 1,8 --mtp 0,1,2,3 \
-    --baselines eager --json $out/demo.json && timeout 60 python3 bench/batch_invariance_check.py --artifact $work/demo.dsv4c" \
-    2>&1 | grep -vE "^\s*$" | tail -40
   stamp moe;        timeout 70 python3 bench/moe_bench.py --t 1 8 32 64 128 --json "$out/moe.json" 2>&1 | tail -14
+  stamp moe-check;  timeout 45 python3 bench/moe_gpu_check.py 2>&1 | grep -E "CHECK|Error" | head -12
   stamp attention;  (cd bench && timeout 60 python3 attention_bench.py --contexts 4096 65536 --batches 1 32 --json "$out/attention.json" 2>&1 | tail -12)
   stamp indexer;    (cd bench && timeout 50 python3 indexer_bench.py --contexts 4096 65536 --batches 1 32 --no-compile --json "$out/indexer.json" 2>&1 | tail -14)
   stamp fp8;        timeout 60 python3 bench/fp8_gemm_bench.py --json "$out/fp8.json" 2>&1 | tail -30
-  stamp moe-check;  timeout 45 python3 bench/moe_gpu_check.py 2>&1 | grep -E "CHECK|Error" | head -12
+  stamp fp8-check;  timeout 35 python3 bench/fp8_gemm_gpu_check.py 2>&1 | grep -E "PASS|FAIL|Error" | head -12
   touch "$work/kernels.done"
-  stamp flash-mini; collect "${3:-570}"; exit 0
+  stamp pipeline;   collect "${3:-570}"; exit 0
 fi
 setsid nohup bash -c '
   work='"$work"'; t0=$(date +%s); stamp() { echo "== $(( $(date +%s) - t0 ))s $*"; }
