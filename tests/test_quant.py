@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dsv4c.codegen import kv_cache
 from dsv4c.model import quant
 
 ALL_BYTES = torch.arange(256, dtype=torch.int32).to(torch.uint8)
@@ -112,6 +113,9 @@ def test_device_rounding_makes_no_tensor_from_python_data():
         quant.e2m1_to_float(torch.arange(16, dtype=torch.uint8))
         quant.fake_quant_fp4(x, 32)
         quant.fake_quant_fp8(x, 64)
+        for format, rounded, block in (("e4m3", 96, 32), ("e2m1", 128, 32)):  # the packed caches' references
+            packed = kv_cache.pack_reference(x.bfloat16(), format, rounded, block)
+            kv_cache.unpack_reference(packed, format, 128, rounded, block, torch.bfloat16)
     assert made and torch.ops.aten.lift_fresh.default not in made
 
 
