@@ -7,8 +7,11 @@ CUDA-graph replays over rotating input sets (bench/gpu_common.py):
   kernel   codegen/kernels/attention.py on the packed rows (584 bytes a key)
   aten     the model's `attend` (model/attention.py) on an uncompressed bf16 cache (1,024 bytes a key): gather the
            selected rows, then einsum / softmax / einsum, as the reference step does
+  inductor torch.compile of that aten function (Inductor, dynamic shapes: one compile for every case; a compile
+           that fails is reported and its column left empty; --no-compile skips it)
 and each one's byte floor: the rows it must read (plus q and the output) over the copy bandwidth of this run.
-Usage: python bench/attention_bench.py [--contexts 4096 65536 262144] [--batches 1 32] [--json out.json]
+Usage: python bench/attention_bench.py [--contexts 4096 65536 262144] [--batches 1 32] [--no-compile]
+       [--json out.json]
 """
 
 from __future__ import annotations
@@ -72,7 +75,18 @@ def row_count(context: int, ratio: int) -> int:
     return WINDOW + (TOPK if ratio == 4 else context // ratio)
 
 
-def measure(batch: int, context: int, ratio: int, gbps: float) -> dict:
+def compiled_us(compiled, args: list[tuple], ratio: int) -> float:
+    """Inductor's time on the aten path, NaN (with the reason printed) where it cannot compile or capture."""
+    if compiled is None:
+        return float("nan")
+    try:
+        return graph_us(lambda *a: compiled(*a, ratio), args)
+    except Exception as error:  # noqa: BLE001 -- a baseline that fails is reported, not fatal to the bench
+        print(f"inductor C{ratio}: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
+        return float("nan")
+
+
+def measure(batch: int, context: int, ratio: int, gbps: float, compiled) -> dict:
     sets = case(batch, context, ratio, 2)
     s = sets[0]
     got = attention.sparse_decode_attention(*kernel_args(s, ratio))
@@ -80,14 +94,15 @@ def measure(batch: int, context: int, ratio: int, gbps: float) -> dict:
     error = ((got.double() - want.double()).norm() / want.double().norm()).item()
     window = s["bf16_cache"].new_zeros(batch, 1, WINDOW, WIDTH)  # the window's bf16 rows (values do not matter)
     kernel_us = graph_us(lambda a: attention.sparse_decode_attention(*a), [(kernel_args(x, ratio),) for x in sets])
-    aten_us = graph_us(lambda x: aten_attention(x["q"], window, x["bf16_cache"], x["ids"], x["start"], x["sink"],
-                                                ratio), [(x,) for x in sets])
+    aten_args = [(x["q"], window, x["bf16_cache"], x["ids"], x["start"], x["sink"]) for x in sets]
+    aten_us = graph_us(lambda *a: aten_attention(*a, ratio), aten_args)
+    inductor_us = compiled_us(compiled, aten_args, ratio)
     io = 2 * batch * HEADS * WIDTH * 2  # q in, output out (bf16)
     rows = batch * row_count(context, ratio)
     floor_kernel = (rows * LAYOUT.row_bytes + io) / gbps / 1e3
     floor_aten = (rows * WIDTH * 2 + io) / gbps / 1e3
     return dict(batch=batch, context=context, kind=f"C{ratio}", rel_err=error, kernel_us=kernel_us, aten_us=aten_us,
-                floor_kernel_us=floor_kernel, floor_aten_us=floor_aten,
+                inductor_us=inductor_us, floor_kernel_us=floor_kernel, floor_aten_us=floor_aten,
                 kernel_of_floor=floor_kernel / kernel_us, aten_of_floor=floor_aten / aten_us)
 
 
@@ -95,18 +110,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 65536, 262144])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--no-compile", action="store_true", help="skip the Inductor baseline")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    compiled = None if args.no_compile else torch.compile(aten_attention, dynamic=True)
     gbps = copy_gbps()
     rows = []
     print(f"copy bandwidth {gbps:.0f} GB/s")
     print(f"{'kind':>5} {'B':>3} {'context':>8} {'err':>8} {'kernel us':>10} {'floor':>8} {'%':>5} "
-          f"{'aten us':>10} {'floor':>8} {'%':>5}")
+          f"{'aten us':>10} {'floor':>8} {'%':>5} {'inductor':>9}")
     for ratio in (4, 128):
         for batch in args.batches:
             for context in args.contexts:
                 try:
-                    r = measure(batch, context, ratio, gbps)
+                    r = measure(batch, context, ratio, gbps, compiled)
                 except torch.OutOfMemoryError:
                     print(f"C{ratio:<4} {batch:>3} {context:>8} out of memory")
                     torch.cuda.empty_cache()
@@ -114,7 +131,7 @@ def main() -> None:
                 rows.append(r)
                 print(f"{r['kind']:>5} {batch:>3} {context:>8} {r['rel_err']:8.1e} {r['kernel_us']:10.1f} "
                       f"{r['floor_kernel_us']:8.1f} {100 * r['kernel_of_floor']:5.0f} {r['aten_us']:10.1f} "
-                      f"{r['floor_aten_us']:8.1f} {100 * r['aten_of_floor']:5.0f}")
+                      f"{r['floor_aten_us']:8.1f} {100 * r['aten_of_floor']:5.0f} {r['inductor_us']:9.1f}")
                 torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
