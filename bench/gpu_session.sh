@@ -51,7 +51,7 @@ if [ "${2:-}" = "--short" ]; then  # one call of about 280 s: the demo model com
   stamp fp8-check;  timeout 35 python3 bench/fp8_gemm_gpu_check.py 2>&1 | grep -E "PASS|FAIL|Error" | head -12
   stamp attention;  (cd bench && timeout 50 python3 attention_bench.py --contexts 4096 65536 --batches 1 32 --no-compile --json "$out/attention.json" 2>&1 | tail -12)
   stamp indexer;    (cd bench && timeout 40 python3 indexer_bench.py --contexts 4096 65536 --batches 1 32 --no-compile --json "$out/indexer.json" 2>&1 | tail -14)
-  stamp moe;        timeout 55 python3 bench/moe_bench.py --t 1 8 32 64 128 --json "$out/moe.json" 2>&1 | tail -10
+  stamp moe;        timeout 55 python3 bench/moe_bench.py --t 1 8 32 64 128 --no-compile --json "$out/moe.json" 2>&1 | tail -10
   stamp moe-check;  timeout 35 python3 bench/moe_gpu_check.py 2>&1 | grep -E "CHECK|Error" | head -12
   stamp demo;       while [ ! -f $work/demo.done ]; do sleep 1; done; tail -3 $work/compile_demo.txt
   timeout 60 dsv4c bench $work/demo.dsv4c --context 512 --batch 1,8 --mtp 0,1,2,3 --baselines eager --json $out/demo.json 2>&1 | grep -vE "^\s*$" | tail -24
@@ -75,7 +75,7 @@ if [ "${2:-}" = "--quick" ]; then  # one call: the kernel benches and checks in 
     step bench_mini_inductor dsv4c bench $work/mini.dsv4c --batch 1,64 --mtp 0 --baselines inductor --json $work/step_mini_inductor.json
     stamp done; touch $work/pipeline.done
   ' > "$work/pipeline.log" 2>&1 < /dev/null &
-  stamp moe;        timeout 70 python3 bench/moe_bench.py --t 1 8 32 64 128 --json "$out/moe.json" 2>&1 | tail -14
+  stamp moe;        timeout 70 python3 bench/moe_bench.py --t 1 8 32 64 128 --no-compile --json "$out/moe.json" 2>&1 | tail -14
   stamp moe-check;  timeout 45 python3 bench/moe_gpu_check.py 2>&1 | grep -E "CHECK|Error" | head -12
   stamp attention;  (cd bench && timeout 60 python3 attention_bench.py --contexts 4096 65536 --batches 1 32 --no-compile --json "$out/attention.json" 2>&1 | tail -12)
   stamp indexer;    (cd bench && timeout 50 python3 indexer_bench.py --contexts 4096 65536 --batches 1 32 --no-compile --json "$out/indexer.json" 2>&1 | tail -14)
@@ -105,7 +105,7 @@ stamp synthetic;  timeout 60 python3 bench/synthetic_gpu_check.py 2>&1 | grep -E
 stamp moe-check;  timeout 60 python3 bench/moe_gpu_check.py 2>&1 | grep -E "CHECK|Error" | head -12
 stamp mhc-invariant; timeout 45 python3 bench/mhc_bench.py --invariant --tokens 1 8 16 64 128 --json "$out/mhc_invariant.json" 2>&1 | grep -E "PASS|FAIL|COST|Error" | head -20
 stamp fp8;        timeout 80 python3 bench/fp8_gemm_bench.py --json "$out/fp8.json" 2>&1 | tail -30
-stamp moe;        timeout 90 python3 bench/moe_bench.py --t 1 8 32 64 128 --json "$out/moe.json" 2>&1 | tail -14
+stamp moe;        timeout 150 python3 bench/moe_bench.py --t 1 8 32 64 128 --json "$out/moe.json" 2>&1 | tail -14
 stamp attention;  (cd bench && timeout 120 python3 attention_bench.py --contexts 4096 65536 262144 --batches 1 32 --json "$out/attention.json" 2>&1 | tail -16)
 stamp indexer;    (cd bench && timeout 120 python3 indexer_bench.py --contexts 4096 65536 262144 --batches 1 32 --json "$out/indexer.json" 2>&1 | tail -18)
 touch "$work/kernels.done"

@@ -15,10 +15,13 @@ experts read differ from set to set and the 3.4 GB of routed weights are not ser
   routed_moe     the fast-step issue's routed experts alone (act_quant; ids and weights given)
   before         what the graph ran before the lowering: route_torch + routed_moe + the shared expert as three
                  fp8_linear calls and its SwiGLU in torch + the combine
+  inductor       torch.compile (Inductor) of that graph, the dsv4c ops opaque to it (as `torch.compile(model,
+                 backend="inductor")` sees them): it fuses the routing and the SwiGLU / combine around them; a
+                 compile that fails is reported and its column left empty (--no-compile skips it)
 and reports the bytes a call must read (the router, the distinct selected experts' FP4 codes and e8m0 scales
 of w1, w3, w2, the shared expert's FP8 weights and scales, x), GB/s and the fraction of the device-to-device
 copy bandwidth measured in the same run (the byte floor is bytes / that bandwidth).
-Usage: python bench/moe_bench.py [--t 1 8 32 64 128] [--sets 8] [--json out.json]
+Usage: python bench/moe_bench.py [--t 1 8 32 64 128] [--sets 8] [--no-compile] [--json out.json]
 """
 
 from __future__ import annotations
@@ -103,6 +106,28 @@ def before(x, router, bias, lists, shared):
     return (routed + down.float()).to(torch.bfloat16)
 
 
+def before_ops(x, router, bias, lists, shared):
+    """`before` through the registered ops (torch.ops.dsv4c.*), as a captured graph holds them: what Inductor
+    compiles."""
+    ids, weights = moe_routing.route(x, router, bias, None, None, ROUTING)
+    routed = torch.ops.dsv4c.routed_moe(x, ids, weights, *lists, LIMIT, True)
+    gate = torch.ops.dsv4c.fp8_linear(x, shared[0], shared[1], True, torch.bfloat16).float().clamp(max=LIMIT)
+    up = torch.ops.dsv4c.fp8_linear(x, shared[2], shared[3], True, torch.bfloat16).float().clamp(-LIMIT, LIMIT)
+    down = torch.ops.dsv4c.fp8_linear((F.silu(gate) * up).to(torch.bfloat16), shared[4], shared[5], True,
+                                      torch.bfloat16)
+    return (routed + down.float()).to(torch.bfloat16)
+
+
+def guarded(name: str, thunk) -> float:
+    """thunk(), or NaN with the reason printed: a baseline that cannot compile or capture is reported, not fatal
+    to the bench."""
+    try:
+        return thunk()
+    except Exception as error:  # noqa: BLE001
+        print(f"{name}: {type(error).__name__}: {str(error).splitlines()[0][:160]}", flush=True)
+        return float("nan")
+
+
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     if got.isnan().any() or want.isnan().any():
         return float("nan")
@@ -113,6 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--t", type=int, nargs="+", default=[1, 8, 32, 64, 128])
     parser.add_argument("--sets", type=int, default=8, help="rotating input sets a graph replay runs")
+    parser.add_argument("--no-compile", action="store_true", help="skip the Inductor baseline")
     parser.add_argument("--json", help="write the rows and the environment here")
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -130,6 +156,9 @@ def main() -> None:
         "routed_moe": lambda x, i, w: routed_kernels.routed_moe(x, i, w, lists, LIMIT, True),
         "before": lambda x, i, w: before(x, router, bias, lists, shared),
     }
+    if not args.no_compile:
+        compiled = torch.compile(before_ops, dynamic=True)
+        variants["inductor"] = lambda x, i, w: compiled(x, router, bias, lists, shared)
     for t in args.t:
         sets = input_sets(t, args.sets, gen, router, bias)
         x, ids, _ = sets[0]
@@ -140,8 +169,10 @@ def main() -> None:
                    rel_err_w4a8=rel_err(variants["moe_fp4_w4a8"](*sets[0]), want),
                    rel_err_before=rel_err(variants["before"](*sets[0]), want),
                    same_experts=(got_ids.long() == ids).all(-1).double().mean().item())
+        if "inductor" in variants:
+            row["rel_err_inductor"] = guarded("inductor", lambda: rel_err(variants["inductor"](*sets[0]), want))
         for name, fn in variants.items():
-            row[f"{name}_us"] = graph_us(fn, sets)
+            row[f"{name}_us"] = guarded(name, lambda: graph_us(fn, sets)) if name == "inductor" else graph_us(fn, sets)
         row["w4a8_gbps"] = row["bytes"] / row["moe_fp4_w4a8_us"] / 1e3
         row["floor_us"] = row["bytes"] / gbps / 1e3
         row["floor_fraction"] = row["floor_us"] / row["moe_fp4_w4a8_us"]
@@ -150,6 +181,7 @@ def main() -> None:
               f"w4a8 {row['moe_fp4_w4a8_us']:7.1f} us ({row['w4a8_gbps']:6.0f} GB/s, {row['floor_fraction']:.0%} of "
               f"floor)  w4a16 {row['moe_fp4_w4a16_us']:7.1f}  route {row['route_us']:5.1f} (torch "
               f"{row['route_torch_us']:5.1f})  routed_moe {row['routed_moe_us']:7.1f}  before {row['before_us']:7.1f} "
+              f"(inductor {row.get('inductor_us', float('nan')):7.1f}) "
               f"us  err {row['rel_err_w4a8']:.1e} / {row['rel_err_before']:.1e}  same experts "
               f"{row['same_experts']:.0%}", flush=True)
     env = dict(environment(), copy_gbps=gbps)
