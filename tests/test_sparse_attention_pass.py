@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -121,13 +123,34 @@ def test_near_misses_are_left_alone(fn, roundings):
 
 # ---- a compiled artifact for h100 against the eager reference ------------------------------------------------
 MAX_SEQ_LEN, LENGTH = 96, 90
+# dsv4c ops without a CUDA kernel of their own: on a GPU their references run inside the step's captured CUDA graph,
+# and tests/test_quant.py checks that those references make no tensor from Python data (which capture refuses)
+REFERENCES_ON_CUDA = {"dsv4c::fake_quant_fp8", "dsv4c::fake_quant_fp4", "dsv4c::kv_pack", "dsv4c::kv_unpack"}
 
 
-def test_h100_artifact_equals_eager_across_c4_and_c16_boundaries(tmp_path):
+@pytest.fixture(scope="module")
+def h100_artifact(tmp_path_factory):
+    """(checkpoint, artifact) of the tiny model compiled for h100 with the default (faithful) numerics."""
+    folder = tmp_path_factory.mktemp("h100")
+    ckpt = write_synthetic(tiny(), folder / "ckpt", seed=11)
+    return ckpt, compile_checkpoint(ckpt, folder / "art", CompileOptions(targets=("h100",), max_seq_len=MAX_SEQ_LEN,
+                                                                         prefill_chunk=2, mtp=False))
+
+
+def test_every_dsv4c_op_of_the_h100_steps_has_a_cuda_kernel_or_a_checked_reference(h100_artifact):
+    """A new op whose CUDA path is its Python reference must be added to REFERENCES_ON_CUDA and to the capture
+    check of tests/test_quant.py (the e2m1 table that broke flash-mini's CUDA-graph capture hid in such a one)."""
+    plans = sorted((h100_artifact[1] / "plans").glob("*.json"))
+    names = {op["op"].rsplit(".", 1)[0] for plan in plans for op in json.loads(plan.read_text())["ops"]
+             if op["op"].startswith("dsv4c::")}
+    assert plans and {"dsv4c::fake_quant_fp4", "dsv4c::fp8_linear"} <= names, names
+    without = {n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")}
+    assert without <= REFERENCES_ON_CUDA, without - REFERENCES_ON_CUDA
+
+
+def test_h100_artifact_equals_eager_across_c4_and_c16_boundaries(h100_artifact):
     cfg = tiny()
-    ckpt = write_synthetic(cfg, tmp_path / "ckpt", seed=11)
-    art = compile_checkpoint(ckpt, tmp_path / "art", CompileOptions(targets=("h100",), max_seq_len=MAX_SEQ_LEN,
-                                                                    prefill_chunk=2, mtp=False))
+    ckpt, art = h100_artifact
     log = load_artifact(art).manifest["pass_log"]
     assert all(r["matches"] == 3 for entry in log for r in entry["passes"] if r["name"] == "sparse_attention")
     source = Checkpoint.open(ckpt)
