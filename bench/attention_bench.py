@@ -26,7 +26,7 @@ from dsv4c.codegen.kernels import attention
 from dsv4c.codegen.kv_cache import PackedLayout, kv_pack
 from dsv4c.model.attention import attend
 from dsv4c.model.numerics import Numerics
-from gpu_common import copy_gbps, environment, graph_us
+from gpu_common import baseline_us, copy_gbps, environment, graph_us
 
 HEADS, WIDTH, ROUNDED, WINDOW, SLOTS, TOPK = 64, 512, 448, 128, 130, 512
 LAYOUT = PackedLayout("e4m3", WIDTH, ROUNDED, 64, torch.bfloat16)
@@ -75,17 +75,6 @@ def row_count(context: int, ratio: int) -> int:
     return WINDOW + (TOPK if ratio == 4 else context // ratio)
 
 
-def compiled_us(compiled, args: list[tuple], ratio: int) -> float:
-    """Inductor's time on the aten path, NaN (with the reason printed) where it cannot compile or capture."""
-    if compiled is None:
-        return float("nan")
-    try:
-        return graph_us(lambda *a: compiled(*a, ratio), args)
-    except Exception as error:  # noqa: BLE001 -- a baseline that fails is reported, not fatal to the bench
-        print(f"inductor C{ratio}: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
-        return float("nan")
-
-
 def measure(batch: int, context: int, ratio: int, gbps: float, compiled) -> dict:
     sets = case(batch, context, ratio, 2)
     s = sets[0]
@@ -96,7 +85,8 @@ def measure(batch: int, context: int, ratio: int, gbps: float, compiled) -> dict
     kernel_us = graph_us(lambda a: attention.sparse_decode_attention(*a), [(kernel_args(x, ratio),) for x in sets])
     aten_args = [(x["q"], window, x["bf16_cache"], x["ids"], x["start"], x["sink"]) for x in sets]
     aten_us = graph_us(lambda *a: aten_attention(*a, ratio), aten_args)
-    inductor_us = compiled_us(compiled, aten_args, ratio)
+    inductor_us = (baseline_us(f"inductor C{ratio}", lambda *a: compiled(*a, ratio), aten_args)
+                   if compiled is not None else float("nan"))
     io = 2 * batch * HEADS * WIDTH * 2  # q in, output out (bf16)
     rows = batch * row_count(context, ratio)
     floor_kernel = (rows * LAYOUT.row_bytes + io) / gbps / 1e3

@@ -1,4 +1,5 @@
-"""What the GPU benchmarks share: CUDA-graph replays over rotating input sets, the copy bandwidth every byte
+"""What the GPU benchmarks share: CUDA-graph replays over rotating input sets (baselines that may fail to compile
+reported, not fatal), the copy bandwidth every byte
 floor is divided by (bytes read + written, measured in the same run), and the card and versions a table names."""
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ def graph_us(fn, arg_sets: list[tuple], replays: int = 30) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / len(arg_sets))
     return statistics.median(times)
+
+
+def baseline_us(name: str, fn, arg_sets: list[tuple]) -> float:
+    """graph_us for a baseline (Inductor): NaN, with the reason printed, where it cannot compile or be captured,
+    so a failing baseline leaves its column empty instead of ending the bench."""
+    try:
+        return graph_us(fn, arg_sets)
+    except Exception as error:  # noqa: BLE001 -- any compile or capture failure of a baseline is reported
+        print(f"{name}: {type(error).__name__}: {str(error).splitlines()[0][:160]}", flush=True)
+        return float("nan")
 
 
 def copy_gbps() -> float:

@@ -36,7 +36,7 @@ from dsv4c.codegen.kv_cache import PackedLayout, kv_pack, unpack_reference
 from dsv4c.codegen.targets import target_for_device
 from dsv4c.model import quant
 from dsv4c.model.attention import visible_entries
-from gpu_common import copy_gbps, environment, graph_us
+from gpu_common import baseline_us, copy_gbps, environment, graph_us
 
 HEADS, DIM, TOPK, RATIO, BLOCK = 64, 128, 512, 4, 32
 LAYOUT = PackedLayout("e2m1", DIM, DIM, BLOCK, torch.bfloat16)
@@ -152,7 +152,8 @@ def measure(batch: int, steps: int, context: int, gbps: float, compiled) -> dict
                mxfp_us=graph_us(lambda *a: kernels.lightning_indexer(*a, launch=mxfp), sets) if mxfp_passed
                else float("nan"),
                aten_us=graph_us(aten_indexer, aten_args),
-               compiled_us=graph_us(compiled, aten_args) if compiled is not None else float("nan"))
+               compiled_us=baseline_us("inductor", compiled, aten_args) if compiled is not None
+               else float("nan"))
     io = batch * steps * (HEADS * DIM * 2 + HEADS * 4 + k * 9)  # q, head_w in; ids, valid out
     row["floor_us"] = (batch * entries * LAYOUT.row_bytes + io) / gbps / 1e3
     return row
