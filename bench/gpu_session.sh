@@ -4,9 +4,9 @@
 #   bash bench/gpu_session.sh OUT [SECONDS]          # first call
 #   bash bench/gpu_session.sh OUT --collect SECONDS  # right after, on the same warm machine
 #   bash bench/gpu_session.sh OUT --short            # one call of about 280 s: FP8 check, attention, indexer, MoE, demo
-#   bash bench/gpu_session.sh OUT --quick [SECONDS]  # one call: the kernel benches and checks, then flash-mini's
-#                                                    # step and the demo model at MTP 0..3 (written, compiled
-#                                                    # meanwhile) until SECONDS (570); --collect gathers the rest
+#   bash bench/gpu_session.sh OUT --quick [SECONDS]  # one call: flash-mini's step and the demo model at MTP 0..3
+#                                                    # first, then the kernel benches with their Inductor baselines,
+#                                                    # until SECONDS (570); --collect gathers the rest
 #
 # The first call starts a detached pipeline (setsid: it outlives the call while the machine stays held) that writes
 # the flash-slice checkpoint on the GPU and compiles it (fused MoE, then `--moe unfused`) and the demo model. The
@@ -18,9 +18,6 @@
 # batch-invariance check, the unfused MoE step, transformers' model. Each call waits up to SECONDS from its start
 # for the pipeline, then copies what exists into OUT. Logs: /tmp/dsv4c-gpu/*.txt (their tails come back in
 # bench_all.txt).
-# --quick: the foreground (FP8 check, fused MoE and attention with their Inductor baselines, attention at 256K) fits
-# within flash-mini's compile; the pipeline then times flash-mini's step, the demo model, batch invariance, Inductor
-# of flash-mini and the indexer (with its Inductor baseline, to 256K).
 set -u
 out=$(realpath -m "${1:?usage: gpu_session.sh OUT [SECONDS | --collect SECONDS]}")
 work=/tmp/dsv4c-gpu
@@ -33,7 +30,7 @@ collect() {
   while [ ! -f "$work/pipeline.done" ] && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do sleep 2; done
   cat "$work/pipeline.log"
   for f in step_fused.json step_fused.png step_unfused.json step_transformers.json demo.json step_mini.json \
-      step_mini_inductor.json indexer.json; do
+      step_mini_inductor.json indexer.json moe.json attention.json; do
     [ -f "$work/$f" ] && cp "$work/$f" "$out/"
   done
   for f in "$work"/*.txt; do echo "#### $f"; tail -60 "$f"; done > "$out/bench_all.txt" 2>/dev/null
@@ -61,9 +58,10 @@ if [ "${2:-}" = "--short" ]; then  # one call of about 280 s: the demo model com
   stamp invariance; timeout 45 python3 bench/batch_invariance_check.py --artifact $work/demo.dsv4c 2>&1 | grep -E "PASS|FAIL|Error|ms" | head -30
   stamp done; exit 0
 fi
-if [ "${2:-}" = "--quick" ]; then  # one call: the kernel benches and checks in the foreground while flash-mini and
-  # the demo model are written and compiled (CPU); then, serially on the GPU, flash-mini's step, the demo model at
-  # MTP 0..3 and its batch invariance, Inductor of flash-mini
+if [ "${2:-}" = "--quick" ]; then  # one call: flash-mini and the demo model written and compiled (CPU, one process a
+  # variant) while the foreground runs the FP8 check; then, serially on the GPU: flash-mini's step, the demo model
+  # at MTP 0..3 and its batch invariance, the fused MoE and attention benches with their Inductor baselines,
+  # Inductor of flash-mini, the indexer to 256K
   setsid nohup bash -c '
     work='"$work"'; t0=$(date +%s); stamp() { echo "== $(( $(date +%s) - t0 ))s $*"; }
     step() { local name=$1; shift; stamp "$name"; "$@" > $work/$name.txt 2>&1 || stamp "$name FAILED"; }
@@ -75,13 +73,13 @@ if [ "${2:-}" = "--quick" ]; then  # one call: the kernel benches and checks in 
     step bench_mini dsv4c bench $work/mini.dsv4c --batch 1,8,64 --mtp 0,1 --baselines eager --json $work/step_mini.json
     step bench_demo dsv4c bench $work/demo.dsv4c --context 512 --batch 1,8 --mtp 0,1,2,3 --baselines eager --json $work/demo.json
     step invariance timeout 120 python3 bench/batch_invariance_check.py --artifact $work/demo.dsv4c
+    step moe timeout 150 python3 bench/moe_bench.py --t 1 8 32 64 128 --json $work/moe.json
+    step attention bash -c "cd bench && timeout 120 python3 attention_bench.py --contexts 4096 65536 262144 --batches 1 32 --json $work/attention.json"
     step bench_mini_inductor dsv4c bench $work/mini.dsv4c --batch 1,64 --mtp 0 --baselines inductor --json $work/step_mini_inductor.json
     step indexer bash -c "cd bench && timeout 120 python3 indexer_bench.py --contexts 4096 65536 262144 --batches 1 32 --json $work/indexer.json"
     stamp done; touch $work/pipeline.done
   ' > "$work/pipeline.log" 2>&1 < /dev/null &
   stamp fp8-check;  timeout 35 python3 bench/fp8_gemm_gpu_check.py 2>&1 | grep -E "PASS|FAIL|Error" | head -12
-  stamp moe;        timeout 150 python3 bench/moe_bench.py --t 1 8 32 64 128 --json "$out/moe.json" 2>&1 | tail -14
-  stamp attention;  (cd bench && timeout 120 python3 attention_bench.py --contexts 4096 65536 262144 --batches 1 32 --json "$out/attention.json" 2>&1 | tail -16)
   touch "$work/kernels.done"
   stamp pipeline;   collect "${3:-570}"; exit 0
 fi

@@ -202,7 +202,7 @@ def _compile(args: argparse.Namespace, console: Console) -> int:
 
     options = CompileOptions(targets=args.target, numerics=_numerics(args), max_seq_len=args.max_seq_len,
                              prefill_chunk=args.prefill_chunk, mtp=not args.no_mtp, debug=args.debug,
-                             moe=args.moe)
+                             moe=args.moe, jobs=args.jobs)
     with _progress(console, "compiling") as update:
         out = compile_checkpoint(args.checkpoint, args.output, options, overwrite=args.overwrite, progress=update)
     console.print(f"wrote {out}")
@@ -323,7 +323,8 @@ def _run_demo(root: Path, args: argparse.Namespace, console: Console) -> bool:
                   f"{training['perplexity_per_byte']:.2f}, unigram {training['unigram_perplexity_per_byte']:.2f}; "
                   "released layout: FP8 + MXFP4 + e8m0 scales)", highlight=False, soft_wrap=True)
     # the numerics it was trained in; one draft a step: the fewest step variants to capture (1 and 2 tokens)
-    options = CompileOptions(numerics=Numerics.plain(torch.float32), max_seq_len=256, prefill_chunk=2, max_drafts=1)
+    options = CompileOptions(numerics=Numerics.plain(torch.float32), max_seq_len=256, prefill_chunk=2, max_drafts=1,
+                             jobs=cli_args.usable_cpus())
     started = time.perf_counter()
     with _progress(console, "compiling") as update:
         stages = 2 + 2 * len(options.variants())  # reading, capturing and optimising each variant, writing
@@ -485,6 +486,8 @@ def _compile_parser(sub) -> None:
     comp.add_argument("--moe", choices=("w4a8", "w4a16", "w4a4", "unfused"), default=None,
                       help="the fused MoE's routed activations (default: the graph's numerics on GPU targets; "
                            "w4a4 changes them; unfused keeps routed_moe and the shared expert's FP8 linears)")
+    comp.add_argument("--jobs", type=cli_args.positive_int, default=cli_args.usable_cpus(), metavar="N",
+                      help="processes compiling the step variants (default: the CPUs this process may use)")
     comp.add_argument("--debug", action="store_true", help="check every pass on random inputs (slow)")
     comp.add_argument("--overwrite", action="store_true",
                       help="replace an existing artifact at ART (a folder with an artifact manifest; nothing else)")

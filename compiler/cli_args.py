@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -33,6 +34,11 @@ def version_text() -> str:
     """`dsv4c X (torch Y, triton Z)`, read from the installed distributions (Triton is not imported)."""
     triton = distribution_version("triton") or "not installed"
     return f"dsv4c {distribution_version('dsv4c')} (torch {torch.__version__}, triton {triton})"
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which a container's CPU set narrows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def positive_int(text: str) -> int:

@@ -16,24 +16,19 @@ target (codegen/aot.py). A checkpoint's tokenizer.json is copied into the artifa
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
-from typing import Callable, Mapping
-
-import torch
+from typing import Callable
 
 from dsv4c.codegen.aot import build_kernels, mhc_norm_dtypes, mhc_ops_in
-from dsv4c.passes.manager import PassContext
-from dsv4c.passes.pipeline import canonical_target, optimise, targets_by_pipeline
+from dsv4c.passes.pipeline import canonical_target, targets_by_pipeline
 from dsv4c.runtime.artifact import (check_output_path, describe_numerics, encode_state, plan_state_specs,
                                     write_artifact)
-from dsv4c.compiler.capture import CapturedStep, StepVariant, capture
-from dsv4c.compiler.lowering import graph_constants, plan_from_graph
+from dsv4c.compiler.capture import StepVariant
+from dsv4c.compiler.variant_compile import compile_variants
 from dsv4c.compiler.moe_accuracy import fixed_text, measure as measure_moe_accuracy
 from dsv4c.model.checkpoint import Checkpoint
-from dsv4c.model.config import MAX_DRAFTS, ModelConfig
+from dsv4c.model.config import MAX_DRAFTS
 from dsv4c.model.numerics import Numerics
-from dsv4c.model.step import CacheRounding, cache_roundings
 from dsv4c.model.tokenizer import TOKENIZER_NAME, folder_tokenizer
 from dsv4c.runtime.eager_runner import state_specs
 
@@ -56,8 +51,11 @@ class CompileOptions:
     debug: bool = False
     moe: str | None = None  # --moe w4a8 | w4a4 | w4a16 | unfused (None: per target, codegen/targets.py)
     kernel_batches: tuple[int, ...] = (1,)  # batch sizes the GPU targets' mHC kernels are built for (codegen/aot.py)
+    jobs: int = 1  # processes compiling the variants (compiler/variant_compile.py)
 
     def __post_init__(self):
+        if self.jobs < 1:
+            raise ValueError(f"jobs: got {self.jobs}; allowed: 1 or more")
         if self.mtp and not 1 <= self.max_drafts <= MAX_DRAFTS:
             raise ValueError(f"max_drafts: got {self.max_drafts}; allowed: 1 to {MAX_DRAFTS}")
 
@@ -87,25 +85,12 @@ def compile_checkpoint(checkpoint: str | Path, out: str | Path, options: Compile
     if options.mtp and cfg.num_nextn_predict_layers == 0:
         raise ValueError(f"{checkpoint}: the config has no MTP layer (num_nextn_predict_layers = 0); compile without MTP")
     tokenizer = checkpoint_tokenizer_file(ckpt)
+    compiled = compile_variants(Path(checkpoint), cfg, options, pipeline.name, pipeline.targets, progress)
+    plans = {c.log["variant"]: c.plan for c in compiled}
+    constants = {k: v for c in compiled for k, v in c.constants.items()}
+    pass_log = [c.log for c in compiled]
     progress("reading weights")
     weights = {name: ckpt.get(name) for name in ckpt.headers}
-    plans, constants, pass_log = {}, {}, []
-    for variant in options.variants():
-        progress(f"capturing {variant.name}")
-        started = time.perf_counter()
-        step = capture(cfg, options.numerics, weights, variant, options.max_seq_len)
-        capture_s = time.perf_counter() - started
-        nodes_captured = len(step.graph_module.graph.nodes)  # the passes rewrite the graph in place
-        progress(f"optimising {variant.name}")
-        gm, records = optimise(step.graph_module, options.targets[0], _context(step, options, cfg))  # serves them all
-        _namespace_constants(gm, variant.name)
-        plan = plan_from_graph(gm, step.input_names, step.output_names)
-        plans[variant.name] = plan
-        constants.update(graph_constants(gm, plan))
-        pass_log.append({"variant": variant.name, "pipeline": pipeline.name, "serves": list(pipeline.targets),
-                         "capture_s": round(capture_s, 3),
-                         "nodes_captured": nodes_captured,
-                         "passes": [r.to_json() for r in records]})
     kernel_files, kernels = build_kernels(
         options.targets, hidden=cfg.hidden_size, hc=cfg.hc_mult, iters=cfg.hc_sinkhorn_iters,
         dtype=options.numerics.dtype, ops=mhc_ops_in(plans),
@@ -156,51 +141,3 @@ def _one_pipeline(targets: tuple[str, ...]) -> _ServingPipeline:
     return _ServingPipeline(name, served)
 
 
-def _context(step: CapturedStep, options: CompileOptions, cfg: ModelConfig) -> PassContext:
-    """Debug mode checks every pass's graph against the previous one on fresh random inputs; the caches the
-    model rounds are declared to kv_compression, which stores them packed in every variant alike."""
-    roundings = cache_roundings(cfg, options.numerics)
-    make_inputs = (lambda batch: random_inputs(step, batch, roundings)) if options.debug else None
-    return PassContext(target=options.targets[0], debug=options.debug, make_inputs=make_inputs,
-                       output_names=tuple(step.output_names), moe=options.moe,
-                       cache_roundings=roundings)
-
-
-def random_inputs(step: CapturedStep, batch: int,
-                  roundings: Mapping[str, CacheRounding] | None = None) -> list[torch.Tensor]:
-    """Fresh random inputs in placeholder order: weights with healthy random values (packed formats as
-    random bytes, scales near 2^-6), state as written by earlier steps (score rings hold -inf where empty; a
-    cache in `roundings` holds values on its rounding's grid, as the model writes them), tokens and positions
-    in range."""
-    out = []
-    capacity = step.max_seq_len
-    for name in step.input_names:
-        spec = step.input_specs[name]
-        shape = spec.concrete(batch)
-        if name == "start":
-            out.append(torch.randint(0, capacity - step.variant.tokens, shape))
-        elif spec.dtype in (torch.int64, torch.int32):
-            high = 8 if name.endswith("tid2eid") else 64
-            out.append(torch.randint(0, high, shape, dtype=spec.dtype))
-        elif spec.dtype == torch.float8_e8m0fnu:
-            out.append(torch.randint(117, 124, shape, dtype=torch.uint8).view(torch.float8_e8m0fnu))
-        elif spec.dtype == torch.int8:
-            out.append(torch.randint(-128, 128, shape, dtype=torch.int8))
-        elif spec.dtype == torch.float8_e4m3fn:  # any byte but the NaN codes 0x7f and 0xff
-            magnitude = torch.randint(0, 0x7F, shape, dtype=torch.uint8)
-            out.append((magnitude | (torch.randint(0, 2, shape, dtype=torch.uint8) << 7)).view(spec.dtype))
-        else:
-            value = (torch.randn(shape) * 0.5).to(spec.dtype)
-            rounding = (roundings or {}).get(name.removeprefix("state."))
-            out.append(value if rounding is None else rounding.apply(value))
-    return out
-
-
-def _namespace_constants(gm: torch.fx.GraphModule, variant: str) -> None:
-    """Give every graph constant a name unique to its variant, so variants share one weights store."""
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and not node.target.startswith(f"{variant}__"):
-            name = f"{variant}__{node.target.replace('.', '_')}"
-            gm.register_buffer(name, getattr(gm, node.target))
-            node.target = name
-    gm.recompile()

@@ -1,0 +1,73 @@
+"""A compile spread over worker processes (compiler/variant_compile.py) writes the artifact a single-process
+compile writes: the same plans, bit-equal tensors, the same pass log but for its capture times."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
+from dsv4c.compiler.variant_compile import _options_to_json, _Workers
+from dsv4c.model.checkpoint import write_synthetic
+from dsv4c.model.numerics import Numerics
+from dsv4c.model.presets import tiny
+from dsv4c.runtime.artifact import load_artifact
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parallel")
+    cfg = tiny().replace(num_hidden_layers=1, compress_ratios=(4, 0))  # one C4 layer: capture is the slow part
+    ckpt = write_synthetic(cfg, root / "ckpt", seed=5)
+    out = {}
+    for jobs in (1, 2):
+        options = CompileOptions(numerics=Numerics(), max_seq_len=64, prefill_chunk=2, mtp=False, jobs=jobs)  # 2 variants
+        out[jobs] = load_artifact(compile_checkpoint(ckpt, root / f"art{jobs}", options))
+    return out
+
+
+def _without_times(log: list[dict]) -> list[dict]:
+    """The pass log less its wall-clock fields (the variant's capture time, each pass's)."""
+    return [{**{k: v for k, v in entry.items() if k != "capture_s"},
+             "passes": [{k: v for k, v in record.items() if k != "wall_s"} for record in entry["passes"]]}
+            for entry in log]
+
+
+def test_plans_equal(artifacts):
+    one, many = artifacts[1], artifacts[2]
+    assert list(one.plans) == list(many.plans) and len(one.plans) == 2
+    for name in one.plans:
+        assert one.plans[name].to_json() == many.plans[name].to_json(), name
+
+
+def test_tensors_bit_equal(artifacts):
+    one, many = artifacts[1].weights, artifacts[2].weights
+    assert sorted(one) == sorted(many)
+    constants = [k for k in one if "__" in k]
+    assert constants, "the variants' graph constants are in the artifact"
+    for key in one:
+        a, b = one[key], many[key]
+        assert a.dtype == b.dtype and a.shape == b.shape, key
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), key
+
+
+def test_pass_log_equal_but_capture_times(artifacts):
+    one, many = (a.manifest["pass_log"] for a in (artifacts[1], artifacts[2]))
+    assert json.dumps(_without_times(one)) == json.dumps(_without_times(many))
+    assert all(entry["capture_s"] > 0 for entry in one + many)
+    assert all(record["matches"] >= 0 and record["wall_s"] >= 0 for entry in one for record in entry["passes"])
+
+
+def test_jobs_must_be_positive():
+    with pytest.raises(ValueError, match="jobs"):
+        CompileOptions(jobs=0)
+
+
+def test_a_failing_worker_names_its_variant_and_says_why(tmp_path):
+    request = {"checkpoint": str(tmp_path / "gone"), "options": _options_to_json(CompileOptions()),
+               "variant": {"kind": "main", "tokens": 1}, "pipeline": "cpu", "served": ["cpu"],
+               "folder": str(tmp_path / "out")}
+    with pytest.raises(RuntimeError, match=r"(?s)'main'.*gone.*worker exit status 1.*gone"):
+        _Workers().run(request)
