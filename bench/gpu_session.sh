@@ -76,6 +76,7 @@ if [ "${2:-}" = "--quick" ]; then  # one call: flash-mini and the demo model wri
     step moe timeout 150 python3 bench/moe_bench.py --t 1 8 32 64 128 --json $work/moe.json
     step attention bash -c "cd bench && timeout 120 python3 attention_bench.py --contexts 4096 65536 262144 --batches 1 32 --json $work/attention.json"
     step bench_mini_inductor dsv4c bench $work/mini.dsv4c --batch 1,64 --mtp 0 --baselines inductor --json $work/step_mini_inductor.json
+    step profile_mini dsv4c bench $work/mini.dsv4c --context 256 --batch 1 --mtp 0 --steps 10 --profile
     step indexer bash -c "cd bench && timeout 120 python3 indexer_bench.py --contexts 4096 65536 262144 --batches 1 32 --json $work/indexer.json"
     stamp done; touch $work/pipeline.done
   ' > "$work/pipeline.log" 2>&1 < /dev/null &
