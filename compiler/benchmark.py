@@ -230,10 +230,12 @@ def bench(artifact: str | Path, options: BenchOptions, progress: Progress = lamb
     accepted = _acceptance(engine, options, load_tokenizer(artifact))  # before the fill: it resets the pool
     progress(f"filling a {options.context}-token context")
     state, last = filled_state(engine, engine.runner, max(options.batches), options.context, seed=0)
-    compiled_tokens = {}
+    # every check before any timing: a timed step writes its rows' caches in place, window ring slots that a
+    # later check's steps would read included
+    compiled_tokens = {batch: greedy_tokens(engine.runner, {k: v[:batch] for k, v in state.items()}, last, start,
+                                            options.check_steps) for batch in options.batches}
     for batch in options.batches:
         rows_state = {k: v[:batch] for k, v in state.items()}  # the pool's rows: steps replay CUDA graphs
-        compiled_tokens[batch] = greedy_tokens(engine.runner, rows_state, last, start, options.check_steps)
         for mtp in options.mtp:
             progress(f"timing dsv4c at batch {batch}, mtp {mtp}")
             ms, host_ms = time_steps(engine.runner, rows_state, last, start, options.steps, mtp)

@@ -120,8 +120,10 @@ def assert_same_selection(ids, valid, scores, k):
 
 
 SPLIT = {"block_e": 32, "entries_per_split": 96, "splits": 3}  # 251 entries over 3 programs, a partial last tile
+TOKEN_BLOCKS = {"block_t": 2}  # 3 tokens over 2 programs, a partial last block (a prefill chunk's launch)
 CASES = [(context, steps, {}) for context in (1, 127, 128, 129, 1000) for steps in (1, 4) if steps <= context] + [
-    (129, 2, {"decode": "mxfp"}), (1000, 3, {"decode": "mxfp"}), (129, 3, SPLIT), (1000, 1, SPLIT)]
+    (129, 2, {"decode": "mxfp"}), (1000, 3, {"decode": "mxfp"}), (129, 3, SPLIT), (1000, 1, SPLIT),
+    (1000, 3, TOKEN_BLOCKS), (129, 3, {**SPLIT, **TOKEN_BLOCKS})]
 
 
 @needs_triton
@@ -261,8 +263,9 @@ def _topk_ptx(chunk: int) -> dict[str, str]:
 
 
 def _scores_builds() -> dict[str, int]:
-    """In the child: the scores kernel built for H100 (sm_90a) with each product, for 1 and 4 tokens of Flash's
-    64 indexer heads of 128 dims: its shared memory by (decode, product, tokens)."""
+    """In the child: the scores kernel built for H100 (sm_90a) with each product and h100's launch for 1, 4 and
+    32 tokens (decode, MTP verification, a prefill chunk) of Flash's 64 indexer heads of 128 dims: its shared
+    memory by (decode, product, tokens)."""
     import triton
     from triton.compiler import ASTSource
 
@@ -271,13 +274,14 @@ def _scores_builds() -> dict[str, int]:
 
     pointers = {"q_ptr": "*bf16", "w_ptr": "*fp32", "cache_ptr": "*u8", "start_ptr": "*i64", "scores_ptr": "*fp32"}
     shared = {}
-    for (decode, product), tokens in itertools.product((("registers", "bf16"), ("registers", "ieee")), (1, 4)):
-        constexprs = dict(RATIO=4, D=128, QBLOCK=32, BLOCK_T=tokens, BLOCK_H=64, BLOCK_E=64, DECODE=decode,
-                          PRODUCT=product)
+    for (decode, product), tokens in itertools.product((("registers", "bf16"), ("registers", "ieee")), (1, 4, 32)):
+        launch = indexer_launch(target("h100"), 1, tokens, 64, 16_384, 32)
+        constexprs = dict(RATIO=4, D=128, QBLOCK=32, BLOCK_T=launch.block_t, BLOCK_H=64, BLOCK_E=launch.block_e,
+                          DECODE=decode, PRODUCT=product)
         signature = {arg: "constexpr" if arg in constexprs else pointers.get(arg, "i32") for arg in
                      indexer._scores_kernel.arg_names}
         built = triton.compile(ASTSource(indexer._scores_kernel, signature, constexprs),
-                               target=triton_gpu_target(target("h100")), options={"num_warps": 8})
+                               target=triton_gpu_target(target("h100")), options={"num_warps": launch.scores_warps})
         assert ".target sm_90a" in built.asm["ptx"]
         shared[f"{decode} {product} {tokens}"] = built.metadata.shared
     return shared
@@ -287,12 +291,12 @@ def _scores_builds() -> dict[str, int]:
 def test_scores_kernel_builds_for_h100():
     """Every product of the scores kernel builds for sm_90a (Triton 3.6, the GPU image's, refused the bf16 one
     while an early `return` in a constexpr branch left the fp32 product after it to be type-checked), within the
-    shared memory an H100 block may use."""
+    shared memory an H100 block may use, a prefill chunk's tokens too (all 32 in one program asked for 544 KB)."""
     from dsv4c.codegen.targets import target
 
     with child_pool(_start_compiler) as pool:
         shared = pool.submit(_scores_builds).result()
-    assert len(shared) == 4 and all(0 < v <= target("h100").smem_bytes for v in shared.values()), shared
+    assert len(shared) == 6 and all(0 < v <= target("h100").smem_bytes for v in shared.values()), shared
 
 
 @needs_triton

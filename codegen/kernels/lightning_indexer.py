@@ -2,14 +2,15 @@
 
 Two launches, nothing read back by the host (so a call can be captured in a CUDA graph), their tile sizes and
 grids chosen by codegen/kernels/lightning_indexer_launch.py:
-(1) `_scores_kernel`, grid (B, splits): each sequence's entries are cut into `splits` ranges so that one long
-    sequence still fills the GPU. Per tile of `block_e` entries a program reads the packed rows once (64 code
-    bytes and 4 e8m0 scales a 128-dim key) and multiplies them with every query row of its sequence at once,
-    the T tokens' H heads stacked as the dot's M side: logits [T*H, block_e], then relu, times head_w, summed
-    over heads, -inf where the entry is not visible yet: scores [B, T, E] in fp32. The keys are decoded in
-    registers (decode "registers": codes and scales to fp32 values by integer arithmetic, any scale block) or by
-    `tl.dot_scaled` (decode "mxfp": bf16 queries times MXFP4 keys, Triton's own e2m1 upcast). Every product is
-    exact: queries and decoded keys are bf16 values (the op's contract), so only the fp32 summation order differs
+(1) `_scores_kernel`, grid (B, splits, token blocks): each sequence's entries are cut into `splits` ranges so
+    that one long sequence still fills the GPU, its T tokens into blocks of `block_t` (all of a decode or MTP
+    step's; a prefill chunk's in several). Per tile of `block_e` entries a program reads the packed rows once (64
+    code bytes and 4 e8m0 scales a 128-dim key) and multiplies them with the query rows of its tokens at once,
+    their H heads stacked as the dot's M side (a row's product depends on that row and the keys only): logits
+    [block_t * H, block_e], then relu, times head_w, summed over heads, -inf where the entry is not visible
+    yet: scores [B, T, E] in fp32. The keys are decoded in registers (decode "registers": codes and scales to fp32
+    values by integer arithmetic, any scale block) or by `tl.dot_scaled` (decode "mxfp": bf16 queries times MXFP4
+    keys, Triton's own e2m1 upcast). Every product is exact: queries and decoded keys are bf16 values (the op's contract), so only the fp32 summation order differs
     from the reference. (Scale byte 0 decodes to 0 in registers, not 2^-127: kv_pack never writes it, and the
     pool's unwritten rows, which hold it, have zero codes.)
 (2) `select_topk` (codegen/kernels/lightning_indexer_topk.py): an exact radix select per query row, in one
@@ -81,15 +82,16 @@ def _scores_kernel(q_ptr, w_ptr, cache_ptr, start_ptr, scores_ptr, T, H, E, entr
                    RATIO: tl.constexpr, D: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_T: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, DECODE: tl.constexpr, PRODUCT: tl.constexpr):
     b, split = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: b times the cache stride passes 2^31
-    rows = tl.arange(0, BLOCK_T * BLOCK_H)  # query row r: token r // BLOCK_H, head r % BLOCK_H
-    t, h = rows // BLOCK_H, rows % BLOCK_H
+    first_t = tl.program_id(2) * BLOCK_T
+    rows = tl.arange(0, BLOCK_T * BLOCK_H)  # query row r: token first_t + r // BLOCK_H, head r % BLOCK_H
+    t, h = first_t + rows // BLOCK_H, rows % BLOCK_H
     row_ok = (t < T) & (h < H)
     q = tl.load(q_ptr + b * sq_b + t[:, None] * sq_t + h[:, None] * sq_h + tl.arange(0, D)[None, :],
                 mask=row_ok[:, None], other=0.0).to(tl.float32)
     if DECODE == "mxfp" or PRODUCT == "bf16":
         q = q.to(tl.bfloat16)  # exact: the op's queries are bf16 values
     w = tl.load(w_ptr + b * sw_b + t * sw_t + h, mask=row_ok, other=0.0)
-    tokens = tl.arange(0, BLOCK_T)
+    tokens = first_t + tl.arange(0, BLOCK_T)
     visible = (tl.load(start_ptr + b) + tokens + 1) // RATIO  # entries complete for each token
     out = scores_ptr + (b * T + tokens[:, None]).to(tl.int64) * E
     first = split * entries_per_split
@@ -112,10 +114,10 @@ def indexer_scores(q: torch.Tensor, head_w: torch.Tensor, cache: torch.Tensor, s
     batch, steps, heads, dim = q.shape
     q, head_w, cache = q.contiguous(), head_w.float().contiguous(), cache.contiguous()
     out = torch.empty((batch, steps, cache.shape[1]), dtype=torch.float32, device=q.device)
-    _scores_kernel[(batch, launch.splits)](
+    _scores_kernel[(batch, launch.splits, triton.cdiv(steps, launch.block_t))](
         q, head_w, cache, start.contiguous(), out, steps, heads, cache.shape[1], launch.entries_per_split,
         q.stride(0), q.stride(1), q.stride(2), head_w.stride(0), head_w.stride(1), cache.stride(0), cache.stride(1),
-        RATIO=ratio, D=dim, QBLOCK=block, BLOCK_T=triton.next_power_of_2(steps),
+        RATIO=ratio, D=dim, QBLOCK=block, BLOCK_T=launch.block_t,
         BLOCK_H=max(MIN_DOT, triton.next_power_of_2(heads)), BLOCK_E=launch.block_e, DECODE=launch.decode,
         PRODUCT=launch.product, num_warps=launch.scores_warps)
     return out

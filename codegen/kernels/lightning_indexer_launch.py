@@ -22,11 +22,16 @@ ONE_PROGRAM_ROWS = 32  # from this many query rows on (batch 32-128 decode) one 
 ONE_PROGRAM_ENTRIES = 8192  # up to two chunks a row: ten chunk passes in one launch against six dependent launches
 SPAN_ENTRIES = 1024  # the fewest entries a parallel top-k program covers (fewer histogram atomics a row)
 CHUNK_ENTRIES = 4096  # scores a top-k program reads at a time, at most
+MAX_QUERY_ROWS = 256  # query rows (tokens x padded heads) a GPU scores program multiplies at once: 64 KB of bf16
+# queries at 128 dims, beside the pipelined keys and the logits, within an H100 block's shared memory (a
+# prefill chunk of 32 tokens at 64 heads, 2048 rows, would ask for 544 KB)
 
 
 @dataclass(frozen=True)
 class IndexerLaunch:
-    """block_e: entries a scores tile multiplies (the dot's N side);
+    """block_t: tokens a scores program multiplies (their heads stacked: the dot's M side); a sequence's tokens
+    are cut into blocks of block_t;
+    block_e: entries a scores tile multiplies (the dot's N side);
     entries_per_split / splits: the entry range one scores program covers (whole tiles) and how many a sequence;
     decode: "registers" (codes and scales decoded by integer arithmetic, any scale block) or "mxfp"
     (`tl.dot_scaled` of bf16 queries and MXFP4 keys: Triton's own e2m1 upcast; scale blocks of 32 only; opt-in
@@ -37,6 +42,7 @@ class IndexerLaunch:
     topk_spans / topk_span: how many programs select a row's top-k and the entries each covers (whole chunks):
     1 runs the one-program radix select, more the multi-program one (four histogram launches and a write)."""
 
+    block_t: int
     block_e: int
     entries_per_split: int
     splits: int
@@ -49,12 +55,13 @@ class IndexerLaunch:
     topk_span: int
 
     def __post_init__(self) -> None:
-        pow2 = all(v >= MIN_DOT and v & (v - 1) == 0 for v in (self.block_e, self.chunk))
+        pow2 = all(v >= MIN_DOT and v & (v - 1) == 0 for v in (self.block_e, self.chunk)) \
+            and self.block_t >= 1 and self.block_t & (self.block_t - 1) == 0
         if not pow2 or self.decode not in DECODES or self.product not in PRODUCTS or self.splits < 1 \
                 or self.entries_per_split < self.block_e or self.entries_per_split % self.block_e \
                 or self.topk_spans < 1 or self.topk_span < self.chunk or self.topk_span % self.chunk:
-            raise ValueError(f"{self}: block_e and chunk powers of two >= {MIN_DOT}, whole tiles a split, whole "
-                             f"chunks a top-k span, decode in {DECODES}, product in {PRODUCTS}")
+            raise ValueError(f"{self}: block_t a power of two, block_e and chunk powers of two >= {MIN_DOT}, whole "
+                             f"tiles a split, whole chunks a top-k span, decode in {DECODES}, product in {PRODUCTS}")
 
 
 def next_power_of_2(n: int) -> int:
@@ -84,23 +91,25 @@ def with_parallel_topk(launch: IndexerLaunch, t: Target, rows: int, entries: int
 
 
 def indexer_launch(t: Target, batch: int, steps: int, heads: int, entries: int, block: int) -> IndexerLaunch:
-    """GPUs: tiles of 64 entries, enough ranges for two programs an SM, 8 warps once the query rows (T * H, padded)
-    pass 64; top-k with 8 warps, one program a row below ONE_PROGRAM_ENTRIES entries or from ONE_PROGRAM_ROWS rows
+    """GPUs: tiles of 64 entries, enough ranges for two programs an SM, the T tokens in blocks of up to
+    MAX_QUERY_ROWS query rows (block_t tokens of H heads, padded), 8 warps once those rows pass 64; top-k with 8 warps, one program a row below ONE_PROGRAM_ENTRIES entries or from ONE_PROGRAM_ROWS rows
     on, else spread over programs (`with_parallel_topk`). cpu (Triton's interpreter, tests only): one range a
     sequence, big tiles (it pays per operation, not per element), fp32 products, one top-k program a row."""
     decode = "registers"
     if not t.is_gpu:
         block_e = min(256, _fit(entries))
         tiles = -(-max(entries, 1) // block_e)
-        launch = IndexerLaunch(block_e=block_e, entries_per_split=tiles * block_e, splits=1, decode=decode,
+        launch = IndexerLaunch(block_t=next_power_of_2(steps), block_e=block_e, entries_per_split=tiles * block_e,
+                               splits=1, decode=decode,
                                product="ieee", scores_warps=4, chunk=MIN_DOT, topk_warps=4, topk_spans=1,
                                topk_span=MIN_DOT)
         return with_one_program_topk(launch, entries)
     block_e = 64
     tiles = -(-max(entries, 1) // block_e)
     per_split = -(-tiles // max(1, min(tiles, (2 * t.sm_count) // batch))) * block_e
-    rows = next_power_of_2(steps) * _fit(heads)  # the kernel's BLOCK_T * BLOCK_H
-    launch = IndexerLaunch(block_e=block_e, entries_per_split=per_split, splits=-(-max(entries, 1) // per_split),
+    block_t = min(next_power_of_2(steps), max(1, MAX_QUERY_ROWS // _fit(heads)))
+    rows = block_t * _fit(heads)  # the kernel's BLOCK_T * BLOCK_H
+    launch = IndexerLaunch(block_t=block_t, block_e=block_e, entries_per_split=per_split, splits=-(-max(entries, 1) // per_split),
                            decode=decode, product="bf16", scores_warps=4 if rows <= 64 else 8, chunk=MIN_DOT,
                            topk_warps=8, topk_spans=1, topk_span=MIN_DOT)
     if batch * steps >= ONE_PROGRAM_ROWS or entries <= ONE_PROGRAM_ENTRIES:
