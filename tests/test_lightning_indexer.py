@@ -314,10 +314,11 @@ def test_topk_kernels_build_for_h100():
 
 @pytest.mark.parametrize("batch,steps,entries,spread", [
     (1, 1, 16_384, True), (1, 4, 262_145, True), (2, 1, 65_537, True),  # batch 1-2 at 64K-1M context
-    (1, 1, 1025, False), (32, 1, 65_537, False), (128, 1, 16_384, False)])  # 4K context; rows that fill the GPU
+    (32, 1, 65_537, True), (8, 4, 16_385, True),  # batch 8-32 at 64K-256K context
+    (1, 1, 1025, False), (64, 1, 65_537, False), (128, 1, 16_384, False)])  # 4K context; rows that fill the GPU
 def test_gpu_launch_spreads_the_topk_of_few_long_rows(batch, steps, entries, spread):
     """Flash sizes on H100: the top-k of few long rows over spans of whole chunks covering the row, none empty, at
-    most two programs an SM; short rows and batches of 32 rows and more keep one program a row."""
+    most two programs an SM; short rows and batches of 64 rows and more keep one program a row."""
     launch = indexer_launch(target("h100"), batch, steps, HEADS, entries, BLOCK)
     assert launch.topk_spans * launch.topk_span >= entries > (launch.topk_spans - 1) * launch.topk_span
     assert launch.topk_span % launch.chunk == 0 and (launch.topk_spans > 1) == spread

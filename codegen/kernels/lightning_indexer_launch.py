@@ -2,8 +2,8 @@
 
 Pure Python (no Triton import): `indexer_launch` picks a frozen `IndexerLaunch` from the target table
 (codegen/targets.py) and the call's sizes. The top-k runs one program a query row (`topk_spans` 1) for many rows
-(batch 32 and up) or short rows; a few long rows (batch 1 at long context) spread each row over `topk_spans` programs
-(`with_parallel_topk`). Either choice selects the same entries (codegen/kernels/lightning_indexer_topk.py): the
+(batch 64 and up) or short rows; fewer long rows (batch 1-32 at long context) spread each row over `topk_spans`
+programs (`with_parallel_topk`). Either choice selects the same entries (codegen/kernels/lightning_indexer_topk.py): the
 launch may follow the batch, the result cannot. bench/indexer_bench.py times both (`1-prog`, `spans`) to set the
 thresholds below.
 """
@@ -18,7 +18,8 @@ DECODES = ("mxfp", "registers")
 PRODUCTS = ("bf16", "ieee")
 MXFP_BLOCK = 32  # the scale block `tl.dot_scaled` reads (the OCP MX format's)
 MIN_DOT = 16  # tl.dot's smallest side
-ONE_PROGRAM_ROWS = 32  # from this many query rows on (batch 32-128 decode) one program a row: one launch, many SMs
+ONE_PROGRAM_ROWS = 64  # from this many query rows on one program a row: one launch, many SMs (at 32 rows of 16K
+# and 64K entries the spans took 44 and 102 us against 83 and 278 on an H100, bench/indexer_bench.py)
 ONE_PROGRAM_ENTRIES = 8192  # up to two chunks a row: ten chunk passes in one launch against six dependent launches
 SPAN_ENTRIES = 1024  # the fewest entries a parallel top-k program covers (fewer histogram atomics a row)
 CHUNK_ENTRIES = 4096  # scores a top-k program reads at a time, at most
@@ -92,8 +93,9 @@ def with_parallel_topk(launch: IndexerLaunch, t: Target, rows: int, entries: int
 
 def indexer_launch(t: Target, batch: int, steps: int, heads: int, entries: int, block: int) -> IndexerLaunch:
     """GPUs: tiles of 64 entries, enough ranges for two programs an SM, the T tokens in blocks of up to
-    MAX_QUERY_ROWS query rows (block_t tokens of H heads, padded), 8 warps once those rows pass 64; top-k with 8 warps, one program a row below ONE_PROGRAM_ENTRIES entries or from ONE_PROGRAM_ROWS rows
-    on, else spread over programs (`with_parallel_topk`). cpu (Triton's interpreter, tests only): one range a
+    MAX_QUERY_ROWS query rows (block_t tokens of H heads, padded), 8 warps once those rows pass 64; top-k with 8
+    warps, one program a row below ONE_PROGRAM_ENTRIES entries or from ONE_PROGRAM_ROWS rows on, else spread
+    over programs (`with_parallel_topk`). cpu (Triton's interpreter, tests only): one range a
     sequence, big tiles (it pays per operation, not per element), fp32 products, one top-k program a row."""
     decode = "registers"
     if not t.is_gpu:
