@@ -25,23 +25,20 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from dsv4c.compiler.capture import CapturedStep, StepVariant, capture
+from dsv4c.compiler.compile_options import CompileOptions
 from dsv4c.compiler.lowering import graph_constants, plan_from_graph
 from dsv4c.model.checkpoint import Checkpoint
 from dsv4c.model.config import ModelConfig
-from dsv4c.model.numerics import Numerics
 from dsv4c.model.step import CacheRounding, cache_roundings
 from dsv4c.passes.manager import PassContext
 from dsv4c.passes.pipeline import optimise
 from dsv4c.runtime.plan import Plan
-
-if TYPE_CHECKING:
-    from dsv4c.compiler.pipeline import CompileOptions
 
 Progress = Callable[[str], None]
 
@@ -60,7 +57,7 @@ def weight_shapes(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     return {name: torch.empty(h.shape, dtype=h.dtype, device="meta") for name, h in ckpt.headers.items()}
 
 
-def compile_variant(cfg: ModelConfig, options: "CompileOptions", weights: Mapping[str, torch.Tensor],
+def compile_variant(cfg: ModelConfig, options: CompileOptions, weights: Mapping[str, torch.Tensor],
                     variant: StepVariant, pipeline_name: str, served: tuple[str, ...]) -> CompiledVariant:
     """Capture `variant` on `weights` (their shapes and dtypes), run the first target's pass pipeline on it and
     lower it to a plan whose constants are named `<variant>__<buffer>`."""
@@ -76,7 +73,7 @@ def compile_variant(cfg: ModelConfig, options: "CompileOptions", weights: Mappin
     return CompiledVariant(plan, graph_constants(gm, plan), log)
 
 
-def compile_variants(checkpoint: Path, cfg: ModelConfig, options: "CompileOptions", pipeline_name: str,
+def compile_variants(checkpoint: Path, cfg: ModelConfig, options: CompileOptions, pipeline_name: str,
                      served: tuple[str, ...], progress: Progress) -> list[CompiledVariant]:
     """Every variant of `options`, in `options.variants()` order: in this process with one job, else in
     `min(options.jobs, variants)` worker processes at a time (`python -m dsv4c.compiler.variant_compile`, one a
@@ -93,7 +90,7 @@ def compile_variants(checkpoint: Path, cfg: ModelConfig, options: "CompileOption
     progress(f"capturing and optimising {len(variants)} variants in {jobs} processes")
     workers = _Workers()
     with tempfile.TemporaryDirectory(prefix="dsv4c-variants-") as scratch, ThreadPoolExecutor(jobs) as pool:
-        requests = {v.name: {"checkpoint": str(checkpoint), "options": _options_to_json(options),
+        requests = {v.name: {"checkpoint": str(checkpoint), "options": options.to_json(),
                              "variant": dataclasses.asdict(v), "pipeline": pipeline_name, "served": list(served),
                              "folder": str(Path(scratch) / v.name)} for v in variants}
         futures = {pool.submit(workers.run, request): name for name, request in requests.items()}
@@ -142,20 +139,6 @@ class _Workers:
                 proc.kill()
 
 
-def _options_to_json(options: "CompileOptions") -> dict[str, Any]:
-    raw = dataclasses.asdict(options)
-    raw["numerics"] = {**raw["numerics"], "dtype": str(options.numerics.dtype).removeprefix("torch.")}
-    return raw
-
-
-def _options_from_json(raw: dict[str, Any]) -> "CompileOptions":
-    from dsv4c.compiler.pipeline import CompileOptions
-
-    numerics = Numerics(**{**raw["numerics"], "dtype": getattr(torch, raw["numerics"]["dtype"])})
-    tuples = {k: tuple(raw[k]) for k in ("targets", "kernel_batches")}
-    return CompileOptions(**{**raw, **tuples, "numerics": numerics})
-
-
 def pass_context(step: CapturedStep, options: CompileOptions, cfg: ModelConfig) -> PassContext:
     """Debug mode checks every pass's graph against the previous one on fresh random inputs; the caches the
     model rounds are declared to kv_compression, which stores them packed in every variant alike."""
@@ -202,7 +185,7 @@ def _worker_main() -> None:
     torch.set_num_threads(1)
     request = json.loads(sys.stdin.read())
     ckpt = Checkpoint.open(request["checkpoint"])
-    result = compile_variant(ckpt.config, _options_from_json(request["options"]), weight_shapes(ckpt),
+    result = compile_variant(ckpt.config, CompileOptions.from_json(request["options"]), weight_shapes(ckpt),
                              StepVariant(**request["variant"]), request["pipeline"], tuple(request["served"]))
     root = Path(request["folder"])
     root.mkdir(parents=True)

@@ -38,7 +38,7 @@ from dsv4c.codegen.kernels.batch_invariant_launch import bf16_weight_launch
 from dsv4c.codegen.targets import target
 from dsv4c.compiler.capture import StepVariant, capture
 from dsv4c.compiler.lowering import plan_from_graph
-from dsv4c.compiler.pipeline import random_inputs
+from dsv4c.compiler.variant_compile import random_inputs
 from dsv4c.model import layers
 from dsv4c.model.numerics import Numerics
 from dsv4c.model.presets import tiny

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
-from dsv4c.compiler.variant_compile import _options_to_json, _Workers
+from dsv4c.compiler.variant_compile import _Workers
 from dsv4c.model.checkpoint import write_synthetic
 from dsv4c.model.numerics import Numerics
 from dsv4c.model.presets import tiny
@@ -60,13 +60,16 @@ def test_pass_log_equal_but_capture_times(artifacts):
     assert all(record["matches"] >= 0 and record["wall_s"] >= 0 for entry in one for record in entry["passes"])
 
 
-def test_jobs_must_be_positive():
+def test_jobs_must_be_positive_and_options_round_trip_through_json():
     with pytest.raises(ValueError, match="jobs"):
         CompileOptions(jobs=0)
+    options = CompileOptions(targets=("h100", "gb300"), numerics=Numerics.plain(torch.float32), max_seq_len=96,
+                             moe="w4a4", kernel_batches=(1, 8), jobs=3)
+    assert CompileOptions.from_json(json.loads(json.dumps(options.to_json()))) == options
 
 
 def test_a_failing_worker_names_its_variant_and_says_why(tmp_path):
-    request = {"checkpoint": str(tmp_path / "gone"), "options": _options_to_json(CompileOptions()),
+    request = {"checkpoint": str(tmp_path / "gone"), "options": CompileOptions().to_json(),
                "variant": {"kind": "main", "tokens": 1}, "pipeline": "cpu", "served": ["cpu"],
                "folder": str(tmp_path / "out")}
     with pytest.raises(RuntimeError, match=r"(?s)'main'.*gone.*worker exit status 1.*gone"):
