@@ -33,12 +33,10 @@ N == 1). The runtime launches them directly (runtime/stored_kernels.py).
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import importlib
 import importlib.metadata
-import os
 import json
 import warnings
 from typing import Any, Iterable, Iterator, Mapping
@@ -152,8 +150,8 @@ def _plain(value: Any) -> Any:
 @contextlib.contextmanager
 def _fp_fusion_notice_hidden() -> Iterator[None]:
     """Hide, for the block, Triton 3.9's notice that TRITON_DEFAULT_FP_FUSION is unset: the builds keep Triton's
-    default (FP fusion on, as its JIT builds do), so the notice says nothing to a dsv4c user. Warning filters
-    are process-wide, so the block spans the whole thread pool; the user's filters come back after it."""
+    default (FP fusion on, as its JIT builds do), so the notice says nothing to a dsv4c user. The user's filters
+    come back after the block."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION is unset", category=UserWarning)
         yield
@@ -180,9 +178,10 @@ def build_kernels(targets: Iterable[str | Target], *, hidden: int, hc: int, iter
         files[f"{folder}/{KERNEL_SOURCE_FILE}"] = source
         specs = mhc_specs(t, ops, token_counts, hidden, hc, iters, dtype, norm_dtypes, launch_choice)
         progress(f"building {len(specs)} mHC kernels for {t.sm}")
-        workers = max(1, min(8, os.cpu_count() or 1))
-        with _fp_fusion_notice_hidden(), concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            built = list(pool.map(lambda spec: compile_spec(t, spec), specs))
+        # one after another: Triton's front end parses kernel sources with ast.parse, which CPython 3.11 does not
+        # make thread-safe (threads building at once raised "AST constructor recursion depth mismatch" here)
+        with _fp_fusion_notice_hidden():
+            built = [compile_spec(t, spec) for spec in specs]
         entries = []
         for (spec, uses), compiled in zip(specs.items(), built):
             meta = compiled.metadata
