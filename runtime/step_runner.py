@@ -78,9 +78,10 @@ class BucketRunner:
             if not name.startswith(STATE):
                 static = graph.inputs[name]
                 static[:n].copy_(value)
-                static[n:].zero_()
+                if n < bucket:
+                    static[n:].zero_()
         graph.graph.replay()
-        return self._trimmed(graph.outputs, n)
+        return dict(graph.outputs) if n == bucket else self._trimmed(graph.outputs, n)
 
     def _padded(self, inputs: Mapping[str, torch.Tensor], n: int, bucket: int) -> dict[str, torch.Tensor]:
         out = {STATE + k: v for k, v in self.pool.rows(bucket).items()}
