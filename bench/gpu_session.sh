@@ -4,7 +4,7 @@
 #   bash bench/gpu_session.sh OUT [SECONDS]          # first call
 #   bash bench/gpu_session.sh OUT --collect SECONDS  # right after, on the same warm machine
 #   bash bench/gpu_session.sh OUT --short            # one call of about 280 s: FP8 check, attention, indexer, MoE, demo
-#   bash bench/gpu_session.sh OUT --steps            # one call of about 420 s: the whole steps only
+#   bash bench/gpu_session.sh OUT --steps            # one call of about 480 s: flash-mini's whole step only
 #   bash bench/gpu_session.sh OUT --quick [SECONDS]  # one call: flash-mini's step and the demo model at MTP 0..3
 #                                                    # first, then the kernel benches with their Inductor baselines,
 #                                                    # until SECONDS (570); --collect gathers the rest
@@ -59,17 +59,18 @@ if [ "${2:-}" = "--short" ]; then  # one call of about 280 s: the demo model com
   stamp invariance; timeout 45 python3 bench/batch_invariance_check.py --artifact $work/demo.dsv4c 2>&1 | grep -E "PASS|FAIL|Error|ms" | head -30
   stamp done; exit 0
 fi
-if [ "${2:-}" = "--steps" ]; then  # one call of about 420 s: only the whole steps (flash-mini against eager, its
-  # profile, the demo model at MTP 0..3, Inductor of flash-mini), in the foreground
-  stamp compile;    (dsv4c compile model/demo_model -o $work/demo.dsv4c --target h100 --max-seq-len 1024 --overwrite \
-                       > $work/compile_demo.txt 2>&1) &
+if [ "${2:-}" = "--steps" ]; then  # one call of about 480 s: only flash-mini's whole step, in the foreground: against
+  # eager, with the MoE unfused (the step before the lowering), its profile, against Inductor
   dsv4c init-checkpoint --preset flash-mini --device cuda --overwrite $work/fm > $work/init_mini.txt 2>&1
-  dsv4c compile $work/fm -o $work/mini.dsv4c --target h100 --max-seq-len 4224 --overwrite > $work/compile_mini.txt 2>&1
-  wait; tail -2 $work/compile_mini.txt $work/compile_demo.txt
+  stamp compile;    (dsv4c compile $work/fm -o $work/unfused.dsv4c --target h100 --max-seq-len 4224 --moe unfused \
+                       --jobs 8 --overwrite > $work/compile_unfused.txt 2>&1) &
+  dsv4c compile $work/fm -o $work/mini.dsv4c --target h100 --max-seq-len 4224 --jobs 8 --overwrite \
+    > $work/compile_mini.txt 2>&1
+  wait; tail -1 $work/compile_mini.txt $work/compile_unfused.txt
   stamp bench-mini; timeout 230 dsv4c bench $work/mini.dsv4c --batch 1,8,64 --mtp 0,1 --baselines eager \
-                      --json $out/step_mini.json 2>&1 | grep -vE "^\s*$" | tail -30
-  stamp demo;       timeout 70 dsv4c bench $work/demo.dsv4c --context 512 --batch 1,8 --mtp 0,1,2,3 --baselines eager \
-                      --json $out/demo.json 2>&1 | grep -vE "^\s*$" | tail -22
+                      --json $out/step_mini.json --plot $out/step_mini.png 2>&1 | grep -vE "^\s*$" | tail -30
+  stamp unfused;    timeout 90 dsv4c bench $work/unfused.dsv4c --batch 1,64 --mtp 0 --json $out/step_unfused.json 2>&1 \
+                      | grep -vE "^\s*$" | tail -8
   stamp profile;    timeout 40 dsv4c bench $work/mini.dsv4c --context 256 --batch 1 --mtp 0 --steps 10 --profile 2>&1 | tail -22
   stamp inductor;   timeout 100 dsv4c bench $work/mini.dsv4c --batch 1,64 --mtp 0 --baselines inductor \
                       --json $out/step_mini_inductor.json 2>&1 | grep -vE "^\s*$" | tail -12
