@@ -5,6 +5,7 @@
 #   bash bench/gpu_session.sh OUT --collect SECONDS  # right after, on the same warm machine
 #   bash bench/gpu_session.sh OUT --short            # one call of about 280 s: FP8 check, attention, indexer, MoE, demo
 #   bash bench/gpu_session.sh OUT --steps            # one call of about 480 s: flash-mini's whole step only
+#   bash bench/gpu_session.sh OUT --long             # one call of about 350 s: flash-mini at 4K and 64K, compressor
 #   bash bench/gpu_session.sh OUT --quick [SECONDS]  # one call: flash-mini's step and the demo model at MTP 0..3
 #                                                    # first, then the kernel benches with their Inductor baselines,
 #                                                    # until SECONDS (570); --collect gathers the rest
@@ -74,6 +75,18 @@ if [ "${2:-}" = "--steps" ]; then  # one call of about 480 s: only flash-mini's 
   stamp profile;    timeout 40 dsv4c bench $work/mini.dsv4c --context 256 --batch 1 --mtp 0 --steps 10 --profile 2>&1 | tail -22
   stamp inductor;   timeout 100 dsv4c bench $work/mini.dsv4c --batch 1,64 --mtp 0 --baselines inductor \
                       --json $out/step_mini_inductor.json 2>&1 | grep -vE "^\s*$" | tail -12
+  stamp done; exit 0
+fi
+if [ "${2:-}" = "--long" ]; then  # one call of about 350 s: flash-mini's step at context 4K against 64K (one artifact
+  # of 64K positions; dsv4c alone: the eager baseline would take minutes to prefill 64K), then the compressor
+  dsv4c init-checkpoint --preset flash-mini --device cuda --overwrite $work/fm > $work/init_mini.txt 2>&1
+  stamp compile;    dsv4c compile $work/fm -o $work/long.dsv4c --target h100 --max-seq-len 65664 --overwrite \
+                      > $work/compile_long.txt 2>&1; tail -1 $work/compile_long.txt
+  for context in 4096 65536; do
+    stamp "context $context"; timeout 150 dsv4c bench $work/long.dsv4c --context $context --batch 1,32 --mtp 0 \
+      --baselines "" --json $out/step_long_$context.json 2>&1 | grep -vE "^\s*$" | tail -8
+  done
+  stamp compressor; (cd bench && timeout 60 python3 compressor_bench.py --json $out/compressor.json 2>&1 | tail -20)
   stamp done; exit 0
 fi
 if [ "${2:-}" = "--quick" ]; then  # one call: flash-mini and the demo model written and compiled (CPU, one process a
