@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -538,6 +539,8 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
 
     from dsv4c.compiler import benchmark
 
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # before the run, not after it
+        raise benchmark.BenchError("--plot: matplotlib is not installed (pip install matplotlib)")
     options = benchmark.BenchOptions(context=args.context, batches=args.batch, mtp=args.mtp,
                                      baselines=args.baselines, steps=args.steps)
     with _progress(console, "benchmarking") as say:

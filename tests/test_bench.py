@@ -31,6 +31,17 @@ def test_bench_on_a_machine_without_a_gpu_says_what_it_needs(tmp_path, capsys):
     assert "needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_plot_without_matplotlib_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "matplotlib" else find_spec(name, *rest))
+    assert main(["bench", str(tmp_path), "--plot", str(tmp_path / "step.png")]) == 2
+    err = capsys.readouterr().err
+    assert "--plot: matplotlib is not installed" in err and len(err.strip().splitlines()) == 1
+
+
 def test_timed_runs_warmup_then_steps_and_takes_medians(monkeypatch):
     """`timed` (what every bench row goes through) calls the step warmup + steps times, in order, and returns
     the medians of the timed calls only (device events stubbed on this GPU-less machine: 2 ms each)."""
