@@ -23,7 +23,8 @@ def artifacts(tmp_path_factory):
     ckpt = write_synthetic(cfg, root / "ckpt", seed=5)
     out = {}
     for jobs in (1, 2):
-        options = CompileOptions(numerics=Numerics(), max_seq_len=64, prefill_chunk=2, mtp=False, jobs=jobs)  # 2 variants
+        options = CompileOptions(numerics=Numerics(), max_seq_len=64, prefill_chunk=2, mtp=False,
+                                 jobs=jobs)  # variants main_t1, main_t2
         out[jobs] = load_artifact(compile_checkpoint(ckpt, root / f"art{jobs}", options))
     return out
 

@@ -18,8 +18,8 @@ DECODES = ("mxfp", "registers")
 PRODUCTS = ("bf16", "ieee")
 MXFP_BLOCK = 32  # the scale block `tl.dot_scaled` reads (the OCP MX format's)
 MIN_DOT = 16  # tl.dot's smallest side
-ONE_PROGRAM_ROWS = 64  # from this many query rows on one program a row: one launch, many SMs (at 32 rows of 16K
-# and 64K entries the spans took 44 and 102 us against 83 and 278 on an H100, bench/indexer_bench.py)
+ONE_PROGRAM_ROWS = 64  # from this many query rows on one program a row: one launch, many SMs (fewer long rows
+# go faster over spans: BENCHMARKS.md, the indexer at batch 32)
 ONE_PROGRAM_ENTRIES = 8192  # up to two chunks a row: ten chunk passes in one launch against six dependent launches
 SPAN_ENTRIES = 1024  # the fewest entries a parallel top-k program covers (fewer histogram atomics a row)
 CHUNK_ENTRIES = 4096  # scores a top-k program reads at a time, at most
@@ -111,8 +111,8 @@ def indexer_launch(t: Target, batch: int, steps: int, heads: int, entries: int, 
     per_split = -(-tiles // max(1, min(tiles, (2 * t.sm_count) // batch))) * block_e
     block_t = min(next_power_of_2(steps), max(1, MAX_QUERY_ROWS // _fit(heads)))
     rows = block_t * _fit(heads)  # the kernel's BLOCK_T * BLOCK_H
-    launch = IndexerLaunch(block_t=block_t, block_e=block_e, entries_per_split=per_split, splits=-(-max(entries, 1) // per_split),
-                           decode=decode, product="bf16", scores_warps=4 if rows <= 64 else 8, chunk=MIN_DOT,
+    launch = IndexerLaunch(block_t=block_t, block_e=block_e, entries_per_split=per_split,
+                           splits=-(-max(entries, 1) // per_split), decode=decode, product="bf16", scores_warps=4 if rows <= 64 else 8, chunk=MIN_DOT,
                            topk_warps=8, topk_spans=1, topk_span=MIN_DOT)
     if batch * steps >= ONE_PROGRAM_ROWS or entries <= ONE_PROGRAM_ENTRIES:
         return with_one_program_topk(launch, entries)
