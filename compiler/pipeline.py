@@ -1,7 +1,8 @@
 """The compiler driver: checkpoint -> captured step variants -> passes -> plans -> artifact.
 
-This module (with the CLI and the torch.compile backend) is the only one that sees every folder; it wires
-the checkpoint reader, capture, the target's pass pipeline, lowering and the artifact writer together.
+This module (with compiler/variant_compile.py, which captures, optimises and lowers each variant, in worker
+processes with `jobs` > 1, the CLI and the torch.compile backend) is the only one that sees every folder; it
+wires the checkpoint reader, the variants' compiles, the AOT kernels and the artifact writer together.
 
 Variants compiled (T = tokens per sequence): `main_t1` (decode), `main_t{C}` (prefill chunks), `main_t2`, and with
 MTP of up to k = `max_drafts` drafts `main_t2 .. main_t{k+1}` (verification: the newest token plus the drafts) and
