@@ -163,9 +163,13 @@ def _step(runner: StepRunner, variant: str, state: dict, tokens: torch.Tensor, s
     return out, {k: out[f"state.{k}"] for k in state}
 
 
-def greedy_tokens(runner: StepRunner, state: dict, last: torch.Tensor, start: int, steps: int) -> list[list[int]]:
-    """`steps` greedy decode steps from `state` (a copy: the caller's state is left as it was)."""
-    state = {k: v.clone() for k, v in state.items()}
+def greedy_tokens(runner: StepRunner, state: dict, last: torch.Tensor, start: int, steps: int,
+                  in_place: bool = False) -> list[list[int]]:
+    """`steps` greedy decode steps from `state`: on a copy, or with `in_place` on `state` itself (rows of the
+    runner's state pool, so that the steps replay the CUDA graphs a timed step replays; the caller restores the
+    pool after, padding rows included)."""
+    if not in_place:
+        state = {k: v.clone() for k, v in state.items()}
     batch = next(iter(state.values())).shape[0]
     token = last.view(1, 1).expand(batch, 1).contiguous()
     out_tokens = []
@@ -230,10 +234,17 @@ def bench(artifact: str | Path, options: BenchOptions, progress: Progress = lamb
     accepted = _acceptance(engine, options, load_tokenizer(artifact))  # before the fill: it resets the pool
     progress(f"filling a {options.context}-token context")
     state, last = filled_state(engine, engine.runner, max(options.batches), options.context, seed=0)
-    # every check before any timing: a timed step writes its rows' caches in place, window ring slots that a
-    # later check's steps would read included
-    compiled_tokens = {batch: greedy_tokens(engine.runner, {k: v[:batch] for k, v in state.items()}, last, start,
-                                            options.check_steps) for batch in options.batches}
+    # every check before any timing (a timed step writes its rows' caches in place, window ring slots that a
+    # later check's steps would read included), each on the pool's rows through the CUDA graphs the timing
+    # replays, the pool restored after it (a bucket's padding rows included)
+    filled = {k: v.clone() for k, v in state.items()}
+    compiled_tokens = {}
+    for batch in options.batches:
+        compiled_tokens[batch] = greedy_tokens(engine.runner, {k: v[:batch] for k, v in state.items()}, last, start,
+                                               options.check_steps, in_place=True)
+        for k, v in state.items():
+            v.copy_(filled[k])
+    del filled
     for batch in options.batches:
         rows_state = {k: v[:batch] for k, v in state.items()}  # the pool's rows: steps replay CUDA graphs
         for mtp in options.mtp:

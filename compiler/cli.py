@@ -313,6 +313,7 @@ def _counted(update: Callable[[str], None], what: str, stages: int) -> Callable[
 def _run_demo(root: Path, args: argparse.Namespace, console: Console) -> bool:
     """Whether MTP speculative decoding gave the plain greedy tokens."""
     from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
+    from dsv4c.compiler.variant_compile import progress_messages
     from dsv4c.model.demo import DEMO_PROMPTS, demo_checkpoint
     from dsv4c.runtime.loader import load, load_tokenizer
 
@@ -328,7 +329,7 @@ def _run_demo(root: Path, args: argparse.Namespace, console: Console) -> bool:
                              jobs=cli_args.usable_cpus())
     started = time.perf_counter()
     with _progress(console, "compiling") as update:
-        stages = 2 + 2 * len(options.variants())  # reading, capturing and optimising each variant, writing
+        stages = progress_messages(options) + 2  # the variants' compiles, reading the weights, writing
         art = compile_checkpoint(ckpt, root / "demo.dsv4c", options, overwrite=True,
                                  progress=_counted(update, "compiling", stages))
     console.print(f"artifact    {art}  (compiled in {time.perf_counter() - started:.0f} s)", highlight=False,

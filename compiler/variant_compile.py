@@ -9,15 +9,15 @@ JSON (`Plan.to_json`), the constants its graph created as safetensors, the pass-
 reads them with the same readers, so a compile with N jobs writes the artifact a single job writes
 (tests/test_parallel_compile.py), and nothing crosses between processes but JSON and safetensors.
 
-Capture with torch.export dominates a compile (about 15 s a variant at Flash dimensions on one core, ten variants
-with three drafts), and variants are independent: N jobs divide that time by up to N, less a worker's start
-(importing torch, about 3 s).
+Capture with torch.export dominates a compile (ten variants with three drafts), and variants are independent: N
+jobs divide that time by up to N, less a worker's start (an interpreter importing torch).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -38,6 +38,7 @@ from dsv4c.model.config import ModelConfig
 from dsv4c.model.step import CacheRounding, cache_roundings
 from dsv4c.passes.manager import PassContext
 from dsv4c.passes.pipeline import optimise
+from dsv4c.runtime.artifact_io import saveable
 from dsv4c.runtime.plan import Plan
 
 Progress = Callable[[str], None]
@@ -73,6 +74,13 @@ def compile_variant(cfg: ModelConfig, options: CompileOptions, weights: Mapping[
     return CompiledVariant(plan, graph_constants(gm, plan), log)
 
 
+def progress_messages(options: CompileOptions) -> int:
+    """How many progress messages `compile_variants` sends for `options`: one a variant, and a first one when
+    workers compile them."""
+    variants = len(options.variants())
+    return variants + (1 if min(options.jobs, variants) > 1 else 0)
+
+
 def compile_variants(checkpoint: Path, cfg: ModelConfig, options: CompileOptions, pipeline_name: str,
                      served: tuple[str, ...], progress: Progress) -> list[CompiledVariant]:
     """Every variant of `options`, in `options.variants()` order: in this process with one job, else in
@@ -93,8 +101,8 @@ def compile_variants(checkpoint: Path, cfg: ModelConfig, options: CompileOptions
         requests = {v.name: {"checkpoint": str(checkpoint), "options": options.to_json(),
                              "variant": dataclasses.asdict(v), "pipeline": pipeline_name, "served": list(served),
                              "folder": str(Path(scratch) / v.name)} for v in variants}
-        futures = {pool.submit(workers.run, request): name for name, request in requests.items()}
         try:
+            futures = {pool.submit(workers.run, request): name for name, request in requests.items()}
             for future in as_completed(futures):
                 future.result()
                 progress(f"compiled {futures[future]}")
@@ -129,7 +137,8 @@ class _Workers:
                 self._running.discard(proc)
         if proc.returncode != 0 and not self._stopped:
             tail = "\n".join(err.strip().splitlines()[-12:])
-            raise RuntimeError(f"compiling variant {request['variant']} of {request['checkpoint']} failed "
+            name = StepVariant(**request["variant"]).name
+            raise RuntimeError(f"compiling variant {name} of {request['checkpoint']} failed "
                                f"(worker exit status {proc.returncode}):\n{tail}")
 
     def stop(self) -> None:
@@ -184,14 +193,26 @@ def _worker_main() -> None:
     the request's folder as plan.json, constants.safetensors and log.json."""
     torch.set_num_threads(1)
     request = json.loads(sys.stdin.read())
+    _exit_with_parent(os.getppid())
     ckpt = Checkpoint.open(request["checkpoint"])
     result = compile_variant(ckpt.config, CompileOptions.from_json(request["options"]), weight_shapes(ckpt),
                              StepVariant(**request["variant"]), request["pipeline"], tuple(request["served"]))
     root = Path(request["folder"])
-    root.mkdir(parents=True)
+    root.mkdir()  # in the parent's scratch folder: gone with the parent, so no worker writes after it
     (root / "plan.json").write_text(result.plan.to_json())
     (root / "log.json").write_text(json.dumps(result.log))
-    save_file({k: v.detach().contiguous() for k, v in result.constants.items()}, str(root / "constants.safetensors"))
+    save_file(saveable(result.constants), str(root / "constants.safetensors"))
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker when the compile that started it is gone (killed, say, where it could not stop its
+    workers): a daemon thread watching the parent's process id."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _read_result(folder: Path, name: str) -> CompiledVariant:

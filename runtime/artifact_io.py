@@ -122,7 +122,7 @@ def write_weight_shards(root: Path, tensors: Mapping[str, torch.Tensor], shard_b
         rel = f"{WEIGHTS_DIR}/model-{index:05d}-of-{len(groups):05d}.safetensors"
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(_saveable(group), str(path), metadata={"format": "pt"})
+        save_file(saveable(group), str(path), metadata={"format": "pt"})
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
         written.append(rel)
@@ -144,7 +144,7 @@ def _shard_groups(tensors: Mapping[str, torch.Tensor], shard_bytes: int) -> list
     return groups
 
 
-def _saveable(group: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def saveable(group: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU, contiguous, and no two tensors sharing memory (safetensors refuses shared storage)."""
     out, seen = {}, set()
     for key, tensor in group.items():

@@ -226,14 +226,16 @@ def test_topk_over_several_programs_through_the_op(interpreter):
     assert torch.equal(ids, ranked_topk(scores, 16)[0])
 
 
-@pytest.mark.parametrize("batch,entries", [(1, 65_537), (32, 65_537), (128, 1025), (1, 1), (3, 251)])
-def test_gpu_launch_covers_every_entry_once_and_fills_the_gpu(batch, entries):
+@pytest.mark.parametrize("batch,steps,entries", [(1, 1, 65_537), (32, 1, 65_537), (128, 1, 1025), (1, 1, 1),
+                                                  (3, 1, 251), (1, 32, 16_385), (4, 32, 1025)])
+def test_gpu_launch_covers_every_entry_once_and_fills_the_gpu(batch, steps, entries):
     """Flash sizes on H100: split ranges of whole tiles that cover the entries, none empty, at least one program
-    an SM (two where the tiles allow)."""
-    launch = indexer_launch(target("h100"), batch, 1, HEADS, entries, BLOCK)
+    an SM (two where the tiles allow) and at most two, counting a prefill chunk's token blocks."""
+    launch = indexer_launch(target("h100"), batch, steps, HEADS, entries, BLOCK)
     tiles = -(-entries // launch.block_e)
+    programs = batch * -(-steps // launch.block_t) * launch.splits
     assert launch.splits * launch.entries_per_split >= entries > (launch.splits - 1) * launch.entries_per_split
-    assert batch * launch.splits >= min(2 * 132, batch * tiles) // 2
+    assert min(2 * 132, programs // launch.splits * tiles) // 2 <= programs <= max(2 * 132, programs // launch.splits)
 
 
 def _start_compiler():
@@ -265,7 +267,8 @@ def _topk_ptx(chunk: int) -> dict[str, str]:
 def _scores_builds() -> dict[str, int]:
     """In the child: the scores kernel built for H100 (sm_90a) with each product and h100's launch for 1, 4 and
     32 tokens (decode, MTP verification, a prefill chunk) of Flash's 64 indexer heads of 128 dims: its shared
-    memory by (decode, product, tokens)."""
+    memory by (decode, product, tokens). At 32 tokens the launch's token blocks (4 tokens) build what 4 tokens
+    build: the case checks that cap."""
     import triton
     from triton.compiler import ASTSource
 

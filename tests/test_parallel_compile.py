@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
-from dsv4c.compiler.variant_compile import _Workers
+from dsv4c.compiler.variant_compile import _Workers, progress_messages
 from dsv4c.model.checkpoint import write_synthetic
 from dsv4c.model.numerics import Numerics
 from dsv4c.model.presets import tiny
@@ -25,7 +25,11 @@ def artifacts(tmp_path_factory):
     for jobs in (1, 2):
         options = CompileOptions(numerics=Numerics(), max_seq_len=64, prefill_chunk=2, mtp=False,
                                  jobs=jobs)  # variants main_t1, main_t2
-        out[jobs] = load_artifact(compile_checkpoint(ckpt, root / f"art{jobs}", options))
+        said = []
+        out[jobs] = load_artifact(compile_checkpoint(ckpt, root / f"art{jobs}", options, progress=said.append))
+        assert len(said) == progress_messages(options) + 2, said  # + reading the weights, writing (the demo's count)
+    assert said[0] == "capturing and optimising 2 variants in 2 processes"  # the second compile ran in workers
+    assert sorted(said[1:3]) == ["compiled main_t1", "compiled main_t2"]
     return out
 
 
@@ -58,7 +62,6 @@ def test_pass_log_equal_but_capture_times(artifacts):
     one, many = (a.manifest["pass_log"] for a in (artifacts[1], artifacts[2]))
     assert json.dumps(_without_times(one)) == json.dumps(_without_times(many))
     assert all(entry["capture_s"] > 0 for entry in one + many)
-    assert all(record["matches"] >= 0 and record["wall_s"] >= 0 for entry in one for record in entry["passes"])
 
 
 def test_jobs_must_be_positive_and_options_round_trip_through_json():
@@ -73,5 +76,5 @@ def test_a_failing_worker_names_its_variant_and_says_why(tmp_path):
     request = {"checkpoint": str(tmp_path / "gone"), "options": CompileOptions().to_json(),
                "variant": {"kind": "main", "tokens": 1}, "pipeline": "cpu", "served": ["cpu"],
                "folder": str(tmp_path / "out")}
-    with pytest.raises(RuntimeError, match=r"(?s)'main'.*gone.*worker exit status 1.*gone"):
+    with pytest.raises(RuntimeError, match=r"(?s)variant main_t1 of .*gone.*worker exit status 1.*gone"):
         _Workers().run(request)

@@ -92,11 +92,12 @@ def with_parallel_topk(launch: IndexerLaunch, t: Target, rows: int, entries: int
 
 
 def indexer_launch(t: Target, batch: int, steps: int, heads: int, entries: int, block: int) -> IndexerLaunch:
-    """GPUs: tiles of 64 entries, enough ranges for two programs an SM, the T tokens in blocks of up to
-    MAX_QUERY_ROWS query rows (block_t tokens of H heads, padded), 8 warps once those rows pass 64; top-k with 8
-    warps, one program a row below ONE_PROGRAM_ENTRIES entries or from ONE_PROGRAM_ROWS rows on, else spread
-    over programs (`with_parallel_topk`). cpu (Triton's interpreter, tests only): one range a
-    sequence, big tiles (it pays per operation, not per element), fp32 products, one top-k program a row."""
+    """GPUs: the T tokens in blocks of up to MAX_QUERY_ROWS query rows (block_t tokens of H heads, padded), tiles
+    of 64 entries, enough entry ranges for two programs an SM over all (sequence, token block) pairs, 8 warps once
+    a block's rows pass 64; top-k with 8 warps, one program a row below ONE_PROGRAM_ENTRIES entries or from
+    ONE_PROGRAM_ROWS rows on, else spread over programs (`with_parallel_topk`). cpu (Triton's interpreter, tests
+    only): one range a sequence, big tiles (it pays per operation, not per element), fp32 products, one top-k
+    program a row."""
     decode = "registers"
     if not t.is_gpu:
         block_e = min(256, _fit(entries))
@@ -108,8 +109,9 @@ def indexer_launch(t: Target, batch: int, steps: int, heads: int, entries: int, 
         return with_one_program_topk(launch, entries)
     block_e = 64
     tiles = -(-max(entries, 1) // block_e)
-    per_split = -(-tiles // max(1, min(tiles, (2 * t.sm_count) // batch))) * block_e
     block_t = min(next_power_of_2(steps), max(1, MAX_QUERY_ROWS // _fit(heads)))
+    sequences = batch * -(-steps // block_t)  # (sequence, token block) pairs, each split over the entries
+    per_split = -(-tiles // max(1, min(tiles, (2 * t.sm_count) // sequences))) * block_e
     rows = block_t * _fit(heads)  # the kernel's BLOCK_T * BLOCK_H
     launch = IndexerLaunch(block_t=block_t, block_e=block_e, entries_per_split=per_split,
                            splits=-(-max(entries, 1) // per_split), decode=decode, product="bf16", scores_warps=4 if rows <= 64 else 8, chunk=MIN_DOT,
