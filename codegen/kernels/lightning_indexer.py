@@ -11,8 +11,8 @@ grids chosen by codegen/kernels/lightning_indexer_launch.py:
     yet: scores [B, T, E] in fp32. The keys are decoded in registers (decode "registers": codes and scales to fp32
     values by integer arithmetic, any scale block) or by `tl.dot_scaled` (decode "mxfp": bf16 queries times MXFP4
     keys, Triton's own e2m1 upcast). Every product is exact: queries and decoded keys are bf16 values (the op's
-    contract), so only the fp32 summation order differs from the reference. (Scale byte 0 decodes to 0 in registers, not 2^-127: kv_pack never writes it, and the
-    pool's unwritten rows, which hold it, have zero codes.)
+    contract), so only the fp32 summation order differs from the reference. (Scale byte 0 decodes to 0 in
+    registers, not 2^-127: kv_pack never writes it, and the pool's unwritten rows, which hold it, have zero codes.)
 (2) `select_topk` (codegen/kernels/lightning_indexer_topk.py): an exact radix select per query row, in one
     program a row or, for a few long rows, in several programs a row: the first k entries ordered by (score
     descending, entry ascending), masked entries (-inf, valid False) last, written in ascending entry order: the

@@ -114,8 +114,9 @@ def indexer_launch(t: Target, batch: int, steps: int, heads: int, entries: int, 
     per_split = -(-tiles // max(1, min(tiles, (2 * t.sm_count) // sequences))) * block_e
     rows = block_t * _fit(heads)  # the kernel's BLOCK_T * BLOCK_H
     launch = IndexerLaunch(block_t=block_t, block_e=block_e, entries_per_split=per_split,
-                           splits=-(-max(entries, 1) // per_split), decode=decode, product="bf16", scores_warps=4 if rows <= 64 else 8, chunk=MIN_DOT,
-                           topk_warps=8, topk_spans=1, topk_span=MIN_DOT)
+                           splits=-(-max(entries, 1) // per_split), decode=decode, product="bf16",
+                           scores_warps=4 if rows <= 64 else 8, chunk=MIN_DOT, topk_warps=8, topk_spans=1,
+                           topk_span=MIN_DOT)
     if batch * steps >= ONE_PROGRAM_ROWS or entries <= ONE_PROGRAM_ENTRIES:
         return with_one_program_topk(launch, entries)
     return with_parallel_topk(launch, t, batch * steps, entries)
