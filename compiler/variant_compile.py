@@ -36,7 +36,7 @@ from dsv4c.compiler.lowering import graph_constants, plan_from_graph
 from dsv4c.model.checkpoint import Checkpoint
 from dsv4c.model.config import ModelConfig
 from dsv4c.model.step import CacheRounding, cache_roundings
-from dsv4c.passes.manager import PassContext
+from dsv4c.passes.manager import PassContext, dump_enabled
 from dsv4c.passes.pipeline import optimise
 from dsv4c.runtime.artifact_io import saveable
 from dsv4c.runtime.plan import Plan
@@ -128,13 +128,16 @@ class _Workers:
             if self._stopped:
                 return
             proc = subprocess.Popen([sys.executable, "-m", "dsv4c.compiler.variant_compile"], text=True,
-                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                    errors="replace", stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE)
             self._running.add(proc)
         try:
             _, err = proc.communicate(json.dumps(request))
         finally:
             with self._lock:
                 self._running.discard(proc)
+        if proc.returncode == 0 and dump_enabled():  # the passes' DSV4C_DUMP lines, as a one-job compile prints them
+            sys.stderr.write(err)
         if proc.returncode != 0 and not self._stopped:
             tail = "\n".join(err.strip().splitlines()[-12:])
             name = StepVariant(**request["variant"]).name

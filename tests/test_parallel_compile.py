@@ -17,14 +17,22 @@ from dsv4c.runtime.artifact import load_artifact
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("parallel")
+def checkpoint(tmp_path_factory):
     cfg = tiny().replace(num_hidden_layers=1, compress_ratios=(4, 0))  # one C4 layer: capture is the slow part
-    ckpt = write_synthetic(cfg, root / "ckpt", seed=5)
+    return write_synthetic(cfg, tmp_path_factory.mktemp("parallel") / "ckpt", seed=5)
+
+
+def _options(jobs: int) -> CompileOptions:
+    return CompileOptions(numerics=Numerics(), max_seq_len=64, prefill_chunk=2, mtp=False,
+                          jobs=jobs)  # variants main_t1, main_t2
+
+
+@pytest.fixture(scope="module")
+def artifacts(checkpoint):
+    root, ckpt = checkpoint.parent, checkpoint
     out = {}
     for jobs in (1, 2):
-        options = CompileOptions(numerics=Numerics(), max_seq_len=64, prefill_chunk=2, mtp=False,
-                                 jobs=jobs)  # variants main_t1, main_t2
+        options = _options(jobs)
         said = []
         out[jobs] = load_artifact(compile_checkpoint(ckpt, root / f"art{jobs}", options, progress=said.append))
         assert len(said) == progress_messages(options) + 2, said  # + reading the weights, writing (the demo's count)
@@ -78,3 +86,12 @@ def test_a_failing_worker_names_its_variant_and_says_why(tmp_path):
                "folder": str(tmp_path / "out")}
     with pytest.raises(RuntimeError, match=r"(?s)variant main_t1 of .*gone.*worker exit status 1.*gone"):
         _Workers().run(request)
+
+
+def test_a_worker_passes_on_the_pass_dumps(checkpoint, tmp_path, monkeypatch, capsys):
+    """`DSV4C_DUMP=1` prints each pass's dump from the workers too, as a one-job compile prints it."""
+    monkeypatch.setenv("DSV4C_DUMP", "1")
+    request = {"checkpoint": str(checkpoint), "options": _options(2).to_json(), "pipeline": "cpu",
+               "variant": {"kind": "main", "tokens": 1}, "served": ["cpu"], "folder": str(tmp_path / "main_t1")}
+    _Workers().run(request)
+    assert "[dsv4c] dead_code: " in capsys.readouterr().err
