@@ -49,7 +49,7 @@ def compile_checkpoint(checkpoint: str | Path, out: str | Path, options: Compile
     if options.mtp and cfg.num_nextn_predict_layers == 0:
         raise ValueError(f"{checkpoint}: the config has no MTP layer (num_nextn_predict_layers = 0); compile without MTP")
     tokenizer = checkpoint_tokenizer_file(ckpt)
-    compiled = compile_variants(Path(checkpoint), cfg, options, pipeline.name, pipeline.targets, progress)
+    compiled = compile_variants(ckpt, options, pipeline.name, pipeline.targets, progress)
     plans = {c.log["variant"]: c.plan for c in compiled}
     constants = {k: v for c in compiled for k, v in c.constants.items()}
     pass_log = [c.log for c in compiled]

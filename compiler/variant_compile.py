@@ -81,24 +81,24 @@ def progress_messages(options: CompileOptions) -> int:
     return variants + (1 if min(options.jobs, variants) > 1 else 0)
 
 
-def compile_variants(checkpoint: Path, cfg: ModelConfig, options: CompileOptions, pipeline_name: str,
-                     served: tuple[str, ...], progress: Progress) -> list[CompiledVariant]:
+def compile_variants(ckpt: Checkpoint, options: CompileOptions, pipeline_name: str, served: tuple[str, ...],
+                     progress: Progress) -> list[CompiledVariant]:
     """Every variant of `options`, in `options.variants()` order: in this process with one job, else in
     `min(options.jobs, variants)` worker processes at a time (`python -m dsv4c.compiler.variant_compile`, one a
     variant; each reports as it finishes)."""
     variants = options.variants()
     jobs = min(options.jobs, len(variants))
     if jobs <= 1:
-        weights = weight_shapes(Checkpoint.open(checkpoint))
+        weights = weight_shapes(ckpt)
         out = []
         for variant in variants:
             progress(f"capturing and optimising {variant.name}")
-            out.append(compile_variant(cfg, options, weights, variant, pipeline_name, served))
+            out.append(compile_variant(ckpt.config, options, weights, variant, pipeline_name, served))
         return out
     progress(f"capturing and optimising {len(variants)} variants in {jobs} processes")
     workers = _Workers()
     with tempfile.TemporaryDirectory(prefix="dsv4c-variants-") as scratch, ThreadPoolExecutor(jobs) as pool:
-        requests = {v.name: {"checkpoint": str(checkpoint), "options": options.to_json(),
+        requests = {v.name: {"checkpoint": str(ckpt.path), "options": options.to_json(),
                              "variant": dataclasses.asdict(v), "pipeline": pipeline_name, "served": list(served),
                              "folder": str(Path(scratch) / v.name)} for v in variants}
         try:
