@@ -15,8 +15,9 @@ the visible entries, ids of -1) read other rows; with 0xFF bytes in theirs (NaN 
 kernel still equals the reference on clean rows.
 
 Probabilities: the interpreter's products ("ieee", fp32) round the probabilities to bf16 as the GPU's bf16
-products do. With one tile of keys in one range, the kernel equals that computation done in float64 within
-1e-4 (measured: the same bits); unrounded probabilities are about 1e-3 away.
+products do. With one tile of keys in one range, the kernel equals that computation done in float64 but for at
+most 8 of the 8192 outputs, each one bf16 step away (fp32 against float64 at a rounding boundary; measured over
+30 seeds: 0 to 2 outputs, relative error at most 1.2e-4); unrounded probabilities are 6e-4 to 1.2e-3 away.
 
 sm_90a (built without a GPU, in a child without TRITON_INTERPRET): at Flash's 64 heads the split and the folded
 kernel multiply on wgmma (M = 64: the program's heads) with bf16 operands and fp32 accumulators; a 16-head
@@ -44,7 +45,6 @@ from dsv4c.codegen.kv_cache import kv_pack, unpack_reference
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 TOL = 1e-2
-ROUNDING_TOL = 1e-4
 MMA = re.compile(r"(wgmma\.mma_async[.\w]*|mma\.sync[.\w]*)")
 DECODE_AND_READS = re.compile(r"(cvt\.rn\.f16x2\.e4m3x2|fma\.rn\.bf16|ld\.global[.\w]*|cp\.async\.\w+\.shared\.global)")
 
@@ -178,6 +178,7 @@ def _one_tile(rounded_probabilities: bool, q, keys, sink, scale) -> torch.Tensor
 
 def test_interpreter_products_round_the_probabilities_to_bf16(interpreter):
     """One query at position 20 over a window of 8 (one tile, one range): its step's row and 7 ring rows."""
+    torch.manual_seed(0)
     rows, window, position = FLASH_ROWS, 8, 20
     values = rows.random(1, position + 1)
     ring = torch.zeros(1, 32, values.shape[-1], dtype=torch.uint8)
@@ -187,8 +188,12 @@ def test_interpreter_products_round_the_probabilities_to_bf16(interpreter):
             torch.tensor([position]), sink, scale, window, 0, rows.rounded, 64)
     got = interpreter(_kernel, *args)[0, 0]
     keys = rows.unpack(values[0, position - window + 1:])
-    rounded, unrounded = (relative_error(got, _one_tile(r, q[0, 0], keys, sink, scale)) for r in (True, False))
-    assert rounded <= ROUNDING_TOL < unrounded, (rounded, unrounded)
+    rounded, unrounded = (_one_tile(r, q[0, 0], keys, sink, scale) for r in (True, False))
+    assert not torch.isnan(got).any()
+    apart = got != rounded
+    one_step = 2.0 ** (torch.frexp(rounded[apart].float()).exponent - 8)  # a bf16 step at the value's binade
+    assert apart.sum() <= 8 and ((got[apart].float() - rounded[apart].float()).abs() <= one_step).all()
+    assert relative_error(got, rounded) <= 2e-4 and relative_error(got, unrounded) >= 5e-4
 
 
 def _ring_positions(start: torch.Tensor, slots: int) -> torch.Tensor:
