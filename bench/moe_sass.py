@@ -59,7 +59,7 @@ POINTER_TYPES = {"x_ptr": "*bf16", "xr_ptr": "*bf16", "xs_ptr": "*bf16", "hidden
 FLOATS = ("routed_limit", "shared_limit", "scale")
 SIXTEENS = ("D", "I", "E", "BLOCKS_PER_SPLIT")  # integer arguments whose Flash values Triton specialises
 WIDENING = ("mxfp4_block", "_packed_words", "_bytes")  # moe_fp4_tiles.py functions that widen MXFP4 codes
-SCALES = ("_mxfp4_scales", "e8m0_values", "_e8m0_bits")  # ... and that load and convert e8m0 scales
+SCALES = ("_mxfp4_scales", "e8m0_values", "e8m0_bits")  # ... and that load and convert e8m0 scales
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)((?:\.[\w]+)*)\s*([^;]*);")
 _SOURCE = re.compile(r'//## File "(.*?)", line (\d+)')
 _LABEL = re.compile(r"^(\.L_x_\d+):")
@@ -167,13 +167,14 @@ def mma_loops(instructions: list[Instruction]) -> list[list[Instruction]]:
 
 
 def _function_lines(*names: str) -> set[tuple[str, int]]:
-    """(file, line) of every line of the named moe_fp4_tiles.py functions."""
+    """(file name, line) of every line of the named functions that moe_fp4_tiles.py defines or imports."""
     from dsv4c.codegen.kernels import moe_fp4_tiles
 
     found = set()
     for name in names:
-        lines, start = inspect.getsourcelines(getattr(moe_fp4_tiles, name).fn)
-        found |= {("moe_fp4_tiles.py", start + i) for i in range(len(lines))}
+        fn = getattr(moe_fp4_tiles, name).fn
+        lines, start = inspect.getsourcelines(fn)
+        found |= {(Path(inspect.getsourcefile(fn)).name, start + i) for i in range(len(lines))}
     return found
 
 

@@ -4,7 +4,7 @@ The kernel runs under Triton's CPU interpreter in a child process (the `interpre
 TRITON_INTERPRET=1 before it imports Triton; see tests/test_mhc_kernels.py for why not here). The
 interpreter runs the kernel's e4m3 dots as the GPU's code does (its dot widens e4m3 to fp16 and sums in
 fp32: exact products), so nothing is upcast for it; the e4m3 rounding of the activations is the kernel's
-own fp32 arithmetic (`_e4m3_grid`), the same on every backend. Plain numerics (no act_quant) multiply in
+own fp32 arithmetic (`number_formats.e4m3_grid`), the same on every backend. Plain numerics (no act_quant) multiply in
 fp32 under the interpreter ("ieee"), exact bf16 parts on GPUs (checked by bench/fp8_gemm_bench.py).
 A second child (`compiler`, no interpreter) builds the kernel ahead of time for sm_90a, sm_100a and sm_103a
 and reads its PTX. This process never imports Triton.

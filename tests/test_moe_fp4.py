@@ -8,7 +8,7 @@ What is checked against what (the layer and its calls: tests/moe_layers.py):
   fp32), W4A4 emulated and native (`tl.dot_scaled`, which the interpreter runs); hash- and score-routed layers;
   batches 1, 3, 64; an expert every token selects and one none does; the routed and the shared clamps binding
   on some values (checked); a launch with two router splits and a split down GEMM;
-- the power-of-two scales: `_scale_exponent` against `quant.power_of_two_scale` on amaxes at, just above and
+- the power-of-two scales: `number_formats.e8m0_byte` against `quant.power_of_two_scale` on amaxes at, just above and
   between powers of two; with the rounding up removed (monkeypatched to the e8m0 truncation behind the
   production bug) both that check and the kernel-against-reference check fail;
 - the MXFP4 widening of the GEMM loops (codegen/kernels/moe_fp4_tiles.py `mxfp4_block`), bit for bit, on a
@@ -155,7 +155,7 @@ def _define_probes() -> None:
     def _scale_probe(amax_ptr, out_ptr, n, FMT_MAX: tl.constexpr, BLOCK: tl.constexpr):
         i = tl.arange(0, BLOCK)
         amax = tl.load(amax_ptr + i, mask=i < n, other=1.0)
-        tl.store(out_ptr + i, moe_kernels._scale_exponent(amax, FMT_MAX), mask=i < n)
+        tl.store(out_ptr + i, moe_kernels.e8m0_byte(amax, FMT_MAX), mask=i < n)
 
     @triton.jit
     def _truncated_exponent(amax, FMT_MAX: tl.constexpr):
@@ -166,7 +166,7 @@ def _define_probes() -> None:
 def _scale_bytes(amax: torch.Tensor, fmt_max: float, truncated: bool) -> torch.Tensor:
     _define_probes()
     if truncated:
-        moe_kernels._scale_exponent = _truncated_exponent
+        moe_kernels.e8m0_byte = _truncated_exponent
     out = torch.empty(amax.shape, dtype=torch.int32)
     _scale_probe[(1,)](amax, out, amax.numel(), FMT_MAX=fmt_max, BLOCK=triton.next_power_of_2(amax.numel()))
     return out

@@ -68,6 +68,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4c.codegen.kernels.number_formats import bf16_rounded, pow2
+
 MAX_SPLITS = 16  # key ranges a query's keys are cut into at most: bounds the partials of a step below the fold
 MIN_DOT = 16  # tl.dot's smallest side: a program of up to 16 heads
 WGMMA_M = 64  # Hopper's wgmma rows: a program of 17 or more heads (64 at most)
@@ -97,8 +99,8 @@ class AttentionLaunch:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
     def __post_init__(self) -> None:
-        pow2 = all(v >= MIN_DOT and v & (v - 1) == 0 for v in (self.block_h, self.block_n))
-        if not pow2 or self.product not in PRODUCTS or self.splits < 1 or self.keys_per_split % self.block_n:
+        powers_of_two = all(v >= MIN_DOT and v & (v - 1) == 0 for v in (self.block_h, self.block_n))
+        if not powers_of_two or self.product not in PRODUCTS or self.splits < 1 or self.keys_per_split % self.block_n:
             raise ValueError(f"{self}: block_h and block_n powers of two >= {MIN_DOT}, whole tiles a range, "
                              f"product in {PRODUCTS}")
 
@@ -117,21 +119,6 @@ def attention_launch(tokens: int, heads: int, keys: int, sms: int, product: str 
     splits = triton.cdiv(max(keys, 1), keys_per_split)
     fold = splits > 1 and tokens * head_blocks >= sms
     return AttentionLaunch(block_h, block_n, splits, keys_per_split, 8, fold, product, 3 if heads <= MIN_DOT else 2)
-
-
-@triton.jit
-def _pow2(exponent):
-    """2^exponent for integer exponents in the normal fp32 range, exactly (built from the bits)."""
-    return ((exponent + 127).to(tl.int32) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _bf16_rounded(x):
-    """fp32 x rounded to the nearest bf16 value (ties to even), as fp32: what `.to(tl.bfloat16)` does on a GPU,
-    in integer arithmetic (the interpreter's conversion truncates); NaN stays NaN."""
-    bits = x.to(tl.int32, bitcast=True)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-    return tl.where(x == x, rounded, x)
 
 
 @triton.jit
@@ -160,7 +147,7 @@ def _keys(row, ROUNDED: tl.constexpr, WIDTH: tl.constexpr, D_P2: tl.constexpr, Q
         power = (sbyte.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)  # 2^(sbyte - 127)
     else:
         value = code.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        power = _pow2(sbyte.to(tl.int32) - 127)
+        power = pow2(sbyte.to(tl.int32) - 127)
         raw = raw.to(tl.float32)
     return tl.reshape(tl.fma(value, power[:, :, None], raw), (BLOCK_N, D_P2))
 
@@ -206,7 +193,7 @@ def _online_step(q, keys, valid, m_i, l_i, acc, scale, PRODUCT: tl.constexpr):
     if PRODUCT == "bf16":
         acc = tl.dot(prob.to(tl.bfloat16), keys, acc)
     else:
-        acc = tl.dot(_bf16_rounded(prob), keys, acc, input_precision="ieee")
+        acc = tl.dot(bf16_rounded(prob), keys, acc, input_precision="ieee")
     return m_i, l_i, acc
 
 
@@ -326,7 +313,7 @@ def _folded_kernel(q_ptr, new_ptr, ring_ptr, cache_ptr, ids_ptr, start_ptr, sink
         tl.store(merged, _merged(tl.load(merged, mask=mine & (split > 0), other=0.0), acc, old_w, new_w), mask=mine)
     tl.debug_barrier()
     tl.store(out_ptr + (bt * H + heads[:, None]) * WIDTH + cols[None, :],
-             _bf16_rounded(tl.load(merged, mask=mine, other=0.0) / total[:, None]).to(tl.bfloat16), mask=mine)
+             bf16_rounded(tl.load(merged, mask=mine, other=0.0) / total[:, None]).to(tl.bfloat16), mask=mine)
 
 
 @triton.jit
@@ -347,7 +334,7 @@ def _combine_kernel(acc_ptr, ml_ptr, sink_ptr, out_ptr, H, SPLITS, D: tl.constex
         part = tl.load(acc_ptr + row[:, None] * D + cols[None, :], mask=hmask[:, None] & (cols < D)[None, :], other=0.0)
         acc = _merged(acc, part, old_w, new_w)
     out = acc / total[:, None]
-    tl.store(out_ptr + (bt * H + heads[:, None]) * D + cols[None, :], _bf16_rounded(out).to(tl.bfloat16),
+    tl.store(out_ptr + (bt * H + heads[:, None]) * D + cols[None, :], bf16_rounded(out).to(tl.bfloat16),
              mask=hmask[:, None] & (cols < D)[None, :])
 
 

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4c.codegen.kernels.number_formats import bf16_rounded_if, e2m1_value, e8m0_byte, pow2
 from dsv4c.codegen.kv_cache import PackedLayout
 
 FP8_MAX, FP4_MAX = tl.constexpr(448.0), tl.constexpr(6.0)
@@ -49,36 +50,12 @@ def compressor_launch(window: int, width: int) -> CompressorLaunch:
 
 # ---- exact roundings, by integer arithmetic --------------------------------------------------------------
 @triton.jit
-def _pow2(exponent):
-    """2^exponent (int32 within the normal fp32 range), exactly."""
-    return ((exponent + 127).to(tl.int32) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _to_bf16(x):
-    """fp32 -> the nearest bf16 (ties to even), as fp32."""
-    bits = x.to(tl.int32, bitcast=True)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _cast(x, BF16: tl.constexpr):
-    """x cast to the row dtype (bf16 or fp32), as fp32."""
-    if BF16:
-        x = _to_bf16(x)
-    return x
-
-
-@triton.jit
 def _scale_exponent(amax, FP4: tl.constexpr):
-    """log2 of model/quant.py `power_of_two_scale(max(amax, floor), fmt_max)`: 2^ceil(log2(amax / fmt_max)) taken
-    on the fp32 quotient's bits."""
+    """log2 of model/quant.py `power_of_two_scale(max(amax, floor), fmt_max)`."""
     if FP4:
-        ratio = tl.math.div_rn(tl.maximum(amax, FP4_AMAX_FLOOR), FP4_MAX)
+        return e8m0_byte(tl.maximum(amax, FP4_AMAX_FLOOR), FP4_MAX) - 127
     else:
-        ratio = tl.math.div_rn(tl.maximum(amax, FP8_AMAX_FLOOR), FP8_MAX)
-    bits = ratio.to(tl.int32, bitcast=True)
-    return ((bits >> 23) & 255) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+        return e8m0_byte(tl.maximum(amax, FP8_AMAX_FLOOR), FP8_MAX) - 127
 
 
 @triton.jit
@@ -99,7 +76,7 @@ def _e4m3_code(y):
 def _e4m3_value(code):
     exponent = (code >> 3) & 15
     mantissa = (code & 7).to(tl.float32)
-    magnitude = tl.where(exponent == 0, mantissa * 0.001953125, (mantissa + 8.0) * _pow2(exponent - 10))
+    magnitude = tl.where(exponent == 0, mantissa * 0.001953125, (mantissa + 8.0) * pow2(exponent - 10))
     return tl.where((code >> 7) != 0, -magnitude, magnitude)
 
 
@@ -114,18 +91,10 @@ def _e2m1_code(y):
 
 
 @triton.jit
-def _e2m1_value(code):
-    level = code & 7
-    magnitude = tl.where(level < 4, level.to(tl.float32) * 0.5,
-                         tl.where(level == 7, 6.0, (level - 2).to(tl.float32)))
-    return tl.where((code & 8) != 0, -magnitude, magnitude)
-
-
-@triton.jit
 def _quantize(blocks, FP4: tl.constexpr):
     """(codes, scale exponents) of fp32 blocks `[n, block]`, as model/quant.py's fake quantisation computes them."""
     exponent = _scale_exponent(tl.max(tl.abs(blocks), axis=1), FP4)
-    scaled = blocks * _pow2(-exponent)[:, None]
+    scaled = blocks * pow2(-exponent)[:, None]
     if FP4:
         codes = _e2m1_code(scaled)
     else:
@@ -136,10 +105,10 @@ def _quantize(blocks, FP4: tl.constexpr):
 @triton.jit
 def _dequantize(codes, exponent, FP4: tl.constexpr):
     if FP4:
-        values = _e2m1_value(codes)
+        values = e2m1_value(codes)
     else:
         values = _e4m3_value(codes)
-    return values * _pow2(exponent)[:, None]
+    return values * pow2(exponent)[:, None]
 
 
 @triton.jit
@@ -211,21 +180,21 @@ def _normalise_and_rotate(x, norm_ptr, cos_ptr, sin_ptr, b, t, cols, cmask, scs_
                           ROTATE: tl.constexpr, STAGES: tl.constexpr, BF16: tl.constexpr):
     """RMSNorm, RoPE on the last 2 * HALF_ROPE dims, then the optional Hadamard transform, each cast as the model
     casts."""
-    x = tl.where(cmask, _cast(x, BF16), 0.0)
+    x = tl.where(cmask, bf16_rounded_if(x, BF16), 0.0)
     mean = tl.math.div_rn(tl.sum(x * x, axis=0), WIDTH * 1.0)
     factor = tl.math.div_rn(1.0, tl.math.sqrt_rn(mean + eps))
-    x = _cast(x * factor * tl.load(norm_ptr + cols, mask=cmask, other=0.0), BF16)
+    x = bf16_rounded_if(x * factor * tl.load(norm_ptr + cols, mask=cmask, other=0.0), BF16)
     even, odd = tl.split(tl.reshape(x, (WIDTH_P2 // 2, 2)))
     pair = tl.arange(0, WIDTH_P2 // 2) - (WIDTH // 2 - HALF_ROPE)
     rope = (pair >= 0) & (pair < HALF_ROPE)
     angle = b * scs_b + t * scs_t + tl.where(rope, pair, 0)
     cos = tl.load(cos_ptr + angle, mask=rope, other=1.0)
     sin = tl.load(sin_ptr + angle, mask=rope, other=0.0)
-    rotated_even = tl.where(rope, _cast(even * cos - odd * sin, BF16), even)
-    rotated_odd = tl.where(rope, _cast(even * sin + odd * cos, BF16), odd)
+    rotated_even = tl.where(rope, bf16_rounded_if(even * cos - odd * sin, BF16), even)
+    rotated_odd = tl.where(rope, bf16_rounded_if(even * sin + odd * cos, BF16), odd)
     x = tl.reshape(tl.join(rotated_even, rotated_odd), (WIDTH_P2,))
     if ROTATE:
-        x = _cast(_hadamard(x, WIDTH_P2, STAGES) * hadamard_scale, BF16)
+        x = bf16_rounded_if(_hadamard(x, WIDTH_P2, STAGES) * hadamard_scale, BF16)
     return x
 
 
@@ -237,7 +206,7 @@ def _store_row(cache_ptr, raw_ptr, row, raw_row, x, cols, cmask, WIDTH_P2: tl.co
     values re-quantised (their scale may be smaller than the first), as the graph packs what the model rounded."""
     blocks = tl.reshape(x, (WIDTH_P2 // BLOCK, BLOCK))
     codes, exponent = _quantize(blocks, FP4)
-    codes, exponent = _quantize(_cast(_dequantize(codes, exponent, FP4), BF16), FP4)
+    codes, exponent = _quantize(bf16_rounded_if(_dequantize(codes, exponent, FP4), BF16), FP4)
     scale_index = tl.arange(0, WIDTH_P2 // BLOCK)
     tl.store(cache_ptr + row + SCALE_OFF + scale_index, (tl.minimum(tl.maximum(exponent + 127, 0), 254)).to(tl.uint8),
              mask=scale_index < ROUNDED // BLOCK)

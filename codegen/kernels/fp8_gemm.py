@@ -20,7 +20,7 @@ is exactly one quantisation block, so no program needs another's result. Where i
     bf16 x, and a K loop of copies, MMAs and the scale multiply only).
 On GPUs the fp32 -> e4m3 conversion is the hardware's (cvt.rn.satfinite: nearest even, saturating: the clamp
 and the rounding in one instruction); under Triton's CPU interpreter, whose conversion rounds wrongly, the kernel
-rounds by hand (`_e4m3_grid`) and converts exactly (its e4m3 dots are exact: fp16 operands, fp32 sums).
+rounds by hand (`e4m3_grid`) and converts exactly (its e4m3 dots are exact: fp16 operands, fp32 sums).
 
 The K loop's instructions a weight byte decide whether a decode GEMM keeps up with the memory
 (bench/fp8_gemm_sass.py counts them on the sm_90a build): masks that cannot mask anything are dropped (K a
@@ -46,6 +46,7 @@ import triton.language as tl
 from dsv4c.codegen.fp8_operands import QUANT_BLOCK, check_operands
 from dsv4c.codegen.kernels.fp8_gemm_launch import Fp8GemmLaunch, fp8_gemm_launch
 from dsv4c.codegen.kernels.launcher import JIT, KernelLaunch
+from dsv4c.codegen.kernels.number_formats import e4m3_grid, e8m0_values
 from dsv4c.codegen.targets import target_for_device
 from dsv4c.model import quant
 
@@ -56,25 +57,6 @@ QUANT_ROWS = 16  # activation rows an act-quant program rounds (one 128-column b
 
 
 # ---- kernels ------------------------------------------------------------------------------------------
-@triton.jit
-def _e8m0_to_float(byte):
-    """e8m0 byte -> 2^(byte - 127) in fp32 (byte 0: the subnormal 2^-127; byte 255: NaN)."""
-    b = byte.to(tl.int32)
-    bits = tl.where(b == 0, 0x00400000, b << 23)
-    bits = tl.where(b == 255, 0x7FC00000, bits)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _e4m3_grid(q):
-    """q (fp32, |q| <= 448) rounded to the nearest e4m3 value, ties to even, as fp32. e4m3 values of q's
-    binade are multiples of s = 2^(max(e, -6) - 3); adding and subtracting 1.5 * 2^23 * s rounds q to a
-    multiple of s in one fp32 addition (round to nearest even, on every backend)."""
-    exponent = (q.to(tl.int32, bitcast=True) >> 23) & 0xFF
-    magic = (((tl.maximum(exponent, 127 - 6) + 20) << 23) | 0x400000).to(tl.float32, bitcast=True)
-    return (q + magic) - magic
-
-
 @triton.jit
 def _quantise_block(x, NATIVE_E4M3: tl.constexpr):
     """x [rows, 128] fp32 (zeros past K) -> (q: e4m3 [rows, 128], s: [rows] power-of-two scales), as
@@ -87,7 +69,7 @@ def _quantise_block(x, NATIVE_E4M3: tl.constexpr):
     amax >= 1e-4 keeps the quotient normal.
     NATIVE_E4M3: the backend converts fp32 -> e4m3 itself (NVIDIA GPUs: cvt.rn.satfinite, to nearest even,
     saturating at +-448, NaN kept: the clamp and the rounding in one instruction a pair); otherwise (Triton's
-    CPU interpreter, whose conversion rounds wrongly) the kernel clamps and rounds by hand (`_e4m3_grid`) and
+    CPU interpreter, whose conversion rounds wrongly) the kernel clamps and rounds by hand (`e4m3_grid`) and
     the conversion is exact."""
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), FP8_AMAX_FLOOR)
     bits = amax.to(tl.int32, bitcast=True)
@@ -98,7 +80,7 @@ def _quantise_block(x, NATIVE_E4M3: tl.constexpr):
     if NATIVE_E4M3:
         return (x * inverse[:, None]).to(tl.float8e4nv), scale
     q = tl.clamp(x * inverse[:, None], -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-    return _e4m3_grid(q).to(tl.float8e4nv), scale
+    return e4m3_grid(q).to(tl.float8e4nv), scale
 
 
 @triton.jit
@@ -134,11 +116,11 @@ def _weight_scale(ws_row, ws_tile, kb, n_mask, BLOCK_N: tl.constexpr, EVEN_N: tl
     """The e8m0 scales of K block kb for the tile's weight rows, as fp32: [BLOCK_N], or one scalar where the
     tile lies in one 128-row scale block (BLOCK_N <= 128: tiles start at multiples of BLOCK_N, which divides 128)."""
     if BLOCK_N <= 128:
-        return _e8m0_to_float(tl.load(ws_tile + kb))
+        return e8m0_values(tl.load(ws_tile + kb))
     elif EVEN_N:
-        return _e8m0_to_float(tl.load(ws_row + kb))
+        return e8m0_values(tl.load(ws_row + kb))
     else:
-        return _e8m0_to_float(tl.load(ws_row + kb, mask=n_mask, other=127))
+        return e8m0_values(tl.load(ws_row + kb, mask=n_mask, other=127))
 
 
 @triton.jit

@@ -27,26 +27,11 @@ import triton.language as tl
 
 from dsv4c.codegen.kernels.lightning_indexer_launch import MIN_DOT, MXFP_BLOCK, IndexerLaunch, indexer_launch
 from dsv4c.codegen.kernels.lightning_indexer_topk import select_topk
+from dsv4c.codegen.kernels.number_formats import e2m1_value, pow2
 from dsv4c.codegen.targets import target_for_device
 
 
 # ---- scores ---------------------------------------------------------------------------------------------
-@triton.jit
-def _pow2(exponent):
-    """2^exponent for integer exponents in the normal fp32 range, exactly (built from the bits)."""
-    return ((exponent + 127).to(tl.int32) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _e2m1_value(code):
-    """fp32 values of e2m1 codes (int32 0..15): magnitude m = code & 7 is m / 2 below 2, else
-    2^((m >> 1) - 1) * (1 + (m & 1) / 2); bit 3 the sign."""
-    m = code & 7
-    normal = _pow2((m >> 1) - 1) * (1.0 + 0.5 * (m & 1).to(tl.float32))
-    magnitude = tl.where(m < 2, 0.5 * m.to(tl.float32), normal)
-    return tl.where((code & 8) != 0, -magnitude, magnitude)
-
-
 @triton.jit
 def _decoded_keys(cache_ptr, row, ok, D: tl.constexpr, QBLOCK: tl.constexpr):
     """Keys [n, D] in fp32 of the packed rows at byte offsets `row` (zeros where not `ok`): byte j holds dims 2j
@@ -55,8 +40,8 @@ def _decoded_keys(cache_ptr, row, ok, D: tl.constexpr, QBLOCK: tl.constexpr):
     packed = tl.load(cache_ptr + row[:, None] + pairs[None, :], mask=ok[:, None], other=0).to(tl.int32)
     sbyte = tl.load(cache_ptr + row[:, None] + D // 2 + (2 * pairs[None, :]) // QBLOCK, mask=ok[:, None],
                     other=127).to(tl.int32)
-    scale = _pow2(sbyte - 127)
-    return tl.interleave(_e2m1_value(packed & 15) * scale, _e2m1_value(packed >> 4) * scale)
+    scale = pow2(sbyte - 127)
+    return tl.interleave(e2m1_value(packed & 15) * scale, e2m1_value(packed >> 4) * scale)
 
 
 @triton.jit

@@ -28,7 +28,7 @@ routed ones of each token, then its shared expert, counted as expert E (weight 1
 
 Activation operands. A matmul's input is rounded once, where it is made, as the reference rounds it
 (model/quant.py): W4A8 to e4m3 per 128 columns (`fake_quant_fp8`), W4A4 to e2m1 per 32 (`fake_quant_fp4`),
-both with power-of-two scales rounded up from the block's amax (`_scale_exponent`); W4A16 (and plain numerics)
+both with power-of-two scales rounded up from the block's amax (`number_formats.e8m0_byte`); W4A16 (and plain numerics)
 not at all. An operand is a buffer [rows, K] in the activation dtype whose rounded rows hold K e4m3 bytes and
 then K / 32 fp32 scales (codegen/kernels/moe_fp4_tiles.py); the routed experts' values in that file's MMA K
 order, the shared expert's in the natural order. `_prepare_kernel` writes x's two ([N, D]: xr, and xs unless
@@ -47,8 +47,8 @@ reference's up to the order of fp32 sums (and, on Hopper, the FP8 MMA's in-group
 scales (tcgen05 kind::mxf4), rounding their unrounded operand (x, the hidden rows) in the loop: the same
 rounding, the same exact products.
 
-bf16 is converted to fp32 right after each load and rounded by hand (`_round`): Triton's CPU interpreter gets
-bf16 arithmetic and conversion wrong.
+bf16 is converted to fp32 right after each load and rounded by hand (`number_formats.rounded_to`): Triton's CPU
+interpreter gets bf16 arithmetic and conversion wrong.
 """
 
 from __future__ import annotations
@@ -59,15 +59,15 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4c.codegen.kernels.fp8_gemm import _e4m3_grid
 from dsv4c.codegen.kernels.moe_fp4_launch import DOWN_ROWS, K_COLUMNS, MoeFp4Launch, moe_fp4_launch
 from dsv4c.codegen.kernels.moe_fp4_tiles import (fp8_block, grouped_product, mma_order, mxfp4_block, operand_diag,
                                                  operand_rows, operand_scale, operand_scale_pointers, operand_scales,
                                                  operand_value_pointers, product)
 from dsv4c.codegen.kernels.routed_moe import (_TRITON_DTYPES, POINTER_TABLES, PointerTables, _check_weight_set,
-                                              _expert_ptr, _round)
+                                              _expert_ptr)
 from dsv4c.codegen import moe_routing
 from dsv4c.codegen.kernels.moe_route import route
+from dsv4c.codegen.kernels.number_formats import e2m1_grid, e4m3_grid, e8m0_byte, rounded_to
 from dsv4c.codegen.moe_routing import Routing
 from dsv4c.codegen.targets import Target, target_for_device
 from dsv4c.model import quant
@@ -84,36 +84,12 @@ FP4_AMAX_FLOOR = tl.constexpr(quant.FP4_AMAX_FLOOR)
 
 # ---- number formats ------------------------------------------------------------------------------------
 @triton.jit
-def _scale_exponent(amax, FMT_MAX: tl.constexpr):
-    """The e8m0 byte (biased exponent) of the smallest power of two s with amax / s <= FMT_MAX (448 or 6), as
-    `quant.power_of_two_scale` takes it from the correctly rounded fp32 r = amax / FMT_MAX (r's exponent, plus
-    one unless r is a power of two); 255 (NaN) for inf or NaN. amax is positive and r normal (the amax floors
-    see to it). Without the division: with amax = M 2^a and FMT_MAX = F 2^f (M, F in [1, 2), F 1.75 or 1.5), r
-    rounds to a power of two exactly when M = F, and its exponent is a - f, less one when M < F; so the byte is
-    a - f + 127 (biased) plus one when M > F."""
-    bits = amax.to(tl.int32, bitcast=True)
-    fmt_bits = tl.full([], FMT_MAX, tl.float32).to(tl.int32, bitcast=True)
-    biased = (bits >> 23) & 0xFF
-    exponent = biased - ((fmt_bits >> 23) - 127) + ((bits & 0x7FFFFF) > (fmt_bits & 0x7FFFFF)).to(tl.int32)
-    return tl.where(biased == 255, 255, exponent)
-
-
-@triton.jit
 def _pow2_pair(exponent):
     """(2^(exponent - 127), its inverse) in fp32, exactly; NaN for exponent 255."""
     finite = exponent < 255
     scale = tl.where(finite, (exponent << 23).to(tl.float32, bitcast=True), float("nan"))
     inverse = tl.where(finite, ((254 - exponent) << 23).to(tl.float32, bitcast=True), float("nan"))
     return scale, inverse
-
-
-@triton.jit
-def _e2m1_grid(q):
-    """q (fp32, |q| <= 6) rounded to the nearest e2m1 value, ties to even: values of q's binade [2^e, 2^(e+1))
-    are multiples of 2^(max(e, 0) - 1), and adding and subtracting 1.5 * 2^23 times that rounds to one."""
-    exponent = (q.to(tl.int32, bitcast=True) >> 23) & 0xFF
-    magic = (((tl.maximum(exponent, 127) + 22) << 23) | 0x400000).to(tl.float32, bitcast=True)
-    return (q + magic) - magic
 
 
 @triton.jit
@@ -135,15 +111,15 @@ def _rounded(a, FMT: tl.constexpr):
     rows: tl.constexpr = a.shape[0]
     if FMT == "fp8":
         amax = tl.maximum(tl.max(tl.abs(a), axis=1), FP8_AMAX_FLOOR)
-        scale, inverse = _pow2_pair(_scale_exponent(amax, 448.0))
+        scale, inverse = _pow2_pair(e8m0_byte(amax, 448.0))
         q = tl.clamp(a * inverse[:, None], -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
-        return _e4m3_grid(q), tl.broadcast_to(scale[:, None], (rows, GROUPS))
+        return e4m3_grid(q), tl.broadcast_to(scale[:, None], (rows, GROUPS))
     elif FMT == "fp4":
         groups = tl.reshape(a, (rows, GROUPS, GROUP))
         amax = tl.maximum(tl.max(tl.abs(groups), axis=2), FP4_AMAX_FLOOR)
-        scale, inverse = _pow2_pair(_scale_exponent(amax, 6.0))
+        scale, inverse = _pow2_pair(e8m0_byte(amax, 6.0))
         q = tl.clamp(groups * inverse[:, :, None], -6.0, 6.0, propagate_nan=tl.PropagateNan.ALL)
-        return tl.reshape(_e2m1_grid(q), (rows, BLOCK)), scale
+        return tl.reshape(e2m1_grid(q), (rows, BLOCK)), scale
     else:
         return a, tl.full([rows, GROUPS], 1.0, tl.float32)
 
@@ -206,9 +182,9 @@ def _accumulate_mxf4(acc, a_rows, a_ok, w_ptr, s_ptr, n, n_ok, kb_start, kb_stop
         a = tl.load(a_rows[:, None] + kb * BLOCK + tl.arange(0, BLOCK)[None, :], mask=a_ok[:, None],
                     other=0.0).to(tl.float32)
         groups = tl.reshape(a, (BLOCK_M, BLOCK // GROUP, GROUP))
-        exponent = _scale_exponent(tl.maximum(tl.max(tl.abs(groups), axis=2), FP4_AMAX_FLOOR), 6.0)
+        exponent = e8m0_byte(tl.maximum(tl.max(tl.abs(groups), axis=2), FP4_AMAX_FLOOR), 6.0)
         _, inverse = _pow2_pair(exponent)
-        q = _e2m1_grid(tl.clamp(groups * inverse[:, :, None], -6.0, 6.0, propagate_nan=tl.PropagateNan.ALL))
+        q = e2m1_grid(tl.clamp(groups * inverse[:, :, None], -6.0, 6.0, propagate_nan=tl.PropagateNan.ALL))
         low, high = tl.split(tl.reshape(_e2m1_code(q), (BLOCK_M, BLOCK // 2, 2)))
         a_packed = (low | (high << 4)).to(tl.uint8)
         w = tl.load(w_ptr + rows[:, None] * (KDIM // 2) + kb * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :],
@@ -335,11 +311,11 @@ def _gate_up_kernel(x_ptr, xr_ptr, xs_ptr, weights_ptr, sorted_ptr, tile_expert_
                                  D // BLOCK, D, SHARED_ACT, True, PRODUCT, NUM_STAGES)
             weight = tl.full([BLOCK_M], 1.0, tl.float32)
             limit = shared_limit
-        g = _round(gate, ACT_DTYPE)
-        u = _round(up, ACT_DTYPE)
+        g = rounded_to(gate, ACT_DTYPE)
+        u = rounded_to(up, ACT_DTYPE)
         g = tl.where(g > limit, limit, g)  # (NaN stays NaN; an absent clamp is a limit of +inf)
         u = tl.where(u > limit, limit, tl.where(u < -limit, -limit, u))
-        h = tl.trans(_round(g * tl.sigmoid(g) * u * weight[None, :], ACT_DTYPE))  # [BM, 128]: one rounding block
+        h = tl.trans(rounded_to(g * tl.sigmoid(g) * u * weight[None, :], ACT_DTYPE))  # [BM, 128]: one rounding block
         if expert < E:
             _store_routed(hidden_ptr, sel, row_ok, tl.program_id(1), h, I, ROUTED_ACT, NATIVE_FP4)
         else:
@@ -393,8 +369,8 @@ def _combine_kernel(part_ptr, out_ptr, S, D, K, SPLITS: tl.constexpr, BLOCK_D: t
         y = tl.zeros([BLOCK_D], dtype=tl.float32)
         for split in tl.static_range(SPLITS):
             y += tl.load(part_ptr + (split * S + sel).to(tl.int64) * D + d, mask=ok, other=0.0)
-        total += _round(y, ACT_DTYPE)
-    tl.store(out_ptr + token.to(tl.int64) * D + d, _round(total, ACT_DTYPE).to(out_ptr.dtype.element_ty), mask=ok)
+        total += rounded_to(y, ACT_DTYPE)
+    tl.store(out_ptr + token.to(tl.int64) * D + d, rounded_to(total, ACT_DTYPE).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 # ---- host wrapper ----------------------------------------------------------------------------------------

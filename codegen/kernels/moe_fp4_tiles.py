@@ -38,6 +38,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from dsv4c.codegen.kernels.number_formats import e8m0_bits, e8m0_values
+
 K_STEP = tl.constexpr(128)  # columns of K a loop step covers (codegen/kernels/moe_fp4_launch.py K_COLUMNS)
 GROUP = tl.constexpr(32)  # columns of one MXFP4 weight scale, and of one operand scale
 MXFP4_WIDENING = tl.constexpr(64.0)  # a widened code is its e2m1 value times 2^-6
@@ -55,20 +57,6 @@ def _bytes(words):
     low = tl.join((words & 0xFF).to(tl.uint8), ((words >> 16) & 0xFF).to(tl.uint8))
     high = tl.join(((words >> 8) & 0xFF).to(tl.uint8), (words >> 24).to(tl.uint8))
     return tl.join(low, high)
-
-
-@triton.jit
-def e8m0_values(byte):
-    """2^(byte - 127) in fp32 of e8m0 bytes (uint8): byte 0 the subnormal 2^-127, 255 NaN."""
-    return _e8m0_bits(byte.to(tl.int32) << 23)
-
-
-@triton.jit
-def _e8m0_bits(bits):
-    """e8m0_values of a byte already in fp32's exponent field (bits 23..30 of int32 `bits`, the rest 0): byte 0
-    becomes 2^-127's bits, and fma(s, 0, s) turns byte 255's +inf into NaN and keeps every finite s."""
-    scale = tl.maximum(bits, 0x400000).to(tl.float32, bitcast=True)
-    return tl.fma(scale, 0.0, scale)
 
 
 @triton.jit
@@ -95,8 +83,8 @@ def _mxfp4_scales(s_ptr, rows, n_ok, kb, KDIM, ALIGNED: tl.constexpr):
         words = s_ptr.to(tl.pointer_type(tl.uint32))
         word = tl.load(words + rows.to(tl.int64) * (KDIM // K_STEP) + kb, mask=n_ok, other=0x7F7F7F7F)
         word = word.to(tl.int32, bitcast=True)
-        return (_e8m0_bits((word << 23) & 0x7F800000), _e8m0_bits((word << 15) & 0x7F800000),
-                _e8m0_bits((word << 7) & 0x7F800000), _e8m0_bits((word >> 1) & 0x7F800000))
+        return (e8m0_bits((word << 23) & 0x7F800000), e8m0_bits((word << 15) & 0x7F800000),
+                e8m0_bits((word << 7) & 0x7F800000), e8m0_bits((word >> 1) & 0x7F800000))
     else:
         start = s_ptr + rows.to(tl.int64) * (KDIM // GROUP) + kb * (K_STEP // GROUP)
         return (e8m0_values(tl.load(start, mask=n_ok, other=127).to(tl.uint8, bitcast=True)),

@@ -23,16 +23,7 @@ import triton
 import triton.language as tl
 
 from dsv4c.codegen.kernels.norm_rope_launch import RowLaunch, row_launch
-
-
-@triton.jit
-def _round(x, BF16: tl.constexpr):
-    """x rounded to the output dtype (bf16: nearest, ties to even, NaN kept; fp32: x), as fp32."""
-    if BF16:
-        bits = x.to(tl.int32, bitcast=True)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-        x = tl.where(x == x, rounded, x)
-    return x
+from dsv4c.codegen.kernels.number_formats import bf16_rounded_if
 
 
 @triton.jit
@@ -41,7 +32,7 @@ def _normed(x, scale, w_ptr, cols, mask, WEIGHT: tl.constexpr, BF16: tl.constexp
     x = x * scale
     if WEIGHT:
         x = x * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    return _round(x, BF16)
+    return bf16_rounded_if(x, BF16)
 
 
 @triton.jit
@@ -74,8 +65,9 @@ def _rows_kernel(x_ptr, w_ptr, pos_ptr, inv_ptr, out_ptr, x_stride, rep, eps,
         cos, sin = tl.cos(angle), tl.sin(angle)
         if INVERSE:
             sin = -sin
-        tl.store(out_row + even_cols, _round(even * cos - odd * sin, BF16).to(out_ptr.dtype.element_ty), mask=ok)
-        tl.store(out_row + even_cols + 1, _round(even * sin + odd * cos, BF16).to(out_ptr.dtype.element_ty), mask=ok)
+        out_dtype = out_ptr.dtype.element_ty
+        tl.store(out_row + even_cols, bf16_rounded_if(even * cos - odd * sin, BF16).to(out_dtype), mask=ok)
+        tl.store(out_row + even_cols + 1, bf16_rounded_if(even * sin + odd * cos, BF16).to(out_dtype), mask=ok)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

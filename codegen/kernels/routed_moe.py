@@ -25,8 +25,8 @@ The table: int64 [6, E] of the data pointers of w1, s1, w3, s3, w2, s2, made onc
 capturing. Every expert's tensors must have one shape, dtype and device; the first expert's are checked
 against x at each call, all of them when the table is made.
 
-bf16 is converted to fp32 right after each load, and rounding to bf16 is done by hand (`_round`): Triton's CPU
-interpreter gets bf16 arithmetic and conversion wrong.
+bf16 is converted to fp32 right after each load, and rounding to bf16 is done by hand
+(`number_formats.rounded_to`): Triton's CPU interpreter gets bf16 arithmetic and conversion wrong.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4c.codegen.kernels.number_formats import e4m3_grid, pow2, rounded_to
 from dsv4c.codegen.targets import Target, target_for_device
 
 QUANT_BLOCK = 128  # values per FP8 scale of the activation rounding
@@ -47,36 +48,6 @@ _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.
 
 
 # ---- kernels ------------------------------------------------------------------------------------------
-@triton.jit
-def _round(x, DTYPE: tl.constexpr):
-    """x (fp32) rounded to DTYPE and back, to nearest even (bf16 by hand: the interpreter truncates)."""
-    if DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-    elif DTYPE == tl.float32:
-        return x
-    else:
-        return x.to(DTYPE).to(tl.float32)
-
-
-@triton.jit
-def _pow2(exponent):
-    """2^exponent (int32, in [-126, 127]) as fp32, exactly."""
-    return ((exponent + 127) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _round_e4m3(v):
-    """v (fp32, |v| <= 448) rounded to the nearest FP8 e4m3 value, ties to even: the quantum is 2^(e - 3) for
-    v in [2^e, 2^(e+1)), 2^-9 below 2^-6 (subnormals); v / quantum is rounded to an integer by adding and
-    subtracting 1.5 * 2^23 (exact: every step is an fp32 operation on powers of two or small integers)."""
-    exponent = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    exponent = tl.maximum(exponent, -6) - 3
-    scaled = v * _pow2(-exponent)
-    return ((scaled + 12582912.0) - 12582912.0) * _pow2(exponent)
-
-
 @triton.jit
 def _act_quant_kernel(src_ptr, dst_ptr, cols):
     """One block of 128 values of one row: `quant.fake_quant_fp8(row, 128)` in fp32. The scale is the
@@ -88,7 +59,7 @@ def _act_quant_kernel(src_ptr, dst_ptr, cols):
     amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-4)
     ratio_bits = tl.div_rn(amax, 448.0).to(tl.int32, bitcast=True)
     exponent = ((ratio_bits >> 23) & 0xFF) - 127 + ((ratio_bits & 0x7FFFFF) != 0).to(tl.int32)
-    y = _round_e4m3(tl.minimum(tl.maximum(x * _pow2(-exponent), -448.0), 448.0)) * _pow2(exponent)
+    y = e4m3_grid(tl.minimum(tl.maximum(x * pow2(-exponent), -448.0), 448.0)) * pow2(exponent)
     tl.store(dst_ptr + row * cols + offs, y)
 
 
@@ -156,13 +127,13 @@ def _gate_up_kernel(x_ptr, ids_ptr, weights_ptr, table_ptr, hidden_ptr, D, I, K,
         group = start + tl.arange(0, BLOCK_G)
         gate = _fp4_tile_dot(w1, s1, rows, row_mask, x_row, group, D // 32, gate)
         up = _fp4_tile_dot(w3, s3, rows, row_mask, x_row, group, D // 32, up)
-    g = _round(tl.sum(gate, axis=1), ACT)
-    u = _round(tl.sum(up, axis=1), ACT)
+    g = rounded_to(tl.sum(gate, axis=1), ACT)
+    u = rounded_to(tl.sum(up, axis=1), ACT)
     if CLAMP:
         g = tl.minimum(g, limit)
         u = tl.minimum(tl.maximum(u, -limit), limit)
     h = g * tl.sigmoid(g) * u * tl.load(weights_ptr + sel)
-    tl.store(hidden_ptr + sel.to(tl.int64) * I + rows, _round(h, ACT), mask=row_mask)
+    tl.store(hidden_ptr + sel.to(tl.int64) * I + rows, rounded_to(h, ACT), mask=row_mask)
 
 
 @triton.jit
@@ -182,7 +153,7 @@ def _down_kernel(hidden_ptr, ids_ptr, table_ptr, out_ptr, D, I, K, E, BLOCK_D: t
         acc = tl.zeros([BLOCK_D, BLOCK_G], dtype=tl.float32)
         for start in range(0, I // 32, BLOCK_G):
             acc = _fp4_tile_dot(w2, s2, rows, row_mask, h_row, start + tl.arange(0, BLOCK_G), I // 32, acc)
-        total += _round(tl.sum(acc, axis=1), ACT)
+        total += rounded_to(tl.sum(acc, axis=1), ACT)
     tl.store(out_ptr + token.to(tl.int64) * D + rows, total, mask=row_mask)
 
 
