@@ -4,7 +4,7 @@
 #   bash bench/gpu_session.sh OUT [SECONDS]          # first call
 #   bash bench/gpu_session.sh OUT --collect SECONDS  # right after, on the same warm machine
 #   bash bench/gpu_session.sh OUT --short            # one call of about 280 s: FP8 check, attention, indexer, MoE, demo
-#   bash bench/gpu_session.sh OUT --steps            # one call of about 480 s: flash-mini's whole step only
+#   bash bench/gpu_session.sh OUT --steps            # one call of about 500 s: flash-mini's whole step, the engine's host cost
 #   bash bench/gpu_session.sh OUT --long             # one call of about 350 s: flash-mini at 4K and 64K, compressor
 #   bash bench/gpu_session.sh OUT --quick [SECONDS]  # one call: flash-mini's step and the demo model at MTP 0..3
 #                                                    # first, then the kernel benches with their Inductor baselines,
@@ -60,8 +60,8 @@ if [ "${2:-}" = "--short" ]; then  # one call of about 280 s: the demo model com
   stamp invariance; timeout 45 python3 bench/batch_invariance_check.py --artifact $work/demo.dsv4c 2>&1 | grep -E "PASS|FAIL|Error|ms" | head -30
   stamp done; exit 0
 fi
-if [ "${2:-}" = "--steps" ]; then  # one call of about 480 s: only flash-mini's whole step, in the foreground: against
-  # eager, with the MoE unfused (the step before the lowering), its profile, against Inductor
+if [ "${2:-}" = "--steps" ]; then  # one call of about 500 s: flash-mini's whole step, in the foreground: against
+  # eager, with the MoE unfused (the step before the lowering), its profile, against Inductor; the engine's host cost
   dsv4c init-checkpoint --preset flash-mini --device cuda --overwrite $work/fm > $work/init_mini.txt 2>&1
   stamp compile;    (dsv4c compile $work/fm -o $work/unfused.dsv4c --target h100 --max-seq-len 4224 --moe unfused \
                        --jobs 8 --overwrite > $work/compile_unfused.txt 2>&1) &
@@ -75,6 +75,7 @@ if [ "${2:-}" = "--steps" ]; then  # one call of about 480 s: only flash-mini's 
   stamp profile;    timeout 40 dsv4c bench $work/mini.dsv4c --context 256 --batch 1 --mtp 0 --steps 10 --profile 2>&1 | tail -22
   stamp inductor;   timeout 100 dsv4c bench $work/mini.dsv4c --batch 1,64 --mtp 0 --baselines inductor \
                       --json $out/step_mini_inductor.json 2>&1 | grep -vE "^\s*$" | tail -12
+  stamp engine-host; timeout 60 python3 bench/engine_host_bench.py --batch 1 8 64 --mtp 0 1 3 2>&1 | tail -9
   stamp done; exit 0
 fi
 if [ "${2:-}" = "--long" ]; then  # one call of about 350 s: flash-mini's step at context 4K against 64K (one artifact

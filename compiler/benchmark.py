@@ -295,7 +295,8 @@ def _baselines(artifact, manifest, cfg, options, rows, reference_tokens, accepte
         weights = _dequantised(store, num, "cuda")
         specs = state_specs(cfg, manifest["max_seq_len"], num)
     for kind in ours:
-        runner = EagerRunner(weights, cfg, num) if kind == "eager" else _InductorRunner(weights, cfg, num)
+        runner = (EagerRunner(weights, cfg, num, invariant=False) if kind == "eager"
+                  else _InductorRunner(weights, cfg, num))
         engine = Engine(runner, specs, manifest["prefill_chunk"], manifest["max_seq_len"], "cuda",
                         vocab_size=cfg.vocab_size)
         progress(f"filling the context for {kind}")
@@ -369,7 +370,7 @@ class _InductorRunner(EagerRunner):
     """The eager reference step through torch.compile (Inductor, max-autotune: CUDA graphs where it can)."""
 
     def __init__(self, weights, cfg, num):
-        super().__init__(weights, cfg, num)
+        super().__init__(weights, cfg, num, invariant=False)
         self._compiled = torch.compile(super().run, mode="max-autotune", dynamic=False)
 
     def run(self, variant, inputs):

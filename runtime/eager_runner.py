@@ -7,10 +7,12 @@ by calling the reference model directly, for any T.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping
 
 import torch
 
+from dsv4c.runtime.batch_invariant import batch_invariant
 from dsv4c.runtime.state_pool import StateSpec
 from dsv4c.model.config import ModelConfig
 from dsv4c.model.step import Weights, forward, init_state, mtp_forward
@@ -25,17 +27,21 @@ def state_specs(cfg: ModelConfig, max_seq_len: int, num: Numerics) -> dict[str, 
 
 
 class EagerRunner:
-    """Runs step variants with the reference model on its weights."""
+    """Runs step variants with the reference model on its weights: inside `batch_invariant()` (each row as it
+    would be alone, the engine's contract), or with `invariant=False` on PyTorch's own kernels (the eager baseline
+    `dsv4c bench` times)."""
 
-    def __init__(self, weights: Weights, cfg: ModelConfig, num: Numerics):
-        self.weights, self.cfg, self.num = weights, cfg, num
+    def __init__(self, weights: Weights, cfg: ModelConfig, num: Numerics, invariant: bool = True):
+        self.weights, self.cfg, self.num, self.invariant = weights, cfg, num, invariant
 
     def run(self, variant: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         kind = variant.split("_t")[0]
         state = {k[len("state."):]: v for k, v in inputs.items() if k.startswith("state.")}
-        if kind == "main":
-            logits, hidden, new = forward(self.weights, state, inputs["tokens"], inputs["start"], self.cfg, self.num)
-        else:
-            logits, hidden, new = mtp_forward(self.weights, state, inputs["tokens"], inputs["hidden"],
-                                              inputs["start"], self.cfg, self.num)
+        with batch_invariant() if self.invariant else contextlib.nullcontext():
+            if kind == "main":
+                logits, hidden, new = forward(self.weights, state, inputs["tokens"], inputs["start"], self.cfg,
+                                              self.num)
+            else:
+                logits, hidden, new = mtp_forward(self.weights, state, inputs["tokens"], inputs["hidden"],
+                                                  inputs["start"], self.cfg, self.num)
         return {"logits": logits, "hidden": hidden, **{f"state.{k}": v for k, v in new.items()}}

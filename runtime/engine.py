@@ -22,8 +22,8 @@ layer having run up to pos - 1 (its output streams g and its logits q1 for the t
   MTP: one step over the main hidden h_pos .. h_{pos+k} paired with the next tokens (the accepted drafts, then
   the new token; padding after) at pos -> row a (a drafts accepted) gives the next q1 and g.
 Each request samples with its own generator (seeded by its seed), consuming it in an order that depends on its
-own tokens only, and every step computes each row as it would alone (runtime/batch_invariant.py): a
-request's tokens do not depend on which others share its steps or on k (greedy).
+own tokens only, and every step computes each row as it would alone (runtime/batch_invariant.py; the runner's
+contract: `StepRunner`): a request's tokens do not depend on which others share its steps or on k (greedy).
 """
 
 from __future__ import annotations
@@ -36,12 +36,16 @@ from typing import Callable, Mapping, Protocol
 import torch
 
 from dsv4c.model.config import MAX_DRAFTS
-from dsv4c.runtime.batch_invariant import batch_invariant
 from dsv4c.runtime.sampler import SamplingParams, sample, target_probs, verify_draft
 from dsv4c.runtime.state_pool import StatePool, StateSpec
 
 
 class StepRunner(Protocol):
+    """Runs a step variant on named inputs, each row as it would alone: BucketRunner's CUDA graphs hold the
+    batch-invariant kernels and its executor runs inside `batch_invariant()`, as EagerRunner's reference does
+    (the engine enters nothing itself: a graph replay dispatches no aten op, and registering the invariant kernels
+    for each step would cost the host about half a millisecond)."""
+
     def run(self, variant: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
 
@@ -155,8 +159,7 @@ class Engine:
         inputs.update(tokens=tokens.to(self.device), start=start.to(self.device))
         if hidden is not None:
             inputs["hidden"] = hidden
-        with batch_invariant():
-            out = self.runner.run(f"{kind}_t{tokens.shape[1]}", inputs)
+        out = self.runner.run(f"{kind}_t{tokens.shape[1]}", inputs)
         self._store(views, out)
         return out["logits"], out["hidden"]
 
@@ -271,90 +274,119 @@ class Engine:
             request.draft_logits, request.draft_hidden = draft_logits[0], draft_hidden[0, -1]
 
     # ---- decoding ---------------------------------------------------------------------------------
-    def _batch_inputs(self, batch: list[_Request], width: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """(rows, tokens [rows, width] zeros, start [rows] zeros) for the slots up to the highest in use."""
+    # A step's tokens and positions are built on the host and sent in one copy each; greedy requests take their
+    # tokens from one argmax over the step's logits and one transfer back. Only sampling requests are handled
+    # one by one, each drawing from its own generator.
+    def _step_inputs(self, batch: list[_Request], tokens: Mapping[int, list[int]],
+                     start: Mapping[int, int]) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(rows, tokens [rows, width], start [rows]) for the slots up to the highest in use: request r's
+        `tokens[r.id]` and `start[r.id]` in its slot's row, zeros in the rows of free slots."""
         rows = max(r.slot for r in batch) + 1
-        return (rows, torch.zeros(rows, width, dtype=torch.long, device=self.device),
-                torch.zeros(rows, dtype=torch.long, device=self.device))
+        token_rows, starts = [[0] * len(tokens[batch[0].id]) for _ in range(rows)], [0] * rows
+        for r in batch:
+            token_rows[r.slot], starts[r.slot] = tokens[r.id], start[r.id]
+        return rows, torch.tensor(token_rows), torch.tensor(starts)
+
+    @staticmethod
+    def _argmax_rows(batch: list[_Request], logits: torch.Tensor) -> list | None:
+        """The argmax of `logits` [rows, ..., V] as (nested) lists, in one transfer; None if no request of
+        `batch` is greedy."""
+        return logits.argmax(-1).tolist() if any(r.sampling.greedy for r in batch) else None
+
+    @staticmethod
+    def _sampled(r: _Request, logits: torch.Tensor) -> int:
+        """A token drawn for r from logits [V] with its own sampling parameters and generator."""
+        return int(sample(logits.view(1, -1), r.sampling, r.generator))
 
     def _decode(self, batch: list[_Request]) -> None:
-        rows, tokens, start = self._batch_inputs(batch, 1)
-        for r in batch:
-            tokens[r.slot, 0], start[r.slot] = r.tokens[-1], r.pos
+        rows, tokens, start = self._step_inputs(batch, {r.id: [r.tokens[-1]] for r in batch},
+                                                {r.id: r.pos for r in batch})
         logits, _ = self._run("main", self._pool().rows(rows), tokens, start)
+        greedy = self._argmax_rows(batch, logits[:, 0])
         for r in batch:
-            r.emit(int(sample(logits[r.slot:r.slot + 1, 0], r.sampling, r.generator)))
+            r.emit(greedy[r.slot] if r.sampling.greedy else self._sampled(r, logits[r.slot, 0]))
             r.pos += 1
             r.steps += 1
 
     def _speculate(self, batch: list[_Request]) -> None:
         k = self.drafts
         views = self._pool().rows(max(r.slot for r in batch) + 1)
-        drafts, draft_probs = self._draft(batch, views, k)
-        rows, tokens, start = self._batch_inputs(batch, k + 1)
-        for r in batch:
-            tokens[r.slot] = torch.tensor([r.tokens[-1], *drafts[r.id]])
-            start[r.slot] = r.pos
+        drafts, usable, draft_probs = self._draft(batch, views, k)
+        starts = {r.id: r.pos for r in batch}
+        _, tokens, start = self._step_inputs(batch, {r.id: [r.tokens[-1], *drafts[r.id]] for r in batch}, starts)
         logits, hidden = self._run("main", views, tokens, start)
-        next_ids = torch.zeros_like(tokens)
-        accepted_counts = {}
+        greedy = self._argmax_rows(batch, logits)
+        emitted = {r.id: self._verify(r, drafts[r.id], usable[r.id], draft_probs[r.id], logits[r.slot],
+                                      greedy[r.slot] if r.sampling.greedy else None) for r in batch}
         for r in batch:
-            emitted = self._verify(r, drafts[r.id], draft_probs[r.id], logits[r.slot])
-            accepted_counts[r.id] = len(emitted) - 1
-            next_ids[r.slot] = torch.tensor(emitted + [emitted[-1]] * (k + 1 - len(emitted)))
-            for token in emitted:
+            for token in emitted[r.id]:
                 r.emit(token)
             r.steps += 1
-        mtp_logits, mtp_hidden = self._run("mtp", views, next_ids, start, hidden)
+        next_ids = {r.id: emitted[r.id] + [emitted[r.id][-1]] * (k + 1 - len(emitted[r.id])) for r in batch}
+        _, next_tokens, _ = self._step_inputs(batch, next_ids, starts)
+        mtp_logits, mtp_hidden = self._run("mtp", views, next_tokens, start, hidden)
         for r in batch:
-            a = accepted_counts[r.id]
+            a = len(emitted[r.id]) - 1
             r.draft_logits, r.draft_hidden = mtp_logits[r.slot, a], mtp_hidden[r.slot, a]
             r.pos += a + 1
 
-    def _draft(self, batch: list[_Request], views: dict[str, torch.Tensor],
-               k: int) -> tuple[dict[int, list[int]], dict[int, list[torch.Tensor]]]:
-        """Each request's k drafts and the distributions they were drawn from: the first from its stored MTP
-        logits, the others from MTP steps on the MTP layer's own output (the draft before, at pos + j - 1)."""
+    def _draft(self, batch: list[_Request], views: dict[str, torch.Tensor], k: int
+               ) -> tuple[dict[int, list[int]], dict[int, list[bool]], dict[int, list[torch.Tensor | None]]]:
+        """Each request's k drafts, whether each came from finite logits, and (sampling requests) the
+        distributions they were drawn from: the first from its stored MTP logits, the others from MTP steps on
+        the MTP layer's own output (the draft before, at pos + j - 1). A draft from logits that are not finite
+        is token 0, counted, and always rejected."""
         drafts: dict[int, list[int]] = {r.id: [] for r in batch}
-        probs: dict[int, list[torch.Tensor]] = {r.id: [] for r in batch}
-        logits = {r.id: r.draft_logits for r in batch}
-        hidden = {r.id: r.draft_hidden for r in batch}
+        usable: dict[int, list[bool]] = {r.id: [] for r in batch}
+        probs: dict[int, list[torch.Tensor | None]] = {r.id: [] for r in batch}
+        logits = torch.stack([r.draft_logits for r in batch])  # [requests, V], batch order
+        hidden = torch.stack([r.draft_hidden for r in batch])
+        slots = torch.tensor([r.slot for r in batch], device=self.device)
         for j in range(k):
-            for r in batch:
-                q = target_probs(logits[r.id], r.sampling)
-                finite = bool(torch.isfinite(logits[r.id]).all())
-                draft = int(sample(logits[r.id].view(1, -1), r.sampling, r.generator)) if finite else 0
+            picks = torch.where(torch.isfinite(logits).all(-1), logits.argmax(-1), -1).tolist()
+            for i, r in enumerate(batch):
+                finite = picks[i] >= 0
                 r.rejected_nonfinite += not finite
+                q = None if r.sampling.greedy else target_probs(logits[i], r.sampling)
+                if not finite:
+                    draft = 0
+                else:
+                    draft = picks[i] if r.sampling.greedy else self._sampled(r, logits[i])
                 drafts[r.id].append(draft)
-                probs[r.id].append(q if finite else torch.full_like(q, float("nan")))
+                usable[r.id].append(finite)
+                probs[r.id].append(q)
             if j == k - 1:
                 break
-            rows, tokens, start = self._batch_inputs(batch, 1)
-            streams = torch.zeros((rows, 1, *batch[0].draft_hidden.shape), dtype=batch[0].draft_hidden.dtype,
-                                  device=self.device)
-            for r in batch:
-                tokens[r.slot, 0], start[r.slot] = drafts[r.id][-1], r.pos + j
-                streams[r.slot, 0] = hidden[r.id]
+            rows, tokens, start = self._step_inputs(batch, {r.id: drafts[r.id][-1:] for r in batch},
+                                                    {r.id: r.pos + j for r in batch})
+            streams = hidden.new_zeros((rows, 1, *hidden.shape[1:]))
+            streams[slots, 0] = hidden
             step_logits, step_hidden = self._run("mtp", views, tokens, start, streams)
-            for r in batch:
-                logits[r.id], hidden[r.id] = step_logits[r.slot, 0], step_hidden[r.slot, 0]
-        return drafts, probs
+            logits, hidden = step_logits[slots, 0], step_hidden[slots, 0]
+        return drafts, usable, probs
 
-    def _verify(self, r: _Request, drafts: list[int], draft_probs: list[torch.Tensor],
-                logits: torch.Tensor) -> list[int]:
+    def _verify(self, r: _Request, drafts: list[int], usable: list[bool], draft_probs: list[torch.Tensor | None],
+                logits: torch.Tensor, greedy: list[int] | None) -> list[int]:
         """The tokens one verification emits for request r: its accepted drafts, then the replacement of the
-        first rejected one or the bonus token after all k (logits [k + 1, V] of the main step)."""
+        first rejected one or the bonus token after all k (logits [k + 1, V] of the main step; `greedy` their
+        argmax for a greedy request, which accepts a usable draft iff it is that argmax)."""
         emitted = []
         for j in range(len(drafts)):
             r.drafted[j] += 1
-        for j, (draft, q) in enumerate(zip(drafts, draft_probs)):
-            p = target_probs(logits[j], r.sampling).view(1, -1)
-            accepted, replacement = verify_draft(p, q.view(1, -1), torch.tensor([draft]), r.sampling, r.generator)
-            if not bool(accepted):
-                return emitted + [int(replacement)]
+        for j, draft in enumerate(drafts):
+            if greedy is not None:
+                if not (usable[j] and draft == greedy[j]):
+                    return emitted + [greedy[j]]
+            else:
+                p = target_probs(logits[j], r.sampling).view(1, -1)
+                q = draft_probs[j] if usable[j] else torch.full_like(p, float("nan"))
+                accepted, replacement = verify_draft(p, q.view(1, -1), torch.tensor([draft]), r.sampling,
+                                                     r.generator)
+                if not bool(accepted):
+                    return emitted + [int(replacement)]
             r.accepted[j] += 1
             emitted.append(draft)
-        return emitted + [int(sample(logits[len(drafts)].view(1, -1), r.sampling, r.generator))]
+        return emitted + [greedy[len(drafts)] if greedy is not None else self._sampled(r, logits[len(drafts)])]
 
     # ---- whole batches ----------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingParams = SamplingParams(),

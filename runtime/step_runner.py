@@ -7,7 +7,9 @@ graphs on, each (variant, bucket) of the per-token variants (decode, MTP verific
 once, at construction, into a CUDA graph over static token/position inputs and the pool's rows; a step then
 copies its tokens in and replays. Other variants (prefill chunks), other state (a row's view during prefill)
 and CPU run the plan's executor directly, still in place. Graph and graph-free paths run the same ops on the
-same buffers, so they give the same tokens (`--no-cuda-graphs` runs the second).
+same buffers, so they give the same tokens (`--no-cuda-graphs` runs the second). Every step is batch-invariant
+(runtime/batch_invariant.py): the graphs are captured inside `batch_invariant()` and the executor runs inside it;
+a replay enters nothing (it dispatches no aten op).
 
 A variant is captured only if its plan writes every state tensor in place (each `state.*` output is its input);
 a graph of a functional plan would leave its new state in graph-owned buffers the next replay never reads.
@@ -69,11 +71,13 @@ class BucketRunner:
         state = {k[len(STATE):]: v for k, v in inputs.items() if k.startswith(STATE)}
         n = self.pool.holds(state)
         if n is None:
-            return executor.run(inputs)
+            with batch_invariant():
+                return executor.run(inputs)
         bucket = bucket_for(n, self.buckets)
         graph = self._graphs.get((variant, bucket))
         if graph is None:
-            return self._trimmed(executor.run(self._padded(inputs, n, bucket)), n)
+            with batch_invariant():
+                return self._trimmed(executor.run(self._padded(inputs, n, bucket)), n)
         for name, value in inputs.items():
             if not name.startswith(STATE):
                 static = graph.inputs[name]

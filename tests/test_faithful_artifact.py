@@ -8,10 +8,10 @@ because no loose bound separates a reordering from wrong math here: an fp32-ulp 
 chaotically by the FP8 requantisations and the bf16 roundings (perturbing the mHC weights by 1e-7 relative moves
 tiny's logits by up to 5e-2), while dropping a rounding moves them by 1e-1 to 2e-1.
 
-Every matmul here has at least two rows (a batch of two sequences; prompts of whole prefill chunks): with one
-row, MKL's CPU matrix-vector product sums in an order that depends on the weight's address, and the artifact's
-weights are loaded at addresses that are not 64-byte aligned (eager's are), so a single-sequence decode step
-now and then flips one bf16 rounding and moves the logits by 1e-2 to 7e-2 (measured on 60 sequences).
+The runtime runs every step batch-invariantly (runtime/batch_invariant.py: each matmul row its own one-row product
+on aligned copies), so the eager side runs inside `batch_invariant()` too; plain MKL sums a product in an order
+that depends on its row count and on the weight's address, and one flipped bf16 rounding moves the logits by 1e-2
+to 7e-2.
 
 The compile is kept small: tiny (every layer kind), max_seq_len 64, prefill chunk 2, no MTP variants.
 """
@@ -26,6 +26,7 @@ from dsv4c.model.checkpoint import Checkpoint, write_synthetic
 from dsv4c.model.numerics import Numerics
 from dsv4c.model.presets import tiny
 from dsv4c.model.step import dequantize_weights, forward, init_state
+from dsv4c.runtime.batch_invariant import batch_invariant
 from dsv4c.runtime.eager_runner import EagerRunner, state_specs
 from dsv4c.runtime.engine import Engine
 from dsv4c.runtime.loader import load
@@ -78,10 +79,12 @@ def artifact_logits(engine: Engine, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def eager_logits(weights, tokens: torch.Tensor) -> torch.Tensor:
+    """The same through the reference model, batch-invariant as the runtime runs every step."""
     state, pieces = init_state(CFG, tokens.shape[0], MAX_SEQ_LEN, NUM), []
-    for a, b in schedule():
-        logits, _, state = forward(weights, state, tokens[:, a:b], torch.full((tokens.shape[0],), a), CFG, NUM)
-        pieces.append(logits.float())
+    with batch_invariant():
+        for a, b in schedule():
+            logits, _, state = forward(weights, state, tokens[:, a:b], torch.full((tokens.shape[0],), a), CFG, NUM)
+            pieces.append(logits.float())
     return torch.cat(pieces, dim=1)
 
 

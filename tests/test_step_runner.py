@@ -6,6 +6,8 @@ compiled and eager differ by fp32 summation order only (relative norm error unde
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -19,6 +21,7 @@ from dsv4c.runtime import capacity
 from dsv4c.runtime.artifact import load_artifact
 from dsv4c.runtime.eager_runner import EagerRunner
 from dsv4c.runtime.loader import load
+from dsv4c.runtime import step_runner
 from dsv4c.runtime.step_runner import BUCKETS, bucket_for
 
 NUM = Numerics.plain(torch.float32)
@@ -88,6 +91,40 @@ def test_state_outside_the_pool_runs_the_plan_directly(artifact):
                                         **{f"state.{k}": v for k, v in state.items()}})
     assert out["state.layers.0.window_kv"].data_ptr() == state["layers.0.window_kv"].data_ptr()
     assert state["layers.0.window_kv"][:, 0].abs().sum() > 0  # position 0's KV written into the given state
+
+
+class _Replay:
+    """A stand-in for a captured CUDA graph (none on CPU): a replay writes 1 into its logits."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+
+    def replay(self) -> None:
+        self.logits.fill_(1.0)
+
+
+def test_only_executed_steps_enter_batch_invariant(artifact, monkeypatch):
+    """The executor's steps run inside `batch_invariant()` (registering the invariant kernels); a graph replay
+    dispatches no aten op, so it enters nothing (the registration would cost its host half a millisecond)."""
+    engine = load(artifact, max_batch=2)
+    entered = []
+
+    @contextlib.contextmanager
+    def counted():
+        entered.append(True)
+        yield
+
+    monkeypatch.setattr(step_runner, "batch_invariant", counted)
+    state = {f"state.{k}": v for k, v in engine.new_state(2).items()}
+    inputs = {"tokens": torch.tensor([[3], [4]]), "start": torch.tensor([0, 0]), **state}
+    engine.runner.run("main_t1", inputs)
+    assert len(entered) == 1
+    logits = torch.zeros(2, 1, CFG.vocab_size)
+    statics = {"tokens": torch.zeros(2, 1, dtype=torch.int64), "start": torch.zeros(2, dtype=torch.int64)}
+    engine.runner._graphs[("main_t1", 2)] = step_runner._Graph(_Replay(logits), statics, {"logits": logits})
+    out = engine.runner.run("main_t1", inputs)
+    assert len(entered) == 1 and torch.equal(out["logits"], torch.ones(2, 1, CFG.vocab_size))
+    assert torch.equal(statics["tokens"], inputs["tokens"])
 
 
 def test_the_memory_plan_sizes_the_pool(artifact):
