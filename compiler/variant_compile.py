@@ -9,6 +9,11 @@ JSON (`Plan.to_json`), the constants its graph created as safetensors, the pass-
 reads them with the same readers, so a compile with N jobs writes the artifact a single job writes
 (tests/test_parallel_compile.py), and nothing crosses between processes but JSON and safetensors.
 
+A worker that refuses its input (the checkpoint, a config field, the options: the errors the CLI reports in one
+line) says why on stdout as JSON and exits with status 2; the parent raises `VariantError` (a ValueError) naming
+the variant, so `dsv4c compile --jobs N` reports it as a one-job compile does. Any other failure is a bug: the
+parent raises RuntimeError with the tail of the worker's traceback.
+
 Capture with torch.export dominates a compile (ten variants with three drafts), and variants are independent: N
 jobs divide that time by up to N, less a worker's start (an interpreter importing torch).
 """
@@ -33,8 +38,8 @@ from safetensors.torch import load_file, save_file
 from dsv4c.compiler.capture import CapturedStep, StepVariant, capture
 from dsv4c.compiler.compile_options import CompileOptions
 from dsv4c.compiler.lowering import graph_constants, plan_from_graph
-from dsv4c.model.checkpoint import Checkpoint
-from dsv4c.model.config import ModelConfig
+from dsv4c.model.checkpoint import Checkpoint, CheckpointError
+from dsv4c.model.config import ConfigError, ModelConfig
 from dsv4c.model.step import CacheRounding, cache_roundings
 from dsv4c.passes.manager import PassContext, dump_enabled
 from dsv4c.passes.pipeline import optimise
@@ -42,6 +47,12 @@ from dsv4c.runtime.artifact_io import saveable
 from dsv4c.runtime.plan import Plan
 
 Progress = Callable[[str], None]
+REFUSED = 2  # a worker's exit status when it refused its input (its stdout: {"error": message})
+INPUT_ERRORS = (ConfigError, CheckpointError, OSError, ValueError, KeyError)  # what a refusal is
+
+
+class VariantError(ValueError):
+    """A variant's worker refused its input; the message names the variant and says why."""
 
 
 @dataclasses.dataclass
@@ -128,21 +139,24 @@ class _Workers:
             if self._stopped:
                 return
             proc = subprocess.Popen([sys.executable, "-m", "dsv4c.compiler.variant_compile"], text=True,
-                                    errors="replace", stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                    errors="replace", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE)
             self._running.add(proc)
         try:
-            _, err = proc.communicate(json.dumps(request))
+            out, err = proc.communicate(json.dumps(request))
         finally:
             with self._lock:
                 self._running.discard(proc)
         if proc.returncode == 0 and dump_enabled():  # the passes' DSV4C_DUMP lines, as a one-job compile prints them
             sys.stderr.write(err)
-        if proc.returncode != 0 and not self._stopped:
-            tail = "\n".join(err.strip().splitlines()[-12:])
-            name = StepVariant(**request["variant"]).name
-            raise RuntimeError(f"compiling variant {name} of {request['checkpoint']} failed "
-                               f"(worker exit status {proc.returncode}):\n{tail}")
+        if proc.returncode == 0 or self._stopped:
+            return
+        name = StepVariant(**request["variant"]).name
+        if proc.returncode == REFUSED:
+            raise VariantError(f"variant {name}: {json.loads(out.strip().splitlines()[-1])['error']}")
+        tail = "\n".join(err.strip().splitlines()[-12:])
+        raise RuntimeError(f"compiling variant {name} of {request['checkpoint']} failed "
+                           f"(worker exit status {proc.returncode}):\n{tail}")
 
     def stop(self) -> None:
         with self._lock:
@@ -197,9 +211,13 @@ def _worker_main() -> None:
     torch.set_num_threads(1)
     request = json.loads(sys.stdin.read())
     _exit_with_parent(os.getppid())
-    ckpt = Checkpoint.open(request["checkpoint"])
-    result = compile_variant(ckpt.config, CompileOptions.from_json(request["options"]), weight_shapes(ckpt),
-                             StepVariant(**request["variant"]), request["pipeline"], tuple(request["served"]))
+    try:
+        ckpt = Checkpoint.open(request["checkpoint"])
+        result = compile_variant(ckpt.config, CompileOptions.from_json(request["options"]), weight_shapes(ckpt),
+                                 StepVariant(**request["variant"]), request["pipeline"], tuple(request["served"]))
+    except INPUT_ERRORS as error:
+        print(json.dumps({"error": str(error.args[0] if isinstance(error, KeyError) and error.args else error)}))
+        sys.exit(REFUSED)
     root = Path(request["folder"])
     root.mkdir()  # in the parent's scratch folder: gone with the parent, so no worker writes after it
     (root / "plan.json").write_text(result.plan.to_json())

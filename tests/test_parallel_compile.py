@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
-from dsv4c.compiler.variant_compile import _Workers, progress_messages
-from dsv4c.model.checkpoint import write_synthetic
+from dsv4c.compiler.variant_compile import VariantError, _Workers, progress_messages
+from dsv4c.model.checkpoint import Checkpoint, CheckpointError, write_synthetic
 from dsv4c.model.numerics import Numerics
 from dsv4c.model.presets import tiny
 from dsv4c.runtime.artifact import load_artifact
@@ -80,11 +80,24 @@ def test_jobs_must_be_positive_and_options_round_trip_through_json():
     assert CompileOptions.from_json(json.loads(json.dumps(options.to_json()))) == options
 
 
-def test_a_failing_worker_names_its_variant_and_says_why(tmp_path):
+def test_a_worker_refusing_its_input_names_its_variant_in_one_line(tmp_path):
+    """A checkpoint that is not there: the CheckpointError's message, as a one-job compile reports it."""
     request = {"checkpoint": str(tmp_path / "gone"), "options": CompileOptions().to_json(),
                "variant": {"kind": "main", "tokens": 1}, "pipeline": "cpu", "served": ["cpu"],
                "folder": str(tmp_path / "out")}
-    with pytest.raises(RuntimeError, match=r"(?s)variant main_t1 of .*gone.*worker exit status 1.*gone"):
+    with pytest.raises(VariantError, match=r"^variant main_t1: [^\n]*gone[^\n]*$") as refused:
+        _Workers().run(request)
+    with pytest.raises(CheckpointError) as direct:
+        Checkpoint.open(tmp_path / "gone")
+    assert str(refused.value) == f"variant main_t1: {direct.value}"
+
+
+def test_a_failing_worker_names_its_variant_and_shows_its_traceback(checkpoint, tmp_path):
+    """Anything but a refusal is a bug: the worker's exit status and its traceback's tail."""
+    request = {"checkpoint": str(checkpoint), "options": CompileOptions().to_json(),
+               "variant": {"kind": "main", "tokens": 1}, "pipeline": "cpu", "served": None,
+               "folder": str(tmp_path / "out")}
+    with pytest.raises(RuntimeError, match=r"(?s)variant main_t1 of .*worker exit status 1.*TypeError"):
         _Workers().run(request)
 
 
