@@ -259,7 +259,8 @@ def bench(artifact: str | Path, options: BenchOptions, progress: Progress = lamb
     for row in rows:
         if row.runner == "dsv4c" and row.batch in reference_tokens:
             row.tokens_match = compiled_tokens[row.batch] == reference_tokens[row.batch]
-    return {"device": torch.cuda.get_device_name(), "versions": _versions(), "context": options.context,
+    return {"artifact": Path(artifact).name, "device": torch.cuda.get_device_name(), "versions": _versions(),
+            "context": options.context,
             "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": [r.to_json(bandwidth) for r in rows],
             "tokens": {"dsv4c": compiled_tokens, "eager": reference_tokens}}
 
@@ -402,6 +403,30 @@ def write_json(report: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
+REPORT_FIELDS = ("device", "context", "copy_bandwidth_gb_s", "rows")
+ROW_FIELDS = ("runner", "batch", "mtp", "step_ms", "host_ms", "tok_s_user", "tok_s_gpu", "floor_bytes",
+              "bandwidth_gb_s", "measured_over_floor", "tokens_match")
+
+
+def read_report(path: str | Path) -> dict:
+    """A report `write_json` wrote, checked for the fields the table and the plot read; BenchError naming the
+    file and the field otherwise."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BenchError(f"--report {path}: not a readable JSON report ({error})") from None
+    if not isinstance(report, dict):
+        raise BenchError(f"--report {path}: not a bench report (a JSON object)")
+    missing = [f for f in REPORT_FIELDS if f not in report]
+    if missing or not isinstance(report["rows"], list):
+        raise BenchError(f"--report {path}: not a bench report (missing {', '.join(missing) or 'a list of rows'})")
+    for i, row in enumerate(report["rows"]):
+        absent = [f for f in ROW_FIELDS if not isinstance(row, dict) or f not in row]
+        if absent:
+            raise BenchError(f"--report {path}: row {i} lacks {', '.join(absent)}")
+    return report
+
+
 def plot(report: dict, path: str | Path) -> None:
     """tok/s/GPU against tok/s/user over the batch sweep, one line per runner and MTP setting (matplotlib)."""
     import matplotlib
@@ -421,7 +446,7 @@ def plot(report: dict, path: str | Path) -> None:
             ax.annotate(str(r["batch"]), (r["tok_s_user"], r["tok_s_gpu"]), fontsize=7)
     ax.set_xlabel("tok/s/user")
     ax.set_ylabel("tok/s/GPU")
-    ax.set_title(f"{report['device']}, context {report['context']}")
+    ax.set_title(", ".join(filter(None, (report.get("artifact"), report["device"], f"context {report['context']}"))))
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()

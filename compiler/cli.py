@@ -542,12 +542,20 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # before the run, not after it
         raise benchmark.BenchError("--plot: matplotlib is not installed (pip install matplotlib)")
-    options = benchmark.BenchOptions(context=args.context, batches=args.batch, mtp=args.mtp,
-                                     baselines=args.baselines, steps=args.steps)
-    with _progress(console, "benchmarking") as say:
-        report = benchmark.bench(args.artifact, options, progress=say)
-    table = Table(title=f"{report['device']}, context {report['context']}, copy "
-                        f"{report['copy_bandwidth_gb_s']:.0f} GB/s")
+    if (args.artifact is None) == (args.report is None):
+        raise benchmark.BenchError("bench: give an artifact to time, or --report FILE to show a saved report")
+    if args.report is not None:
+        if args.json or args.profile:
+            raise benchmark.BenchError("--report: shows a saved report (no --json, no --profile)")
+        report = benchmark.read_report(args.report)
+    else:
+        options = benchmark.BenchOptions(context=args.context, batches=args.batch, mtp=args.mtp,
+                                         baselines=args.baselines, steps=args.steps)
+        with _progress(console, "benchmarking") as say:
+            report = benchmark.bench(args.artifact, options, progress=say)
+    title = (report.get("artifact"), report["device"], f"context {report['context']}",
+             f"copy {report['copy_bandwidth_gb_s']:.0f} GB/s")
+    table = Table(title=", ".join(filter(None, title)))
     for column in benchmark.TABLE_COLUMNS:
         table.add_column(column, justify="right")
     for row in benchmark.table_rows(report):
@@ -568,8 +576,8 @@ def _bench_parser(sub) -> None:
                        "Fill a context, check each variant's greedy tokens against the eager reference, then time "
                        "the decode step (CUDA-graph replays) per batch and MTP setting: step ms, tok/s/user, "
                        "tok/s/GPU, the bytes the step must read, bandwidth, measured/floor; baselines in the same "
-                       "run.", _bench)
-    ben.add_argument("artifact", metavar="ART", help="a compiled artifact folder")
+                       "run. With --report, the table (and --plot) of a saved --json report, without a GPU.", _bench)
+    ben.add_argument("artifact", metavar="ART", nargs="?", help="a compiled artifact folder")
     ben.add_argument("--context", type=cli_args.positive_int, default=4096, metavar="N",
                      help="tokens of context each sequence holds before timing")
     ben.add_argument("--batch", type=cli_args.positive_int_list, default=(1, 8, 32, 64), metavar="B,B",
@@ -583,6 +591,8 @@ def _bench_parser(sub) -> None:
     ben.add_argument("--plot", type=cli_args.output_file, metavar="FILE.png",
                      help="draw tok/s/GPU against tok/s/user (matplotlib)")
     ben.add_argument("--profile", action="store_true", help="print the top kernels of one decode step")
+    ben.add_argument("--report", metavar="FILE", help="show the table (and --plot) of a report --json wrote; times "
+                     "nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:

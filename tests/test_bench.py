@@ -64,3 +64,43 @@ def test_timed_runs_warmup_then_steps_and_takes_medians(monkeypatch):
     calls = []
     device_ms, host_ms = timed(calls.append, steps=4, warmup=3)
     assert calls == list(range(7)) and device_ms == 2.0 and 0 <= host_ms < 1000
+
+
+def _row(runner: str, batch: int, step_ms: float) -> dict:
+    return {"runner": runner, "batch": batch, "mtp": 0, "step_ms": step_ms, "host_ms": 0.1,
+            "tok_s_user": 1e3 / step_ms, "tok_s_gpu": batch * 1e3 / step_ms, "floor_bytes": 1e9,
+            "bandwidth_gb_s": 1.0 / step_ms, "measured_over_floor": 3.0, "tokens_match": runner == "dsv4c" or None}
+
+
+def test_a_saved_report_is_shown_without_a_gpu(tmp_path, capsys, monkeypatch):
+    """`--report` prints a --json report's table (the same rows a run prints), timing nothing."""
+    from dsv4c.compiler.benchmark import write_json
+
+    monkeypatch.setenv("COLUMNS", "200")  # rich's console: the whole table on one line a row
+
+    report = {"artifact": "mini.dsv4c", "device": "NVIDIA H100 80GB HBM3", "versions": {}, "context": 4096,
+              "copy_bandwidth_gb_s": 3000.0, "rows": [_row("dsv4c", 1, 1.97), _row("eager", 1, 81.3)], "tokens": {}}
+    write_json(report, tmp_path / "step.json")
+    assert main(["bench", "--report", str(tmp_path / "step.json")]) == 0
+    out = capsys.readouterr().out
+    assert "mini.dsv4c, NVIDIA H100 80GB HBM3, context 4096" in out
+    assert "1.970" in out and "81.300" in out and "yes" in out
+
+
+@pytest.mark.parametrize("content, says", [
+    ("{", "not a readable JSON report"),
+    ("[]", "not a bench report"),
+    ('{"device": "x", "context": 1, "copy_bandwidth_gb_s": 1}', "missing rows"),
+    ('{"device": "x", "context": 1, "copy_bandwidth_gb_s": 1, "rows": [{"runner": "dsv4c"}]}', "row 0 lacks batch"),
+])
+def test_a_report_that_is_not_one_is_refused_naming_the_file(tmp_path, capsys, content, says):
+    (tmp_path / "r.json").write_text(content)
+    assert main(["bench", "--report", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "r.json") in err and says in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_takes_an_artifact_or_a_report_not_both(tmp_path, capsys):
+    assert main(["bench"]) == 2
+    assert main(["bench", str(tmp_path), "--report", str(tmp_path / "r.json")]) == 2
+    assert capsys.readouterr().err.count("give an artifact to time, or --report FILE") == 2
