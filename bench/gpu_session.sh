@@ -5,6 +5,8 @@
 #   bash bench/gpu_session.sh OUT --collect SECONDS  # right after, on the same warm machine
 #   bash bench/gpu_session.sh OUT --short            # one call of about 280 s: FP8 check, attention, indexer, MoE, demo
 #   bash bench/gpu_session.sh OUT --steps            # one call of about 500 s: flash-mini's whole step, the engine's host cost
+#   bash bench/gpu_session.sh OUT --slice            # one call of about 560 s: flash-slice written, compiled, timed
+#   bash bench/gpu_session.sh OUT --slice-baselines  # right after: flash-slice against eager and Inductor, profile
 #   bash bench/gpu_session.sh OUT --long             # one call of about 350 s: flash-mini at 4K and 64K, compressor
 #   bash bench/gpu_session.sh OUT --quick [SECONDS]  # one call: flash-mini's step and the demo model at MTP 0..3
 #                                                    # first, then the kernel benches with their Inductor baselines,
@@ -76,6 +78,27 @@ if [ "${2:-}" = "--steps" ]; then  # one call of about 500 s: flash-mini's whole
   stamp inductor;   timeout 100 dsv4c bench $work/mini.dsv4c --batch 1,64 --mtp 0 --baselines inductor \
                       --json $out/step_mini_inductor.json 2>&1 | grep -vE "^\s*$" | tail -12
   stamp engine-host; timeout 60 python3 bench/engine_host_bench.py --batch 1 8 64 --mtp 0 1 3 2>&1 | tail -9
+  stamp done; exit 0
+fi
+if [ "${2:-}" = "--slice" ]; then  # one call of about 560 s: flash-slice (34B parameters, an 18.6 GiB checkpoint) written
+  # on the GPU, compiled (fused MoE), the checkpoint deleted (disk: 64 GB), its whole step timed by dsv4c alone at
+  # batch 1-64 and MTP 0-3; the baselines come next (--slice-baselines, on the same warm machine)
+  df -h /tmp | tail -1
+  stamp init;     timeout 240 dsv4c init-checkpoint --preset flash-slice --device cuda --overwrite $work/fs \
+                    > $work/init_slice.txt 2>&1; tail -2 $work/init_slice.txt
+  stamp compile;  timeout 240 dsv4c compile $work/fs -o $work/slice.dsv4c --target h100 --max-seq-len 4224 --jobs 16 \
+                    --overwrite > $work/compile_slice.txt 2>&1; tail -2 $work/compile_slice.txt
+  du -sh $work/fs $work/slice.dsv4c; rm -rf $work/fs
+  stamp bench;    timeout 300 dsv4c bench $work/slice.dsv4c --batch 1,8,32,64 --mtp 0,1,2,3 --baselines "" \
+                    --json $out/step_slice.json 2>&1 | grep -vE "^\s*$" | tail -24
+  stamp done; exit 0
+fi
+if [ "${2:-}" = "--slice-baselines" ]; then  # right after --slice, on the same warm machine (its artifact): the step at
+  # batch 1 and 64 against the eager reference and Inductor of it (bf16 weights: 68 GB), then the profile
+  stamp bench;    timeout 480 dsv4c bench $work/slice.dsv4c --batch 1,64 --mtp 0 --baselines eager,inductor \
+                    --json $out/step_slice_baselines.json 2>&1 | grep -vE "^\s*$" | tail -12
+  stamp profile;  timeout 60 dsv4c bench $work/slice.dsv4c --context 256 --batch 1 --mtp 0 --steps 10 --baselines "" \
+                    --profile 2>&1 | tail -22
   stamp done; exit 0
 fi
 if [ "${2:-}" = "--long" ]; then  # one call of about 350 s: flash-mini's step at context 4K against 64K (one artifact
