@@ -29,6 +29,7 @@ from dsv4c.codegen import moe_fp4
 from dsv4c.compiler.scoring import runner_logits
 from dsv4c.model.demo import demo_checkpoint
 from dsv4c.model.tokenizer import BYTE_BOS_ID, byte_tokenizer
+from dsv4c.runtime.batch_invariant import batch_invariant
 from dsv4c.runtime.executor import Executor, weight_inputs
 from dsv4c.runtime.plan import Plan, PlanOp
 from dsv4c.runtime.state_pool import StatePool, StateSpec
@@ -75,14 +76,16 @@ def with_activations(plan: Plan, activations: str) -> Plan:
 
 
 class _PlanRunner:
-    """Runs step variants by name through their plans' op references on CPU."""
+    """Runs step variants by name through their plans' op references on CPU, batch-invariant as the runtime's
+    runners step them."""
 
     def __init__(self, plans: Mapping[str, Plan], weights: Mapping[str, torch.Tensor]):
         self.executors = {name: Executor(plan, {key: weights[key] for key in set(plan.constants.values())}, "cpu",
                                          weight_inputs(plan, weights)) for name, plan in plans.items()}
 
     def run(self, variant: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.executors[variant].run(inputs)
+        with batch_invariant():
+            return self.executors[variant].run(inputs)
 
 
 def _logits(plans: Mapping[str, Plan], weights: Mapping[str, torch.Tensor], specs: Mapping[str, StateSpec],

@@ -152,8 +152,9 @@ class _Workers:
         if proc.returncode == 0 or self._stopped:
             return
         name = StepVariant(**request["variant"]).name
-        if proc.returncode == REFUSED:
-            raise VariantError(f"variant {name}: {json.loads(out.strip().splitlines()[-1])['error']}")
+        refusal = _refusal(out) if proc.returncode == REFUSED else None
+        if refusal is not None:
+            raise VariantError(f"variant {name}: {refusal}")
         tail = "\n".join(err.strip().splitlines()[-12:])
         raise RuntimeError(f"compiling variant {name} of {request['checkpoint']} failed "
                            f"(worker exit status {proc.returncode}):\n{tail}")
@@ -223,6 +224,15 @@ def _worker_main() -> None:
     (root / "plan.json").write_text(result.plan.to_json())
     (root / "log.json").write_text(json.dumps(result.log))
     save_file(saveable(result.constants), str(root / "constants.safetensors"))
+
+
+def _refusal(stdout: str) -> str | None:
+    """The message of a worker's refusal (its last stdout line, `{"error": message}`); None if there is none."""
+    lines = stdout.strip().splitlines()
+    try:
+        return str(json.loads(lines[-1])["error"]) if lines else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _exit_with_parent(parent: int) -> None:

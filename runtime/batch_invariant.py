@@ -38,9 +38,9 @@ the attention's key ranges, the MoE's shape-only launches: codegen/kernels/fp8_g
 moe_fp4_launch.py). The mHC kernels' tuned launches change with the token count above 8 tokens (tensor-core dots
 on token blocks, codegen/kernels/mhc_launch.py), so the runtime's executors call the mHC ops' CUDA implementations
 bound to `batch_invariant_launch` (one token a program, D split by its size alone, the tuned launch itself up to 8
-tokens: runtime/loader.py `mhc_implementations`) whether or not a block is open. The runtime enters the block for
-every step and for the CUDA-graph captures
-(runtime/engine.py, step_runner.py), so the graphs hold these kernels.
+tokens: runtime/loader.py `mhc_implementations`) whether or not a block is open. The runtime's runners enter the
+block for every step their executors run and for the CUDA-graph captures (runtime/step_runner.py,
+eager_runner.py), so the graphs hold these kernels; a replay dispatches no aten op and enters nothing.
 
 The override is process-wide while a block runs (a kernel registration: `torch.library`); nested blocks share
 it.

@@ -285,7 +285,7 @@ class Engine:
         token_rows, starts = [[0] * len(tokens[batch[0].id]) for _ in range(rows)], [0] * rows
         for r in batch:
             token_rows[r.slot], starts[r.slot] = tokens[r.id], start[r.id]
-        return rows, torch.tensor(token_rows), torch.tensor(starts)
+        return rows, torch.tensor(token_rows, device=self.device), torch.tensor(starts, device=self.device)
 
     @staticmethod
     def _argmax_rows(batch: list[_Request], logits: torch.Tensor) -> list | None:

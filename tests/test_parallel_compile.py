@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
-from dsv4c.compiler.variant_compile import VariantError, _Workers, progress_messages
+from dsv4c.compiler.variant_compile import VariantError, _refusal, _Workers, progress_messages
 from dsv4c.model.checkpoint import Checkpoint, CheckpointError, write_synthetic
 from dsv4c.model.numerics import Numerics
 from dsv4c.model.presets import tiny
@@ -108,3 +108,12 @@ def test_a_worker_passes_on_the_pass_dumps(checkpoint, tmp_path, monkeypatch, ca
                "variant": {"kind": "main", "tokens": 1}, "served": ["cpu"], "folder": str(tmp_path / "main_t1")}
     _Workers().run(request)
     assert "[dsv4c] dead_code: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stdout, message", [
+    ('{"error": "config.json: no field vocab_size"}\n', "config.json: no field vocab_size"),
+    ('a stray line\n{"error": "x"}\n', "x"), ("", None), ("not json\n", None), ('["error"]\n', None),
+    ('{"other": 1}\n', None)])
+def test_only_a_worker_that_said_why_is_a_refusal(stdout, message):
+    """A worker exiting with the refusal status without its JSON line falls back to the traceback's tail."""
+    assert _refusal(stdout) == message
