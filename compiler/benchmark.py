@@ -240,13 +240,13 @@ def bench(artifact: str | Path, options: BenchOptions, progress: Progress = lamb
     filled = {k: v.clone() for k, v in state.items()}
     compiled_tokens = {}
     for batch in options.batches:
-        compiled_tokens[batch] = greedy_tokens(engine.runner, {k: v[:batch] for k, v in state.items()}, last, start,
+        compiled_tokens[batch] = greedy_tokens(engine.runner, engine.pool.rows(batch), last, start,
                                                options.check_steps, in_place=True)
         for k, v in state.items():
             v.copy_(filled[k])
     del filled
     for batch in options.batches:
-        rows_state = {k: v[:batch] for k, v in state.items()}  # the pool's rows: steps replay CUDA graphs
+        rows_state = engine.pool.rows(batch)  # the pool's rows (its own views): steps replay CUDA graphs
         for mtp in options.mtp:
             progress(f"timing dsv4c at batch {batch}, mtp {mtp}")
             ms, host_ms = time_steps(engine.runner, rows_state, last, start, options.steps, mtp)

@@ -149,7 +149,7 @@ class Engine:
         """Copy a step's new state into the pool's views where the runner did not write it in place."""
         for name, view in views.items():
             new = out[f"state.{name}"]
-            if new.data_ptr() != view.data_ptr():
+            if new is not view and new.data_ptr() != view.data_ptr():
                 view.copy_(new)
 
     def _run(self, kind: str, views: dict[str, torch.Tensor], tokens: torch.Tensor, start: torch.Tensor,

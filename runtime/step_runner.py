@@ -45,6 +45,7 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     inputs: dict[str, torch.Tensor]  # static, batch = bucket
     outputs: dict[str, torch.Tensor]
+    keys: frozenset[str]  # every input the graph was captured with: a step replays it only with exactly these
 
 
 class BucketRunner:
@@ -68,22 +69,19 @@ class BucketRunner:
         executor = self.executors.get(variant)
         if executor is None:
             raise KeyError(f"variant {variant!r}: not in this artifact (has {sorted(self.executors)})")
-        state = {k[len(STATE):]: v for k, v in inputs.items() if k.startswith(STATE)}
-        n = self.pool.holds(state)
+        n = self.pool.holds(inputs, STATE)
         if n is None:
             with batch_invariant():
                 return executor.run(inputs)
         bucket = bucket_for(n, self.buckets)
         graph = self._graphs.get((variant, bucket))
-        if graph is None:
+        if graph is None or inputs.keys() != graph.keys:  # the executor pads, checks the names and runs
             with batch_invariant():
                 return self._trimmed(executor.run(self._padded(inputs, n, bucket)), n)
-        for name, value in inputs.items():
-            if not name.startswith(STATE):
-                static = graph.inputs[name]
-                static[:n].copy_(value)
-                if n < bucket:
-                    static[n:].zero_()
+        for name, static in graph.inputs.items():
+            static[:n].copy_(inputs[name])
+            if n < bucket:
+                static[n:].zero_()
         graph.graph.replay()
         return dict(graph.outputs) if n == bucket else self._trimmed(graph.outputs, n)
 
@@ -132,7 +130,8 @@ class BucketRunner:
         with torch.cuda.graph(graph, pool=mempool):
             outputs = executor.run(inputs)
         self._restore(saved)  # warm-up and capture wrote the padding step into the pool
-        return _Graph(graph, {k: v for k, v in inputs.items() if not k.startswith(STATE)}, outputs)
+        return _Graph(graph, {k: v for k, v in inputs.items() if not k.startswith(STATE)}, outputs,
+                      frozenset(inputs))
 
     def _restore(self, saved: Mapping[str, torch.Tensor]) -> None:
         for name, value in saved.items():

@@ -20,6 +20,7 @@ from dsv4c.model.step import dequantize_weights
 from dsv4c.runtime import capacity
 from dsv4c.runtime.artifact import load_artifact
 from dsv4c.runtime.eager_runner import EagerRunner
+from dsv4c.runtime.executor import ExecutorError
 from dsv4c.runtime.loader import load
 from dsv4c.runtime import step_runner
 from dsv4c.runtime.step_runner import BUCKETS, bucket_for
@@ -121,10 +122,15 @@ def test_only_executed_steps_enter_batch_invariant(artifact, monkeypatch):
     assert len(entered) == 1
     logits = torch.zeros(2, 1, CFG.vocab_size)
     statics = {"tokens": torch.zeros(2, 1, dtype=torch.int64), "start": torch.zeros(2, dtype=torch.int64)}
-    engine.runner._graphs[("main_t1", 2)] = step_runner._Graph(_Replay(logits), statics, {"logits": logits})
+    engine.runner._graphs[("main_t1", 2)] = step_runner._Graph(_Replay(logits), statics, {"logits": logits},
+                                                               frozenset(inputs))
     out = engine.runner.run("main_t1", inputs)
     assert len(entered) == 1 and torch.equal(out["logits"], torch.ones(2, 1, CFG.vocab_size))
     assert torch.equal(statics["tokens"], inputs["tokens"])
+    logits.zero_()
+    with pytest.raises(ExecutorError, match="unexpected \\['extra'\\]"):  # not the graph's inputs: the executor says so
+        engine.runner.run("main_t1", {**inputs, "extra": torch.zeros(2)})
+    assert not logits.any()
 
 
 def test_the_memory_plan_sizes_the_pool(artifact):
