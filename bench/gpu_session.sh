@@ -7,6 +7,7 @@
 #   bash bench/gpu_session.sh OUT --steps            # one call of about 500 s: flash-mini's whole step, the engine's host cost
 #   bash bench/gpu_session.sh OUT --slice            # one call of about 560 s: flash-slice written, compiled, timed
 #   bash bench/gpu_session.sh OUT --slice-baselines  # right after: flash-slice against eager and Inductor, profile
+#   bash bench/gpu_session.sh OUT --tune             # one call of about 300 s: the fused MoE's launch grid (issue 14)
 #   bash bench/gpu_session.sh OUT --long             # one call of about 350 s: flash-mini at 4K and 64K, compressor
 #   bash bench/gpu_session.sh OUT --quick [SECONDS]  # one call: flash-mini's step and the demo model at MTP 0..3
 #                                                    # first, then the kernel benches with their Inductor baselines,
@@ -99,6 +100,11 @@ if [ "${2:-}" = "--slice-baselines" ]; then  # right after --slice, on the same 
                     --json $out/step_slice_baselines.json 2>&1 | grep -vE "^\s*$" | tail -12
   stamp profile;  timeout 60 dsv4c bench $work/slice.dsv4c --context 256 --batch 1 --mtp 0 --steps 10 --baselines "" \
                     --profile 2>&1 | tail -22
+  stamp done; exit 0
+fi
+if [ "${2:-}" = "--tune" ]; then  # one call of about 300 s: the fused MoE over a grid of launches at T = 1, 8, 64
+  stamp moe-sweep; timeout 400 python3 bench/moe_bench.py --t 1 8 64 --no-compile --sweep --json "$out/moe_sweep.json" \
+                     2>&1 | grep -vE "^\{" | tail -30
   stamp done; exit 0
 fi
 if [ "${2:-}" = "--long" ]; then  # one call of about 350 s: flash-mini's step at context 4K against 64K (one artifact

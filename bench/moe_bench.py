@@ -21,12 +21,17 @@ experts read differ from set to set and the 3.4 GB of routed weights are not ser
 and reports the bytes a call must read (the router, the distinct selected experts' FP4 codes and e8m0 scales
 of w1, w3, w2, the shared expert's FP8 weights and scales, x), GB/s and the fraction of the device-to-device
 copy bandwidth measured in the same run (the byte floor is bytes / that bandwidth).
-Usage: python bench/moe_bench.py [--t 1 8 32 64 128] [--sets 8] [--no-compile] [--json out.json]
+With --sweep, each T also times the W4A8 op over a grid of launches around the target's choice (num_stages,
+num_warps, the down GEMM's split_k), each checked against the reference first, and prints the five fastest
+beside the target's: what to change in codegen/kernels/moe_fp4_launch.py (the launch must not depend on T).
+Usage: python bench/moe_bench.py [--t 1 8 32 64 128] [--sets 8] [--no-compile] [--sweep] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import math
 
@@ -114,11 +119,36 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
+SWEEP = dict(num_stages=(3, 4, 5, 6), num_warps=(4, 8), split_k=(1, 2, 4, 8))
+
+
+def sweep(launch, t: int, sets: list[tuple], want: torch.Tensor, fused_at, bound: float) -> list[dict]:
+    """The W4A8 op at every launch of the SWEEP grid (the target's own included), fastest first: each launch's
+    median us over the rotating sets, after its output on the first set is checked against the reference
+    (relative error within `bound`, NaN never passes); a launch that fails its check or does not compile is
+    listed with its reason and no time."""
+    out = []
+    for values in itertools.product(*SWEEP.values()):
+        trial = dataclasses.replace(launch, **dict(zip(SWEEP, values)))
+        row = dict(t=t, **dict(zip(SWEEP, values)), chosen=trial == launch)
+        try:
+            err = rel_err(fused_at(trial)(*sets[0]), want)
+            if not err <= bound:
+                row["error"] = f"relative error {err:.1e} > {bound:.1e}"
+            else:
+                row["us"] = graph_us(fused_at(trial), sets)
+        except Exception as error:  # a launch Triton cannot build (registers, shared memory): listed, not fatal
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        out.append(row)
+    return sorted(out, key=lambda r: r.get("us", math.inf))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--t", type=int, nargs="+", default=[1, 8, 32, 64, 128])
     parser.add_argument("--sets", type=int, default=8, help="rotating input sets a graph replay runs")
     parser.add_argument("--no-compile", action="store_true", help="skip the Inductor baseline")
+    parser.add_argument("--sweep", action="store_true", help="also time the W4A8 op over a grid of launches")
     parser.add_argument("--json", help="write the rows and the environment here")
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -126,8 +156,9 @@ def main() -> None:
     router, bias = router_weights(gen)
     launch = moe_fp4_launch(target_for_device("cuda"), E, K, D, I, "w4a8", True)
     gbps, rows = copy_gbps(), []
-    fused = lambda x, acts: kernels.moe_fp4(x, router, bias, None, None, ROUTING, lists, shared, LIMIT,  # noqa
-                                            LIMIT, acts, True)
+    fused = lambda x, acts, at=None: kernels.moe_fp4(x, router, bias, None, None, ROUTING, lists, shared,  # noqa
+                                                     LIMIT, LIMIT, acts, True, launch=at)
+    fused_at = lambda at: lambda x, i, w: fused(x, "w4a8", at)  # noqa
     variants = {
         "moe_fp4_w4a8": lambda x, i, w: fused(x, "w4a8"),
         "moe_fp4_w4a16": lambda x, i, w: fused(x, "w4a16"),
@@ -164,6 +195,13 @@ def main() -> None:
               f"(inductor {row.get('inductor_us', float('nan')):7.1f}) "
               f"us  err {row['rel_err_w4a8']:.1e} / {row['rel_err_before']:.1e}  same experts "
               f"{row['same_experts']:.0%}", flush=True)
+        if args.sweep:
+            row["sweep"] = sweep(launch, t, sets, want, fused_at, max(2 * row["rel_err_w4a8"], 1e-3))
+            for r in [r for r in row["sweep"] if "us" in r][:5] + [r for r in row["sweep"] if r["chosen"]]:
+                us = r.get("us", math.nan)
+                mark = "  <- the target's launch" if r["chosen"] else ""
+                print(f"    stages {r['num_stages']} warps {r['num_warps']} split_k {r['split_k']}: {us:7.1f} us "
+                      f"({row['floor_us'] / us:.0%} of floor){mark} {r.get('error', '')}")
     env = dict(environment(), copy_gbps=gbps)
     print(json.dumps(env))
     if args.json:
