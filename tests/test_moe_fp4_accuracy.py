@@ -5,9 +5,9 @@ demo model (its byte tokenizer: its held-out text; hash- and score-routed layers
 `--moe w4a4`, no MTP, max_seq_len 32 (31 tokens; the compiles dominate the time):
 the record's fields and text, `dsv4c inspect` printing it, and (on tiny) its numbers recomputed here from the
 artifact's own plans through the runtime's runner (the W4A4 plans as stored, the same plans with every moe_fp4
-switched to W4A8): equal, since both runs are the same CPU references on the same values, batch-invariant both. W4A4 rounds every
-activation of the routed experts to e2m1, so the two distributions differ (KL > 0) but not by everything
-(agreement well above chance). (A compile without `--moe w4a4` records nothing: tests/test_moe_fp4_artifact.py.)
+switched to W4A8): equal, since both runs are the same CPU references on the same values, batch-invariant both.
+W4A4 rounds every activation of the routed experts to e2m1, so the two distributions differ (KL > 0) but not by
+everything (agreement well above chance). (A compile without `--moe w4a4` records nothing: tests/test_moe_fp4_artifact.py.)
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ conversions and model/quant.py, exactly (bit for bit where not said otherwise; N
   subnormals to 448, against torch's fp32 -> float8_e4m3fn conversion (by value: what rounds to zero is +0);
 - e2m1_grid / e2m1_value: the e2m1 values, midpoints and random values in [-6, 6] against quant.float_to_e2m1;
   all 16 codes against quant.e2m1_to_float;
-- e8m0_values: all 256 bytes against quant.e8m0_to_float (0: 2^-127, 255: NaN); pow2 over [-126, 127];
+- e8m0_values: all 256 bytes against quant.e8m0_to_float (0: 2^-127, 255: NaN); pow2 over [-126, 127]; e8m0_pair
+  (scale and inverse) over bytes 1 to 253 and 255;
 - e8m0_byte: amaxes of every binade from the format's floor up, and the powers of two times the format maximum
-  and one fp32 step above them, against quant.power_of_two_scale (448 and 6).
+  and one fp32 step above them, against quant.power_of_two_scale (448 and 6); inf and NaN give 255.
 
 Each function runs in a one-line probe kernel in a spawned child that sets TRITON_INTERPRET first.
 """
@@ -73,6 +74,10 @@ def _define_probe() -> None:
             y = nf.e8m0_values(x.to(tl.uint8))
         elif OP == "pow2":
             y = nf.pow2(x)
+        elif OP == "e8m0_scale":
+            y = nf.e8m0_pair(x)[0]
+        elif OP == "e8m0_inverse":
+            y = nf.e8m0_pair(x)[1]
         else:
             y = nf.e8m0_byte(x, ARG)
         tl.store(out_ptr + i, y, mask=ok)
@@ -147,9 +152,14 @@ def test_e8m0_values_and_powers_of_two_are_the_models(interpreter):
                 bytes_)
     exponents = torch.arange(-126, 128, dtype=torch.int32)
     assert_same(interpreter("pow2", exponents, torch.float32), quant.pow2(exponents), exponents)
+    scales = torch.cat([torch.arange(1, 254), torch.tensor([255])]).to(torch.int32)  # e8m0_pair's bytes, and 255
+    assert_same(interpreter("e8m0_scale", scales, torch.float32), quant.e8m0_to_float(scales.to(torch.uint8)), scales)
+    inverse = torch.where(scales < 255, 1 / quant.e8m0_to_float(scales.to(torch.uint8)), torch.nan)
+    assert_same(interpreter("e8m0_inverse", scales, torch.float32), inverse, scales)
 
 
-@pytest.mark.parametrize("fmt_max,floor", [(quant.FP8_MAX, quant.FP8_AMAX_FLOOR), (quant.FP4_MAX, quant.FP4_AMAX_FLOOR)])
+@pytest.mark.parametrize("fmt_max,floor", [(quant.FP8_MAX, quant.FP8_AMAX_FLOOR),
+                                           (quant.FP4_MAX, quant.FP4_AMAX_FLOOR)])
 def test_e8m0_byte_is_the_models_scale(interpreter, fmt_max, floor):
     powers = fmt_max * 2.0 ** torch.arange(-20, 12, dtype=torch.float32)
     above = torch.nextafter(powers, torch.tensor(float("inf")))
@@ -158,3 +168,5 @@ def test_e8m0_byte_is_the_models_scale(interpreter, fmt_max, floor):
     want = quant.float_to_e8m0(quant.power_of_two_scale(amax, fmt_max)).view(torch.uint8).to(torch.int32)
     got = interpreter("e8m0_byte", amax, torch.int32, fmt_max)
     assert torch.equal(got, want), amax[got != want][:5]
+    non_finite = torch.tensor([float("inf"), float("nan")])
+    assert interpreter("e8m0_byte", non_finite, torch.int32, fmt_max).tolist() == [255, 255]  # e8m0's NaN

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from dsv4c.codegen.kernels.batch_invariant_launch import MatmulLaunch, matmul_launch
-from dsv4c.codegen.kernels.fp8_gemm import SUM_BLOCK, _round_bf16, _split_sum_kernel
+from dsv4c.codegen.kernels.fp8_gemm import SUM_BLOCK, _split_sum_kernel
+from dsv4c.codegen.kernels.number_formats import bf16_rounded
 from dsv4c.codegen.targets import target_for_device
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -100,7 +101,7 @@ def _matmul_kernel(a_ptr, b_ptr, out_ptr, M, N, K, G, sag, sam, sak, sbg, sbk, s
         tl.store(out_ptr + split.to(tl.int64) * G * M * N + offsets, acc, mask=mask)
     else:
         if out_ptr.dtype.element_ty == tl.bfloat16:
-            acc = _round_bf16(acc)
+            acc = bf16_rounded(acc)
         tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from dsv4c.codegen.kernels.batch_invariant_launch import ReduceLaunch, reduce_launch
-from dsv4c.codegen.kernels.fp8_gemm import _round_bf16
+from dsv4c.codegen.kernels.number_formats import bf16_rounded
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ALIGNMENT = 16  # bytes: the pointer divisibility Triton's JIT specialises on
@@ -46,7 +46,7 @@ def _columns(OUTER, L: tl.constexpr, INNER: tl.constexpr, BLOCK_COLS: tl.constex
 @triton.jit
 def _stored(value, out_ptr, offsets, mask):
     if out_ptr.dtype.element_ty == tl.bfloat16:
-        value = _round_bf16(value)
+        value = bf16_rounded(value)
     tl.store(out_ptr + offsets, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 

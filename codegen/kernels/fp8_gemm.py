@@ -46,7 +46,7 @@ import triton.language as tl
 from dsv4c.codegen.fp8_operands import QUANT_BLOCK, check_operands
 from dsv4c.codegen.kernels.fp8_gemm_launch import Fp8GemmLaunch, fp8_gemm_launch
 from dsv4c.codegen.kernels.launcher import JIT, KernelLaunch
-from dsv4c.codegen.kernels.number_formats import e4m3_grid, e8m0_values
+from dsv4c.codegen.kernels.number_formats import bf16_rounded, e4m3_grid, e8m0_byte, e8m0_pair, e8m0_values
 from dsv4c.codegen.targets import target_for_device
 from dsv4c.model import quant
 
@@ -72,23 +72,11 @@ def _quantise_block(x, NATIVE_E4M3: tl.constexpr):
     CPU interpreter, whose conversion rounds wrongly) the kernel clamps and rounds by hand (`e4m3_grid`) and
     the conversion is exact."""
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), FP8_AMAX_FLOOR)
-    bits = amax.to(tl.int32, bitcast=True)
-    finite = (bits >> 23) < 255
-    exponent = (bits >> 23) - 8 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)  # biased: 2^(exponent - 127)
-    scale = tl.where(finite, (exponent << 23).to(tl.float32, bitcast=True), float("nan"))
-    inverse = tl.where(finite, ((254 - exponent) << 23).to(tl.float32, bitcast=True), float("nan"))
+    scale, inverse = e8m0_pair(e8m0_byte(amax, 448.0))
     if NATIVE_E4M3:
         return (x * inverse[:, None]).to(tl.float8e4nv), scale
     q = tl.clamp(x * inverse[:, None], -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
     return e4m3_grid(q).to(tl.float8e4nv), scale
-
-
-@triton.jit
-def _round_bf16(x):
-    """x (fp32) rounded to bf16's grid, to nearest even, still fp32: the cast that follows is exact
-    (Triton's CPU interpreter truncates fp32 -> bf16)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -207,7 +195,7 @@ def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, stride_xm, 
         tl.store(out, acc, mask=n_mask[:, None] & m_mask[None, :])
     else:
         if out_ptr.dtype.element_ty == tl.bfloat16:
-            acc = _round_bf16(acc)
+            acc = bf16_rounded(acc)
         tl.store(out_ptr + m[None, :] * N + n[:, None], acc.to(out_ptr.dtype.element_ty),
                  mask=n_mask[:, None] & m_mask[None, :])
 
@@ -243,7 +231,7 @@ def _split_sum_kernel(part_ptr, out_ptr, MN, SPLITS: tl.constexpr, BLOCK: tl.con
     for s in tl.static_range(0, SPLITS):
         acc += tl.load(part_ptr + s * MN + i, mask=mask, other=0.0)
     if out_ptr.dtype.element_ty == tl.bfloat16:
-        acc = _round_bf16(acc)
+        acc = bf16_rounded(acc)
     tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 

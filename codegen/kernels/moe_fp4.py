@@ -67,7 +67,7 @@ from dsv4c.codegen.kernels.routed_moe import (_TRITON_DTYPES, POINTER_TABLES, Po
                                               _expert_ptr)
 from dsv4c.codegen import moe_routing
 from dsv4c.codegen.kernels.moe_route import route
-from dsv4c.codegen.kernels.number_formats import e2m1_grid, e4m3_grid, e8m0_byte, rounded_to
+from dsv4c.codegen.kernels.number_formats import e2m1_grid, e4m3_grid, e8m0_byte, e8m0_pair, rounded_to
 from dsv4c.codegen.moe_routing import Routing
 from dsv4c.codegen.targets import Target, target_for_device
 from dsv4c.model import quant
@@ -83,15 +83,6 @@ FP4_AMAX_FLOOR = tl.constexpr(quant.FP4_AMAX_FLOOR)
 
 
 # ---- number formats ------------------------------------------------------------------------------------
-@triton.jit
-def _pow2_pair(exponent):
-    """(2^(exponent - 127), its inverse) in fp32, exactly; NaN for exponent 255."""
-    finite = exponent < 255
-    scale = tl.where(finite, (exponent << 23).to(tl.float32, bitcast=True), float("nan"))
-    inverse = tl.where(finite, ((254 - exponent) << 23).to(tl.float32, bitcast=True), float("nan"))
-    return scale, inverse
-
-
 @triton.jit
 def _e2m1_code(q):
     """The 4-bit e2m1 code (int32, bit 3 the sign) of q, an e2m1 value: 0, .5, 1, 1.5 -> 0..3; 2, 3 -> 4, 5;
@@ -111,13 +102,13 @@ def _rounded(a, FMT: tl.constexpr):
     rows: tl.constexpr = a.shape[0]
     if FMT == "fp8":
         amax = tl.maximum(tl.max(tl.abs(a), axis=1), FP8_AMAX_FLOOR)
-        scale, inverse = _pow2_pair(e8m0_byte(amax, 448.0))
+        scale, inverse = e8m0_pair(e8m0_byte(amax, 448.0))
         q = tl.clamp(a * inverse[:, None], -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
         return e4m3_grid(q), tl.broadcast_to(scale[:, None], (rows, GROUPS))
     elif FMT == "fp4":
         groups = tl.reshape(a, (rows, GROUPS, GROUP))
         amax = tl.maximum(tl.max(tl.abs(groups), axis=2), FP4_AMAX_FLOOR)
-        scale, inverse = _pow2_pair(e8m0_byte(amax, 6.0))
+        scale, inverse = e8m0_pair(e8m0_byte(amax, 6.0))
         q = tl.clamp(groups * inverse[:, :, None], -6.0, 6.0, propagate_nan=tl.PropagateNan.ALL)
         return tl.reshape(e2m1_grid(q), (rows, BLOCK)), scale
     else:
@@ -183,7 +174,7 @@ def _accumulate_mxf4(acc, a_rows, a_ok, w_ptr, s_ptr, n, n_ok, kb_start, kb_stop
                     other=0.0).to(tl.float32)
         groups = tl.reshape(a, (BLOCK_M, BLOCK // GROUP, GROUP))
         exponent = e8m0_byte(tl.maximum(tl.max(tl.abs(groups), axis=2), FP4_AMAX_FLOOR), 6.0)
-        _, inverse = _pow2_pair(exponent)
+        _, inverse = e8m0_pair(exponent)
         q = e2m1_grid(tl.clamp(groups * inverse[:, :, None], -6.0, 6.0, propagate_nan=tl.PropagateNan.ALL))
         low, high = tl.split(tl.reshape(_e2m1_code(q), (BLOCK_M, BLOCK // 2, 2)))
         a_packed = (low | (high << 4)).to(tl.uint8)

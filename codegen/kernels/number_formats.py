@@ -1,6 +1,7 @@
 """The model's number formats inside Triton kernels: exact roundings and decodings on fp32 bits.
 
-Every kernel that rounds to bf16, e4m3 or e2m1, or decodes e8m0 scales and e2m1 codes, calls these. They work
+Every kernel that rounds to bf16, e4m3 or e2m1, or decodes e8m0 scales and e2m1 codes, calls these (but the
+mHC kernels, below). They work
 on integer bits and exact fp32 additions, so the CPU interpreter (whose fp32 -> bf16 and fp32 -> fp8
 conversions truncate) and the GPU round the same way: round to nearest, ties to even, as torch converts.
 
@@ -13,6 +14,9 @@ conversions truncate) and the GPU round the same way: round to nearest, ties to 
     e2m1_value(code)          the value of a 4-bit e2m1 code (bit 3 the sign)
     e8m0_byte(amax, M)        the e8m0 byte of quant.power_of_two_scale for a block of amax and format maximum M
     e8m0_values(byte)         2^(byte - 127) of e8m0 bytes; e8m0_bits(bits) the same from the exponent field
+    e8m0_pair(byte)           (2^(byte - 127), its inverse) of int32 bytes 1 to 253, NaN for 255
+
+The mHC kernels keep their own bf16 rounding (codegen/kernels/mhc_kernels.py `_round`).
 """
 
 from __future__ import annotations
@@ -111,3 +115,13 @@ def e8m0_bits(bits):
     becomes 2^-127's bits, and fma(s, 0, s) turns byte 255's +inf into NaN and keeps every finite s."""
     scale = tl.maximum(bits, 0x400000).to(tl.float32, bitcast=True)
     return tl.fma(scale, 0.0, scale)
+
+
+@triton.jit
+def e8m0_pair(byte):
+    """(2^(byte - 127), its inverse) in fp32 of int32 e8m0 bytes in [1, 253], exactly (a scale's byte: amax /
+    448 or / 6 lies far below 2^126); NaN for 255 (an amax that was inf or NaN)."""
+    finite = byte < 255
+    scale = tl.where(finite, (byte << 23).to(tl.float32, bitcast=True), float("nan"))
+    inverse = tl.where(finite, ((254 - byte) << 23).to(tl.float32, bitcast=True), float("nan"))
+    return scale, inverse

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4c.codegen.kernels.number_formats import e4m3_grid, pow2, rounded_to
+from dsv4c.codegen.kernels.number_formats import e2m1_value, e4m3_grid, e8m0_byte, e8m0_values, pow2, rounded_to
 from dsv4c.codegen.targets import Target, target_for_device
 
 QUANT_BLOCK = 128  # values per FP8 scale of the activation rounding
@@ -51,32 +51,15 @@ _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.
 @triton.jit
 def _act_quant_kernel(src_ptr, dst_ptr, cols):
     """One block of 128 values of one row: `quant.fake_quant_fp8(row, 128)` in fp32. The scale is the
-    smallest power of two s with amax / s <= 448 (amax floored at 1e-4), taken from the bits of the
-    correctly rounded fp32 quotient amax / 448, as `quant.power_of_two_scale` does."""
+    smallest power of two s with amax / s <= 448 (amax floored at 1e-4), as `quant.power_of_two_scale` takes it
+    (`number_formats.e8m0_byte`)."""
     row = tl.program_id(0)
     offs = tl.program_id(1) * 128 + tl.arange(0, 128)
     x = tl.load(src_ptr + row * cols + offs).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-4)
-    ratio_bits = tl.div_rn(amax, 448.0).to(tl.int32, bitcast=True)
-    exponent = ((ratio_bits >> 23) & 0xFF) - 127 + ((ratio_bits & 0x7FFFFF) != 0).to(tl.int32)
+    exponent = e8m0_byte(amax, 448.0) - 127
     y = e4m3_grid(tl.minimum(tl.maximum(x * pow2(-exponent), -448.0), 448.0)) * pow2(exponent)
     tl.store(dst_ptr + row * cols + offs, y)
-
-
-@triton.jit
-def _e2m1(code):
-    """The fp32 value of 4-bit e2m1 codes (int32 0..15, bit 3 the sign): 0, 0.5, 1, 1.5, 2, 3, 4, 6. The code's
-    exponent and mantissa bits placed at fp16's give 2^-14 times the value (code 1 an fp16 subnormal, which
-    the conversion to fp32 keeps exactly)."""
-    half = ((code & 7) << 9 | (code & 8) << 12).to(tl.int16).to(tl.float16, bitcast=True)
-    return half.to(tl.float32) * 16384.0
-
-
-@triton.jit
-def _e8m0(byte):
-    """The fp32 value 2^(byte - 127) of e8m0 scale bytes (int32 0..255); 255 is NaN, 0 the subnormal 2^-127."""
-    value = tl.where(byte == 0, 0x00400000, byte << 23).to(tl.float32, bitcast=True)
-    return tl.where(byte == 255, float("nan"), value)
 
 
 @triton.jit
@@ -100,10 +83,10 @@ def _fp4_tile_dot(w_ptr, s_ptr, rows, row_mask, x_ptr, group, n_groups, acc):
                      other=0).to(tl.int32) & 0xFF
     x_even = tl.load(x_ptr + 2 * byte, mask=group_mask[:, None], other=0.0).to(tl.float32)
     x_odd = tl.load(x_ptr + 2 * byte + 1, mask=group_mask[:, None], other=0.0).to(tl.float32)
-    sums = tl.sum(_e2m1(packed & 0xF) * x_even[None, :, :] + _e2m1(packed >> 4) * x_odd[None, :, :], axis=2)
+    sums = tl.sum(e2m1_value(packed & 0xF) * x_even[None, :, :] + e2m1_value(packed >> 4) * x_odd[None, :, :], axis=2)
     scale = tl.load(s_ptr + rows[:, None] * n_groups + group[None, :], mask=row_mask[:, None] & group_mask[None, :],
                     other=127)
-    return acc + sums * _e8m0(scale.to(tl.int32))
+    return acc + sums * e8m0_values(scale.to(tl.int32))
 
 
 @triton.jit
