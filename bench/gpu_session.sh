@@ -85,20 +85,20 @@ if [ "${2:-}" = "--slice" ]; then  # one call of about 560 s: flash-slice (34B p
   # on the GPU, compiled (fused MoE), the checkpoint deleted (disk: 64 GB), its whole step timed by dsv4c alone at
   # batch 1-64 and MTP 0-3; the baselines come next (--slice-baselines, on the same warm machine)
   df -h /tmp | tail -1
-  stamp init;     timeout 240 dsv4c init-checkpoint --preset flash-slice --device cuda --overwrite $work/fs \
+  stamp init;     timeout 170 dsv4c init-checkpoint --preset flash-slice --device cuda --overwrite $work/fs \
                     > $work/init_slice.txt 2>&1; tail -2 $work/init_slice.txt
-  stamp compile;  timeout 240 dsv4c compile $work/fs -o $work/slice.dsv4c --target h100 --max-seq-len 4224 --jobs 16 \
+  stamp compile;  timeout 150 dsv4c compile $work/fs -o $work/slice.dsv4c --target h100 --max-seq-len 4224 --jobs 16 \
                     --overwrite > $work/compile_slice.txt 2>&1; tail -2 $work/compile_slice.txt
   du -sh $work/fs $work/slice.dsv4c; rm -rf $work/fs
-  stamp bench;    timeout 300 dsv4c bench $work/slice.dsv4c --batch 1,8,32,64 --mtp 0,1,2,3 --baselines "" \
+  stamp bench;    timeout 240 dsv4c bench $work/slice.dsv4c --batch 1,8,32,64 --mtp 0,1,2,3 --baselines "" \
                     --json $out/step_slice.json 2>&1 | grep -vE "^\s*$" | tail -24
   stamp done; exit 0
 fi
 if [ "${2:-}" = "--slice-baselines" ]; then  # right after --slice, on the same warm machine (its artifact): the step at
   # batch 1 and 64 against the eager reference and Inductor of it (bf16 weights: 68 GB), then the profile
-  stamp bench;    timeout 480 dsv4c bench $work/slice.dsv4c --batch 1,64 --mtp 0 --baselines eager,inductor \
+  stamp bench;    timeout 500 dsv4c bench $work/slice.dsv4c --batch 1,64 --mtp 0 --baselines eager,inductor \
                     --json $out/step_slice_baselines.json 2>&1 | grep -vE "^\s*$" | tail -12
-  stamp profile;  timeout 60 dsv4c bench $work/slice.dsv4c --context 256 --batch 1 --mtp 0 --steps 10 --baselines "" \
+  stamp profile;  timeout 80 dsv4c bench $work/slice.dsv4c --context 256 --batch 1 --mtp 0 --steps 10 --baselines "" \
                     --profile 2>&1 | tail -22
   stamp done; exit 0
 fi

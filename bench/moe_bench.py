@@ -197,7 +197,8 @@ def main() -> None:
               f"{row['same_experts']:.0%}", flush=True)
         if args.sweep:
             row["sweep"] = sweep(launch, t, sets, want, fused_at, max(2 * row["rel_err_w4a8"], 1e-3))
-            for r in [r for r in row["sweep"] if "us" in r][:5] + [r for r in row["sweep"] if r["chosen"]]:
+            fastest = [r for r in row["sweep"] if "us" in r][:5]
+            for r in fastest + [r for r in row["sweep"] if r["chosen"] and r not in fastest]:
                 us = r.get("us", math.nan)
                 mark = "  <- the target's launch" if r["chosen"] else ""
                 print(f"    stages {r['num_stages']} warps {r['num_warps']} split_k {r['split_k']}: {us:7.1f} us "

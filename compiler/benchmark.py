@@ -424,6 +424,9 @@ def read_report(path: str | Path) -> dict:
         absent = [f for f in ROW_FIELDS if not isinstance(row, dict) or f not in row]
         if absent:
             raise BenchError(f"--report {path}: row {i} lacks {', '.join(absent)}")
+        numbers = [f for f in ROW_FIELDS[1:-1] if not isinstance(row[f], (int, float))]
+        if numbers or row["tokens_match"] not in (True, False, None):
+            raise BenchError(f"--report {path}: row {i}: {', '.join(numbers) or 'tokens_match'} of the wrong type")
     return report
 
 
@@ -446,11 +449,19 @@ def plot(report: dict, path: str | Path) -> None:
             ax.annotate(str(r["batch"]), (r["tok_s_user"], r["tok_s_gpu"]), fontsize=7)
     ax.set_xlabel("tok/s/user")
     ax.set_ylabel("tok/s/GPU")
-    ax.set_title(", ".join(filter(None, (report.get("artifact"), report["device"], f"context {report['context']}"))))
+    ax.set_title(report_title(report, copy=False))
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def report_title(report: dict, copy: bool = True) -> str:
+    """The artifact (reports before it was recorded have none), the card, the context and (`copy`) the measured
+    copy bandwidth."""
+    parts = (report.get("artifact"), report["device"], f"context {report['context']}",
+             f"copy {report['copy_bandwidth_gb_s']:.0f} GB/s" if copy else None)
+    return ", ".join(p for p in parts if p)
 
 
 def table_rows(report: dict) -> list[Sequence[str]]:

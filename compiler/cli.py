@@ -28,9 +28,10 @@ from tokenizers import Tokenizer
 
 from dsv4c.compiler import cli_args
 from dsv4c.compiler.cli_args import OneLineParser, read_token_ids
+from dsv4c.compiler.input_errors import INPUT_ERRORS, one_line
 from dsv4c.compiler.scoring import runner_logits, score, score_logits
-from dsv4c.model.checkpoint import Checkpoint, CheckpointError, summary, write_synthetic
-from dsv4c.model.config import ConfigError, ModelConfig
+from dsv4c.model.checkpoint import Checkpoint, summary, write_synthetic
+from dsv4c.model.config import ModelConfig
 from dsv4c.model.numerics import Numerics
 from dsv4c.model.presets import PRESETS, preset
 from dsv4c.model.config import MAX_DRAFTS
@@ -553,9 +554,7 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
                                          baselines=args.baselines, steps=args.steps)
         with _progress(console, "benchmarking") as say:
             report = benchmark.bench(args.artifact, options, progress=say)
-    title = (report.get("artifact"), report["device"], f"context {report['context']}",
-             f"copy {report['copy_bandwidth_gb_s']:.0f} GB/s")
-    table = Table(title=", ".join(filter(None, title)))
+    table = Table(title=benchmark.report_title(report))
     for column in benchmark.TABLE_COLUMNS:
         table.add_column(column, justify="right")
     for row in benchmark.table_rows(report):
@@ -608,11 +607,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(error: BaseException) -> str:
-    message = error.args[0] if isinstance(error, KeyError) and error.args else error
-    return " ".join(line.strip() for line in str(message).splitlines())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -625,9 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dsv4c {args.command}: interrupted", file=sys.stderr)
         return INTERRUPTED
-    except (ConfigError, CheckpointError, OSError, ValueError, KeyError) as error:
-        # ArtifactError, PlanError and SamplingParams errors are ValueErrors; OSError: unreadable or unwritable files
-        print(f"dsv4c {args.command}: error: {_one_line(error)}", file=sys.stderr)
+    except INPUT_ERRORS as error:
+        print(f"dsv4c {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
 
 

@@ -9,8 +9,8 @@ JSON (`Plan.to_json`), the constants its graph created as safetensors, the pass-
 reads them with the same readers, so a compile with N jobs writes the artifact a single job writes
 (tests/test_parallel_compile.py), and nothing crosses between processes but JSON and safetensors.
 
-A worker that refuses its input (the checkpoint, a config field, the options: the errors the CLI reports in one
-line) says why on stdout as JSON and exits with status 2; the parent raises `VariantError` (a ValueError) naming
+A worker that refuses its input (the checkpoint, a config field, the options: compiler/input_errors.py, what the
+CLI reports in one line) says why on stdout as JSON and exits with status 2; the parent raises `VariantError` (a ValueError) naming
 the variant, so `dsv4c compile --jobs N` reports it as a one-job compile does. Any other failure is a bug: the
 parent raises RuntimeError with the tail of the worker's traceback.
 
@@ -37,9 +37,10 @@ from safetensors.torch import load_file, save_file
 
 from dsv4c.compiler.capture import CapturedStep, StepVariant, capture
 from dsv4c.compiler.compile_options import CompileOptions
+from dsv4c.compiler.input_errors import INPUT_ERRORS, one_line
 from dsv4c.compiler.lowering import graph_constants, plan_from_graph
-from dsv4c.model.checkpoint import Checkpoint, CheckpointError
-from dsv4c.model.config import ConfigError, ModelConfig
+from dsv4c.model.checkpoint import Checkpoint
+from dsv4c.model.config import ModelConfig
 from dsv4c.model.step import CacheRounding, cache_roundings
 from dsv4c.passes.manager import PassContext, dump_enabled
 from dsv4c.passes.pipeline import optimise
@@ -48,7 +49,6 @@ from dsv4c.runtime.plan import Plan
 
 Progress = Callable[[str], None]
 REFUSED = 2  # a worker's exit status when it refused its input (its stdout: {"error": message})
-INPUT_ERRORS = (ConfigError, CheckpointError, OSError, ValueError, KeyError)  # what a refusal is
 
 
 class VariantError(ValueError):
@@ -217,7 +217,7 @@ def _worker_main() -> None:
         result = compile_variant(ckpt.config, CompileOptions.from_json(request["options"]), weight_shapes(ckpt),
                                  StepVariant(**request["variant"]), request["pipeline"], tuple(request["served"]))
     except INPUT_ERRORS as error:
-        print(json.dumps({"error": str(error.args[0] if isinstance(error, KeyError) and error.args else error)}))
+        print(json.dumps({"error": one_line(error)}))
         sys.exit(REFUSED)
     root = Path(request["folder"])
     root.mkdir()  # in the parent's scratch folder: gone with the parent, so no worker writes after it

@@ -36,7 +36,7 @@ from typing import Callable, Mapping, Protocol
 import torch
 
 from dsv4c.model.config import MAX_DRAFTS
-from dsv4c.runtime.sampler import SamplingParams, sample, target_probs, verify_draft
+from dsv4c.runtime.sampler import SamplingParams, draw, sample, target_probs, verify_draft
 from dsv4c.runtime.state_pool import StatePool, StateSpec
 
 
@@ -44,7 +44,7 @@ class StepRunner(Protocol):
     """Runs a step variant on named inputs, each row as it would alone: BucketRunner's CUDA graphs hold the
     batch-invariant kernels and its executor runs inside `batch_invariant()`, as EagerRunner's reference does
     (the engine enters nothing itself: a graph replay dispatches no aten op, and registering the invariant kernels
-    for each step would cost the host about half a millisecond)."""
+    is host work a replay would pay for nothing)."""
 
     def run(self, variant: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
@@ -351,7 +351,7 @@ class Engine:
                 if not finite:
                     draft = 0
                 else:
-                    draft = picks[i] if r.sampling.greedy else self._sampled(r, logits[i])
+                    draft = picks[i] if r.sampling.greedy else int(draw(q.view(1, -1), r.generator))
                 drafts[r.id].append(draft)
                 usable[r.id].append(finite)
                 probs[r.id].append(q)

@@ -1,11 +1,10 @@
 """The state pool: every cache and compressor state of `rows` sequence slots, allocated once.
 
 A batch of n sequences uses rows 0..n-1 (`rows(n)` gives views, so a step that writes its state in place
-writes into the pool; the same view objects every call, so a runner recognises them by identity, in a few
-microseconds at Flash's 230 state tensors, instead of comparing storage tensor by tensor). Nothing is
-reallocated between steps: compiled steps update their state inputs in place (passes/reinplace_state.py), and
-the CUDA graphs of the step runner are captured over these views.
-Every row holds the artifact's max_seq_len positions; runtime/capacity.py says what that costs per layer kind and
+writes into the pool; the same view objects every call, so a runner recognises them by identity instead of
+comparing storage tensor by tensor). Nothing is reallocated between steps: compiled steps update their state
+inputs in place (passes/reinplace_state.py), and the CUDA graphs of the step runner are captured over these
+views. Every row holds the artifact's max_seq_len positions; runtime/capacity.py says what that costs per layer kind and
 how many rows fit.
 """
 

@@ -88,7 +88,7 @@ class BucketRunner:
     def _padded(self, inputs: Mapping[str, torch.Tensor], n: int, bucket: int) -> dict[str, torch.Tensor]:
         out = {STATE + k: v for k, v in self.pool.rows(bucket).items()}
         for name, value in inputs.items():
-            if not name.startswith(STATE):
+            if name not in out:  # the step's own inputs, and any the pool does not hold (the executor names them)
                 pad = value.new_zeros((bucket - n, *value.shape[1:]))
                 out[name] = torch.cat((value, pad)) if bucket > n else value
         return out

@@ -1,5 +1,7 @@
 """`dsv4c bench`'s refusals (CPU): each a single line naming the flag, before any work."""
 
+import json
+
 import pytest
 
 from dsv4c.compiler.benchmark import BenchError, BenchOptions, validate
@@ -92,6 +94,10 @@ def test_a_saved_report_is_shown_without_a_gpu(tmp_path, capsys, monkeypatch):
     ("[]", "not a bench report"),
     ('{"device": "x", "context": 1, "copy_bandwidth_gb_s": 1}', "missing rows"),
     ('{"device": "x", "context": 1, "copy_bandwidth_gb_s": 1, "rows": [{"runner": "dsv4c"}]}', "row 0 lacks batch"),
+    ('{"device": "x", "context": 1, "copy_bandwidth_gb_s": 1, "rows": [%s]}'
+     % json.dumps({**_row("dsv4c", 1, 2.0), "step_ms": "fast"}), "row 0: step_ms of the wrong type"),
+    ('{"device": "x", "context": 1, "copy_bandwidth_gb_s": 1, "rows": [%s]}'
+     % json.dumps({**_row("dsv4c", 1, 2.0), "tokens_match": "x"}), "row 0: tokens_match of the wrong type"),
 ])
 def test_a_report_that_is_not_one_is_refused_naming_the_file(tmp_path, capsys, content, says):
     (tmp_path / "r.json").write_text(content)

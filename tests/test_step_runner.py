@@ -106,7 +106,7 @@ class _Replay:
 
 def test_only_executed_steps_enter_batch_invariant(artifact, monkeypatch):
     """The executor's steps run inside `batch_invariant()` (registering the invariant kernels); a graph replay
-    dispatches no aten op, so it enters nothing (the registration would cost its host half a millisecond)."""
+    dispatches no aten op, so it enters nothing (the registration would be host work for nothing)."""
     engine = load(artifact, max_batch=2)
     entered = []
 
@@ -131,6 +131,16 @@ def test_only_executed_steps_enter_batch_invariant(artifact, monkeypatch):
     with pytest.raises(ExecutorError, match="unexpected \\['extra'\\]"):  # not the graph's inputs: the executor says so
         engine.runner.run("main_t1", {**inputs, "extra": torch.zeros(2)})
     assert not logits.any()
+
+
+def test_a_state_input_the_pool_does_not_hold_is_named_not_dropped(artifact):
+    """Pool rows plus a `state.*` input the plan does not take: the padded run passes it on and the executor
+    names it."""
+    engine = load(artifact, max_batch=4)
+    inputs = {"tokens": torch.tensor([[3], [4], [5]]), "start": torch.tensor([0, 0, 0]),
+              **{f"state.{k}": v for k, v in engine.new_state(3).items()}, "state.bogus": torch.zeros(3)}
+    with pytest.raises(ExecutorError, match=r"unexpected \['state.bogus'\]"):
+        engine.runner.run("main_t1", inputs)
 
 
 def test_the_memory_plan_sizes_the_pool(artifact):
