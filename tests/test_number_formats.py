@@ -2,7 +2,8 @@
 conversions and model/quant.py, exactly (bit for bit where not said otherwise; NaN where the reference is NaN):
 
 - bf16_rounded: random fp32 bit patterns of every binade, the exact ties (half a bf16 step) and one bit on either
-  side of them, signed zeros, subnormals, the largest finite values (which round to inf), inf and NaN, against
+  side of them, signed zeros, subnormals, the largest finite values (which round to inf), inf, NaN and the GPU's
+  NaN 0x7FFFFFFF (all mantissa bits set: a rounding carry would make it -0), against
   torch's fp32 -> bf16 conversion; bf16_rounded_if and rounded_to(bf16 / fp32) against the same or identity;
 - e4m3_grid: every e4m3 value, every midpoint between neighbours (ties), random values of every binade from the
   subnormals to 448, against torch's fp32 -> float8_e4m3fn conversion (by value: what rounds to zero is +0);
@@ -108,7 +109,8 @@ def bf16_inputs() -> torch.Tensor:
     on_grid = torch.randint(-2 ** 15, 2 ** 15 - 1, (3000,), dtype=torch.int64) << 16
     ties = torch.cat([on_grid + d for d in (0x7FFF, 0x8000, 0x8001)])
     special = torch.tensor([0.0, -0.0, 1e-45, -1e-40, 3.4e38, -3.4e38, float("inf"), -float("inf"), float("nan")])
-    return torch.cat([_fp32(random), _fp32(ties), special])
+    gpu_nans = _fp32(torch.tensor([0x7FFFFFFF, -1]))  # a GPU's NaN, and with the sign: rounding must not carry out
+    return torch.cat([_fp32(random), _fp32(ties), special, gpu_nans])
 
 
 def test_bf16_rounding_is_torchs_conversion(interpreter):
