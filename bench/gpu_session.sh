@@ -6,7 +6,7 @@
 #   bash bench/gpu_session.sh OUT --short            # one call of about 280 s: FP8 check, attention, indexer, MoE, demo
 #   bash bench/gpu_session.sh OUT --steps            # one call of about 500 s: flash-mini's whole step, the engine's host cost
 #   bash bench/gpu_session.sh OUT --slice            # one call of about 560 s: flash-slice written, compiled, timed
-#   bash bench/gpu_session.sh OUT --slice-baselines  # right after: flash-slice against eager and Inductor, profile
+#   bash bench/gpu_session.sh OUT --slice-baselines  # right after: flash-slice against eager, profile, Inductor
 #   bash bench/gpu_session.sh OUT --tune             # one call of about 300 s: the fused MoE's launch grid (issue 14)
 #   bash bench/gpu_session.sh OUT --long             # one call of about 350 s: flash-mini at 4K and 64K, compressor
 #   bash bench/gpu_session.sh OUT --quick [SECONDS]  # one call: flash-mini's step and the demo model at MTP 0..3
@@ -95,11 +95,14 @@ if [ "${2:-}" = "--slice" ]; then  # one call of about 560 s: flash-slice (34B p
   stamp done; exit 0
 fi
 if [ "${2:-}" = "--slice-baselines" ]; then  # right after --slice, on the same warm machine (its artifact): the step at
-  # batch 1 and 64 against the eager reference and Inductor of it (bf16 weights: 68 GB), then the profile
-  stamp bench;    timeout 500 dsv4c bench $work/slice.dsv4c --batch 1,64 --mtp 0 --baselines eager,inductor \
-                    --json $out/step_slice_baselines.json 2>&1 | grep -vE "^\s*$" | tail -12
-  stamp profile;  timeout 80 dsv4c bench $work/slice.dsv4c --context 256 --batch 1 --mtp 0 --steps 10 --baselines "" \
+  # batch 1 and 64 against the eager reference (bf16 weights: 68 GB), its profile, then against Inductor of the
+  # reference (each bench its own report: a baseline that runs out of time leaves the others)
+  stamp eager;    timeout 230 dsv4c bench $work/slice.dsv4c --batch 1,64 --mtp 0 --baselines eager \
+                    --json $out/step_slice_eager.json 2>&1 | grep -vE "^\s*$" | tail -10
+  stamp profile;  timeout 60 dsv4c bench $work/slice.dsv4c --context 256 --batch 1 --mtp 0 --steps 10 --baselines "" \
                     --profile 2>&1 | tail -22
+  stamp inductor; timeout 290 dsv4c bench $work/slice.dsv4c --batch 1,64 --mtp 0 --baselines inductor \
+                    --json $out/step_slice_inductor.json 2>&1 | grep -vE "^\s*$" | tail -10
   stamp done; exit 0
 fi
 if [ "${2:-}" = "--tune" ]; then  # one call of about 300 s: the fused MoE over a grid of launches at T = 1, 8, 64
