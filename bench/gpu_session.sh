@@ -5,8 +5,8 @@
 #   bash bench/gpu_session.sh OUT --collect SECONDS  # right after, on the same warm machine
 #   bash bench/gpu_session.sh OUT --short            # one call of about 280 s: FP8 check, attention, indexer, MoE, demo
 #   bash bench/gpu_session.sh OUT --steps            # one call of about 500 s: flash-mini's whole step, the engine's host cost
-#   bash bench/gpu_session.sh OUT --slice            # one call of about 560 s: flash-slice written, compiled, timed
-#   bash bench/gpu_session.sh OUT --slice-baselines  # right after: flash-slice against eager, profile, Inductor
+#   bash bench/gpu_session.sh OUT --slice [SECONDS]  # one call (585 s): flash-slice written, compiled, timed, eager
+#   bash bench/gpu_session.sh OUT --slice-baselines  # right after: what --slice left, Inductor, the profile
 #   bash bench/gpu_session.sh OUT --tune             # one call of about 300 s: the fused MoE's launch grid (issue 14)
 #   bash bench/gpu_session.sh OUT --long             # one call of about 350 s: flash-mini at 4K and 64K, compressor
 #   bash bench/gpu_session.sh OUT --quick [SECONDS]  # one call: flash-mini's step and the demo model at MTP 0..3
@@ -81,28 +81,36 @@ if [ "${2:-}" = "--steps" ]; then  # one call of about 500 s: flash-mini's whole
   stamp engine-host; timeout 60 python3 bench/engine_host_bench.py --batch 1 8 64 --mtp 0 1 3 2>&1 | tail -9
   stamp done; exit 0
 fi
-if [ "${2:-}" = "--slice" ]; then  # one call of about 560 s: flash-slice (34B parameters, an 18.6 GiB checkpoint) written
-  # on the GPU, compiled (fused MoE), the checkpoint deleted (disk: 64 GB), its whole step timed by dsv4c alone at
-  # batch 1-64 and MTP 0-3; the baselines come next (--slice-baselines, on the same warm machine)
+if [ "${2:-}" = "--slice" ]; then  # one call of at most ${3:-585} s: flash-slice (34B parameters, an 18.6 GiB checkpoint)
+  # written on the GPU, compiled (fused MoE), the checkpoint deleted (disk: 64 GB), its whole step timed by dsv4c
+  # alone at batch 1-64 and MTP 0-3; then, in the time left, against the eager reference at batch 1 and 64 (bf16
+  # weights: 68 GB) and the profile. --slice-baselines (same warm machine) does what did not fit, and Inductor.
+  deadline=${3:-585}; left() { local l=$(( deadline - ($(date +%s) - t0) )); echo $(( l > 5 ? l : 5 )); }
   df -h /tmp | tail -1
   stamp init;     timeout 170 dsv4c init-checkpoint --preset flash-slice --device cuda --overwrite $work/fs \
                     > $work/init_slice.txt 2>&1; tail -2 $work/init_slice.txt
-  stamp compile;  timeout 150 dsv4c compile $work/fs -o $work/slice.dsv4c --target h100 --max-seq-len 4224 --jobs 16 \
+  stamp compile;  timeout 170 dsv4c compile $work/fs -o $work/slice.dsv4c --target h100 --max-seq-len 4224 --jobs 16 \
                     --overwrite > $work/compile_slice.txt 2>&1; tail -2 $work/compile_slice.txt
   du -sh $work/fs $work/slice.dsv4c; rm -rf $work/fs
-  stamp bench;    timeout 240 dsv4c bench $work/slice.dsv4c --batch 1,8,32,64 --mtp 0,1,2,3 --baselines "" \
+  stamp bench;    timeout $(left) dsv4c bench $work/slice.dsv4c --batch 1,8,32,64 --mtp 0,1,2,3 --baselines "" \
                     --json $out/step_slice.json 2>&1 | grep -vE "^\s*$" | tail -24
+  [ "$(left)" -gt 60 ] && { stamp eager; timeout $(left) dsv4c bench $work/slice.dsv4c --batch 1,64 --mtp 0 \
+                    --baselines eager --json $out/step_slice_eager.json 2>&1 | grep -vE "^\s*$" | tail -10
+                  [ -f $out/step_slice_eager.json ] && touch $work/step_slice_eager.done; }
+  [ "$(left)" -gt 30 ] && { stamp profile; timeout $(left) dsv4c bench $work/slice.dsv4c --context 256 --batch 1 \
+                    --mtp 0 --steps 10 --baselines "" --profile 2>&1 | tail -22; }
   stamp done; exit 0
 fi
-if [ "${2:-}" = "--slice-baselines" ]; then  # right after --slice, on the same warm machine (its artifact): the step at
-  # batch 1 and 64 against the eager reference (bf16 weights: 68 GB), its profile, then against Inductor of the
-  # reference (each bench its own report: a baseline that runs out of time leaves the others)
-  stamp eager;    timeout 230 dsv4c bench $work/slice.dsv4c --batch 1,64 --mtp 0 --baselines eager \
-                    --json $out/step_slice_eager.json 2>&1 | grep -vE "^\s*$" | tail -10
-  stamp profile;  timeout 60 dsv4c bench $work/slice.dsv4c --context 256 --batch 1 --mtp 0 --steps 10 --baselines "" \
-                    --profile 2>&1 | tail -22
-  stamp inductor; timeout 290 dsv4c bench $work/slice.dsv4c --batch 1,64 --mtp 0 --baselines inductor \
+if [ "${2:-}" = "--slice-baselines" ]; then  # right after --slice, on the same warm machine (its artifact): what
+  # --slice left undone (the eager reference at batch 1 and 64, the profile), then Inductor of the reference
+  deadline=${3:-585}; left() { local l=$(( deadline - ($(date +%s) - t0) )); echo $(( l > 5 ? l : 5 )); }
+  [ -d $work/slice.dsv4c ] || { echo "no flash-slice artifact on this machine: run --slice first"; exit 1; }
+  [ -f $work/step_slice_eager.done ] || { stamp eager; timeout 230 dsv4c bench $work/slice.dsv4c --batch 1,64 \
+                    --mtp 0 --baselines eager --json $out/step_slice_eager.json 2>&1 | grep -vE "^\s*$" | tail -10; }
+  stamp inductor; timeout $(( $(left) > 90 ? $(left) - 60 : 30 )) dsv4c bench $work/slice.dsv4c --batch 1,64 --mtp 0 --baselines inductor \
                     --json $out/step_slice_inductor.json 2>&1 | grep -vE "^\s*$" | tail -10
+  stamp profile;  timeout $(left) dsv4c bench $work/slice.dsv4c --context 256 --batch 1 --mtp 0 --steps 10 \
+                    --baselines "" --profile 2>&1 | tail -22
   stamp done; exit 0
 fi
 if [ "${2:-}" = "--tune" ]; then  # one call of about 300 s: the fused MoE over a grid of launches at T = 1, 8, 64
