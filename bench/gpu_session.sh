@@ -89,6 +89,10 @@ if [ "${2:-}" = "--slice" ]; then  # one call of at most ${3:-585} s: flash-slic
   df -h /tmp | tail -1
   stamp init;     timeout 170 dsv4c init-checkpoint --preset flash-slice --device cuda --overwrite $work/fs \
                     > $work/init_slice.txt 2>&1; tail -2 $work/init_slice.txt
+  # the GPU checks (graph replay against the graph-free executor; the writer's bytes on the GPU against the CPU's)
+  # run beside the compile, which uses only the CPU
+  (timeout 150 python3 bench/step_graph_bench.py --batch 1 8 > $work/step_graph.txt 2>&1
+   timeout 90 python3 bench/synthetic_gpu_check.py > $work/synthetic.txt 2>&1) &
   stamp compile;  timeout 170 dsv4c compile $work/fs -o $work/slice.dsv4c --target h100 --max-seq-len 4224 --jobs 16 \
                     --overwrite > $work/compile_slice.txt 2>&1; tail -2 $work/compile_slice.txt
   du -sh $work/fs $work/slice.dsv4c; rm -rf $work/fs
@@ -99,6 +103,7 @@ if [ "${2:-}" = "--slice" ]; then  # one call of at most ${3:-585} s: flash-slic
                   [ -f $out/step_slice_eager.json ] && touch $work/step_slice_eager.done; }
   [ "$(left)" -gt 30 ] && { stamp profile; timeout $(left) dsv4c bench $work/slice.dsv4c --context 256 --batch 1 \
                     --mtp 0 --steps 10 --baselines "" --profile 2>&1 | tail -22; }
+  wait; tail -8 $work/step_graph.txt; grep -E "CHECK|GB" $work/synthetic.txt
   stamp done; exit 0
 fi
 if [ "${2:-}" = "--slice-baselines" ]; then  # right after --slice, on the same warm machine (its artifact): what
