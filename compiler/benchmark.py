@@ -293,7 +293,7 @@ def _baselines(artifact, manifest, cfg, options, rows, reference_tokens, accepte
     ours = [b for b in options.baselines if b in ("eager", "inductor")]
     if ours:
         progress("dequantising the weights for the eager baseline")
-        weights = _dequantised(store, num, "cuda")
+        weights = dequantised_weights(store, num, "cuda")
         specs = state_specs(cfg, manifest["max_seq_len"], num)
     for kind in ours:
         runner = (EagerRunner(weights, cfg, num, invariant=False) if kind == "eager"
@@ -319,21 +319,20 @@ def _baselines(artifact, manifest, cfg, options, rows, reference_tokens, accepte
         _release()
     if "transformers" in options.baselines:
         progress("dequantising the weights for transformers' model")
-        _transformers_rows(cfg, _dequantised(store, num, "cpu"), num.dtype, options, rows, reference_tokens,
+        _transformers_rows(cfg, dequantised_weights(store, num, "cpu"), num.dtype, options, rows, reference_tokens,
                            progress)
 
 
-def _dequantised(store, num: Numerics, keep_on: str) -> dict[str, torch.Tensor]:
-    """Every checkpoint weight of the artifact's store decoded to the activation dtype (on the GPU, one tensor
-    at a time) and kept on `keep_on`."""
+def dequantised_weights(store, num: Numerics, keep_on: str, decode_on: str = "cuda") -> dict[str, torch.Tensor]:
+    """Every checkpoint weight of the artifact's store decoded to the activation dtype on `decode_on`, a file's
+    weights at a time (with their scales, wherever those are stored), and kept on `keep_on`."""
     weights = {}
     names = [n for n in store if not n.startswith("constants.") and not n.endswith(".scale")]
-    for name in names:
-        raw = {name: store[name].to("cuda")}
-        scale = name[: -len("weight")] + "scale" if name.endswith(".weight") else None
-        if scale is not None and scale in store:
-            raw[scale] = store[scale].to("cuda")
+    for group in store.by_file(names).values():
+        scales = [s for s in (n[: -len("weight")] + "scale" for n in group if n.endswith(".weight")) if s in store]
+        raw = store.read(group + scales, decode_on)
         weights.update({k: v.to(keep_on) for k, v in dequantize_weights(raw, num).items()})
+        del raw
     return weights
 
 

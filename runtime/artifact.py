@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -45,6 +46,7 @@ PLANS_DIR = "plans"
 CALLER_FIELDS: Mapping[str, type] = {"config": dict, "numerics": dict, "targets": list, "pass_log": list,
                                      "kernels": dict}
 WRITER_FIELDS = ("format_version", "versions", "variants", "files")
+HASH_THREADS = 8  # files hashed at once when an artifact is verified
 _VARIANT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 __all__ = ["ARTIFACT_FORMAT_VERSION", "Artifact", "ArtifactError", "TOKENIZER_NAME", "WeightStore",
@@ -225,9 +227,7 @@ def _check_variant(name: str, plan: Plan, tensors: Mapping[str, Any]) -> None:
         raise ArtifactError(f"variant {name!r}: names are letters, digits, '_', '.', '-'")
     if not isinstance(plan, Plan):
         raise ArtifactError(f"variant {name!r}: expected a Plan, got {type(plan).__name__}")
-    needed = set(plan.constants.values())
-    needed |= {s.name[len("weights."):] for s in plan.inputs if s.name.startswith("weights.")}
-    missing = sorted(needed - set(tensors.keys()))
+    missing = sorted(plan.tensor_keys - set(tensors.keys()))
     if missing:
         raise ArtifactError(f"variant {name!r}: tensors missing from the weights: {missing[:10]}")
 
@@ -289,8 +289,11 @@ def _verify_files(root: Path, files: dict[str, dict[str, Any]]) -> None:
         raise ArtifactError(f"artifact {root}: files not listed in {MANIFEST}: {extra}")
     for rel, record in files.items():
         _check_size(root, rel, record)
+    # a Flash-size artifact is tens of GB: its files are hashed side by side (hashlib and file reads release the GIL)
+    with ThreadPoolExecutor(max_workers=min(HASH_THREADS, len(files) or 1)) as pool:
+        digests = dict(zip(files, pool.map(lambda rel: sha256_file(root / rel), files)))
     for rel, record in files.items():
-        _check_sha256(root, rel, record)
+        _check_sha256(root, rel, record, digests[rel])
 
 
 def _verify_file(root: Path, rel: str, record: dict[str, Any]) -> None:
@@ -299,7 +302,7 @@ def _verify_file(root: Path, rel: str, record: dict[str, Any]) -> None:
     if path.is_symlink() or not path.is_file():
         raise ArtifactError(f"artifact {root}: file {rel!r} listed in {MANIFEST} is missing or not a regular file")
     _check_size(root, rel, record)
-    _check_sha256(root, rel, record)
+    _check_sha256(root, rel, record, sha256_file(path))
 
 
 def _check_size(root: Path, rel: str, record: dict[str, Any]) -> None:
@@ -309,8 +312,8 @@ def _check_size(root: Path, rel: str, record: dict[str, Any]) -> None:
                             f"{record['bytes']} (truncated or changed)")
 
 
-def _check_sha256(root: Path, rel: str, record: dict[str, Any]) -> None:
-    if sha256_file(root / rel) != record["sha256"]:
+def _check_sha256(root: Path, rel: str, record: dict[str, Any], digest: str) -> None:
+    if digest != record["sha256"]:
         raise ArtifactError(f"artifact {root}: file {rel!r} does not match its sha256 in {MANIFEST} "
                             f"(changed or corrupted); refusing to load it")
 

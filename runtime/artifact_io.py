@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -189,14 +189,32 @@ class WeightStore(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._file_of)
 
+    def by_file(self, keys: Iterable[str]) -> dict[str, list[str]]:
+        """`keys` grouped by the file holding each (files in name order, keys in the given order); KeyError for a
+        key the store does not hold."""
+        groups: dict[str, list[str]] = {}
+        for key in keys:
+            groups.setdefault(self.file_of(key), []).append(key)
+        return {rel: groups[rel] for rel in sorted(groups)}
+
     def load_all(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """Every tensor, read file by file onto `device`."""
+        """Every tensor, on `device`."""
+        return self.read(self, device)
+
+    def read(self, keys: Iterable[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """The tensors named by `keys`, each read once and put on `device` as it is read: file by file, one open
+        of each file (a Flash-size file's header lists thousands of tensors, too many to parse again for each).
+        KeyError for a key the store does not hold."""
+        device = torch.device(device)
         out: dict[str, torch.Tensor] = {}
-        for rel in sorted(set(self._file_of.values())):
+        for rel, group in self.by_file(keys).items():
             try:
-                out.update(load_file(str(self.root / rel), device=str(torch.device(device))))
+                with safe_open(str(self.root / rel), framework="pt", device="cpu") as f:
+                    for key in group:
+                        tensor = f.get_tensor(key)
+                        out[key] = _aligned(tensor) if device.type == "cpu" else tensor.to(device)
             except SafetensorError as error:
-                raise ArtifactError(f"{rel}: cannot read ({error})") from None
+                raise ArtifactError(f"{rel}: cannot read its tensors ({error})") from None
         return out
 
 

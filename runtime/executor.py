@@ -96,6 +96,11 @@ class Executor:
         self._run_inputs = set(self._specs) - set(bound)
 
     @property
+    def bound_inputs(self) -> Mapping[str, torch.Tensor]:
+        """The inputs bound at load (the weights), on the executor's device; read-only."""
+        return types.MappingProxyType(self._bound)
+
+    @property
     def run_inputs(self) -> frozenset[str]:
         """The plan inputs each `run` takes (those not bound at load)."""
         return frozenset(self._run_inputs)

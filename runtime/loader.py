@@ -1,7 +1,7 @@
 """Load a compiled artifact into a generation engine: `dsv4c.runtime.load(path)`.
 
-Each step variant's plan becomes an `Executor` with the weights bound once. `load` says on stderr which
-kernels run (runtime/stored_kernels.py decides): on cpu, or on a GPU without Triton, the ops' PyTorch
+Each step variant's plan becomes an `Executor`; all of them bind one copy of the weights, read once. `load`
+says on stderr which kernels run (runtime/stored_kernels.py decides): on cpu, or on a GPU without Triton, the ops' PyTorch
 reference implementations; on a GPU the Triton mHC kernels, launched from the artifact's stored binaries
 where it holds them for this GPU's sm, built by the local Triton from the kernel source the installed dsv4c
 has; compiled from that source on first use otherwise. `load_tokenizer` reads the artifact's tokenizer, if any.
@@ -34,14 +34,17 @@ from dsv4c.runtime.executor import Executor, weight_inputs
 
 
 def plan_executors(artifact: Artifact, device: torch.device, kernels: KernelPlan) -> dict[str, Executor]:
-    """An executor per step variant with the weights bound once. `kernels`: what runs the mHC kernels
+    """An executor per step variant, all bound to one copy of the weights: every tensor a plan reads is read from
+    the artifact once and put on `device` once, and each variant's executor binds those tensors (ten variants
+    share the checkpoint's bytes, they do not take ten times its memory). `kernels`: what runs the mHC kernels
     (runtime/stored_kernels.KernelPlan); on a GPU with Triton (any mode but "reference") the mHC ops run
     `mhc_implementations` of its launcher (None: Triton's JIT) in place of the registered ops."""
     implementations = mhc_implementations(kernels.launcher) if kernels.mode != "reference" else None
+    tensors = artifact.weights.read(set().union(*(plan.tensor_keys for plan in artifact.plans.values())), device)
     executors = {}
     for name, plan in artifact.plans.items():
-        constants = {key: artifact.weights[key] for key in set(plan.constants.values())}
-        executors[name] = Executor(plan, constants, device, weight_inputs(plan, artifact.weights), implementations)
+        constants = {key: tensors[key] for key in set(plan.constants.values())}
+        executors[name] = Executor(plan, constants, device, weight_inputs(plan, tensors), implementations)
     return executors
 
 

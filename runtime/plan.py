@@ -106,6 +106,12 @@ class Plan:
     def output_names(self) -> list[str]:
         return [name for name, _ in self.outputs]
 
+    @property
+    def tensor_keys(self) -> set[str]:
+        """The stored tensors the plan reads: its constants' keys and its `weights.<key>` inputs' keys."""
+        weights = {spec.name[len("weights."):] for spec in self.inputs if spec.name.startswith("weights.")}
+        return set(self.constants.values()) | weights
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready form (strict JSON: no NaN or infinity literals)."""
         return {

@@ -19,7 +19,7 @@ import torch
 
 from dsv4c.model.numerics import Numerics
 from dsv4c.model.presets import tiny
-from dsv4c.runtime import artifact
+from dsv4c.runtime import artifact, artifact_io
 from dsv4c.runtime.artifact import ArtifactError, describe_numerics, load_artifact, write_artifact
 from dsv4c.runtime.executor import Executor, weight_inputs
 from dsv4c.runtime.plan import Plan, PlanInput, PlanOp, Ref
@@ -79,6 +79,22 @@ def test_round_trip(written):
     executor = Executor(art.plans["small"], loaded, "cpu", bound_inputs=weight_inputs(art.plans["small"], loaded))
     x = torch.randn(3, 4)
     assert torch.equal(executor.run({"x": x})["out"], x @ expected["proj"] + expected["constants.table"])
+
+
+def test_read_opens_each_weight_file_once(written, monkeypatch):
+    """`WeightStore.read` reads many tensors with one open of each file (a Flash-size file's header lists
+    thousands of tensors); it gives what reading each tensor alone gives, and KeyError for a name it lacks."""
+    store = load_artifact(written).weights
+    opened = []
+    real_open = artifact_io.safe_open
+    monkeypatch.setattr(artifact_io, "safe_open", lambda path, **kw: opened.append(path) or real_open(path, **kw))
+    read = store.read(store)
+    assert sorted(opened) == sorted(str(written / rel) for rel in weight_files(written))
+    assert sorted(read) == sorted(tensors())
+    for key, value in tensors().items():
+        assert torch.equal(read[key], value) and read[key].dtype == value.dtype and read[key].data_ptr() % 64 == 0
+    with pytest.raises(KeyError, match="absent"):
+        store.read(["proj", "absent"])
 
 
 def test_manifest_lists_every_file_with_its_hash(written):
@@ -176,7 +192,7 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
 
 KILLED_WRITER = """
 import sys, time
-from dsv4c.runtime import artifact
+from dsv4c.runtime import artifact, artifact_io
 from dsv4c.runtime.plan import Plan
 import torch
 

@@ -11,6 +11,7 @@ import contextlib
 import pytest
 import torch
 
+from dsv4c.compiler.benchmark import dequantised_weights
 from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
 from dsv4c.compiler.scoring import runner_logits
 from dsv4c.model.checkpoint import Checkpoint, write_synthetic
@@ -161,3 +162,29 @@ def test_weights_are_read_at_aligned_addresses(artifact):
     sits at a 64-byte boundary, as a freshly allocated tensor would."""
     store = load_artifact(artifact).weights
     assert all(store[name].data_ptr() % 64 == 0 for name in store)
+
+
+def test_every_variant_binds_one_copy_of_the_weights(artifact):
+    """Each weight is read from the artifact once and bound by every variant's executor: a Flash-size artifact's
+    ten variants take its bytes once, not ten times (which an 80 GB card cannot hold)."""
+    engine = load(artifact, "cpu")
+    executors = list(engine.runner.executors.values())
+    assert len(executors) >= 2
+    shared = 0
+    for name, tensor in executors[0].bound_inputs.items():
+        for other in executors[1:]:
+            if name in other.bound_inputs:
+                assert other.bound_inputs[name].data_ptr() == tensor.data_ptr(), name
+                shared += 1
+    assert shared >= len(executors[0].bound_inputs)
+
+
+def test_the_bench_baselines_decode_the_checkpoint_weights(artifact, checkpoint):
+    """The eager baselines' weights, decoded a file at a time from the artifact's store, are the checkpoint's
+    weights decoded whole."""
+    ckpt = Checkpoint.open(checkpoint)
+    want = dequantize_weights({n: ckpt.get(n) for n in ckpt.headers}, NUM)
+    got = dequantised_weights(load_artifact(artifact).weights, NUM, "cpu", decode_on="cpu")
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():
+        assert got[name].dtype == value.dtype and torch.equal(got[name], value), name
