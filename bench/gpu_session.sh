@@ -87,13 +87,14 @@ if [ "${2:-}" = "--slice" ]; then  # one call of at most ${3:-585} s: flash-slic
   # weights: 68 GB) and the profile. --slice-baselines (same warm machine) does what did not fit, and Inductor.
   deadline=${3:-585}; left() { local l=$(( deadline - ($(date +%s) - t0) )); echo $(( l > 5 ? l : 5 )); }
   df -h /tmp | tail -1
+  # the GPU checks (graph replay against the graph-free executor; the writer's bytes on the GPU against the CPU's)
+  # run beside the checkpoint's writing and its compile
+  (timeout 240 python3 bench/step_graph_bench.py --batch 1 8 > $work/step_graph.txt 2>&1
+   timeout 90 python3 bench/synthetic_gpu_check.py > $work/synthetic.txt 2>&1) &
   stamp init;     timeout 170 dsv4c init-checkpoint --preset flash-slice --device cuda --overwrite $work/fs \
                     > $work/init_slice.txt 2>&1; tail -2 $work/init_slice.txt
-  # the GPU checks (graph replay against the graph-free executor; the writer's bytes on the GPU against the CPU's)
-  # run beside the compile, which uses only the CPU
-  (timeout 150 python3 bench/step_graph_bench.py --batch 1 8 > $work/step_graph.txt 2>&1
-   timeout 90 python3 bench/synthetic_gpu_check.py > $work/synthetic.txt 2>&1) &
-  stamp compile;  timeout 170 dsv4c compile $work/fs -o $work/slice.dsv4c --target h100 --max-seq-len 4224 --jobs 16 \
+  # capacity: the context, then 33 timed rounds of up to 1 + 3 tokens
+  stamp compile;  timeout 170 dsv4c compile $work/fs -o $work/slice.dsv4c --target h100 --max-seq-len 4352 --jobs 16 \
                     --overwrite > $work/compile_slice.txt 2>&1; tail -2 $work/compile_slice.txt
   du -sh $work/fs $work/slice.dsv4c; rm -rf $work/fs
   stamp bench;    timeout $(left) dsv4c bench $work/slice.dsv4c --batch 1,8,32,64 --mtp 0,1,2,3 --baselines "" \
