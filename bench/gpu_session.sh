@@ -7,6 +7,7 @@
 #   bash bench/gpu_session.sh OUT --steps            # one call of about 500 s: flash-mini's whole step, the engine's host cost
 #   bash bench/gpu_session.sh OUT --slice [SECONDS]  # one call (585 s): flash-slice written, compiled, timed, eager
 #   bash bench/gpu_session.sh OUT --slice-baselines  # right after: what --slice left, Inductor, the profile
+#   bash bench/gpu_session.sh OUT --slice-unfused    # one call: flash-slice's step before the MoE lowering (issue 14)
 #   bash bench/gpu_session.sh OUT --tune             # one call of about 300 s: the fused MoE's launch grid (issue 14)
 #   bash bench/gpu_session.sh OUT --long             # one call of about 350 s: flash-mini at 4K and 64K, compressor
 #   bash bench/gpu_session.sh OUT --quick [SECONDS]  # one call: flash-mini's step and the demo model at MTP 0..3
@@ -117,6 +118,20 @@ if [ "${2:-}" = "--slice-baselines" ]; then  # right after --slice, on the same 
                     --json $out/step_slice_inductor.json 2>&1 | grep -vE "^\s*$" | tail -10
   stamp profile;  timeout $(left) dsv4c bench $work/slice.dsv4c --context 256 --batch 1 --mtp 0 --steps 10 \
                     --baselines "" --profile 2>&1 | tail -22
+  stamp done; exit 0
+fi
+if [ "${2:-}" = "--slice-unfused" ]; then  # last, on the same warm machine or a fresh one: flash-slice's step before
+  # the MoE lowering (`--moe unfused`: routed_moe and the shared expert's FP8 GEMMs) at batch 1 and 64; the fused
+  # artifact is deleted first (disk: 64 GB)
+  deadline=${3:-585}; left() { local l=$(( deadline - ($(date +%s) - t0) )); echo $(( l > 5 ? l : 5 )); }
+  rm -rf $work/slice.dsv4c
+  stamp init;     timeout 170 dsv4c init-checkpoint --preset flash-slice --device cuda --overwrite $work/fs \
+                    > $work/init_slice.txt 2>&1; tail -1 $work/init_slice.txt
+  stamp compile;  timeout 200 dsv4c compile $work/fs -o $work/unfused.dsv4c --target h100 --max-seq-len 4224 \
+                    --moe unfused --jobs 16 --overwrite > $work/compile_unfused.txt 2>&1; tail -2 $work/compile_unfused.txt
+  rm -rf $work/fs
+  stamp bench;    timeout $(left) dsv4c bench $work/unfused.dsv4c --batch 1,64 --mtp 0 --baselines "" \
+                    --json $out/step_slice_unfused.json 2>&1 | grep -vE "^\s*$" | tail -8
   stamp done; exit 0
 fi
 if [ "${2:-}" = "--tune" ]; then  # one call of about 300 s: the fused MoE over a grid of launches at T = 1, 8, 64
