@@ -312,7 +312,8 @@ def test_executors_run_the_mhc_ops_with_the_batch_invariant_launch(monkeypatch):
     monkeypatch.setattr(loader, "Executor", lambda plan, constants, device, weights, implementations:
                         seen.setdefault("implementations", implementations))
     monkeypatch.setattr(loader, "weight_inputs", lambda plan, weights: {})
-    artifact = types.SimpleNamespace(plans={"main_t1": types.SimpleNamespace(constants={})}, weights={})
+    artifact = types.SimpleNamespace(plans={"main_t1": types.SimpleNamespace(constants={}, tensor_keys=set())},
+                                     weights=types.SimpleNamespace(read=lambda keys, device: {}))
     launcher = object()
     for mode, plan_launcher in (("stored", launcher), ("none", None), ("compile", None), ("installed", None)):
         seen.clear()
