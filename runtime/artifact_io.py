@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 MANIFEST = "manifest.json"
 WEIGHTS_DIR = "weights"

@@ -1,10 +1,10 @@
 """Load a compiled artifact into a generation engine: `dsv4c.runtime.load(path)`.
 
 Each step variant's plan becomes an `Executor`; all of them bind one copy of the weights, read once. `load`
-says on stderr which kernels run (runtime/stored_kernels.py decides): on cpu, or on a GPU without Triton, the ops' PyTorch
-reference implementations; on a GPU the Triton mHC kernels, launched from the artifact's stored binaries
-where it holds them for this GPU's sm, built by the local Triton from the kernel source the installed dsv4c
-has; compiled from that source on first use otherwise. `load_tokenizer` reads the artifact's tokenizer, if any.
+says on stderr which kernels run (runtime/stored_kernels.py decides): on cpu, or on a GPU without Triton, the
+ops' PyTorch reference implementations; on a GPU the Triton mHC kernels, launched from the artifact's stored
+binaries where it holds them for this GPU's sm, built by the local Triton from the kernel source the installed
+dsv4c has; compiled from that source on first use otherwise. `load_tokenizer` reads the artifact's tokenizer, if any.
 
 The state pool is sized once the weights are on the device: `max_batch` rows (as its batch bucket) where they and
 the step activations fit in the memory left, else the largest bucket that fits, said on stderr; an artifact whose
