@@ -30,6 +30,17 @@ work=/tmp/dsv4c-gpu
 mkdir -p "$out" "$work"
 export PYTHONUNBUFFERED=1 COLUMNS=200
 t0=$(date +%s); stamp() { echo "== $(( $(date +%s) - t0 ))s $*"; }
+# the flash-slice modes end their call by ${3:-585} s: `left` is the time a step may take (at least 5 s)
+deadline=${3:-585}; left() { local l=$(( deadline - ($(date +%s) - t0) )); echo $(( l > 5 ? l : 5 )); }
+slice_eager() {  # flash-slice against the eager reference at batch 1 and 64 (bf16 weights: 68 GB); marked done
+  stamp eager; timeout $(left) dsv4c bench $work/slice.dsv4c --batch 1,64 --mtp 0 --baselines eager \
+                 --json $out/step_slice_eager.json 2>&1 | grep -vE "^\s*$" | tail -10
+  [ -f $out/step_slice_eager.json ] && touch $work/step_slice_eager.done
+}
+slice_profile() {  # the top kernels of one flash-slice step, batch 1
+  stamp profile; timeout $(left) dsv4c bench $work/slice.dsv4c --context 256 --batch 1 --mtp 0 --steps 10 \
+                   --baselines "" --profile 2>&1 | tail -22
+}
 
 collect() {
   local limit=$1
@@ -86,7 +97,6 @@ if [ "${2:-}" = "--slice" ]; then  # one call of at most ${3:-585} s: flash-slic
   # written on the GPU, compiled (fused MoE), the checkpoint deleted (disk: 64 GB), its whole step timed by dsv4c
   # alone at batch 1-64 and MTP 0-3; then, in the time left, against the eager reference at batch 1 and 64 (bf16
   # weights: 68 GB) and the profile. --slice-baselines (same warm machine) does what did not fit, and Inductor.
-  deadline=${3:-585}; left() { local l=$(( deadline - ($(date +%s) - t0) )); echo $(( l > 5 ? l : 5 )); }
   df -h /tmp | tail -1
   # the GPU checks (graph replay against the graph-free executor; the writer's bytes on the GPU against the CPU's)
   # run beside the checkpoint's writing and its compile
@@ -100,30 +110,23 @@ if [ "${2:-}" = "--slice" ]; then  # one call of at most ${3:-585} s: flash-slic
   du -sh $work/fs $work/slice.dsv4c; rm -rf $work/fs
   stamp bench;    timeout $(left) dsv4c bench $work/slice.dsv4c --batch 1,8,32,64 --mtp 0,1,2,3 --baselines "" \
                     --json $out/step_slice.json 2>&1 | grep -vE "^\s*$" | tail -24
-  [ "$(left)" -gt 60 ] && { stamp eager; timeout $(left) dsv4c bench $work/slice.dsv4c --batch 1,64 --mtp 0 \
-                    --baselines eager --json $out/step_slice_eager.json 2>&1 | grep -vE "^\s*$" | tail -10
-                  [ -f $out/step_slice_eager.json ] && touch $work/step_slice_eager.done; }
-  [ "$(left)" -gt 30 ] && { stamp profile; timeout $(left) dsv4c bench $work/slice.dsv4c --context 256 --batch 1 \
-                    --mtp 0 --steps 10 --baselines "" --profile 2>&1 | tail -22; }
+  [ "$(left)" -gt 60 ] && slice_eager
+  [ "$(left)" -gt 30 ] && slice_profile
   wait; tail -8 $work/step_graph.txt; grep -E "CHECK|GB" $work/synthetic.txt
   stamp done; exit 0
 fi
 if [ "${2:-}" = "--slice-baselines" ]; then  # right after --slice, on the same warm machine (its artifact): what
   # --slice left undone (the eager reference at batch 1 and 64, the profile), then Inductor of the reference
-  deadline=${3:-585}; left() { local l=$(( deadline - ($(date +%s) - t0) )); echo $(( l > 5 ? l : 5 )); }
   [ -d $work/slice.dsv4c ] || { echo "no flash-slice artifact on this machine: run --slice first"; exit 1; }
-  [ -f $work/step_slice_eager.done ] || { stamp eager; timeout 230 dsv4c bench $work/slice.dsv4c --batch 1,64 \
-                    --mtp 0 --baselines eager --json $out/step_slice_eager.json 2>&1 | grep -vE "^\s*$" | tail -10; }
-  stamp inductor; timeout $(( $(left) > 90 ? $(left) - 60 : 30 )) dsv4c bench $work/slice.dsv4c --batch 1,64 --mtp 0 --baselines inductor \
-                    --json $out/step_slice_inductor.json 2>&1 | grep -vE "^\s*$" | tail -10
-  stamp profile;  timeout $(left) dsv4c bench $work/slice.dsv4c --context 256 --batch 1 --mtp 0 --steps 10 \
-                    --baselines "" --profile 2>&1 | tail -22
+  [ -f $work/step_slice_eager.done ] || deadline=230 slice_eager  # the rest of the call stays for Inductor
+  stamp inductor; timeout $(( $(left) > 90 ? $(left) - 60 : 30 )) dsv4c bench $work/slice.dsv4c --batch 1,64 \
+                    --mtp 0 --baselines inductor --json $out/step_slice_inductor.json 2>&1 | grep -vE "^\s*$" | tail -10
+  slice_profile
   stamp done; exit 0
 fi
 if [ "${2:-}" = "--slice-unfused" ]; then  # last, on the same warm machine or a fresh one: flash-slice's step before
   # the MoE lowering (`--moe unfused`: routed_moe and the shared expert's FP8 GEMMs) at batch 1 and 64; the fused
   # artifact is deleted first (disk: 64 GB)
-  deadline=${3:-585}; left() { local l=$(( deadline - ($(date +%s) - t0) )); echo $(( l > 5 ? l : 5 )); }
   rm -rf $work/slice.dsv4c
   stamp init;     timeout 170 dsv4c init-checkpoint --preset flash-slice --device cuda --overwrite $work/fs \
                     > $work/init_slice.txt 2>&1; tail -1 $work/init_slice.txt
