@@ -48,6 +48,25 @@ def baseline_us(name: str, fn, arg_sets: list[tuple]) -> float:
         return float("nan")
 
 
+def kernel_us(fn, arg_sets: list[tuple], rounds: int = 5) -> dict[str, float]:
+    """Device microseconds per call of `fn`, kernel by kernel (torch.profiler over graph-free calls on every input
+    set, so each launch is seen by name and host gaps do not count), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for args in arg_sets[:2]:
+        fn(*args)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(rounds):
+            for args in arg_sets:
+                fn(*args)
+        torch.cuda.synchronize()
+    calls = rounds * len(arg_sets)
+    times = {e.key: e.self_device_time_total / calls for e in prof.key_averages()
+             if e.device_type.name == "CUDA" and e.self_device_time_total > 0}
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
 def copy_gbps() -> float:
     """Device-to-device copy bandwidth (bytes read + written), median of a 1 GiB copy."""
     src = torch.empty(2**28, dtype=torch.float32, device="cuda").uniform_()

@@ -138,7 +138,7 @@ if [ "${2:-}" = "--slice-unfused" ]; then  # last, on the same warm machine or a
   stamp done; exit 0
 fi
 if [ "${2:-}" = "--tune" ]; then  # one call of about 300 s: the fused MoE over a grid of launches at T = 1, 8, 64
-  stamp moe-sweep; timeout 400 python3 bench/moe_bench.py --t 1 8 64 --no-compile --sweep --json "$out/moe_sweep.json" \
+  stamp moe-sweep; timeout 400 python3 bench/moe_bench.py --t 1 8 64 --no-compile --launches --sweep --json "$out/moe_sweep.json" \
                      2>&1 | grep -vE "^\{" | tail -30
   stamp done; exit 0
 fi

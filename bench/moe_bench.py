@@ -21,10 +21,11 @@ experts read differ from set to set and the 3.4 GB of routed weights are not ser
 and reports the bytes a call must read (the router, the distinct selected experts' FP4 codes and e8m0 scales
 of w1, w3, w2, the shared expert's FP8 weights and scales, x), GB/s and the fraction of the device-to-device
 copy bandwidth measured in the same run (the byte floor is bytes / that bandwidth).
+With --launches, each T also lists the W4A8 op's device time kernel by kernel (graph-free, profiled).
 With --sweep, each T also times the W4A8 op over a grid of launches around the target's choice (num_stages,
 num_warps, the down GEMM's split_k), each checked against the reference first, and prints the five fastest
 beside the target's: what to change in codegen/kernels/moe_fp4_launch.py (the launch must not depend on T).
-Usage: python bench/moe_bench.py [--t 1 8 32 64 128] [--sets 8] [--no-compile] [--sweep] [--json out.json]
+Usage: python bench/moe_bench.py [--t 1 8 32 64 128] [--sets 8] [--no-compile] [--launches] [--sweep] [--json out.json]
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from dsv4c.codegen.kernels.moe_route import route
 from dsv4c.codegen.moe_fp4 import reference
 from dsv4c.codegen.moe_routing import Routing
 from dsv4c.codegen.targets import target_for_device
-from gpu_common import baseline_us, copy_gbps, environment, graph_us  # bench/gpu_common.py (scripts run from bench/)
+from gpu_common import baseline_us, copy_gbps, environment, graph_us, kernel_us  # bench/gpu_common.py (scripts run from bench/)
 
 D, I, E, K, LIMIT = 4096, 2048, 256, 6, 10.0
 ROUTING = Routing(K, "sqrtsoftplus", True, 1.5)
@@ -148,6 +149,7 @@ def main() -> None:
     parser.add_argument("--t", type=int, nargs="+", default=[1, 8, 32, 64, 128])
     parser.add_argument("--sets", type=int, default=8, help="rotating input sets a graph replay runs")
     parser.add_argument("--no-compile", action="store_true", help="skip the Inductor baseline")
+    parser.add_argument("--launches", action="store_true", help="also time the W4A8 op's kernels one by one")
     parser.add_argument("--sweep", action="store_true", help="also time the W4A8 op over a grid of launches")
     parser.add_argument("--json", help="write the rows and the environment here")
     args = parser.parse_args()
@@ -195,6 +197,10 @@ def main() -> None:
               f"(inductor {row.get('inductor_us', float('nan')):7.1f}) "
               f"us  err {row['rel_err_w4a8']:.1e} / {row['rel_err_before']:.1e}  same experts "
               f"{row['same_experts']:.0%}", flush=True)
+        if args.launches:
+            row["launches_us"] = kernel_us(variants["moe_fp4_w4a8"], sets)
+            for name, us in row["launches_us"].items():
+                print(f"    {us:7.1f} us  {name[:100]}")
         if args.sweep:
             row["sweep"] = sweep(launch, t, sets, want, fused_at, max(2 * row["rel_err_w4a8"], 1e-3))
             fastest = [r for r in row["sweep"] if "us" in r][:5]
