@@ -2,9 +2,13 @@
 
 Per ../shared/docs/performance.md. One sequence's context is filled to `context` tokens (the compiled prefill
 variant, then copied to every row of the state pool: each row reads the same bytes a distinct context would),
+and each row then decodes its own token (`row_tokens`: distinct ids, so the rows' routing spreads over the
+experts as a real batch's does, and the bytes the step reads match the floor's count of distinct experts);
 then for each batch and MTP setting:
-- correctness first: greedy tokens of a few steps on the compiled path against the eager reference from the same
-  state; a variant whose tokens differ is reported, and its time is marked as not counting;
+- correctness first: a few greedy steps on the compiled path, their logits against the eager reference's from
+  the same state and the same token histories (compiler/token_check.py); a variant whose clear selections
+  differ is reported as not matching; the rows of each batch are also compared with the same rows of the
+  largest batch (batch invariance);
 - the step time: median of many steps (CUDA-graph replays where the runner captured them), CUDA events;
 - tok/s/user = 1000 / ms per output token (with MTP of k drafts: (1 + accepted drafts) tokens per round of one
   verify step and k MTP steps, the accepted drafts per round measured by greedy generation at that k),
@@ -31,6 +35,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from tokenizers import Tokenizer
 
+from dsv4c.compiler.token_check import check_logits
 from dsv4c.model.config import ModelConfig
 from dsv4c.model.demo import DEMO_PROMPTS
 from dsv4c.model.numerics import Numerics
@@ -72,6 +77,7 @@ class Row:
     floor_bytes: float
     tokens_match: bool | None
     host_ms: float = 0.0
+    check: dict | None = None  # compiler/token_check.TokenCheck's fields and summary, where it ran
 
     @property
     def ms_per_token(self) -> float:
@@ -135,9 +141,17 @@ def context_tokens(vocab_size: int, context: int, seed: int) -> torch.Tensor:
     return torch.randint(2, vocab_size, (1, context), generator=torch.Generator().manual_seed(seed))
 
 
-def filled_state(engine: Engine, runner: StepRunner, rows: int, context: int, seed: int) -> tuple[dict, torch.Tensor]:
+def row_tokens(vocab_size: int, rows: int, seed: int) -> torch.Tensor:
+    """[rows] distinct random token ids in [2, vocab_size): the token each row decodes first after the shared
+    context, the same for every runner (row r's token does not depend on how many rows there are)."""
+    if rows > vocab_size - 2:
+        raise BenchError(f"--batch: {rows} rows need {rows} distinct tokens; the vocabulary has {vocab_size - 2}")
+    return torch.randperm(vocab_size - 2, generator=torch.Generator().manual_seed(seed + 1))[:rows] + 2
+
+
+def filled_state(engine: Engine, runner: StepRunner, rows: int, context: int, seed: int) -> dict:
     """State of `rows` sequences whose first `context` positions hold one random context (prefilled once in
-    chunks of the engine's prefill variant, then copied to every row), and the last token of that context."""
+    chunks of the engine's prefill variant, then copied to every row)."""
     tokens = context_tokens(engine.vocab_size, context, seed).to(engine.device)
     state = engine.new_state(rows)
     one = {k: v[:1] for k, v in state.items()}
@@ -150,7 +164,7 @@ def filled_state(engine: Engine, runner: StepRunner, rows: int, context: int, se
         if v[:1].data_ptr() != one[k].data_ptr():
             v[:1].copy_(one[k])
         v[1:].copy_(v[:1].expand_as(v[1:]))
-    return state, tokens[0, -1]
+    return state
 
 
 def _step(runner: StepRunner, variant: str, state: dict, tokens: torch.Tensor, start: int,
@@ -163,30 +177,31 @@ def _step(runner: StepRunner, variant: str, state: dict, tokens: torch.Tensor, s
     return out, {k: out[f"state.{k}"] for k in state}
 
 
-def greedy_tokens(runner: StepRunner, state: dict, last: torch.Tensor, start: int, steps: int,
-                  in_place: bool = False) -> list[list[int]]:
-    """`steps` greedy decode steps from `state`: on a copy, or with `in_place` on `state` itself (rows of the
-    runner's state pool, so that the steps replay the CUDA graphs a timed step replays; the caller restores the
-    pool after, padding rows included)."""
+def decode_logits(runner: StepRunner, state: dict, first: torch.Tensor, start: int, steps: int,
+                  forced: torch.Tensor | None = None, in_place: bool = False) -> torch.Tensor:
+    """The next-token logits [steps, rows, vocab] (fp32, on the CPU) of `steps` decode steps from `state`, row r
+    fed first[r], then its greedy token, or with `forced` ([steps, rows]) the tokens given (another runner's
+    greedy tokens: both then step through the same histories). On a copy of `state`, or with `in_place` on
+    `state` itself (rows of the runner's state pool, so that the steps replay the CUDA graphs a timed step
+    replays; the caller restores the pool after, padding rows included)."""
     if not in_place:
         state = {k: v.clone() for k, v in state.items()}
-    batch = next(iter(state.values())).shape[0]
-    token = last.view(1, 1).expand(batch, 1).contiguous()
-    out_tokens = []
+    token = first.view(-1, 1)
+    logits = []
     for i in range(steps):
         out, state = _step(runner, "main_t1", state, token, start + i)
-        token = out["logits"][:, -1].argmax(-1, keepdim=True)
-        out_tokens.append(token.view(-1).tolist())
-    return out_tokens
+        logits.append(out["logits"][:, -1].float().cpu())
+        token = (forced[i].to(token.device) if forced is not None else logits[-1].argmax(-1)).view(-1, 1)
+    return torch.stack(logits)
 
 
-def time_steps(runner: StepRunner, state: dict, last: torch.Tensor, start: int, steps: int,
+def time_steps(runner: StepRunner, state: dict, first: torch.Tensor, start: int, steps: int,
                mtp: int) -> tuple[float, float]:
     """Median ms of one decode step (mtp 0) or one MTP round (mtp k: the verify step over 1 + k tokens, the MTP
     step after it, and the k - 1 MTP steps drafting on the MTP layer's own output) at the state's batch, on the
-    device (CUDA events) and on the host (the runner calls until they return, before the synchronisation)."""
-    batch = next(iter(state.values())).shape[0]
-    token = last.view(1, 1).expand(batch, 1 + mtp).contiguous()
+    device (CUDA events) and on the host (the runner calls until they return, before the synchronisation). Row r
+    steps on first[r]."""
+    token = first.view(-1, 1).expand(-1, 1 + mtp).contiguous()
 
     def one_step(i: int) -> None:
         nonlocal state
@@ -227,42 +242,56 @@ def bench(artifact: str | Path, options: BenchOptions, progress: Progress = lamb
     cfg = ModelConfig.from_dict(manifest["config"], "manifest config")
     bandwidth = copy_bandwidth(device)
     rows: list[Row] = []
-    reference_tokens: dict[int, list] = {}
-    start = options.context
+    reference_logits: dict[int, torch.Tensor] = {}
+    start, most = options.context, max(options.batches)
+    first = row_tokens(cfg.vocab_size, most, seed=0).to(device)
     progress("loading the artifact and capturing CUDA graphs")
-    engine = load(artifact, device, max_batch=max(options.batches), progress=progress)
+    engine = load(artifact, device, max_batch=most, progress=progress)
     accepted = _acceptance(engine, options, load_tokenizer(artifact))  # before the fill: it resets the pool
     progress(f"filling a {options.context}-token context")
-    state, last = filled_state(engine, engine.runner, max(options.batches), options.context, seed=0)
+    state = filled_state(engine, engine.runner, most, options.context, seed=0)
     # every check before any timing (a timed step writes its rows' caches in place, window ring slots that a
     # later check's steps would read included), each on the pool's rows through the CUDA graphs the timing
     # replays, the pool restored after it (a bucket's padding rows included)
     filled = {k: v.clone() for k, v in state.items()}
-    compiled_tokens = {}
+    compiled_logits = {}
     for batch in options.batches:
-        compiled_tokens[batch] = greedy_tokens(engine.runner, engine.pool.rows(batch), last, start,
+        compiled_logits[batch] = decode_logits(engine.runner, engine.pool.rows(batch), first[:batch], start,
                                                options.check_steps, in_place=True)
         for k, v in state.items():
             v.copy_(filled[k])
     del filled
+    compiled_tokens = {b: logits.argmax(-1) for b, logits in compiled_logits.items()}
+    invariant = all(torch.equal(compiled_logits[b], compiled_logits[most][:, :b]) for b in options.batches)
     for batch in options.batches:
         rows_state = engine.pool.rows(batch)  # the pool's rows (its own views): steps replay CUDA graphs
         for mtp in options.mtp:
             progress(f"timing dsv4c at batch {batch}, mtp {mtp}")
-            ms, host_ms = time_steps(engine.runner, rows_state, last, start, options.steps, mtp)
+            ms, host_ms = time_steps(engine.runner, rows_state, first[:batch], start, options.steps, mtp)
             rows.append(Row("dsv4c", batch, mtp, ms, 1.0 + accepted[mtp],
                             step_bytes(cfg, batch, options.context, bool(mtp)).total, None, host_ms))
     del engine, state, rows_state  # the pool goes before the baselines take their memory
     _release()
     if "eager" in options.baselines or "inductor" in options.baselines:
-        _baselines(artifact, manifest, cfg, options, rows, reference_tokens, accepted, progress)
+        _baselines(artifact, manifest, cfg, options, rows, first, compiled_tokens, reference_logits, accepted,
+                   progress)
+    if "transformers" in options.baselines:
+        _transformers_rows(artifact, manifest, cfg, options, rows, first, compiled_tokens, reference_logits, progress)
     for row in rows:
-        if row.runner == "dsv4c" and row.batch in reference_tokens:
-            row.tokens_match = compiled_tokens[row.batch] == reference_tokens[row.batch]
+        if row.runner == "dsv4c" and row.batch in reference_logits:
+            _record_check(row, compiled_logits[row.batch], reference_logits[row.batch])
     return {"artifact": Path(artifact).name, "device": torch.cuda.get_device_name(), "versions": _versions(),
             "context": options.context,
             "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": [r.to_json(bandwidth) for r in rows],
-            "tokens": {"dsv4c": compiled_tokens, "eager": reference_tokens}}
+            "rows_equal_across_batches": invariant,
+            "tokens": {"dsv4c": {b: t.tolist() for b, t in compiled_tokens.items()}}}
+
+
+def _record_check(row: Row, logits: torch.Tensor, reference: torch.Tensor) -> None:
+    """The row's tokens_match and check from its runner's logits against the reference's (same histories)."""
+    check = check_logits(logits, reference)
+    row.tokens_match = check.passed
+    row.check = {**dataclasses.asdict(check), "summary": check.summary()}
 
 
 def _acceptance(engine: Engine, options: BenchOptions, tokenizer: Tokenizer | None) -> dict[int, float]:
@@ -285,10 +314,11 @@ def _acceptance(engine: Engine, options: BenchOptions, tokenizer: Tokenizer | No
     return accepted
 
 
-def _baselines(artifact, manifest, cfg, options, rows, reference_tokens, accepted, progress) -> None:
-    """The eager reference (and Inductor of it) on bf16 weights dequantised once, from the same context; then
-    transformers' model on the same weights (its own cache, filled with the same context)."""
-    num = Numerics(**{k: (getattr(torch, v) if k == "dtype" else v) for k, v in manifest["numerics"].items()})
+def _baselines(artifact, manifest, cfg, options, rows, first, compiled_tokens, reference_logits, accepted,
+               progress) -> None:
+    """The eager reference (and Inductor of it) on bf16 weights dequantised once, from the same context and row
+    tokens; the eager reference's logits, fed the compiled path's greedy tokens, go to `reference_logits`."""
+    num = _numerics(manifest)
     store = load_artifact(artifact).weights
     ours = [b for b in options.baselines if b in ("eager", "inductor")]
     if ours:
@@ -301,14 +331,15 @@ def _baselines(artifact, manifest, cfg, options, rows, reference_tokens, accepte
         engine = Engine(runner, specs, manifest["prefill_chunk"], manifest["max_seq_len"], "cuda",
                         vocab_size=cfg.vocab_size)
         progress(f"filling the context for {kind}")
-        state, last = filled_state(engine, EagerRunner(weights, cfg, num), max(options.batches), options.context, 0)
+        state = filled_state(engine, EagerRunner(weights, cfg, num), max(options.batches), options.context, 0)
         for batch in options.batches:
             rows_state = {k: v[:batch] for k, v in state.items()}
             if kind == "eager":
-                reference_tokens[batch] = greedy_tokens(runner, rows_state, last, options.context, options.check_steps)
+                reference_logits[batch] = decode_logits(runner, rows_state, first[:batch], options.context,
+                                                        options.check_steps, forced=compiled_tokens[batch])
             for mtp in options.mtp:
                 progress(f"timing {kind} at batch {batch}, mtp {mtp}")
-                ms, host_ms = time_steps(runner, {k: v.clone() for k, v in rows_state.items()}, last,
+                ms, host_ms = time_steps(runner, {k: v.clone() for k, v in rows_state.items()}, first[:batch],
                                          options.context, max(5, options.steps // 3), mtp)
                 rows.append(Row(kind, batch, mtp, ms, 1.0 + accepted[mtp],
                                 step_bytes(cfg, batch, options.context, bool(mtp)).total, None, host_ms))
@@ -317,10 +348,6 @@ def _baselines(artifact, manifest, cfg, options, rows, reference_tokens, accepte
     if ours:
         del weights
         _release()
-    if "transformers" in options.baselines:
-        progress("dequantising the weights for transformers' model")
-        _transformers_rows(cfg, dequantised_weights(store, num, "cpu"), num.dtype, options, rows, reference_tokens,
-                           progress)
 
 
 def dequantised_weights(store, num: Numerics, keep_on: str, decode_on: str = "cuda") -> dict[str, torch.Tensor]:
@@ -336,14 +363,18 @@ def dequantised_weights(store, num: Numerics, keep_on: str, decode_on: str = "cu
     return weights
 
 
-def _transformers_rows(cfg, weights, dtype, options, rows, reference_tokens, progress) -> None:
-    """transformers' `DeepseekV4ForCausalLM` in `dtype` on the GPU: per batch, its cache filled with the
-    bench's context (chunks of `TRANSFORMERS_PREFILL_CHUNK`), greedy tokens checked against the eager
-    reference's, then decode steps timed. No MTP rows: transformers builds no MTP module."""
+def _transformers_rows(artifact, manifest, cfg, options, rows, first, compiled_tokens, reference_logits,
+                       progress) -> None:
+    """transformers' `DeepseekV4ForCausalLM` on the artifact's weights dequantised to the activation dtype, on
+    the GPU: per batch, its cache filled with the bench's context (chunks of `TRANSFORMERS_PREFILL_CHUNK`), its
+    logits over the compiled path's token histories checked against the eager reference's (where it ran), then
+    decode steps timed. No MTP rows: transformers builds no MTP module."""
     from dsv4c.compiler.transformers_model import new_cache, step_logits, transformers_model
 
-    model = transformers_model(cfg, weights, dtype=dtype, device="cuda")
-    del weights
+    num = _numerics(manifest)
+    progress("dequantising the weights for transformers' model")
+    model = transformers_model(cfg, dequantised_weights(load_artifact(artifact).weights, num, "cpu"),
+                               dtype=num.dtype, device="cuda")
     _release()
     tokens = context_tokens(cfg.vocab_size, options.context, seed=0).cuda()
     for batch in options.batches:
@@ -352,16 +383,17 @@ def _transformers_rows(cfg, weights, dtype, options, rows, reference_tokens, pro
         rows_tokens = tokens.expand(batch, -1)
         for begin in range(0, options.context, TRANSFORMERS_PREFILL_CHUNK):
             step_logits(model, rows_tokens[:, begin:begin + TRANSFORMERS_PREFILL_CHUNK], cache)
-        token = rows_tokens[:, -1:].contiguous()
-        greedy = []
-        for _ in range(options.check_steps):
-            token = step_logits(model, token, cache)[:, -1].argmax(-1, keepdim=True)
-            greedy.append(token.view(-1).tolist())
+        token, logits = first[:batch].view(-1, 1), []
+        for i in range(options.check_steps):
+            logits.append(step_logits(model, token, cache)[:, -1].float().cpu())
+            token = compiled_tokens[batch][i].to(token.device).view(-1, 1)
         progress(f"timing transformers at batch {batch}, mtp 0")
         ms, host_ms = timed(lambda _, c=cache, t=token: step_logits(model, t, c), max(5, options.steps // 3))
-        match = greedy == reference_tokens[batch] if batch in reference_tokens else None
-        rows.append(Row("transformers", batch, 0, ms, 1.0, step_bytes(cfg, batch, options.context, False).total,
-                        match, host_ms))
+        row = Row("transformers", batch, 0, ms, 1.0, step_bytes(cfg, batch, options.context, False).total, None,
+                  host_ms)
+        if batch in reference_logits:
+            _record_check(row, torch.stack(logits), reference_logits[batch])
+        rows.append(row)
         del cache
         _release()
 
@@ -375,6 +407,10 @@ class _InductorRunner(EagerRunner):
 
     def run(self, variant, inputs):
         return self._compiled(variant, dict(inputs))
+
+
+def _numerics(manifest: Mapping) -> Numerics:
+    return Numerics(**{k: (getattr(torch, v) if k == "dtype" else v) for k, v in manifest["numerics"].items()})
 
 
 def _release() -> None:
@@ -473,6 +509,17 @@ def table_rows(report: dict) -> list[Sequence[str]]:
                     f"{r['tok_s_gpu']:.0f}", f"{r['floor_bytes'] / 1e9:.3f}", f"{r['bandwidth_gb_s']:.0f}",
                     f"{r['measured_over_floor']:.2f}", match))
     return out
+
+
+def check_lines(report: dict) -> list[str]:
+    """The token checks behind the table's last column (one line per checked row) and the batch-invariance
+    comparison of the compiled rows, where the report has them."""
+    lines = [f"{r['runner']} batch {r['batch']} mtp {r['mtp']}: {r['check']['summary']}"
+             for r in report["rows"] if r.get("check")]
+    if "rows_equal_across_batches" in report:
+        lines.append("dsv4c rows equal the same rows of the largest batch (logits, bit for bit): "
+                     + ("yes" if report["rows_equal_across_batches"] else "NO"))
+    return lines
 
 
 TABLE_COLUMNS = ("runner", "batch", "mtp", "step ms", "host ms", "tok/s/user", "tok/s/GPU", "floor GB", "GB/s",

@@ -560,6 +560,8 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
     for row in benchmark.table_rows(report):
         table.add_row(*row)
     console.print(table)
+    for line in benchmark.check_lines(report):
+        console.print(line, highlight=False, soft_wrap=True)
     if args.json:
         benchmark.write_json(report, args.json)
     if args.plot:
@@ -572,8 +574,9 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
 
 def _bench_parser(sub) -> None:
     ben = _add_command(sub, "bench", "time the compiled decode step on a GPU against its byte floor and baselines",
-                       "Fill a context, check each variant's greedy tokens against the eager reference, then time "
-                       "the decode step (CUDA-graph replays) per batch and MTP setting: step ms, tok/s/user, "
+                       "Fill a context, check each variant's logits against the eager reference's over the same "
+                       "tokens, then time the decode step (CUDA-graph replays) per batch and MTP setting: step ms, "
+                       "tok/s/user, "
                        "tok/s/GPU, the bytes the step must read, bandwidth, measured/floor; baselines in the same "
                        "run. With --report, the table (and --plot) of a saved --json report, without a GPU.", _bench)
     ben.add_argument("artifact", metavar="ART", nargs="?", help="a compiled artifact folder")
