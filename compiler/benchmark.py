@@ -35,6 +35,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from tokenizers import Tokenizer
 
+from dsv4c.compiler.profile_attribution import aten_by_caller
 from dsv4c.compiler.token_check import check_logits
 from dsv4c.model.config import ModelConfig
 from dsv4c.model.demo import DEMO_PROMPTS
@@ -528,7 +529,7 @@ TABLE_COLUMNS = ("runner", "batch", "mtp", "step ms", "host ms", "tok/s/user", "
 
 def profile_lines(artifact: str | Path, batch: int, top: int = 15) -> list[str]:
     """The top kernels of one decode step at `batch` (torch.profiler over graph-free steps, so each kernel is
-    seen by name), with the step's host time beside its device time."""
+    seen by name), then the aten ops outside the fused ops' kernels by the op or graph that called them."""
     from torch.profiler import ProfilerActivity, profile
 
     engine = load(artifact, "cuda", max_batch=batch, cuda_graphs=False)
@@ -545,4 +546,5 @@ def profile_lines(artifact: str | Path, batch: int, top: int = 15) -> list[str]:
     lines = [f"top kernels of one graph-free decode step at batch {batch} (device us, calls):"]
     for e in events[:top]:
         lines.append(f"  {getattr(e, 'self_device_time_total', 0):10.1f}  {e.count:5d}  {e.key[:100]}")
-    return lines
+    lines.append("aten ops of the step by caller (device us, calls; compiler/profile_attribution.py):")
+    return lines + aten_by_caller(prof.events(), lambda e: getattr(e, "device_time_total", 0))
