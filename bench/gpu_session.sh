@@ -5,8 +5,8 @@
 #   bash bench/gpu_session.sh OUT --collect SECONDS  # right after, on the same warm machine
 #   bash bench/gpu_session.sh OUT --short            # one call of about 280 s: FP8 check, attention, indexer, MoE, demo
 #   bash bench/gpu_session.sh OUT --steps            # one call of about 500 s: flash-mini's whole step, the engine's host cost
-#   bash bench/gpu_session.sh OUT --slice [SECONDS]  # one call (585 s): flash-slice written, compiled, timed, eager
-#   bash bench/gpu_session.sh OUT --slice-baselines  # right after: what --slice left, Inductor, the profile
+#   bash bench/gpu_session.sh OUT --slice [SECONDS]  # one call (585 s): flash-slice written, compiled, timed, profiled
+#   bash bench/gpu_session.sh OUT --slice-baselines  # right after: the eager reference at batch 1 and 64, Inductor
 #   bash bench/gpu_session.sh OUT --slice-unfused    # one call: flash-slice's step before the MoE lowering (issue 14)
 #   bash bench/gpu_session.sh OUT --tune             # one call of about 300 s: the fused MoE's launch grid (issue 14)
 #   bash bench/gpu_session.sh OUT --long             # one call of about 350 s: flash-mini at 4K and 64K, compressor
@@ -32,14 +32,15 @@ export PYTHONUNBUFFERED=1 COLUMNS=200
 t0=$(date +%s); stamp() { echo "== $(( $(date +%s) - t0 ))s $*"; }
 # the flash-slice modes end their call by ${3:-585} s: `left` is the time a step may take (at least 5 s)
 deadline=${3:-585}; left() { local l=$(( deadline - ($(date +%s) - t0) )); echo $(( l > 5 ? l : 5 )); }
-slice_eager() {  # flash-slice against the eager reference at batch 1 and 64 (bf16 weights: 68 GB); marked done
-  stamp eager; timeout $(left) dsv4c bench $work/slice.dsv4c --batch 1,64 --mtp 0 --baselines eager \
-                 --json $out/step_slice_eager.json 2>&1 | grep -vE "^\s*$" | tail -10
-  [ -f $out/step_slice_eager.json ] && touch $work/step_slice_eager.done
+slice_eager() {  # flash-slice against the eager reference at batches $1 (bf16 weights: 68 GB); marked done per batches
+  local name=step_slice_eager_${1//,/_}  # batches 1,64 -> step_slice_eager_1_64
+  stamp "eager $1"; timeout $(left) dsv4c bench $work/slice.dsv4c --batch $1 --mtp 0 --baselines eager \
+                      --json $out/$name.json 2>&1 | grep -vE "^\s*$" | tail -12
+  [ -f $out/$name.json ] && touch $work/$name.done
 }
 slice_profile() {  # the top kernels of one flash-slice step, batch 1
   stamp profile; timeout $(left) dsv4c bench $work/slice.dsv4c --context 256 --batch 1 --mtp 0 --steps 10 \
-                   --baselines "" --profile 2>&1 | tail -22
+                   --baselines "" --profile 2>&1 | tail -36
 }
 
 collect() {
@@ -95,8 +96,8 @@ if [ "${2:-}" = "--steps" ]; then  # one call of about 500 s: flash-mini's whole
 fi
 if [ "${2:-}" = "--slice" ]; then  # one call of at most ${3:-585} s: flash-slice (34B parameters, an 18.6 GiB checkpoint)
   # written on the GPU, compiled (fused MoE), the checkpoint deleted (disk: 64 GB), its whole step timed by dsv4c
-  # alone at batch 1-64 and MTP 0-3; then, in the time left, against the eager reference at batch 1 and 64 (bf16
-  # weights: 68 GB) and the profile. --slice-baselines (same warm machine) does what did not fit, and Inductor.
+  # alone at batch 1-64 and MTP 0-3; the profile; then, in the time left, against the eager reference at batch 1
+  # (bf16 weights: 68 GB). --slice-baselines (same warm machine): the eager reference at 1 and 64, and Inductor.
   df -h /tmp | tail -1
   # the GPU checks (graph replay against the graph-free executor; the writer's bytes on the GPU against the CPU's)
   # run beside the checkpoint's writing and its compile
@@ -110,18 +111,18 @@ if [ "${2:-}" = "--slice" ]; then  # one call of at most ${3:-585} s: flash-slic
   du -sh $work/fs $work/slice.dsv4c; rm -rf $work/fs
   stamp bench;    timeout $(left) dsv4c bench $work/slice.dsv4c --batch 1,8,32,64 --mtp 0,1,2,3 --baselines "" \
                     --json $out/step_slice.json 2>&1 | grep -vE "^\s*$" | tail -24
-  [ "$(left)" -gt 60 ] && slice_eager
   [ "$(left)" -gt 30 ] && slice_profile
+  [ "$(left)" -gt 120 ] && slice_eager 1
   wait; tail -8 $work/step_graph.txt; grep -E "CHECK|GB" $work/synthetic.txt
   stamp done; exit 0
 fi
 if [ "${2:-}" = "--slice-baselines" ]; then  # right after --slice, on the same warm machine (its artifact): what
-  # --slice left undone (the eager reference at batch 1 and 64, the profile), then Inductor of the reference
+  # the eager reference at batch 1 and 64 (its own call: loading, dequantising and prefilling it take minutes), then
+  # Inductor of the reference in the time left
   [ -d $work/slice.dsv4c ] || { echo "no flash-slice artifact on this machine: run --slice first"; exit 1; }
-  [ -f $work/step_slice_eager.done ] || deadline=230 slice_eager  # the rest of the call stays for Inductor
+  [ -f $work/step_slice_eager_1_64.done ] || deadline=400 slice_eager 1,64  # the rest of the call for Inductor
   stamp inductor; timeout $(( $(left) > 90 ? $(left) - 60 : 30 )) dsv4c bench $work/slice.dsv4c --batch 1,64 \
                     --mtp 0 --baselines inductor --json $out/step_slice_inductor.json 2>&1 | grep -vE "^\s*$" | tail -10
-  slice_profile
   stamp done; exit 0
 fi
 if [ "${2:-}" = "--slice-unfused" ]; then  # last, on the same warm machine or a fresh one: flash-slice's step before
