@@ -10,7 +10,7 @@ Builds codegen/kernels/moe_fp4.py's kernels (and the two routing kernels of moe_
 W4A8 with the FP8 shared expert's inputs rounded: the faithful default) with h100's launch, disassembles each
 cubin with the cuobjdump / nvdisasm that ship with Triton, and prints per kernel:
 - programs launched and programs with work at T = 1, 8, 64, 128 tokens (tiles: the expected number of distinct
-  experts T top-6 picks of 256 hit, plus T / 16 shared-expert tiles), against 132 SMs;
+  experts T top-6 picks of 256 hit, plus T / 16 shared-expert tiles, each `shared_split` times), against 132 SMs;
 - registers, spills (local-memory instructions, stack), shared memory, programs an SM (by registers, shared
   memory, warps);
 - per GEMM K loop (an innermost backward branch whose body holds the MMAs): the MMA instructions, its global
@@ -84,7 +84,7 @@ def kernel_specs(launch) -> dict[str, tuple]:
     from dsv4c.codegen.kernels.moe_fp4_launch import DOWN_ROWS
 
     gemm = dict(BLOCK_M=launch.block_m, ROUTED_ACT="fp8", SHARED_ACT="fp8", PRODUCT=launch.product,
-                NATIVE_FP4=False, ALIGNED=True, NUM_STAGES=launch.num_stages)
+                NATIVE_FP4=False, SHARED_SPLIT=launch.shared_split, ALIGNED=True, NUM_STAGES=launch.num_stages)
     block_s, block_t = 1 << (7 * 128 - 1).bit_length(), 1 << (-(-7 * 128 // launch.block_m) - 1).bit_length()
     return {
         "router": (moe_route, "_router_kernel", dict(BLOCK_T=launch.block_m, BLOCK_E=launch.router_block_e,
@@ -93,7 +93,7 @@ def kernel_specs(launch) -> dict[str, tuple]:
                                                    SCORING="sqrtsoftplus", HASH=False, NORMALIZE=True), 4),
         "prepare": (moe_fp4, "_prepare_kernel", dict(BLOCK_M=launch.block_m, BLOCK_S=block_s, BLOCK_E=512,
                                                      BLOCK_T=block_t, ROUTED_ACT="fp8", SHARED_ACT="fp8",
-                                                     NATIVE_FP4=False), 4),
+                                                     NATIVE_FP4=False, SHARED_SPLIT=launch.shared_split), 4),
         "gate_up": (moe_fp4, "_gate_up_kernel", dict(gemm, BLOCK_N=launch.block_n, ACT_DTYPE=tl.bfloat16),
                     launch.num_warps),
         "down": (moe_fp4, "_down_kernel", dict(gemm, BLOCK_N=DOWN_ROWS), launch.num_warps),
@@ -222,8 +222,9 @@ def grids(launch, t: int) -> dict[str, tuple[int, float, float]]:
     from dsv4c.codegen.kernels.moe_fp4_launch import DOWN_ROWS
 
     s, bm = t * (K + 1), launch.block_m
-    most = -(-s // bm) + min(E + 1, s)
+    most = -(-s // bm) + min(E + 1, s) + (launch.shared_split - 1) * -(-t // bm)
     routed, shared = tiles(t, bm)
+    shared *= launch.shared_split
     gate_up, down = I // launch.block_n, -(-D // DOWN_ROWS) * launch.split_k
     router = -(-t // bm) * -(-E // launch.router_block_e) * launch.router_splits
     return {"router": (router, router, 0), "route": (t, t, 0), "prepare": (E + 1, E + 1, 0),
@@ -237,13 +238,14 @@ def stream_bytes(launch) -> dict[tuple[str, str], int]:
     from dsv4c.codegen.kernels.moe_fp4_launch import DOWN_ROWS
 
     mxfp4, fp8 = 128 // 2 + 128 // 32, 128
-    return {("gate_up", "mxfp4"): 2 * launch.block_n * mxfp4, ("gate_up", "fp8"): 2 * launch.block_n * fp8,
-            ("down", "mxfp4"): DOWN_ROWS * mxfp4, ("down", "fp8"): DOWN_ROWS * fp8}
+    shared_rows = {"gate_up": launch.block_n // launch.shared_split, "down": DOWN_ROWS // launch.shared_split}
+    return {("gate_up", "mxfp4"): 2 * launch.block_n * mxfp4, ("gate_up", "fp8"): 2 * shared_rows["gate_up"] * fp8,
+            ("down", "mxfp4"): DOWN_ROWS * mxfp4, ("down", "fp8"): shared_rows["down"] * fp8}
 
 
 def measure(launch, sass_dir: Path | None) -> dict[str, dict]:
     """Each kernel's build figures (and its GEMM loops', labelled by their MMA's N: 4 block_m the MXFP4 loop's
-    diagonal operand, block_m the FP8 loop's)."""
+    diagonal operand, block_m or less the FP8 loop's: a share of block_m when its rows are one warpgroup's M)."""
     streams, out = stream_bytes(launch), {}
     for name, (module, fn, constexprs, warps) in kernel_specs(launch).items():
         compiled = build(module, fn, constexprs, warps, launch.num_stages)
@@ -254,7 +256,7 @@ def measure(launch, sass_dir: Path | None) -> dict[str, dict]:
         loops = {}
         for body in mma_loops(instructions):
             n = next(int(m.group(1)) for ins in body if (m := re.search(r"64x(\d+)x", ins.modifiers)))
-            kind = "mxfp4" if n == 4 * launch.block_m else "fp8" if n == launch.block_m else f"n{n}"
+            kind = "mxfp4" if n == 4 * launch.block_m else "fp8" if n <= launch.block_m else f"n{n}"
             weight = streams.get((name, kind), 0)
             loops[kind] = loop_figures(body, warps, weight, launch.num_stages) if weight else dict(
                 instructions=len(body), mmas=sorted({i.opcode + i.modifiers for i in body if "MMA" in i.opcode}))

@@ -99,7 +99,7 @@ class KernelCase:
 
 
 CPU_LAUNCH = dict(block_m=16, block_n=128, split_k=1, router_block_e=16, router_splits=1, product="ieee",
-                  native_fp4=False, num_warps=4, num_stages=1)
+                  native_fp4=False, shared_split=1, num_warps=4, num_stages=1)
 KERNEL_CASES = {
     "w4a8-score-b3": KernelCase(3, False, torch.bfloat16, "w4a8", True),
     "w4a8-hash-b1": KernelCase(1, True, torch.bfloat16, "w4a8", True),

@@ -10,7 +10,9 @@ hash-routed) without an MMA. Blackwell code is never run here.
 The sm_90a SASS of the expert GEMMs (cuobjdump from Triton's wheel; h100's launch at Flash's sizes), what a
 memory-bound step needs to approach its byte floor (bench/moe_sass.py measures it): each kernel's K loops (the
 innermost loops holding the MMAs) are an MXFP4 loop whose one FP8 wgmma a weight and step is N = 4 block_m wide
-(the four scale groups' diagonal operand) and an FP8 loop of N = block_m; both stream their weights with 16-byte
+(the four scale groups' diagonal operand) and the shared expert's FP8 loop (its rows split over two programs, the
+down kernel's rounding its operand on load) of N = block_m (block_m / 2 in the gate/up kernel: its 64 rows are
+one warpgroup's M, so the two warpgroups share the N side); both stream their weights with 16-byte
 cp.async (LDGSTS.128, pipelined; mutation run: the MXFP4 rows' alignment hint removed, 8-byte copies), the
 MXFP4 loop loads nothing synchronously (no LDG: its scales and operand are pipelined too; mutation run: the
 scales loaded byte by byte); nothing spills (no local memory, no stack; mutation run: four warps)."""
@@ -48,8 +50,8 @@ def _down_kernel_mmas(target_name: str, activations: str) -> tuple[list[str], st
                  "table_ptr": "*i64", "sw2_ptr": "*fp8e4nv", "ss2_ptr": "*u8", "part_ptr": "*fp32", "D": "i32",
                  "I": "i32", "K": "i32", "E": "i32", "S": "i32", "BLOCKS_PER_SPLIT": "i32"}
     constexprs = dict(BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, ROUTED_ACT=kernels.ACT_ROUNDING[activations],
-                      SHARED_ACT="fp8", PRODUCT=launch.product, NATIVE_FP4=launch.native_fp4, ALIGNED=True,
-                      NUM_STAGES=launch.num_stages)
+                      SHARED_ACT="fp8", PRODUCT=launch.product, NATIVE_FP4=launch.native_fp4,
+                      SHARED_SPLIT=launch.shared_split, ALIGNED=True, NUM_STAGES=launch.num_stages)
     aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
                if kind.startswith("*") or name in ("D", "I")}
     source = ASTSource(fn, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs, aligned)
@@ -144,8 +146,9 @@ def _gemm_sass(kernel: str) -> tuple[list[list[str]], list[str], str]:
     launch = moe_fp4_launch(target("h100"), 256, 6, 4096, 2048, "w4a8", True)
     fn = kernels._gate_up_kernel if kernel == "gate_up" else kernels._down_kernel
     constexprs = dict(BLOCK_M=launch.block_m, BLOCK_N=launch.block_n if kernel == "gate_up" else DOWN_ROWS,
-                      ROUTED_ACT="fp8", SHARED_ACT="fp8", PRODUCT=launch.product, NATIVE_FP4=False, ALIGNED=True,
-                      NUM_STAGES=launch.num_stages, **(dict(ACT_DTYPE=tl.bfloat16) if kernel == "gate_up" else {}))
+                      ROUTED_ACT="fp8", SHARED_ACT="fp8", PRODUCT=launch.product, NATIVE_FP4=False,
+                      SHARED_SPLIT=launch.shared_split, ALIGNED=True, NUM_STAGES=launch.num_stages,
+                      **(dict(ACT_DTYPE=tl.bfloat16) if kernel == "gate_up" else {}))
     pointers = {"table_ptr": "*i64", "weights_ptr": "*fp32", "part_ptr": "*fp32", "sw1_ptr": "*fp8e4nv",
                 "sw3_ptr": "*fp8e4nv", "sw2_ptr": "*fp8e4nv", "ss1_ptr": "*u8", "ss3_ptr": "*u8", "ss2_ptr": "*u8"}
     signature = {arg: "constexpr" if arg in constexprs else pointers.get(arg, "*bf16" if arg.startswith(("x", "h"))
@@ -179,11 +182,16 @@ def gemm_sass():
         return {kernel: pool.submit(_gemm_sass, kernel).result() for kernel in ("gate_up", "down")}
 
 
+# the shared expert's FP8 loop (h100 splits its rows over two programs): 128 down rows a program, one M of 64 a
+# warpgroup; 64 gate/up rows a program, one warpgroup's M, so the two warpgroups share the 16 selections
+FP8_WGMMA = {"gate_up": "QGMMA.64x8x32.F32.E4M3.E4M3", "down": "QGMMA.64x16x32.F32.E4M3.E4M3"}
+
+
 @pytest.mark.parametrize("kernel", ["gate_up", "down"])
 def test_sm90a_gemm_loops_stream_16_byte_cp_async_without_spills(gemm_sass, kernel):
     loops, instructions, usage = gemm_sass[kernel]
     mmas = [sorted({op for op in body if "GMMA" in op}) for body in loops]
-    assert mmas == [["QGMMA.64x64x32.F32.E4M3.E4M3"], ["QGMMA.64x16x32.F32.E4M3.E4M3"]], mmas  # MXFP4, then FP8
+    assert mmas == [["QGMMA.64x64x32.F32.E4M3.E4M3"], [FP8_WGMMA[kernel]]], mmas  # MXFP4, then FP8
     mxfp4, fp8 = loops
     # a step's MXFP4 codes (16 KB: w1 and w3 of 128 rows, or w2 of 256) and its diagonal operand tile (64 x 128
     # e4m3) in 16-byte cp.async of 256 threads; the scales in 4-byte ones

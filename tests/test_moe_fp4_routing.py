@@ -81,7 +81,7 @@ def _route_kernels(x, router, bias, table, tokens, routing, launch):
 
 # two token tiles of 16, the logits in two splits of D (128 columns each)
 SPLIT_LAUNCH = dict(block_m=16, block_n=128, split_k=1, router_block_e=16, router_splits=2, product="ieee",
-                    native_fp4=False, num_warps=4, num_stages=1)
+                    native_fp4=False, shared_split=1, num_warps=4, num_stages=1)
 
 
 @needs_triton

@@ -9,18 +9,22 @@ routed ones of each token, then its shared expert, counted as expert E (weight 1
     function, the selection (bias-shifted top-k or the hash table) and the weights: ids and weights [N, k];
 (1) `_prepare_kernel`, grid (E + 1,): program e counts every expert's selections (a histogram of the ids), so it
     knows where its own rows start in an expert-sorted list padded to whole tiles of block_m rows, writes its
-    selections there (in selection order, -1 in the padding) and its expert id for each of its tiles. Program 0
+    selections there (in selection order, -1 in the padding) and its expert id for each of its tiles; each of
+    the shared expert's tiles appears `shared_split` times in a row, copy q with id E + q (below). Program 0
     writes the number of tiles. Nothing leaves the GPU: the grids below are sized for the most tiles S
-    selections can make (cdiv(S, block_m) + min(E + 1, S)) and programs past the real count return at once, so
-    an expert no token chose costs no program, and a call can be captured in a CUDA graph. The programs also
-    share out x's 128-column blocks and write the gate/up GEMMs' activation operands (below);
+    selections can make (cdiv(S, block_m) + min(E + 1, S) + (shared_split - 1) cdiv(N, block_m)) and programs
+    past the real count return at once, so an expert no token chose costs no program, and a call can be
+    captured in a CUDA graph. The programs also share out x's 128-column blocks and write the gate/up GEMMs'
+    activation operands (below);
 (2) `_gate_up_kernel`, grid (tiles, I / 128): one tile of one expert's selections against 128 rows of its w1
     and of its w3, one loop for both (swap AB: the weight rows are the dot's M side). SwiGLU as model/layers.py
     `swiglu_expert`: gate and up rounded to the activation dtype, clamped, silu(gate) * up times the routing
     weight in fp32, rounded: hidden [S, I], written as the down GEMM's operand: the program's 128 hidden
     features of a selection are one rounding block;
 (3) `_down_kernel`, grid (tiles, D / 256, split_k): the same for w2 (256 rows a program) over a slice of I:
-    fp32 partials [split_k, S, D];
+    fp32 partials [split_k, S, D]. In both GEMMs the shared expert's FP8 rows are twice an MXFP4 row's bytes,
+    so with `shared_split` 2 (GPU launches) each copy of its tiles computes half of a program's rows (64 gate/up
+    rows, 128 down rows), streaming about what a routed program streams;
 (4) `_combine_kernel`, grid (N, D / 1024): per token, each selection's partials summed in split order and
     rounded to the activation dtype (the expert's output), added in slot order (the shared expert last) in fp32,
     rounded. Fixed orders, no atomics: the result is deterministic, and since the launch depends on the
@@ -34,7 +38,11 @@ then K / 32 fp32 scales (codegen/kernels/moe_fp4_tiles.py); the routed experts' 
 order, the shared expert's in the natural order. `_prepare_kernel` writes x's two ([N, D]: xr, and xs unless
 the shared expert's input is x as it is), `_gate_up_kernel` the down GEMM's (hidden [S, I], each row in its
 expert's format). The GEMM loops then only load, per 128 columns, the weight block, its scales and the operand
-block (all pipelined), and multiply.
+block (all pipelined), and multiply. One exception: with `shared_split` 2 a shared gate/up program holds half
+of each rounding block, so it writes its hidden features as they are (already rounded to the activation
+dtype) and the down GEMM rounds each 128-column block of the shared rows on load (`_fp8_rounded`, what
+`_rounded` does for "fp8") before the same FP8 dot: the same values, scales and products as unsplit, bit for
+bit.
 
 Products: an MXFP4 block is widened in registers to e4m3 (every e2m1 code times 2^-6 is one) and multiplied
 by the operand on FP8 tensor cores (wgmma on Hopper) as four diagonal blocks, one dot for its four 32-column
@@ -94,6 +102,16 @@ def _e2m1_code(q):
 
 # ---- activation operands -------------------------------------------------------------------------------
 @triton.jit
+def _fp8_rounded(a):
+    """(values [R, 128] fp32 on the e4m3 grid, scale [R] fp32): rows a [R, 128] (fp32) rounded to e4m3 with one
+    power-of-two scale (amax floored at 1e-4), as `quant.fake_quant_fp8`."""
+    amax = tl.maximum(tl.max(tl.abs(a), axis=1), FP8_AMAX_FLOOR)
+    scale, inverse = e8m0_pair(e8m0_byte(amax, 448.0))
+    q = tl.clamp(a * inverse[:, None], -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+    return e4m3_grid(q), scale
+
+
+@triton.jit
 def _rounded(a, FMT: tl.constexpr):
     """(values [R, 128] fp32, scales [R, 4] fp32) of rows a [R, 128] (fp32) rounded as the reference rounds a
     matmul's input: "fp8" to e4m3 with one scale (amax floored at 1e-4, as `quant.fake_quant_fp8`), "fp4" to e2m1
@@ -101,10 +119,8 @@ def _rounded(a, FMT: tl.constexpr):
     values * scale is the reference's rounded input."""
     rows: tl.constexpr = a.shape[0]
     if FMT == "fp8":
-        amax = tl.maximum(tl.max(tl.abs(a), axis=1), FP8_AMAX_FLOOR)
-        scale, inverse = e8m0_pair(e8m0_byte(amax, 448.0))
-        q = tl.clamp(a * inverse[:, None], -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
-        return e4m3_grid(q), tl.broadcast_to(scale[:, None], (rows, GROUPS))
+        values, scale = _fp8_rounded(a)
+        return values, tl.broadcast_to(scale[:, None], (rows, GROUPS))
     elif FMT == "fp4":
         groups = tl.reshape(a, (rows, GROUPS, GROUP))
         amax = tl.maximum(tl.max(tl.abs(groups), axis=2), FP4_AMAX_FLOOR)
@@ -128,6 +144,14 @@ def _store_operand(ptr, rows, ok, kb, a, KDIM, FMT: tl.constexpr, MMA_ORDER: tl.
     if FMT != "none":
         start = operand_scale_pointers(ptr, rows, KDIM) + kb * GROUPS
         tl.store(start[:, None] + tl.arange(0, GROUPS)[None, :], scales, mask=ok[:, None])
+
+
+@triton.jit
+def _store_unrounded(ptr, rows, ok, columns, columns_ok, a, KDIM):
+    """Columns `columns` [C] (where `columns_ok`) of operand rows `rows` [R] (where `ok`) of ptr [rows, KDIM],
+    FMT "none": a [R, C] (fp32) as it is, in the natural order."""
+    start = operand_value_pointers(ptr, rows, KDIM, "none")
+    tl.store(start[:, None] + columns[None, :], a.to(ptr.dtype.element_ty), mask=ok[:, None] & columns_ok[None, :])
 
 
 @triton.jit
@@ -188,12 +212,18 @@ def _accumulate_mxf4(acc, a_rows, a_ok, w_ptr, s_ptr, n, n_ok, kb_start, kb_stop
 
 @triton.jit
 def _fp8_gemm(acc, acc2, w_ptr, s_ptr, w2_ptr, s2_ptr, a_ptr, rows, ok, n, n_ok, kb_start, kb_stop, KDIM,
-              FMT: tl.constexpr, PAIR: tl.constexpr, PRODUCT: tl.constexpr, NUM_STAGES: tl.constexpr):
+              FMT: tl.constexpr, ROUND: tl.constexpr, PAIR: tl.constexpr, PRODUCT: tl.constexpr,
+              NUM_STAGES: tl.constexpr):
     """`_mxfp4_gemm` for FP8 weights (e8m0 scales per 128 x 128) and an operand in the natural order (FMT "fp8"
-    or "none"): one dot a block, times the weight's and the operand's scale. rows / ok [BM]."""
+    or "none"): one dot a block, times the weight's and the operand's scale. ROUND "fp8": an unrounded operand
+    (FMT "none") rounded in the loop, each block as `_store_operand` would have rounded it (`_fp8_rounded`).
+    rows / ok [BM]."""
     for kb in tl.range(kb_start, kb_stop, num_stages=NUM_STAGES):
         b = operand_rows(a_ptr, rows, ok, kb, KDIM, FMT)
         a_scale = operand_scale(a_ptr, rows, ok, kb, KDIM, FMT)
+        if ROUND == "fp8":
+            values, a_scale = _fp8_rounded(tl.trans(b).to(tl.float32))
+            b = tl.trans(values.to(tl.float8e4nv))
         w, w_scale = fp8_block(w_ptr, s_ptr, n, n_ok, kb, KDIM)
         acc += product(w, b, PRODUCT) * (w_scale[:, None] * a_scale[None, :])
         if PAIR:
@@ -204,11 +234,21 @@ def _fp8_gemm(acc, acc2, w_ptr, s_ptr, w2_ptr, s2_ptr, a_ptr, rows, ok, n, n_ok,
 
 # ---- kernels ---------------------------------------------------------------------------------------------
 @triton.jit
+def _tile_place(first, rank, copy, copies, BLOCK_M: tl.constexpr):
+    """Where entry `rank` of an expert's selections sits in the tile list, in its copy `copy` of `copies`: the
+    expert's tiles start at tile `first`, and each of its tiles of BLOCK_M selections appears `copies` times in
+    a row."""
+    return (first + (rank // BLOCK_M) * copies + copy) * BLOCK_M + rank % BLOCK_M
+
+
+@triton.jit
 def _group(ids_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, S, K, E, BLOCK_M: tl.constexpr,
-           BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
+           BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, SHARED_SPLIT: tl.constexpr):
     """Program e (0 .. E; E the shared expert): its selections' places in the tile-padded, expert-sorted list
     and its tiles' expert ids. Selection s is slot s % (K + 1) of token s // (K + 1); slot K is the shared
-    expert. BLOCK_E >= E + 2: the last bin counts the lanes past S."""
+    expert. Each of the shared expert's tiles appears SHARED_SPLIT times in a row, copy q with expert id E + q
+    (the slice of the weight rows its programs compute). BLOCK_E >= E + 2: the last bin counts the lanes past
+    S."""
     e = tl.program_id(0)
     s = tl.arange(0, BLOCK_S)
     valid = s < S
@@ -218,17 +258,23 @@ def _group(ids_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, S, K, E, BLOCK_M: 
     expert = tl.where(routed, expert, tl.where(valid, E, BLOCK_E - 1))
     counts = tl.histogram(expert, BLOCK_E)
     bins = tl.arange(0, BLOCK_E)
-    tiles = tl.where(bins <= E, (counts + BLOCK_M - 1) // BLOCK_M, 0)
+    row_tiles = tl.where(bins <= E, (counts + BLOCK_M - 1) // BLOCK_M, 0)
+    tiles = tl.where(bins == E, row_tiles * SHARED_SPLIT, row_tiles)
     first = tl.sum(tl.where(bins < e, tiles, 0), axis=0)
-    mine = tl.sum(tl.where(bins == e, tiles, 0), axis=0)
+    mine = tl.sum(tl.where(bins == e, row_tiles, 0), axis=0)
     count = tl.sum(tl.where(bins == e, counts, 0), axis=0)
+    copies = 1 + (SHARED_SPLIT - 1) * (e == E).to(tl.int32)
     member = expert == e
     rank = tl.cumsum(member.to(tl.int32), 0) - 1
-    tl.store(sorted_ptr + first * BLOCK_M + rank, s, mask=member)
     pad = count + tl.arange(0, BLOCK_M)
-    tl.store(sorted_ptr + first * BLOCK_M + pad, tl.full([BLOCK_M], -1, tl.int32), mask=pad < mine * BLOCK_M)
+    for copy in tl.static_range(SHARED_SPLIT):
+        mine_copy = member & (tl.full([BLOCK_S], copy, tl.int32) < copies)
+        tl.store(sorted_ptr + _tile_place(first, rank, copy, copies, BLOCK_M), s, mask=mine_copy)
+        pad_copy = (pad < mine * BLOCK_M) & (tl.full([BLOCK_M], copy, tl.int32) < copies)
+        tl.store(sorted_ptr + _tile_place(first, pad, copy, copies, BLOCK_M), tl.full([BLOCK_M], -1, tl.int32),
+                 mask=pad_copy)
     t = tl.arange(0, BLOCK_T)
-    tl.store(tile_expert_ptr + first + t, tl.full([BLOCK_T], 0, tl.int32) + e, mask=t < mine)
+    tl.store(tile_expert_ptr + first + t, e + t % copies, mask=t < mine * copies)
     if e == 0:
         tl.store(n_tiles_ptr, tl.sum(tiles, axis=0))
 
@@ -236,11 +282,13 @@ def _group(ids_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, S, K, E, BLOCK_M: 
 @triton.jit
 def _prepare_kernel(ids_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, x_ptr, xr_ptr, xs_ptr, N, S, D, K, E,
                     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
-                    ROUTED_ACT: tl.constexpr, SHARED_ACT: tl.constexpr, NATIVE_FP4: tl.constexpr):
+                    ROUTED_ACT: tl.constexpr, SHARED_ACT: tl.constexpr, NATIVE_FP4: tl.constexpr,
+                    SHARED_SPLIT: tl.constexpr):
     """`_group`, then x's 128-column blocks shared out over the programs, each rounded to the gate/up GEMMs'
     operands [N, D]: the routed experts' xr (ROUTED_ACT, MMA K order; not for native products, which read x)
     and the shared expert's xs (when SHARED_ACT is "fp8"; unrounded, it reads x)."""
-    _group(ids_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, S, K, E, BLOCK_M, BLOCK_S, BLOCK_E, BLOCK_T)
+    _group(ids_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, S, K, E, BLOCK_M, BLOCK_S, BLOCK_E, BLOCK_T,
+           SHARED_SPLIT)
     if not NATIVE_FP4 or SHARED_ACT != "none":
         blocks = D // BLOCK
         for index in range(tl.program_id(0), N * blocks, tl.num_programs(0)):
@@ -264,24 +312,84 @@ def _tile_rows(sorted_ptr, tile, BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
 
 
 @triton.jit
+def _swiglu(gate, up, weight, limit, ACT_DTYPE: tl.constexpr):
+    """h [BM, R] = round(silu(clamp(round(gate))) * clamp(round(up)) * weight) for gate / up [R, BM] (fp32), as
+    model/layers.py `swiglu_expert`."""
+    g = rounded_to(gate, ACT_DTYPE)
+    u = rounded_to(up, ACT_DTYPE)
+    g = tl.where(g > limit, limit, g)  # (NaN stays NaN; an absent clamp is a limit of +inf)
+    u = tl.where(u > limit, limit, tl.where(u < -limit, -limit, u))
+    return tl.trans(rounded_to(g * tl.sigmoid(g) * u * weight[None, :], ACT_DTYPE))
+
+
+@triton.jit
+def _shared_rows(part, BLOCK_N: tl.constexpr, SHARED_SPLIT: tl.constexpr):
+    """The weight rows [BLOCK_N / SHARED_SPLIT] a shared program computes of its grid column's BLOCK_N: slice
+    `part` (its tile's expert id less E, `_group`)."""
+    rows: tl.constexpr = BLOCK_N // SHARED_SPLIT
+    return tl.program_id(1) * BLOCK_N + part * rows + tl.arange(0, rows)
+
+
+@triton.jit
+def _shared_gate_up(xs_ptr, sw1_ptr, ss1_ptr, sw3_ptr, ss3_ptr, hidden_ptr, part, sel, row_ok, token, D, I, limit,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHARED_ACT: tl.constexpr,
+                    SHARED_SPLIT: tl.constexpr, PRODUCT: tl.constexpr, ACT_DTYPE: tl.constexpr,
+                    NUM_STAGES: tl.constexpr):
+    """`_gate_up_kernel` for slice `part` of the shared expert's BLOCK_N rows (weight 1). Unsplit, its hidden
+    features of a selection are one rounding block, written rounded to SHARED_ACT; split, they are half of one,
+    written as they are (the down GEMM rounds them on load)."""
+    n = _shared_rows(part, BLOCK_N, SHARED_SPLIT)
+    n_ok = n < I
+    gate = tl.zeros([BLOCK_N // SHARED_SPLIT, BLOCK_M], dtype=tl.float32)
+    gate, up = _fp8_gemm(gate, gate, sw1_ptr, ss1_ptr, sw3_ptr, ss3_ptr, xs_ptr, token, row_ok, n, n_ok, 0,
+                         D // BLOCK, D, SHARED_ACT, "none", True, PRODUCT, NUM_STAGES)
+    h = _swiglu(gate, up, tl.full([BLOCK_M], 1.0, tl.float32), limit, ACT_DTYPE)
+    if SHARED_SPLIT == 1:
+        _store_operand(hidden_ptr, sel, row_ok, tl.program_id(1), h, I, SHARED_ACT, False)
+    else:
+        _store_unrounded(hidden_ptr, sel, row_ok, n, n_ok, h, I)
+
+
+@triton.jit
+def _shared_down(hidden_ptr, sw2_ptr, ss2_ptr, part_ptr, part, split, sel, row_ok, kb_start, kb_stop, D, I, S,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHARED_ACT: tl.constexpr,
+                 SHARED_SPLIT: tl.constexpr, PRODUCT: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """`_down_kernel` for slice `part` of the shared expert's BLOCK_N rows: its operand rows as
+    `_shared_gate_up` wrote them, split ones rounded to SHARED_ACT on load."""
+    n = _shared_rows(part, BLOCK_N, SHARED_SPLIT)
+    n_ok = n < D
+    acc = tl.zeros([BLOCK_N // SHARED_SPLIT, BLOCK_M], dtype=tl.float32)
+    if SHARED_SPLIT == 1:
+        acc = _fp8_gemm(acc, acc, sw2_ptr, ss2_ptr, sw2_ptr, ss2_ptr, hidden_ptr, sel, row_ok, n, n_ok, kb_start,
+                        kb_stop, I, SHARED_ACT, "none", False, PRODUCT, NUM_STAGES)[0]
+    else:
+        acc = _fp8_gemm(acc, acc, sw2_ptr, ss2_ptr, sw2_ptr, ss2_ptr, hidden_ptr, sel, row_ok, n, n_ok, kb_start,
+                        kb_stop, I, "none", SHARED_ACT, False, PRODUCT, NUM_STAGES)[0]
+    _store_partials(part_ptr, split, S, sel, row_ok, n, n_ok, acc, D)
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, xr_ptr, xs_ptr, weights_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, table_ptr, sw1_ptr,
                     ss1_ptr, sw3_ptr, ss3_ptr, hidden_ptr, D, I, K, E, routed_limit, shared_limit,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROUTED_ACT: tl.constexpr,
                     SHARED_ACT: tl.constexpr, PRODUCT: tl.constexpr, NATIVE_FP4: tl.constexpr,
-                    ACT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr):
+                    SHARED_SPLIT: tl.constexpr, ACT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+                    NUM_STAGES: tl.constexpr):
     """hidden[sel, tile of I] = round(silu(clamp(round(x W1.T))) * clamp(round(x W3.T)) * weight) for the
     selections of one tile (x [N, D] in the activation dtype, its operands xr and xs; the shared expert's
-    weight is 1), written as the down GEMM's operand [S, I]."""
+    weight is 1), written as the down GEMM's operand [S, I]. A shared program computes a 1 / SHARED_SPLIT
+    slice of the tile's BLOCK_N rows; split, it writes them unrounded (half a rounding block: the down GEMM
+    rounds them on load)."""
     tile = tl.program_id(0)
     if tile < tl.load(n_tiles_ptr):
         expert = tl.load(tile_expert_ptr + tile)
         sel, row_ok = _tile_rows(sorted_ptr, tile, BLOCK_M, BLOCK_M)
         token, slot = sel // (K + 1), sel % (K + 1)
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < I
-        gate = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         if expert < E:
+            n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = n < I
+            gate = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             w1 = _expert_ptr(table_ptr, 0, E, expert, tl.int8, ALIGNED)
             s1 = _expert_ptr(table_ptr, 1, E, expert, tl.uint8, ALIGNED)
             w3 = _expert_ptr(table_ptr, 2, E, expert, tl.int8, ALIGNED)
@@ -296,41 +404,41 @@ def _gate_up_kernel(x_ptr, xr_ptr, xs_ptr, weights_ptr, sorted_ptr, tile_expert_
                                        n_ok, 0, D // BLOCK, D, ROUTED_ACT, True, PRODUCT, BLOCK_M, BLOCK_N, ALIGNED,
                                        NUM_STAGES)
             weight = tl.load(weights_ptr + token * K + slot, mask=row_ok, other=0.0)
-            limit = routed_limit
-        else:
-            gate, up = _fp8_gemm(gate, up, sw1_ptr, ss1_ptr, sw3_ptr, ss3_ptr, xs_ptr, token, row_ok, n, n_ok, 0,
-                                 D // BLOCK, D, SHARED_ACT, True, PRODUCT, NUM_STAGES)
-            weight = tl.full([BLOCK_M], 1.0, tl.float32)
-            limit = shared_limit
-        g = rounded_to(gate, ACT_DTYPE)
-        u = rounded_to(up, ACT_DTYPE)
-        g = tl.where(g > limit, limit, g)  # (NaN stays NaN; an absent clamp is a limit of +inf)
-        u = tl.where(u > limit, limit, tl.where(u < -limit, -limit, u))
-        h = tl.trans(rounded_to(g * tl.sigmoid(g) * u * weight[None, :], ACT_DTYPE))  # [BM, 128]: one rounding block
-        if expert < E:
+            h = _swiglu(gate, up, weight, routed_limit, ACT_DTYPE)  # [BM, 128]: one rounding block
             _store_routed(hidden_ptr, sel, row_ok, tl.program_id(1), h, I, ROUTED_ACT, NATIVE_FP4)
         else:
-            _store_operand(hidden_ptr, sel, row_ok, tl.program_id(1), h, I, SHARED_ACT, False)
+            _shared_gate_up(xs_ptr, sw1_ptr, ss1_ptr, sw3_ptr, ss3_ptr, hidden_ptr, expert - E, sel, row_ok, token, D,
+                            I, shared_limit, BLOCK_M, BLOCK_N, SHARED_ACT, SHARED_SPLIT, PRODUCT, ACT_DTYPE,
+                            NUM_STAGES)
+
+
+@triton.jit
+def _store_partials(part_ptr, split, S, sel, row_ok, n, n_ok, acc, D):
+    """part[split, sel, n] = acc [R, BM] (fp32) for the tile's valid selections and the rows n < D."""
+    out = part_ptr + (split * S + sel).to(tl.int64)[None, :] * D + n[:, None]
+    tl.store(out, acc, mask=n_ok[:, None] & row_ok[None, :])
 
 
 @triton.jit
 def _down_kernel(hidden_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, table_ptr, sw2_ptr, ss2_ptr, part_ptr,
                  D, I, K, E, S, BLOCKS_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  ROUTED_ACT: tl.constexpr, SHARED_ACT: tl.constexpr, PRODUCT: tl.constexpr,
-                 NATIVE_FP4: tl.constexpr, ALIGNED: tl.constexpr, NUM_STAGES: tl.constexpr):
+                 NATIVE_FP4: tl.constexpr, SHARED_SPLIT: tl.constexpr, ALIGNED: tl.constexpr,
+                 NUM_STAGES: tl.constexpr):
     """part[split, sel, tile of D] = hidden[sel] @ W2.T over split's slice of I (fp32, not rounded); hidden: the
-    operand [S, I] the gate/up kernel wrote."""
+    operand [S, I] the gate/up kernel wrote. A shared program computes a 1 / SHARED_SPLIT slice of the tile's
+    BLOCK_N rows; split, its operand rows are unrounded and it rounds them to SHARED_ACT on load."""
     tile = tl.program_id(0)
     if tile < tl.load(n_tiles_ptr):
         expert = tl.load(tile_expert_ptr + tile)
         sel, row_ok = _tile_rows(sorted_ptr, tile, BLOCK_M, BLOCK_M)
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < D
         split = tl.program_id(2)
         kb_start = split * BLOCKS_PER_SPLIT
         kb_stop = tl.minimum(kb_start + BLOCKS_PER_SPLIT, I // BLOCK)
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         if expert < E:
+            n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = n < D
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             w2 = _expert_ptr(table_ptr, 4, E, expert, tl.int8, ALIGNED)
             s2 = _expert_ptr(table_ptr, 5, E, expert, tl.uint8, ALIGNED)
             if NATIVE_FP4:
@@ -340,11 +448,10 @@ def _down_kernel(hidden_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, table_ptr
                 sel4, ok4 = _tile_rows(sorted_ptr, tile, BLOCK_M, 4 * BLOCK_M)
                 acc = _mxfp4_gemm(acc, acc, w2, s2, w2, s2, hidden_ptr, sel, row_ok, sel4, ok4, n, n_ok, kb_start,
                                   kb_stop, I, ROUTED_ACT, False, PRODUCT, BLOCK_M, BLOCK_N, ALIGNED, NUM_STAGES)[0]
+            _store_partials(part_ptr, split, S, sel, row_ok, n, n_ok, acc, D)
         else:
-            acc = _fp8_gemm(acc, acc, sw2_ptr, ss2_ptr, sw2_ptr, ss2_ptr, hidden_ptr, sel, row_ok, n, n_ok, kb_start,
-                            kb_stop, I, SHARED_ACT, False, PRODUCT, NUM_STAGES)[0]
-        out = part_ptr + (split * S + sel).to(tl.int64)[None, :] * D + n[:, None]
-        tl.store(out, acc, mask=n_ok[:, None] & row_ok[None, :])
+            _shared_down(hidden_ptr, sw2_ptr, ss2_ptr, part_ptr, expert - E, split, sel, row_ok, kb_start, kb_stop, D,
+                         I, S, BLOCK_M, BLOCK_N, SHARED_ACT, SHARED_SPLIT, PRODUCT, NUM_STAGES)
 
 
 @triton.jit
@@ -410,7 +517,8 @@ def moe_fp4(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None, ta
     ids, weights = route(x, router, bias, table, tokens, routing, launch)
     pointers, aligned = tables.get(lists, x)
     s, bm = n * (k + 1), launch.block_m
-    max_tiles = triton.cdiv(s, bm) + min(experts + 1, s)
+    shared_tiles = triton.cdiv(n, bm)  # the shared expert's tiles, each repeated shared_split times (`_group`)
+    max_tiles = triton.cdiv(s, bm) + min(experts + 1, s) + (launch.shared_split - 1) * shared_tiles
     order = torch.empty(max_tiles * bm, dtype=torch.int32, device=x.device)
     tile_expert = torch.empty(max_tiles, dtype=torch.int32, device=x.device)
     n_tiles = torch.empty(1, dtype=torch.int32, device=x.device)
@@ -420,12 +528,14 @@ def moe_fp4(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None, ta
     xs = torch.empty_like(x) if shared_act_quant else x
     _prepare_kernel[(experts + 1,)](ids, order, tile_expert, n_tiles, x, xr, xs, n, s, d, k, experts, BLOCK_M=bm,
                                     BLOCK_S=triton.next_power_of_2(s), BLOCK_E=triton.next_power_of_2(experts + 2),
-                                    BLOCK_T=triton.next_power_of_2(triton.cdiv(s, bm)), ROUTED_ACT=routed_act,
-                                    SHARED_ACT=shared_act, NATIVE_FP4=native)
+                                    BLOCK_T=triton.next_power_of_2(max(triton.cdiv(s, bm),
+                                                                       launch.shared_split * shared_tiles)),
+                                    ROUTED_ACT=routed_act, SHARED_ACT=shared_act, NATIVE_FP4=native,
+                                    SHARED_SPLIT=launch.shared_split)
     sw1, ss1, sw3, ss3, sw2, ss2 = (t.view(torch.uint8) if t.dtype == torch.float8_e8m0fnu else t for t in shared)
     common = dict(BLOCK_M=bm, BLOCK_N=launch.block_n, ROUTED_ACT=routed_act, SHARED_ACT=shared_act,
-                  PRODUCT=launch.product, NATIVE_FP4=native, ALIGNED=aligned, NUM_STAGES=launch.num_stages,
-                  num_warps=launch.num_warps)
+                  PRODUCT=launch.product, NATIVE_FP4=native, SHARED_SPLIT=launch.shared_split, ALIGNED=aligned,
+                  NUM_STAGES=launch.num_stages, num_warps=launch.num_warps)
     limits = [float("inf") if v is None else float(v) for v in (routed_limit, shared_limit)]
     hidden = torch.empty((s, i), dtype=x.dtype, device=x.device)
     _gate_up_kernel[(max_tiles, triton.cdiv(i, launch.block_n))](

@@ -9,10 +9,12 @@ so a decode step of one token pads to 16 rows, not 64.
 Bytes in flight. A one-token step is memory-bound: its programs must keep enough weight bytes in flight to
 cover the memory latency (Little's law: about 3.35 TB/s x 1 us / 132 SMs = 25 KB an SM on an H100). A GEMM
 program streams 17 KB of MXFP4 codes and scales a 128-column step (w1 and w3 of 128 rows; w2 of 256 rows),
-twice that for the shared expert's FP8 rows, and `num_stages` = 4 keeps three steps ahead in flight: about
-50 KB a program, one program an SM (its registers). A one-token step has (top_k + 1) x I / 128 gate/up
-programs and (top_k + 1) x D / 256 down programs, 112 each for Flash, so every GEMM spreads the six experts'
-and the shared expert's bytes over 112 of an H100's 132 SMs; an expert no token chose costs no program.
+and `num_stages` = 4 keeps three steps ahead in flight: about 50 KB a program, one program an SM (its
+registers). The shared expert's FP8 rows are twice an MXFP4 row's bytes, so a program over the same rows would
+stream twice a routed program's bytes and finish last; `shared_split` = 2 gives its rows of each program to two
+programs (64 gate/up rows, 128 down rows each), each streaming about what a routed program streams. A one-token
+step then has (top_k + shared_split) x I / 128 gate/up programs and (top_k + shared_split) x D / 256 down
+programs, 128 each for Flash, one wave on an H100's 132 SMs; an expert no token chose costs no program.
 bench/moe_sass.py measures all this on the sm_90a build.
 
 Batch invariance: nothing here reads the number of tokens a step holds, so every reduction of a token's
@@ -35,6 +37,7 @@ MIN_DOT = 16  # tl.dot's smallest side
 K_COLUMNS = 128  # columns of K a kernel's loop step covers (codegen/kernels/moe_fp4.py K_BLOCK)
 DOWN_ROWS = 256  # weight rows a down program computes: one weight a step, so twice the gate/up program's rows
 ROUTER_BLOCK_E = 64  # router rows a GPU program computes: one wgmma warpgroup's M side
+SHARED_SPLITS = (1, 2)  # programs the shared expert's rows of one GEMM program may be split over
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,13 @@ class MoeFp4Launch:
     for bf16 activations (exact: the decoded weights and the activations are bf16 values);
     native_fp4: W4A4's routed products as MXFP4 x MXFP4 `tl.dot_scaled` (tcgen05 kind::mxf4 on sm_100a /
     sm_103a), instead of the exact emulation on FP8 dots;
+    shared_split: programs (1 or 2) that share the shared expert's rows of one gate/up (block_n) or down
+    (DOWN_ROWS) program, each a 1 / shared_split slice of them: its FP8 rows are twice an MXFP4 row's bytes, so
+    2 makes its programs stream what a routed program streams. With 2 a gate/up program holds half a rounding
+    block of the down GEMM's operand, so the shared rows are written unrounded and the down GEMM rounds them
+    on load, the same way: the same values, scales and products as 1, and bit-equal results wherever a dot's
+    sum order for a row does not depend on its M side (the GPUs' MMAs; not numpy's fp32 BLAS, which the
+    interpreter runs unrounded fp32 dots on);
     num_warps / num_stages: Triton's, for the GEMMs."""
 
     block_m: int
@@ -59,6 +69,7 @@ class MoeFp4Launch:
     router_splits: int
     product: str
     native_fp4: bool
+    shared_split: int
     num_warps: int
     num_stages: int
 
@@ -66,29 +77,32 @@ class MoeFp4Launch:
         sides = (self.block_m, self.router_block_e)
         sides_ok = all(v >= MIN_DOT and v & (v - 1) == 0 for v in sides)
         if not sides_ok or self.block_n != K_COLUMNS or min(self.split_k, self.router_splits) < 1 \
-                or self.product not in PRODUCTS or self.num_warps < 1:
+                or self.product not in PRODUCTS or self.shared_split not in SHARED_SPLITS or self.num_warps < 1:
             raise ValueError(f"{self}: block_m / router_block_e powers of two >= {MIN_DOT}, block_n {K_COLUMNS}, "
-                             f"split_k and router_splits >= 1, product one of {PRODUCTS}")
+                             f"split_k and router_splits >= 1, product one of {PRODUCTS}, shared_split one of "
+                             f"{SHARED_SPLITS}")
 
 
 def moe_fp4_launch(t: Target, experts: int, top_k: int, hidden: int, intermediate: int, activations: str,
                    bf16_activations: bool) -> MoeFp4Launch:
     """The launch for a layer of `experts` routed experts (top_k a token) of width `intermediate` on `hidden`,
     chosen by the layer's shape and the target only (never the token count: see the module docstring).
-    GPUs: 16-selection tiles against 128 weight rows (DOWN_ROWS in the down GEMM), eight warps (two wgmma
-    warpgroups), four stages; the down GEMM splits its K while twice a one-token step's programs
-    ((top_k + 1) x D / DOWN_ROWS) still fit one an SM (a program holds most of an SM's registers, so a split
-    past that is a second wave); the router splits D so that its programs (64 experts each) cover every SM at
-    one token.
+    GPUs: 16-selection tiles against 128 weight rows (DOWN_ROWS in the down GEMM), the shared expert's split
+    over two programs, eight warps (two wgmma warpgroups), four stages; the down GEMM splits its K while twice
+    a one-token step's programs ((top_k + 2) x D / DOWN_ROWS) still fit one an SM (a program holds most of an
+    SM's registers, so a split past that is a second wave); the router splits D so that its programs (64
+    experts each) cover every SM at one token.
     cpu (Triton's interpreter, tests only): as few programs as the sizes allow (it pays per program and per
-    operation, not per element): 64-row tiles, all experts in one router program; fp32."""
+    operation, not per element): 64-row tiles, the shared expert unsplit, all experts in one router program;
+    fp32."""
     if activations not in ACTIVATIONS:
         raise ValueError(f"moe_fp4: activations {activations!r}; allowed: {', '.join(ACTIVATIONS)}")
     if not t.is_gpu:
         return MoeFp4Launch(block_m=64, block_n=K_COLUMNS, split_k=1,
                             router_block_e=max(MIN_DOT, _pow2_at_least(experts)), router_splits=1, product="ieee",
-                            native_fp4=False, num_warps=4, num_stages=1)
-    down_programs = (top_k + 1) * -(-hidden // DOWN_ROWS)
+                            native_fp4=False, shared_split=1, num_warps=4, num_stages=1)
+    shared_split = 2
+    down_programs = (top_k + shared_split) * -(-hidden // DOWN_ROWS)
     blocks = max(1, intermediate // K_COLUMNS)
     split_k = 1
     while 2 * down_programs * split_k <= t.sm_count and split_k * 2 <= min(4, blocks):
@@ -97,7 +111,8 @@ def moe_fp4_launch(t: Target, experts: int, top_k: int, hidden: int, intermediat
     per_split = max(1, d_blocks * router_rows // t.sm_count)
     return MoeFp4Launch(block_m=16, block_n=K_COLUMNS, split_k=split_k, router_block_e=ROUTER_BLOCK_E,
                         router_splits=-(-d_blocks // per_split), product="bf16" if bf16_activations else "ieee",
-                        native_fp4=activations == "w4a4" and has_native_mxfp4(t), num_warps=8, num_stages=4)
+                        native_fp4=activations == "w4a4" and has_native_mxfp4(t), shared_split=shared_split,
+                        num_warps=8, num_stages=4)
 
 
 def _pow2_at_least(n: int) -> int:
