@@ -131,7 +131,7 @@ from dsv4c.codegen import routed_moe  # noqa: E402,F401  (dsv4c::routed_moe, wit
 from dsv4c.codegen import fp8_linear  # noqa: E402,F401  (dsv4c::fp8_linear, with its CUDA kernel)
 from dsv4c.codegen import bf16_linear  # noqa: E402,F401  (dsv4c::bf16_linear, on the batch-invariant matmul)
 from dsv4c.codegen import moe_fp4  # noqa: E402,F401  (dsv4c::moe_fp4, with its CUDA kernel)
-from dsv4c.model import rounding_ops  # noqa: E402,F401  (dsv4c::fake_quant_fp8, the model's activation rounding)
+from dsv4c.codegen import act_rounding  # noqa: E402,F401  (dsv4c::fake_quant_fp8 / fp4's CUDA kernel)
 from dsv4c.codegen import kv_cache  # noqa: E402,F401  (dsv4c::kv_pack / kv_unpack, compressed cache rows)
 from dsv4c.codegen import sparse_attention  # noqa: E402,F401  (dsv4c::sparse_decode_attention, its kernel)
 from dsv4c.codegen import compressor  # noqa: E402,F401  (dsv4c::compress_step_, its kernel)
