@@ -102,7 +102,8 @@ if [ "${2:-}" = "--slice" ]; then  # one call of at most ${3:-585} s: flash-slic
   # the GPU checks (graph replay against the graph-free executor; the writer's bytes on the GPU against the CPU's)
   # run beside the checkpoint's writing and its compile
   (timeout 240 python3 bench/step_graph_bench.py --batch 1 8 > $work/step_graph.txt 2>&1
-   timeout 90 python3 bench/synthetic_gpu_check.py > $work/synthetic.txt 2>&1) &
+   timeout 90 python3 bench/synthetic_gpu_check.py > $work/synthetic.txt 2>&1
+   (cd bench && timeout 60 python3 act_rounding_gpu_check.py > $work/act_rounding.txt 2>&1)) &
   stamp init;     timeout 170 dsv4c init-checkpoint --preset flash-slice --device cuda --overwrite $work/fs \
                     > $work/init_slice.txt 2>&1; tail -2 $work/init_slice.txt
   # capacity: the context, then 33 timed rounds of up to 1 + 3 tokens
@@ -113,7 +114,7 @@ if [ "${2:-}" = "--slice" ]; then  # one call of at most ${3:-585} s: flash-slic
                     --json $out/step_slice.json 2>&1 | grep -vE "^\s*$" | tail -24
   [ "$(left)" -gt 30 ] && slice_profile
   [ "$(left)" -gt 120 ] && slice_eager 1
-  wait; tail -8 $work/step_graph.txt; grep -E "CHECK|GB" $work/synthetic.txt
+  wait; tail -8 $work/step_graph.txt; grep -E "CHECK|GB" $work/synthetic.txt; cat $work/act_rounding.txt
   stamp done; exit 0
 fi
 if [ "${2:-}" = "--slice-baselines" ]; then  # right after --slice, on the same warm machine (its artifact): what
