@@ -165,8 +165,10 @@ def _define_probes() -> None:
 
 def _scale_bytes(amax: torch.Tensor, fmt_max: float, truncated: bool) -> torch.Tensor:
     _define_probes()
-    if truncated:
-        moe_kernels.e8m0_byte = _truncated_exponent
+    if truncated:  # wherever the kernels take it from: their module, and number_formats' block_rounded
+        from dsv4c.codegen.kernels import number_formats
+
+        moe_kernels.e8m0_byte = number_formats.e8m0_byte = _truncated_exponent
     out = torch.empty(amax.shape, dtype=torch.int32)
     _scale_probe[(1,)](amax, out, amax.numel(), FMT_MAX=fmt_max, BLOCK=triton.next_power_of_2(amax.numel()))
     return out
@@ -205,8 +207,9 @@ def test_scales_are_powers_of_two_rounded_up_from_the_amax(interpreter, fmt_max)
 
 @needs_triton
 def test_scales_not_rounded_up_are_caught(interpreter):
-    """With the rounding up removed (the exponent bits packed as they are), the scale check and the kernels'
-    comparison with the reference both fail. Each run is a fresh child: the monkeypatch dies with it."""
+    """With the rounding up removed (the exponent bits packed as they are, in the kernels' module and in
+    number_formats, whose block_rounded rounds the FP8 operands), the scale check and the kernels' comparison with
+    the reference both fail. Each run is a fresh child: the monkeypatch dies with it."""
     amax = amaxes(quant.FP8_MAX)
     case = KERNEL_CASES["w4a8-score-b3"]
     call = layer_call("w4a8-score-b3", case.tokens, case.hash_layer, case.dtype)

@@ -3,12 +3,13 @@ of the values no fused op absorbs (the roundings the FP8 GEMMs and the packed ca
 graph by then), one launch a call where the reference is ~30 (e4m3) or ~70 (e2m1) small aten kernels.
 
 x [..., K] is read as blocks of `block` values along the last dim; a program rounds ROWS blocks: the block's
-amax (floored at the format's floor), the smallest power-of-two scale with amax / scale <= the format's max
-(`number_formats.e8m0_byte`, as `quant.power_of_two_scale` takes it), x / scale clamped to the format's range and
-rounded to the nearest e4m3 or e2m1 value (ties to even), times the scale, in x's dtype. Every step is exact in
-fp32 (the scales are powers of two), so the result is `quant.fake_quant_fp8` / `fake_quant_fp4` bit for bit; a
-block holding a NaN or an inf becomes NaN everywhere, as there (its scale is NaN). Loads convert to fp32 first
-and the stores cast exact values (Triton's CPU interpreter rounds bf16 arithmetic wrongly)."""
+amax (floored at the format's floor), the smallest power-of-two scale with amax / scale <= the format's max,
+x / scale clamped to the format's range and rounded to the nearest e4m3 or e2m1 value, ties to even
+(`number_formats.block_rounded`, which the fused MoE's FP8 operands use too), times the scale, in x's dtype.
+Every step is exact in fp32 (the scales are powers of two), so the result is `quant.fake_quant_fp8` /
+`fake_quant_fp4` bit for bit; a block holding a NaN or an inf becomes NaN everywhere, as there (its scale is
+NaN). Loads convert to fp32 first and the stores cast exact values (Triton's CPU interpreter rounds bf16
+arithmetic wrongly)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4c.codegen.kernels.number_formats import e2m1_grid, e4m3_grid, e8m0_byte, e8m0_pair
+from dsv4c.codegen.kernels.number_formats import block_rounded
 from dsv4c.model import quant
 
 ROWS = 16  # blocks a program rounds
@@ -25,20 +26,14 @@ FORMATS = {"fp8": (quant.FP8_MAX, quant.FP8_AMAX_FLOOR), "fp4": (quant.FP4_MAX, 
 
 @triton.jit
 def _fake_quant_kernel(x_ptr, out_ptr, n_blocks, BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr, ROWS: tl.constexpr,
-                       FMT_MAX: tl.constexpr, AMAX_FLOOR: tl.constexpr, FP8: tl.constexpr):
+                       FMT_MAX: tl.constexpr, AMAX_FLOOR: tl.constexpr):
     """Blocks ROWS * pid .. + ROWS of x (BLOCK values each, BLOCK_P2 the power of two that holds them)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     columns = tl.arange(0, BLOCK_P2)
     mask = (rows < n_blocks)[:, None] & (columns < BLOCK)[None, :]
     offsets = rows.to(tl.int64)[:, None] * BLOCK + columns[None, :]
     a = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.where(a == a, tl.abs(a), float("inf")), axis=1)  # a NaN counts as inf: the block's scale is NaN
-    scale, inverse = e8m0_pair(e8m0_byte(tl.maximum(amax, AMAX_FLOOR), FMT_MAX))
-    q = tl.clamp(a * inverse[:, None], -FMT_MAX, FMT_MAX, propagate_nan=tl.PropagateNan.ALL)
-    if FP8:
-        values = e4m3_grid(q)
-    else:
-        values = e2m1_grid(q)
+    values, scale = block_rounded(a, FMT_MAX, AMAX_FLOOR)
     tl.store(out_ptr + offsets, (values * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -57,5 +52,5 @@ def fake_quant(x: torch.Tensor, block: int, fmt: str) -> torch.Tensor:
         fmt_max, floor = FORMATS[fmt]
         _fake_quant_kernel[(triton.cdiv(n_blocks, ROWS),)](
             x, out, n_blocks, BLOCK=block, BLOCK_P2=triton.next_power_of_2(block), ROWS=ROWS, FMT_MAX=fmt_max,
-            AMAX_FLOOR=floor, FP8=fmt == "fp8", num_warps=4)
+            AMAX_FLOOR=floor, num_warps=4)
     return out

@@ -40,9 +40,9 @@ the shared expert's input is x as it is), `_gate_up_kernel` the down GEMM's (hid
 expert's format). The GEMM loops then only load, per 128 columns, the weight block, its scales and the operand
 block (all pipelined), and multiply. One exception: with `shared_split` 2 a shared gate/up program holds half
 of each rounding block, so it writes its hidden features as they are (already rounded to the activation
-dtype) and the down GEMM rounds each 128-column block of the shared rows on load (`_fp8_rounded`, what
-`_rounded` does for "fp8") before the same FP8 dot: the same values, scales and products as unsplit, bit for
-bit.
+dtype) and the down GEMM rounds each 128-column block of the shared rows on load (`number_formats.
+block_rounded`, as `_rounded` does for "fp8") before the same FP8 dot: the same values, scales and products as
+unsplit, bit for bit.
 
 Products: an MXFP4 block is widened in registers to e4m3 (every e2m1 code times 2^-6 is one) and multiplied
 by the operand on FP8 tensor cores (wgmma on Hopper) as four diagonal blocks, one dot for its four 32-column
@@ -75,7 +75,7 @@ from dsv4c.codegen.kernels.routed_moe import (_TRITON_DTYPES, POINTER_TABLES, Po
                                               _expert_ptr)
 from dsv4c.codegen import moe_routing
 from dsv4c.codegen.kernels.moe_route import route
-from dsv4c.codegen.kernels.number_formats import e2m1_grid, e4m3_grid, e8m0_byte, e8m0_pair, rounded_to
+from dsv4c.codegen.kernels.number_formats import block_rounded, e2m1_grid, e8m0_byte, e8m0_pair, rounded_to
 from dsv4c.codegen.moe_routing import Routing
 from dsv4c.codegen.targets import Target, target_for_device
 from dsv4c.model import quant
@@ -102,16 +102,6 @@ def _e2m1_code(q):
 
 # ---- activation operands -------------------------------------------------------------------------------
 @triton.jit
-def _fp8_rounded(a):
-    """(values [R, 128] fp32 on the e4m3 grid, scale [R] fp32): rows a [R, 128] (fp32) rounded to e4m3 with one
-    power-of-two scale (amax floored at 1e-4), as `quant.fake_quant_fp8`."""
-    amax = tl.maximum(tl.max(tl.abs(a), axis=1), FP8_AMAX_FLOOR)
-    scale, inverse = e8m0_pair(e8m0_byte(amax, 448.0))
-    q = tl.clamp(a * inverse[:, None], -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
-    return e4m3_grid(q), scale
-
-
-@triton.jit
 def _rounded(a, FMT: tl.constexpr):
     """(values [R, 128] fp32, scales [R, 4] fp32) of rows a [R, 128] (fp32) rounded as the reference rounds a
     matmul's input: "fp8" to e4m3 with one scale (amax floored at 1e-4, as `quant.fake_quant_fp8`), "fp4" to e2m1
@@ -119,7 +109,7 @@ def _rounded(a, FMT: tl.constexpr):
     values * scale is the reference's rounded input."""
     rows: tl.constexpr = a.shape[0]
     if FMT == "fp8":
-        values, scale = _fp8_rounded(a)
+        values, scale = block_rounded(a, 448.0, FP8_AMAX_FLOOR)
         return values, tl.broadcast_to(scale[:, None], (rows, GROUPS))
     elif FMT == "fp4":
         groups = tl.reshape(a, (rows, GROUPS, GROUP))
@@ -216,13 +206,13 @@ def _fp8_gemm(acc, acc2, w_ptr, s_ptr, w2_ptr, s2_ptr, a_ptr, rows, ok, n, n_ok,
               NUM_STAGES: tl.constexpr):
     """`_mxfp4_gemm` for FP8 weights (e8m0 scales per 128 x 128) and an operand in the natural order (FMT "fp8"
     or "none"): one dot a block, times the weight's and the operand's scale. ROUND "fp8": an unrounded operand
-    (FMT "none") rounded in the loop, each block as `_store_operand` would have rounded it (`_fp8_rounded`).
-    rows / ok [BM]."""
+    (FMT "none") rounded in the loop, each block as `_store_operand` would have rounded it
+    (`number_formats.block_rounded`). rows / ok [BM]."""
     for kb in tl.range(kb_start, kb_stop, num_stages=NUM_STAGES):
         b = operand_rows(a_ptr, rows, ok, kb, KDIM, FMT)
         a_scale = operand_scale(a_ptr, rows, ok, kb, KDIM, FMT)
         if ROUND == "fp8":
-            values, a_scale = _fp8_rounded(tl.trans(b).to(tl.float32))
+            values, a_scale = block_rounded(tl.trans(b).to(tl.float32), 448.0, FP8_AMAX_FLOOR)
             b = tl.trans(values.to(tl.float8e4nv))
         w, w_scale = fp8_block(w_ptr, s_ptr, n, n_ok, kb, KDIM)
         acc += product(w, b, PRODUCT) * (w_scale[:, None] * a_scale[None, :])

@@ -15,6 +15,8 @@ conversions truncate) and the GPU round the same way: round to nearest, ties to 
     e8m0_byte(amax, M)        the e8m0 byte of quant.power_of_two_scale for a block of amax and format maximum M
     e8m0_values(byte)         2^(byte - 127) of e8m0 bytes; e8m0_bits(bits) the same from the exponent field
     e8m0_pair(byte)           (2^(byte - 127), its inverse) of int32 bytes 1 to 253, NaN for 255
+    block_rounded(a, M, F)    rows rounded to e4m3 (M 448) or e2m1 (M 6) with a power-of-two scale a row, amax
+                              floored at F: quant.fake_quant_fp8 / fake_quant_fp4 of one block a row
 
 The mHC kernels keep their own bf16 rounding (codegen/kernels/mhc_kernels.py `_round`).
 """
@@ -125,3 +127,20 @@ def e8m0_pair(byte):
     scale = tl.where(finite, (byte << 23).to(tl.float32, bitcast=True), float("nan"))
     inverse = tl.where(finite, ((254 - byte) << 23).to(tl.float32, bitcast=True), float("nan"))
     return scale, inverse
+
+
+@triton.jit
+def block_rounded(a, FMT_MAX: tl.constexpr, AMAX_FLOOR: tl.constexpr):
+    """(values [R, C], scale [R]) of rows a [R, C] (fp32), each row one block rounded as `quant.fake_quant_fp8`
+    (FMT_MAX 448: e4m3) or `quant.fake_quant_fp4` (FMT_MAX 6: e2m1) round it: amax floored at AMAX_FLOOR, the
+    e8m0 scale of `e8m0_byte`, a / scale clamped to +-FMT_MAX and rounded to the grid; values * scale is the
+    rounded row, exactly. A row holding a NaN or an inf gets a NaN scale, as the reference's block does (its amax
+    is NaN or inf: `tl.max` alone may drop a NaN)."""
+    amax = tl.max(tl.where(a == a, tl.abs(a), float("inf")), axis=1)
+    scale, inverse = e8m0_pair(e8m0_byte(tl.maximum(amax, AMAX_FLOOR), FMT_MAX))
+    q = tl.clamp(a * inverse[:, None], -FMT_MAX, FMT_MAX, propagate_nan=tl.PropagateNan.ALL)
+    if FMT_MAX == 448.0:
+        values = e4m3_grid(q)
+    else:
+        values = e2m1_grid(q)
+    return values, scale
