@@ -4,6 +4,16 @@ run Triton do it in a child whose initializer sets TRITON_INTERPRET before the i
 import concurrent.futures
 import contextlib
 import multiprocessing
+import os
+
+import torch
+
+
+def start_interpreter():
+    """A spawned child's initializer: Triton's interpreter (TRITON_INTERPRET set before Triton is imported in
+    this fresh process), one torch thread."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    torch.set_num_threads(1)
 
 
 @contextlib.contextmanager

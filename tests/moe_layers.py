@@ -9,7 +9,6 @@ ties common, and a selection is compared only where it is not decided by the las
 
 from __future__ import annotations
 
-import os
 import zlib
 from typing import NamedTuple
 
@@ -37,12 +36,6 @@ def gen_for(*key) -> torch.Generator:
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     assert not got.isnan().any() and not want.isnan().any(), "NaN never passes"
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
-
-
-def start_interpreter():
-    """A spawned child's initializer: Triton's interpreter, set before Triton is imported there."""
-    os.environ["TRITON_INTERPRET"] = "1"
-    torch.set_num_threads(1)
 
 
 def layer_weights(gen: torch.Generator, hash_layer: bool, inter: int = I) -> dict[str, torch.Tensor]:

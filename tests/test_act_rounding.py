@@ -8,21 +8,15 @@ two."""
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
 
-from child_pool import child_pool
+from child_pool import child_pool, start_interpreter
 from dsv4c.codegen import ops  # noqa: F401  (registers the ops and their CUDA kernels)
 from dsv4c.model import quant
 
 REFERENCE = {"fp8": quant.fake_quant_fp8, "fp4": quant.fake_quant_fp4}
-
-
-def _start_interpreter():
-    os.environ["TRITON_INTERPRET"] = "1"
-    torch.set_num_threads(1)
 
 
 def _kernel(x, block, fmt):
@@ -35,7 +29,7 @@ def _kernel(x, block, fmt):
 def kernel():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("Triton is not installed")
-    with child_pool(_start_interpreter) as pool:
+    with child_pool(start_interpreter) as pool:
         yield lambda x, block, fmt: pool.submit(_kernel, x, block, fmt).result()
 
 

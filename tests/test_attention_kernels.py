@@ -39,7 +39,7 @@ import re
 import pytest
 import torch
 
-from child_pool import child_pool
+from child_pool import child_pool, start_interpreter
 from dsv4c.codegen import sparse_attention
 from dsv4c.codegen.kv_cache import kv_pack, unpack_reference
 
@@ -72,11 +72,6 @@ class Rows:
 FLASH_ROWS = Rows(16)
 WIDE = Rows(20)  # more than 16 heads: one 64-head program, 44 rows padding
 TINY = Rows(4, width=96, rounded=64, window=32, slots=34)
-
-
-def _start_interpreter():
-    os.environ["TRITON_INTERPRET"] = "1"
-    torch.set_num_threads(1)
 
 
 def _start_compiler():
@@ -122,7 +117,7 @@ def _bf16_products_on_cpu(*args) -> str:
 
 @pytest.fixture(scope="module")
 def interpreter():
-    with child_pool(_start_interpreter) as pool:
+    with child_pool(start_interpreter) as pool:
         yield lambda fn, *args: pool.submit(fn, *args).result()
 
 

@@ -28,7 +28,7 @@ import os
 import pytest
 import torch
 
-from child_pool import child_pool
+from child_pool import child_pool, start_interpreter
 from dsv4c.codegen.kernels.batch_invariant_launch import matmul_launch
 from dsv4c.codegen.targets import target
 from dsv4c.runtime.batch_invariant import batch_invariant
@@ -40,11 +40,6 @@ ROWS = (1, 2, 3, 4, 8, 64, 72)
 TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 2.0 ** -8}
 
 
-def _start_interpreter():
-    os.environ["TRITON_INTERPRET"] = "1"
-    torch.set_num_threads(1)
-
-
 def _start_compiler():
     os.environ.pop("TRITON_INTERPRET", None)  # a compiling process: Triton builds PTX for a GPU it lacks
     torch.set_num_threads(1)
@@ -52,7 +47,7 @@ def _start_compiler():
 
 @pytest.fixture(scope="module")
 def child():
-    with child_pool(_start_interpreter) as pool:
+    with child_pool(start_interpreter) as pool:
         yield lambda fn, *args: pool.submit(fn, *args).result()
 
 

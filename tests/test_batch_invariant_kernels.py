@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
 
 import pytest
 import torch
 
 import mhc_spec as spec
-from child_pool import child_pool
+from child_pool import child_pool, start_interpreter
 from dsv4c.codegen import fp8_linear, sparse_attention
 from dsv4c.codegen.kernels.fp8_gemm_launch import fp8_gemm_launch
 from dsv4c.codegen.kv_cache import kv_pack
@@ -50,11 +49,6 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 SMALL_GPU = dataclasses.replace(target("h100"), sm_count=4)  # few SMs: small shapes cross the fold
 GEMM_ROWS = (1, 2, 3, 8, 64, 65, 130)
 HEADS, WIDTH, ROUNDED, WINDOW, SLOTS, RAW_BLOCK = 16, 512, 448, 64, 66, 64
-
-
-def _start_interpreter():
-    os.environ["TRITON_INTERPRET"] = "1"
-    torch.set_num_threads(1)
 
 
 def _fp8_rows(x, weight, scale, act_quant, calls):
@@ -80,7 +74,7 @@ def _attention_launches(tokens: list[int], keys: int):
 
 @pytest.fixture(scope="module")
 def child():
-    with child_pool(_start_interpreter) as pool:
+    with child_pool(start_interpreter) as pool:
         yield lambda fn, *args: pool.submit(fn, *args).result()
 
 

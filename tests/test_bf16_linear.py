@@ -32,7 +32,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from child_pool import child_pool
+from child_pool import child_pool, start_interpreter
 from dsv4c.codegen import bf16_linear as op
 from dsv4c.codegen.kernels.batch_invariant_launch import bf16_weight_launch
 from dsv4c.codegen.targets import target
@@ -86,11 +86,6 @@ def test_op_is_the_graphs_math_and_names_a_bad_operand():
 
 
 # ---- the kernel ----------------------------------------------------------------------------------------------
-def _start_interpreter():
-    os.environ["TRITON_INTERPRET"] = "1"
-    torch.set_num_threads(1)
-
-
 def _start_compiler():
     os.environ.pop("TRITON_INTERPRET", None)  # a compiling process: Triton builds PTX for a GPU it lacks
     torch.set_num_threads(1)
@@ -105,7 +100,7 @@ def _kernel_calls(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype)
 
 @pytest.fixture(scope="module")
 def interpreter():
-    with child_pool(_start_interpreter) as pool:
+    with child_pool(start_interpreter) as pool:
         yield lambda fn, *args: pool.submit(fn, *args).result()
 
 

@@ -27,7 +27,7 @@ import os
 import pytest
 import torch
 
-from child_pool import child_pool
+from child_pool import child_pool, start_interpreter
 from dsv4c.codegen import compressor
 from dsv4c.codegen.kv_cache import PackedLayout, kv_pack, pack_reference, unpack_reference
 from dsv4c.model import rounding_ops
@@ -50,11 +50,6 @@ TOLERANCE = {"e4m3": 2e-2, "e2m1": 1e-1}
 
 
 # ---- the kernel under the interpreter ------------------------------------------------------------------------
-def _start_interpreter():
-    os.environ["TRITON_INTERPRET"] = "1"
-    torch.set_num_threads(1)
-
-
 def _kernel(*args):
     from dsv4c.codegen.kernels import compressor as kernels
 
@@ -64,7 +59,7 @@ def _kernel(*args):
 
 @pytest.fixture(scope="module")
 def interpreter():
-    with child_pool(_start_interpreter) as pool:
+    with child_pool(start_interpreter) as pool:
         yield lambda *args: pool.submit(_kernel, *args).result()
 
 

@@ -28,7 +28,7 @@ import zlib
 
 import pytest
 import torch
-from child_pool import child_pool
+from child_pool import child_pool, start_interpreter
 
 from dsv4c.codegen import fp8_linear as op
 from dsv4c.codegen.kernels.fp8_gemm_launch import Fp8GemmLaunch, fp8_gemm_launch, split_blocks
@@ -44,11 +44,6 @@ FLASH_SHAPES = [(1024, 4096), (32768, 1024), (512, 4096), (4096, 8192), (8192, 1
 
 
 # ---- the interpreter and compiler processes -----------------------------------------------------------
-def _start_interpreter():
-    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported in this (fresh, spawned) process
-    torch.set_num_threads(1)
-
-
 def _start_compiler():
     os.environ.pop("TRITON_INTERPRET", None)  # a compiling process: Triton builds PTX for a GPU it lacks
     torch.set_num_threads(1)
@@ -63,7 +58,7 @@ def _kernel_linear(x, weight, scale, act_quant, out_dtype, launch_fields, out):
 
 @pytest.fixture(scope="module")
 def interpreter():
-    with child_pool(_start_interpreter) as pool:
+    with child_pool(start_interpreter) as pool:
         yield lambda *args, launch=None, out=None: pool.submit(_kernel_linear, *args, launch, out).result()
 
 

@@ -33,7 +33,7 @@ import types
 import pytest
 import torch
 
-from child_pool import child_pool
+from child_pool import child_pool, start_interpreter
 from dsv4c.codegen.kernels.lightning_indexer_launch import indexer_launch
 from dsv4c.codegen.kv_cache import kv_pack, unpack_reference
 from dsv4c.codegen.targets import target
@@ -59,11 +59,6 @@ HEADS, DIM, BLOCK, RATIO = 64, 128, 32, 4
 
 
 # ---- kernels under the interpreter -----------------------------------------------------------------------------
-def _start_interpreter():
-    os.environ["TRITON_INTERPRET"] = "1"
-    torch.set_num_threads(1)
-
-
 def _run(name, args, launch_changes):
     """In the child: codegen/kernels/lightning_indexer.py's `name` with the cpu launch, fields replaced."""
     from dsv4c.codegen.kernels import lightning_indexer as kernels
@@ -81,7 +76,7 @@ def _run(name, args, launch_changes):
 
 @pytest.fixture(scope="module")
 def interpreter():
-    with child_pool(_start_interpreter) as pool:
+    with child_pool(start_interpreter) as pool:
         yield lambda name, args, changes: pool.submit(_run, name, args, changes).result()
 
 

@@ -11,11 +11,10 @@ Tolerance: relative norm error 1e-5 against float64 (fp32 inputs, fp32 arithmeti
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
-from child_pool import child_pool
+from child_pool import child_pool, start_interpreter
 
 import mhc_spec as spec
 
@@ -23,11 +22,6 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 TOL = 1e-5
 LEAD, N, HIDDEN = (2, 3), 4, 48
-
-
-def _start_interpreter():
-    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported in this (fresh, spawned) process
-    torch.set_num_threads(1)
 
 
 def _run(name: str, args: tuple):
@@ -39,7 +33,7 @@ def _run(name: str, args: tuple):
 
 @pytest.fixture(scope="module")
 def child():
-    with child_pool(_start_interpreter) as pool:
+    with child_pool(start_interpreter) as pool:
         yield pool
 
 

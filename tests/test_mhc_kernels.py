@@ -23,7 +23,7 @@ import os
 import zlib
 
 import pytest
-from child_pool import child_pool
+from child_pool import child_pool, start_interpreter
 import torch
 
 from dsv4c.codegen import mhc_reference as ref
@@ -42,11 +42,6 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 
 # ---- the interpreter process ----------------------------------------------------------------------------
-def _start_interpreter():
-    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported in this (fresh, spawned) process
-    torch.set_num_threads(1)
-
-
 def _kernel_module():
     import dsv4c.codegen.kernels.mhc as module
 
@@ -109,7 +104,7 @@ def compiler():
 
 @pytest.fixture(scope="module")
 def mhc():
-    with child_pool(_start_interpreter) as pool:
+    with child_pool(start_interpreter) as pool:
         yield _Interpreter(pool)
 
 

@@ -34,9 +34,9 @@ import importlib.util
 
 import pytest
 import torch
-from child_pool import child_pool
+from child_pool import child_pool, start_interpreter
 from moe_layers import (CFG, EVERY, NONE, PREFIX, ROUTED_LIMIT, ROUTING, SHARED_LIMIT, decoded, gen_for, layer_call,
-                        layer_weights, op_operands, rel_err, start_interpreter)
+                        layer_weights, op_operands, rel_err)
 
 from dsv4c.codegen import ops  # noqa: F401  (registers the dsv4c ops)
 from dsv4c.codegen.moe_fp4 import ROUNDINGS

@@ -20,9 +20,8 @@ import importlib.util
 
 import pytest
 import torch
-from child_pool import child_pool
-from moe_layers import CFG, E, K, MARGIN, PREFIX, gen_for, layer_call, layer_weights, rel_err, selection_gaps, \
-    start_interpreter
+from child_pool import child_pool, start_interpreter
+from moe_layers import CFG, E, K, MARGIN, PREFIX, gen_for, layer_call, layer_weights, rel_err, selection_gaps
 
 from dsv4c.codegen import moe_routing
 from dsv4c.codegen.kernels.moe_fp4_launch import moe_fp4_launch

@@ -29,8 +29,8 @@ import importlib.util
 
 import pytest
 import torch
-from child_pool import child_pool
-from moe_layers import NONE, ROUTED_LIMIT, ROUTING, SHARED_LIMIT, layer_call, rel_err, start_interpreter
+from child_pool import child_pool, start_interpreter
+from moe_layers import NONE, ROUTED_LIMIT, ROUTING, SHARED_LIMIT, layer_call, rel_err
 
 from dsv4c.codegen.kernels.moe_fp4_launch import DOWN_ROWS, K_COLUMNS, MoeFp4Launch, moe_fp4_launch
 from dsv4c.codegen.targets import TARGETS, target

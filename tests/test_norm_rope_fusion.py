@@ -16,12 +16,11 @@ The kernels run in a spawned child that sets TRITON_INTERPRET before importing T
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
 
-from child_pool import child_pool
+from child_pool import child_pool, start_interpreter
 from dsv4c.compiler.capture import StepVariant, capture
 from dsv4c.model import layers
 from dsv4c.model.config import YarnScaling
@@ -45,11 +44,6 @@ FUSED = {"rms_norm": "dsv4c.rms_norm.default", "rope": "dsv4c.rope.default",
 
 
 # ---- the kernel, under the interpreter -----------------------------------------------------------------------
-def _start_interpreter():
-    os.environ["TRITON_INTERPRET"] = "1"
-    torch.set_num_threads(1)
-
-
 def _kernel(name, args, out):
     from dsv4c.codegen.kernels import norm_rope
 
@@ -60,7 +54,7 @@ def _kernel(name, args, out):
 def interpreter():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("Triton is not installed")
-    with child_pool(_start_interpreter) as pool:
+    with child_pool(start_interpreter) as pool:
         yield lambda name, args, out: pool.submit(_kernel, name, args, out).result()
 
 

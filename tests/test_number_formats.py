@@ -20,26 +20,20 @@ Each function runs in a one-line probe kernel in a spawned child that sets TRITO
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
 
-from child_pool import child_pool
+from child_pool import child_pool, start_interpreter
 from dsv4c.model import quant
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 BLOCK = 1024
 
 
-def _start_interpreter():
-    os.environ["TRITON_INTERPRET"] = "1"
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
 def interpreter():
-    with child_pool(_start_interpreter) as pool:
+    with child_pool(start_interpreter) as pool:
         yield lambda *args: pool.submit(_probe, *args).result()
 
 

@@ -39,7 +39,7 @@ import zlib
 
 import pytest
 import torch
-from child_pool import child_pool
+from child_pool import child_pool, start_interpreter
 
 from dsv4c.codegen import ops  # noqa: F401  (registers the dsv4c ops)
 from dsv4c.codegen.routed_moe import every_expert, reference
@@ -147,11 +147,6 @@ def random_call(gen: torch.Generator, tokens: int, hidden: int, inter: int, expe
     return x, ids, torch.rand(tokens, k, generator=gen) + 0.5, lists
 
 
-def _start_interpreter():
-    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported in this (fresh, spawned) process
-    torch.set_num_threads(1)
-
-
 def _run_kernels(x, ids, weights, lists, limit, act_quant, launch, out):
     from dsv4c.codegen.kernels import routed_moe as kernels
 
@@ -183,7 +178,7 @@ def _bad_expert_message(lists, x):
 
 @pytest.fixture(scope="module")
 def interpreter():
-    with child_pool(_start_interpreter) as pool:
+    with child_pool(start_interpreter) as pool:
         yield pool
 
 
