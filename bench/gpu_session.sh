@@ -9,7 +9,7 @@
 #   bash bench/gpu_session.sh OUT --slice-baselines  # right after: the eager reference at batch 1 and 64, Inductor
 #   bash bench/gpu_session.sh OUT --slice-unfused    # one call: flash-slice's step before the MoE lowering (issue 14)
 #   bash bench/gpu_session.sh OUT --tune             # one call of about 300 s: the fused MoE's launch grid (issue 14)
-#   bash bench/gpu_session.sh OUT --long             # one call of about 350 s: flash-mini at 4K and 64K, compressor
+#   bash bench/gpu_session.sh OUT --long             # one call of about 500 s: flash-slice at 4K and 64K, compressor
 #   bash bench/gpu_session.sh OUT --quick [SECONDS]  # one call: flash-mini's step and the demo model at MTP 0..3
 #                                                    # first, then the kernel benches with their Inductor baselines,
 #                                                    # until SECONDS (570); --collect gathers the rest
@@ -103,7 +103,8 @@ if [ "${2:-}" = "--slice" ]; then  # one call of at most ${3:-585} s: flash-slic
   # run beside the checkpoint's writing and its compile
   (timeout 240 python3 bench/step_graph_bench.py --batch 1 8 > $work/step_graph.txt 2>&1
    timeout 90 python3 bench/synthetic_gpu_check.py > $work/synthetic.txt 2>&1
-   (cd bench && timeout 60 python3 act_rounding_gpu_check.py > $work/act_rounding.txt 2>&1)) &
+   (cd bench && timeout 60 python3 act_rounding_gpu_check.py > $work/act_rounding.txt 2>&1)
+   (cd bench && timeout 60 python3 kv_pack_gpu_check.py >> $work/act_rounding.txt 2>&1)) &
   stamp init;     timeout 170 dsv4c init-checkpoint --preset flash-slice --device cuda --overwrite $work/fs \
                     > $work/init_slice.txt 2>&1; tail -2 $work/init_slice.txt
   # capacity: the context, then 33 timed rounds of up to 1 + 3 tokens
@@ -144,16 +145,20 @@ if [ "${2:-}" = "--tune" ]; then  # one call of about 300 s: the fused MoE over 
                      2>&1 | grep -vE "^\{" | tail -30
   stamp done; exit 0
 fi
-if [ "${2:-}" = "--long" ]; then  # one call of about 350 s: flash-mini's step at context 4K against 64K (one artifact
-  # of 64K positions; dsv4c alone: the eager baseline would take minutes to prefill 64K), then the compressor
-  dsv4c init-checkpoint --preset flash-mini --device cuda --overwrite $work/fm > $work/init_mini.txt 2>&1
-  stamp compile;    dsv4c compile $work/fm -o $work/long.dsv4c --target h100 --max-seq-len 65664 --overwrite \
-                      > $work/compile_long.txt 2>&1; tail -1 $work/compile_long.txt
+if [ "${2:-}" = "--long" ]; then  # one call of about 500 s: flash-slice's step at context 4K against 64K (one
+  # artifact of 64K positions, prefilled in chunks of 256; dsv4c alone: --slice-baselines times the references at
+  # 4K), then the compressor. Disk (64 GB): the checkpoint and this artifact take 38 GB, --slice's goes first
+  rm -rf $work/slice.dsv4c $work/unfused.dsv4c
+  stamp init;     timeout 170 dsv4c init-checkpoint --preset flash-slice --device cuda --overwrite $work/fs \
+                    > $work/init_slice.txt 2>&1; tail -1 $work/init_slice.txt
+  stamp compile;  timeout 200 dsv4c compile $work/fs -o $work/long.dsv4c --target h100 --max-seq-len 65664 \
+                    --prefill-chunk 256 --jobs 16 --overwrite > $work/compile_long.txt 2>&1; tail -2 $work/compile_long.txt
+  rm -rf $work/fs
   for context in 4096 65536; do
-    stamp "context $context"; timeout 150 dsv4c bench $work/long.dsv4c --context $context --batch 1,32 --mtp 0 \
-      --baselines "" --json $out/step_long_$context.json 2>&1 | grep -vE "^\s*$" | tail -8
+    stamp "context $context"; timeout $(( $(left) - 60 )) dsv4c bench $work/long.dsv4c --context $context \
+      --batch 1,32 --mtp 0 --baselines "" --json $out/step_long_$context.json 2>&1 | grep -vE "^\s*$" | tail -12
   done
-  stamp compressor; (cd bench && timeout 60 python3 compressor_bench.py --json $out/compressor.json 2>&1 | tail -20)
+  stamp compressor; (cd bench && timeout $(left) python3 compressor_bench.py --json $out/compressor.json 2>&1 | tail -20)
   stamp done; exit 0
 fi
 if [ "${2:-}" = "--quick" ]; then  # one call: flash-mini and the demo model written and compiled (CPU, one process a

@@ -51,6 +51,7 @@ from dsv4c.runtime.step_runner import BUCKETS
 
 BASELINES = ("eager", "inductor", "transformers")
 TRANSFORMERS_PREFILL_CHUNK = 256
+EAGER_PREFILL_CHUNK = 256  # the eager baselines fill their context in chunks this long (any length runs eagerly)
 Progress = Callable[[str], None]
 
 
@@ -150,13 +151,14 @@ def row_tokens(vocab_size: int, rows: int, seed: int) -> torch.Tensor:
     return torch.randperm(vocab_size - 2, generator=torch.Generator().manual_seed(seed + 1))[:rows] + 2
 
 
-def filled_state(engine: Engine, runner: StepRunner, rows: int, context: int, seed: int) -> dict:
+def filled_state(engine: Engine, runner: StepRunner, rows: int, context: int, seed: int,
+                 chunk: int | None = None) -> dict:
     """State of `rows` sequences whose first `context` positions hold one random context (prefilled once in
-    chunks of the engine's prefill variant, then copied to every row)."""
+    chunks of `chunk` tokens, by default the engine's prefill variant's, then copied to every row)."""
     tokens = context_tokens(engine.vocab_size, context, seed).to(engine.device)
     state = engine.new_state(rows)
     one = {k: v[:1] for k, v in state.items()}
-    chunk = engine.prefill_chunk
+    chunk = chunk or engine.prefill_chunk
     for start in range(0, context - context % chunk, chunk):
         one = _step(runner, f"main_t{chunk}", one, tokens[:, start:start + chunk], start)[1]
     for start in range(context - context % chunk, context):
@@ -326,13 +328,13 @@ def _baselines(artifact, manifest, cfg, options, rows, first, compiled_tokens, r
         progress("dequantising the weights for the eager baseline")
         weights = dequantised_weights(store, num, "cuda")
         specs = state_specs(cfg, manifest["max_seq_len"], num)
+        engine = Engine(EagerRunner(weights, cfg, num, invariant=False), specs, manifest["prefill_chunk"],
+                        manifest["max_seq_len"], "cuda", vocab_size=cfg.vocab_size)
+        progress("filling the context for the eager baselines")  # PyTorch's own kernels, long chunks: not timed
+        state = filled_state(engine, engine.runner, max(options.batches), options.context, 0,
+                             chunk=EAGER_PREFILL_CHUNK)
     for kind in ours:
-        runner = (EagerRunner(weights, cfg, num, invariant=False) if kind == "eager"
-                  else _InductorRunner(weights, cfg, num))
-        engine = Engine(runner, specs, manifest["prefill_chunk"], manifest["max_seq_len"], "cuda",
-                        vocab_size=cfg.vocab_size)
-        progress(f"filling the context for {kind}")
-        state = filled_state(engine, EagerRunner(weights, cfg, num), max(options.batches), options.context, 0)
+        runner = engine.runner if kind == "eager" else _InductorRunner(weights, cfg, num)
         for batch in options.batches:
             rows_state = {k: v[:batch] for k, v in state.items()}
             if kind == "eager":
@@ -344,10 +346,10 @@ def _baselines(artifact, manifest, cfg, options, rows, first, compiled_tokens, r
                                          options.context, max(5, options.steps // 3), mtp)
                 rows.append(Row(kind, batch, mtp, ms, 1.0 + accepted[mtp],
                                 step_bytes(cfg, batch, options.context, bool(mtp)).total, None, host_ms))
-        del state, engine, runner
+        del runner
         _release()
     if ours:
-        del weights
+        del weights, state, engine
         _release()
 
 

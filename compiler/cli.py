@@ -46,10 +46,17 @@ DEFAULT_THREADS = 1
 
 @contextlib.contextmanager
 def _progress(console: Console, description: str) -> Iterator[Callable[[str], None]]:
-    """A transient spinner with the elapsed time, on a terminal only (elsewhere nothing is printed);
-    yields a function that replaces its text."""
+    """A transient spinner with the elapsed time on a terminal; elsewhere (a log, a pipe) one line on stderr a
+    message, stamped with the seconds since the start, so a run cut short shows how far it got (errors stay one line:
+    nothing is printed before the first message). Yields a function
+    that replaces its text."""
     if not console.is_terminal:
-        yield lambda message: None
+        start = time.monotonic()
+
+        def say(message: str) -> None:
+            print(f"[{time.monotonic() - start:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+        yield say
         return
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True) as bar:

@@ -110,3 +110,31 @@ def test_bench_takes_an_artifact_or_a_report_not_both(tmp_path, capsys):
     assert main(["bench"]) == 2
     assert main(["bench", str(tmp_path), "--report", str(tmp_path / "r.json")]) == 2
     assert capsys.readouterr().err.count("give an artifact to time, or --report FILE") == 2
+
+
+def test_the_filled_context_is_one_prefill_copied_to_every_row_whatever_the_chunk():
+    """`filled_state` (the bench's context, the eager baselines' in long chunks): every row holds the state a
+    one-shot prefill of the context leaves, in fp32 to accumulation order, whether chunked by the engine's prefill
+    length, by a longer chunk that does not divide the context, or not at all."""
+    import torch
+
+    from dsv4c.compiler.benchmark import filled_state
+    from dsv4c.model.numerics import Numerics
+    from dsv4c.model.presets import tiny
+    from dsv4c.model.step import dequantize_weights
+    from dsv4c.model.synthetic import synthetic_tensors
+    from dsv4c.runtime.eager_runner import EagerRunner, state_specs
+    from dsv4c.runtime.engine import Engine
+
+    num = Numerics.plain(torch.float32)
+    cfg = tiny().replace(num_hidden_layers=2, compress_ratios=(4, 128, 0), num_hash_layers=0)
+    runner = EagerRunner(dequantize_weights(dict(synthetic_tensors(cfg, seed=3)), num), cfg, num, invariant=False)
+    engine = Engine(runner, state_specs(cfg, 64, num), prefill_chunk=2, max_seq_len=64, vocab_size=cfg.vocab_size)
+    context = 23
+    whole = filled_state(engine, runner, 1, context, seed=0, chunk=context)
+    for chunk in (None, 8):
+        state = filled_state(engine, runner, 3, context, seed=0, chunk=chunk)
+        for name, value in state.items():
+            assert not value.float().isnan().any(), name  # unwritten score slots hold -inf by design
+            for row in range(3):
+                torch.testing.assert_close(value[row], whole[name][0], rtol=1e-5, atol=1e-5, msg=name)
