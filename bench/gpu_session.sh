@@ -35,7 +35,7 @@ deadline=${3:-585}; left() { local l=$(( deadline - ($(date +%s) - t0) )); echo 
 slice_eager() {  # flash-slice against the eager reference at batches $1 (bf16 weights: 68 GB); marked done per batches
   local name=step_slice_eager_${1//,/_}  # batches 1,64 -> step_slice_eager_1_64
   stamp "eager $1"; timeout $(left) dsv4c bench $work/slice.dsv4c --batch $1 --mtp 0 --baselines eager \
-                      --json $out/$name.json 2>&1 | grep -vE "^\s*$" | tail -12
+                      --json $out/$name.json 2>&1 | grep -vE "^\s*$" | tail -20
   [ -f $out/$name.json ] && touch $work/$name.done
 }
 slice_profile() {  # the top kernels of one flash-slice step, batch 1
@@ -96,7 +96,7 @@ if [ "${2:-}" = "--steps" ]; then  # one call of about 500 s: flash-mini's whole
 fi
 if [ "${2:-}" = "--slice" ]; then  # one call of at most ${3:-585} s: flash-slice (34B parameters, an 18.6 GiB checkpoint)
   # written on the GPU, compiled (fused MoE), the checkpoint deleted (disk: 64 GB), its whole step timed by dsv4c
-  # alone at batch 1-64 and MTP 0-3; the profile; then, in the time left, against the eager reference at batch 1
+  # alone at batch 1-64 and MTP 0-3; the profile; then, in the time left, against the eager reference at batch 1, 64
   # (bf16 weights: 68 GB). --slice-baselines (same warm machine): the eager reference at 1 and 64, and Inductor.
   df -h /tmp | tail -1
   # the GPU checks (graph replay against the graph-free executor; the writer's bytes on the GPU against the CPU's)
@@ -114,7 +114,7 @@ if [ "${2:-}" = "--slice" ]; then  # one call of at most ${3:-585} s: flash-slic
   stamp bench;    timeout $(left) dsv4c bench $work/slice.dsv4c --batch 1,8,32,64 --mtp 0,1,2,3 --baselines "" \
                     --json $out/step_slice.json 2>&1 | grep -vE "^\s*$" | tail -24
   [ "$(left)" -gt 30 ] && slice_profile
-  [ "$(left)" -gt 120 ] && slice_eager 1
+  [ "$(left)" -gt 120 ] && slice_eager 1,64
   wait; tail -8 $work/step_graph.txt; grep -E "CHECK|GB" $work/synthetic.txt; cat $work/act_rounding.txt
   stamp done; exit 0
 fi
