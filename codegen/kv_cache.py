@@ -14,7 +14,8 @@ Ops (reference implementations here; importing this module registers them, codeg
   model/quant.py's `fake_quant_fp8` / `fake_quant_fp4` do (same scale rule, same rounding) and store.
 - `dsv4c::kv_unpack(packed [..., row_bytes], format, width, rounded, block, dtype) -> [..., width] dtype`: the
   values, computed exactly as the fake quantisation computes them (`code * scale` in fp32, cast to dtype).
-So `kv_unpack(kv_pack(x))` equals the model's rounding of x bit for bit; and packing values the rounding already
+So `kv_unpack(kv_pack(x))` equals the model's rounding of x bit for bit (a block holding a NaN or an inf is
+stored with the NaN scale byte 255 and unpacks to NaN, as the rounding makes it); and packing values the rounding already
 produced gives them back bit for bit (a rounded block re-quantises with a scale no larger than its own, by which
 its codes scale up exactly: the e4m3 and e2m1 grids are closed under doubling below their maximum).
 Nothing here synchronises with the host, so both ops run inside CUDA graphs.
@@ -88,9 +89,11 @@ def _scales(blocks: torch.Tensor, fmt: str) -> torch.Tensor:
 
 
 def _scale_bytes(scale: torch.Tensor) -> torch.Tensor:
-    """e8m0 bytes of positive powers of two (fp32), without a host check: 127 + log2(scale)."""
+    """e8m0 bytes of positive powers of two (fp32), without a host check: 127 + log2(scale); 255 (e8m0's NaN)
+    for the NaN or inf scale of a block holding a NaN or an inf, so the whole block unpacks to NaN, as the
+    model's rounding makes it."""
     _, exponent = torch.frexp(scale)
-    return (exponent - 1 + 127).clamp(0, 254).to(torch.uint8)
+    return torch.where(scale.isfinite(), exponent - 1 + 127, 255).clamp(0, 255).to(torch.uint8)
 
 
 def pack_reference(x: torch.Tensor, format: str, rounded: int, block: int) -> torch.Tensor:

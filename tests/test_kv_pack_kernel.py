@@ -93,14 +93,14 @@ def test_the_kernel_equals_the_reference_byte_for_byte(kernel, fmt, width, round
 @pytest.mark.parametrize("fmt, width, rounded, block", [MAIN_KV, INDEXER_KEY])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nan_and_inf_blocks_are_packed_as_the_reference_packs_them(kernel, fmt, width, rounded, block, dtype):
-    """Scale byte 126; e2m1 codes 0; e4m3 codes NaN (0x7F from the kernel) but signed zeros for the finite values of
+    """Scale byte 255 (e8m0's NaN); e2m1 codes 0; e4m3 codes NaN (0x7F from the kernel) but signed zeros for the finite values of
     a block with an inf and no NaN; the other blocks of those rows as usual."""
     layout = PackedLayout(fmt, width, rounded, block, dtype)
     x = nonfinite_rows(fmt, width, block, dtype)
     want = pack_reference(x, fmt, rounded, block)
     got = kernel(x, fmt, rounded, block)
     scales = got[:, layout.scale_offset:layout.scale_offset + layout.scale_bytes]
-    assert scales[0, 0] == scales[1, 1] == scales[2, 0] == scales[3, 0] == scales[4, 0] == 126
+    assert scales[0, 0] == scales[1, 1] == scales[2, 0] == scales[3, 0] == scales[4, 0] == 255
     assert torch.equal(got, nan_codes_positive(want, layout))
     if fmt == "e4m3":
         assert not (got[:, :layout.code_bytes] == 0xFF).any() and (want[:, :layout.code_bytes] == 0xFF).any()
@@ -118,6 +118,21 @@ def test_unpacked_rows_are_the_models_rounding(kernel, fmt, width, rounded, bloc
     round_ = quant.fake_quant_fp8 if fmt == "e4m3" else quant.fake_quant_fp4
     want = torch.cat((round_(x[..., :rounded], block), x[..., rounded:]), dim=-1)
     assert rows.dtype == dtype and torch.equal(rows.view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.parametrize("fmt, width, rounded, block", [MAIN_KV, INDEXER_KEY])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_block_with_a_nan_or_an_inf_unpacks_to_nan_as_the_models_rounding_makes_it(kernel, fmt, width, rounded,
+                                                                                    block, dtype):
+    """NaN never passes: a non-finite value in a cached row leaves its whole block NaN, not zeros."""
+    x = nonfinite_rows(fmt, width, block, dtype)
+    round_ = quant.fake_quant_fp8 if fmt == "e4m3" else quant.fake_quant_fp4
+    want = torch.cat((round_(x[..., :rounded], block), x[..., rounded:]), dim=-1)
+    for packed in (kernel(x, fmt, rounded, block), pack_reference(x, fmt, rounded, block)):
+        rows = unpack_reference(packed, fmt, width, rounded, block, dtype)
+        assert torch.equal(rows.isnan(), want.isnan()) and want.isnan().sum() >= 5 * block
+        finite = ~want.isnan()
+        assert torch.equal(rows[finite], want[finite])
 
 
 def test_strided_rows_and_no_rows(kernel):

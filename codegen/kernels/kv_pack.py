@@ -9,8 +9,8 @@ e2m1 values, become their codes by their fp32 bits, the sign from x as torch's c
 negatives that round to zero are 0x80; e2m1: a zero code has no sign). The raw dims are copied as bytes, the scales
 stored as bytes, the pad zeroed: every byte of the row is written.
 
-Blocks holding a NaN or an inf, as the reference stores them: the scale byte 126 (the reference's frexp of a NaN or
-inf scale has exponent 0); e2m1 codes 0 (NaN compares false with every rounding threshold); e4m3 codes those of
+Blocks holding a NaN or an inf, as the reference stores them: the scale byte 255, e8m0's NaN, so the block
+unpacks to NaN as the model's rounding makes it; e2m1 codes 0 (NaN compares false with every rounding threshold); e4m3 codes those of
 x / scale with a NaN (NaN present) or +inf (inf present) scale, so a NaN code 0x7F, or signed zeros for the finite
 values of a block with an inf. The one difference: a NaN code is always 0x7F, as on a GPU whose divisions return
 the canonical (positive) NaN; the reference on the CPU keeps the sign of a NaN operand, or takes the x86 default NaN
@@ -32,7 +32,7 @@ from dsv4c.model import quant
 
 FORMATS = {"e4m3": (quant.FP8_MAX, quant.FP8_AMAX_FLOOR), "e2m1": (quant.FP4_MAX, quant.FP4_AMAX_FLOOR)}
 TILE_VALUES = 2048  # rounded values a program's tile holds (rows * blocks * block, powers of two)
-NONFINITE_SCALE_BYTE = tl.constexpr(126)  # the reference's byte for a NaN or inf scale: frexp's exponent 0 - 1 + 127
+NONFINITE_SCALE_BYTE = tl.constexpr(255)  # e8m0's NaN: a block holding a NaN or an inf unpacks to NaN
 
 
 @dataclasses.dataclass(frozen=True)
