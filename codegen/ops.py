@@ -132,6 +132,7 @@ from dsv4c.codegen import fp8_linear  # noqa: E402,F401  (dsv4c::fp8_linear, wit
 from dsv4c.codegen import bf16_linear  # noqa: E402,F401  (dsv4c::bf16_linear, on the batch-invariant matmul)
 from dsv4c.codegen import moe_fp4  # noqa: E402,F401  (dsv4c::moe_fp4, with its CUDA kernel)
 from dsv4c.codegen import act_rounding  # noqa: E402,F401  (dsv4c::fake_quant_fp8 / fp4's CUDA kernel)
+from dsv4c.codegen import hadamard_rounding  # noqa: E402,F401  (dsv4c::hadamard_fake_quant_fp4, its kernel)
 from dsv4c.codegen import kv_cache  # noqa: E402,F401  (dsv4c::kv_pack / kv_unpack, compressed cache rows)
 from dsv4c.codegen import kv_pack  # noqa: E402,F401  (dsv4c::kv_pack's CUDA kernel)
 from dsv4c.codegen import sparse_attention  # noqa: E402,F401  (dsv4c::sparse_decode_attention, its kernel)

@@ -38,7 +38,6 @@ result then takes its place in their ops), before constant folding, reinplace_st
 
 from __future__ import annotations
 
-import collections
 from typing import Any, Iterable, NamedTuple
 
 import torch
@@ -48,8 +47,8 @@ from dsv4c.codegen import compressor  # (also registers the op this pass emits)
 from dsv4c.codegen.kv_cache import PackedLayout
 from dsv4c.model.quant import hadamard
 from dsv4c.passes.graph_match import (ADD, MUL, SOFTMAX, SUM, arg, dim, downcast_source, dtype, erase_dead_ancestors,
-                                      is_, is_call, operands, shape, span, static_size, transposed_last2,
-                                      upcast_source, value_of, weighted_rms)
+                                      is_, is_call, nearest_ancestor, operands, shape, span, static_size,
+                                      subgraph_values, transposed_last2, upcast_source, value_of, weighted_rms)
 from dsv4c.passes.kv_compression import ROUNDING_OPS, STATE_PREFIX
 from dsv4c.passes.manager import PassContext, PassRecord, make_record
 from dsv4c.passes.op_facts import count_nodes, graph_fake_mode, is_pure
@@ -224,11 +223,11 @@ def finish(gm: fx.GraphModule, rows: fx.Node, layout: PackedLayout) -> Finish | 
     if not is_(rounding, ROUNDING_OPS[layout.format]) or rounding.args[1] != layout.block \
             or static_size(rounding, -1) != layout.rounded:
         return None
-    roped = _nearest(rounding.args[0], lambda n: rope(n) is not None)
+    roped = nearest_ancestor(rounding.args[0], lambda n: rope(n) is not None, FINISH_SEARCH)
     if roped is None:
         return None
     sample = (torch.randn(2, *(int(s) for s in shape(roped)[1:])) * 4).to(dtype(roped))
-    got = _evaluate(gm, [rounding.args[0]] + ([raw] if raw is not None else []), {roped: sample})
+    got = subgraph_values(gm, [rounding.args[0]] + ([raw] if raw is not None else []), {roped: sample})
     for rotate in (False, True):
         want = hadamard(sample) if rotate else sample
         parts = [want[..., :layout.rounded]] + ([want[..., layout.rounded:]] if raw is not None else [])
@@ -237,45 +236,7 @@ def finish(gm: fx.GraphModule, rows: fx.Node, layout: PackedLayout) -> Finish | 
     return None
 
 
-def _nearest(node: fx.Node, wanted) -> fx.Node | None:
-    """The first node for which `wanted` holds, searching back from node breadth-first (FINISH_SEARCH nodes)."""
-    queue, seen = collections.deque([node]), {node}
-    while queue and len(seen) <= FINISH_SEARCH:
-        current = queue.popleft()
-        if wanted(current):
-            return current
-        for source in current.all_input_nodes:
-            if source not in seen:
-                seen.add(source)
-                queue.append(source)
-    return None
-
-
 # ---- values of subgraphs -------------------------------------------------------------------------------
-def _evaluate(gm: fx.GraphModule, outputs: list[fx.Node], given: dict[fx.Node, torch.Tensor]) -> list | None:
-    """The outputs' values when the `given` nodes hold the given values, if no other placeholder feeds them."""
-    needed, stack = set(), list(outputs)
-    while stack:
-        current = stack.pop()
-        if current not in needed:
-            needed.add(current)
-            stack.extend(current.all_input_nodes if current not in given else [])
-    if any(n.op == "placeholder" and n not in given for n in needed):
-        return None
-    graph, env = fx.Graph(), {}
-    inputs = [n for n in gm.graph.nodes if n in given and n in needed]
-    for node in inputs:
-        env[node] = graph.placeholder(node.name)
-    for node in gm.graph.nodes:
-        if node in needed and node not in env:
-            env[node] = graph.node_copy(node, env.__getitem__)
-    graph.output([env[n] for n in outputs])
-    try:
-        return list(fx.GraphModule(gm, graph)(*[given[n] for n in inputs]))
-    except (RuntimeError, IndexError, TypeError, ValueError):
-        return None
-
-
 def _start_input(node: fx.Node) -> fx.Node | None:
     """The one int64 `[B]` placeholder `node` is computed from."""
     found, stack, seen = [], [node], set()
@@ -311,7 +272,7 @@ def expected_positions(starts: torch.Tensor, slots: int, steps: int, ratio: int,
 def positions_agree(gm: fx.GraphModule, start: fx.Node, checks: dict[str, fx.Node],
                     want: dict[str, torch.Tensor], starts: torch.Tensor) -> bool:
     """Each checked node equals the op's value at every sample start."""
-    got = _evaluate(gm, list(checks.values()), {start: starts})
+    got = subgraph_values(gm, list(checks.values()), {start: starts})
     if got is None:
         return False
     for name, value in zip(checks, got):

@@ -12,6 +12,7 @@ negative indices and accepts commuted operands. What they look through never cha
 
 from __future__ import annotations
 
+import collections
 import heapq
 import operator
 from typing import Any, Callable, Iterable, Sequence
@@ -349,6 +350,48 @@ def param_part(node: Any) -> tuple[fx.Node, int, int] | None:
         return None
     source = upcast_source(part[0])
     return (source, part[1], part[2]) if rank(source) == 1 else None
+
+
+# ---- values of subgraphs -------------------------------------------------------------------------------
+def nearest_ancestor(node: fx.Node, wanted: Callable[[fx.Node], bool], limit: int) -> fx.Node | None:
+    """The first node for which `wanted` holds, searching back from node (itself first) breadth-first, at most
+    `limit` nodes."""
+    queue, seen = collections.deque([node]), {node}
+    while queue and len(seen) <= limit:
+        current = queue.popleft()
+        if wanted(current):
+            return current
+        for source in current.all_input_nodes:
+            if source not in seen:
+                seen.add(source)
+                queue.append(source)
+    return None
+
+
+def subgraph_values(gm: fx.GraphModule, outputs: list[fx.Node], given: dict[fx.Node, torch.Tensor]) -> list | None:
+    """The outputs' values when the `given` nodes hold the given values (constants as the graph holds them), or
+    None if another placeholder feeds them or the subgraph fails on those values: how a pass checks by value that
+    a subgraph computes a known function, whatever ops spell it."""
+    needed, stack = set(), list(outputs)
+    while stack:
+        current = stack.pop()
+        if current not in needed:
+            needed.add(current)
+            stack.extend(current.all_input_nodes if current not in given else [])
+    if any(n.op == "placeholder" and n not in given for n in needed):
+        return None
+    graph, env = fx.Graph(), {}
+    inputs = [n for n in gm.graph.nodes if n in given and n in needed]
+    for node in inputs:
+        env[node] = graph.placeholder(node.name)
+    for node in gm.graph.nodes:
+        if node in needed and node not in env:
+            env[node] = graph.node_copy(node, env.__getitem__)
+    graph.output([env[n] for n in outputs])
+    try:
+        return list(fx.GraphModule(gm, graph)(*[given[n] for n in inputs]))
+    except (RuntimeError, IndexError, TypeError, ValueError):
+        return None
 
 
 # ---- rewriting ---------------------------------------------------------------------------------------------

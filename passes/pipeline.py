@@ -21,6 +21,7 @@ from dsv4c.passes.constant_folding import constant_folding
 from dsv4c.passes.cse import cse
 from dsv4c.passes.dead_code import dead_code
 from dsv4c.passes.fp8_linear import fp8_linear
+from dsv4c.passes.hadamard_rounding import hadamard_rounding
 from dsv4c.passes.kv_compression import kv_compression
 from dsv4c.passes.lightning_indexer import lightning_indexer
 from dsv4c.passes.manager import PassContext, PassRecord, PipelineEntry, run_pipeline
@@ -56,6 +57,8 @@ CLEANUP_AND_PLANNING = (
                   "after the packed caches' readers (they match kv_compression's row scatter); writes state in place"),
     PipelineEntry("bf16_linear", bf16_linear,
                   "after the fusions that read bf16-weight products in their patterns (router, compressor, indexer)"),
+    PipelineEntry("hadamard_rounding", hadamard_rounding,
+                  "after the fusions that read the roundings (indexer, compressor); before norm_rope_fusion"),
     PipelineEntry("norm_rope_fusion", norm_rope_fusion,
                   "after every other fusion (they match norms and ropes inside their own patterns); before folding"),
     PipelineEntry("constant_folding", constant_folding, "after CSE, so each duplicated table folds once"),

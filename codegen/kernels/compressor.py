@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4c.codegen.kernels.hadamard import hadamard_butterflies
 from dsv4c.codegen.kernels.number_formats import bf16_rounded_if, e2m1_value, e8m0_byte, pow2
 from dsv4c.codegen.kv_cache import PackedLayout
 
@@ -111,16 +112,6 @@ def _dequantize(codes, exponent, FP4: tl.constexpr):
     return values * pow2(exponent)[:, None]
 
 
-@triton.jit
-def _hadamard(x, N: tl.constexpr, STAGES: tl.constexpr):
-    """model/quant.py `hadamard`'s butterflies (unnormalised) on x `[N]`: pairs (i, i + h) of blocks of 2h."""
-    for stage in tl.static_range(STAGES):  # h = 2^stage
-        pairs = tl.permute(tl.reshape(x, (N >> (stage + 1), 2, 1 << stage)), (0, 2, 1))
-        a, b = tl.split(pairs)
-        x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (N,))
-    return x
-
-
 # ---- the row: pool, normalise, rotate, pack --------------------------------------------------------------
 @triton.jit
 def _window_tile(kv_ptr, score_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, start, p, slots, cols, cmask,
@@ -194,7 +185,7 @@ def _normalise_and_rotate(x, norm_ptr, cos_ptr, sin_ptr, b, t, cols, cmask, scs_
     rotated_odd = tl.where(rope, bf16_rounded_if(even * sin + odd * cos, BF16), odd)
     x = tl.reshape(tl.join(rotated_even, rotated_odd), (WIDTH_P2,))
     if ROTATE:
-        x = bf16_rounded_if(_hadamard(x, WIDTH_P2, STAGES) * hadamard_scale, BF16)
+        x = bf16_rounded_if(hadamard_butterflies(x, WIDTH_P2, STAGES) * hadamard_scale, BF16)
     return x
 
 
