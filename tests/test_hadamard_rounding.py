@@ -12,6 +12,7 @@ CPU, so the graph after equals the graph before bit for bit (`check_pass`).
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -162,3 +163,36 @@ def test_the_captured_steps_indexer_query_rounding_becomes_the_op():
     left = targets(gm)
     assert record.matches == 2 * c4_layers and left.count(OP) == 2 * c4_layers
     assert "dsv4c.fake_quant_fp4.default" not in left and "aten.stack.default" not in left
+
+
+# ---- ahead of time, for the H100 (a compiling child) ---------------------------------------------------------
+def _start_compiler():
+    os.environ.pop("TRITON_INTERPRET", None)  # a compiling process: Triton builds PTX for a GPU it lacks
+    torch.set_num_threads(1)
+
+
+def _h100_ptx(width: int, block: int) -> str:
+    """The kernel's PTX for sm_90a on bf16 rows of `width`."""
+    import triton
+    from triton.compiler import ASTSource
+
+    from dsv4c.codegen.kernels import hadamard_rounding as kernels
+    from dsv4c.codegen.targets import target, triton_gpu_target
+
+    fn = kernels._hadamard_fp4_kernel
+    types = {"x_ptr": "*bf16", "out_ptr": "*bf16", "normalisation": "fp32"}
+    constexprs = dict(N=width, STAGES=width.bit_length() - 1, BLOCK=block, FMT_MAX=quant.FP4_MAX,
+                      AMAX_FLOOR=quant.FP4_AMAX_FLOOR)
+    assert list(types) + list(constexprs) == fn.arg_names
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name.endswith("_ptr")}
+    source = ASTSource(fn, {**types, **dict.fromkeys(constexprs, "constexpr")}, constexprs, attrs)
+    return triton.compile(source, target=triton_gpu_target(target("h100")), options={"num_warps": 4}).asm["ptx"]
+
+
+def test_kernel_builds_for_h100_at_the_indexer_width():
+    """What the interpreter cannot check: the kernel compiles for the H100 (Flash's indexer: 128 dims, block 32)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    with child_pool(_start_compiler) as pool:
+        ptx = pool.submit(_h100_ptx, 128, 32).result()
+    assert ".target sm_90a" in ptx and ".entry _hadamard_fp4_kernel" in ptx
