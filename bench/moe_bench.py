@@ -120,7 +120,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
-SWEEP = dict(num_stages=(3, 4, 5), num_warps=(4, 8), split_k=(1, 2, 4), shared_split=(1, 2))
+SWEEP = dict(num_stages=(3, 4, 5), num_warps=(4, 8), split_k=(1, 2, 4), shared_split=(1, 2), pdl=(False, True))
 
 
 def sweep(launch, t: int, sets: list[tuple], want: torch.Tensor, fused_at, bound: float) -> list[dict]:
@@ -208,7 +208,7 @@ def main() -> None:
                 us = r.get("us", math.nan)
                 mark = "  <- the target's launch" if r["chosen"] else ""
                 print(f"    stages {r['num_stages']} warps {r['num_warps']} split_k {r['split_k']} "
-                      f"shared_split {r['shared_split']}: {us:7.1f} us "
+                      f"shared_split {r['shared_split']} pdl {r['pdl']:d}: {us:7.1f} us "
                       f"({row['floor_us'] / us:.0%} of floor){mark} {r.get('error', '')}")
     env = dict(environment(), copy_gbps=gbps)
     print(json.dumps(env))

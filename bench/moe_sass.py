@@ -84,21 +84,24 @@ def kernel_specs(launch) -> dict[str, tuple]:
     from dsv4c.codegen.kernels.moe_fp4_launch import DOWN_ROWS
 
     gemm = dict(BLOCK_M=launch.block_m, ROUTED_ACT="fp8", SHARED_ACT="fp8", PRODUCT=launch.product,
-                NATIVE_FP4=False, SHARED_SPLIT=launch.shared_split, ALIGNED=True, NUM_STAGES=launch.num_stages)
+                NATIVE_FP4=False, SHARED_SPLIT=launch.shared_split, ALIGNED=True, NUM_STAGES=launch.num_stages,
+                PDL=launch.pdl)
     block_s, block_t = 1 << (7 * 128 - 1).bit_length(), 1 << (-(-7 * 128 // launch.block_m) - 1).bit_length()
     return {
         "router": (moe_route, "_router_kernel", dict(BLOCK_T=launch.block_m, BLOCK_E=launch.router_block_e,
-                                                     PRODUCT=launch.product), launch.num_warps),
+                                                     PRODUCT=launch.product, PDL=launch.pdl), launch.num_warps),
         "route": (moe_route, "_route_kernel", dict(SPLITS=launch.router_splits, TOP_K=K, BLOCK_E=E, BLOCK_K=8,
-                                                   SCORING="sqrtsoftplus", HASH=False, NORMALIZE=True), 4),
+                                                   SCORING="sqrtsoftplus", HASH=False, NORMALIZE=True,
+                                                   PDL=launch.pdl), 4),
         "prepare": (moe_fp4, "_prepare_kernel", dict(BLOCK_M=launch.block_m, BLOCK_S=block_s, BLOCK_E=512,
                                                      BLOCK_T=block_t, ROUTED_ACT="fp8", SHARED_ACT="fp8",
-                                                     NATIVE_FP4=False, SHARED_SPLIT=launch.shared_split), 4),
+                                                     NATIVE_FP4=False, SHARED_SPLIT=launch.shared_split,
+                                                     PDL=launch.pdl), 4),
         "gate_up": (moe_fp4, "_gate_up_kernel", dict(gemm, BLOCK_N=launch.block_n, ACT_DTYPE=tl.bfloat16),
                     launch.num_warps),
         "down": (moe_fp4, "_down_kernel", dict(gemm, BLOCK_N=DOWN_ROWS), launch.num_warps),
         "combine": (moe_fp4, "_combine_kernel", dict(SPLITS=launch.split_k, BLOCK_D=moe_fp4.COMBINE_BLOCK,
-                                                     ACT_DTYPE=tl.bfloat16), 4),
+                                                     ACT_DTYPE=tl.bfloat16, PDL=launch.pdl), 4),
     }
 
 

@@ -34,9 +34,10 @@ def _start_compiler():
     torch.set_num_threads(1)
 
 
-def _down_kernel_mmas(target_name: str, activations: str) -> tuple[list[str], str]:
+def _down_kernel_mmas(target_name: str, activations: str) -> tuple[list[str], str, bool]:
     """The distinct MMA instructions of the down kernel built for `target_name` (bf16 activations, faithful
-    shared expert), and its `.target` line."""
+    shared expert), its `.target` line, and whether it waits for its predecessor grid (programmatic dependent
+    launch: `griddepcontrol.wait`)."""
     import triton
     from triton.compiler import ASTSource
 
@@ -51,13 +52,14 @@ def _down_kernel_mmas(target_name: str, activations: str) -> tuple[list[str], st
                  "I": "i32", "K": "i32", "E": "i32", "S": "i32", "BLOCKS_PER_SPLIT": "i32"}
     constexprs = dict(BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, ROUTED_ACT=kernels.ACT_ROUNDING[activations],
                       SHARED_ACT="fp8", PRODUCT=launch.product, NATIVE_FP4=launch.native_fp4,
-                      SHARED_SPLIT=launch.shared_split, ALIGNED=True, NUM_STAGES=launch.num_stages)
+                      SHARED_SPLIT=launch.shared_split, ALIGNED=True, NUM_STAGES=launch.num_stages, PDL=launch.pdl)
     aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
                if kind.startswith("*") or name in ("D", "I")}
     source = ASTSource(fn, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs, aligned)
     ptx = triton.compile(source, target=triton_gpu_target(target(target_name)),
                          options={"num_warps": launch.num_warps, "num_stages": launch.num_stages}).asm["ptx"]
-    return sorted(set(MMA.findall(ptx))), next(line for line in ptx.splitlines() if line.startswith(".target"))
+    return (sorted(set(MMA.findall(ptx))), next(line for line in ptx.splitlines() if line.startswith(".target")),
+            "griddepcontrol.wait" in ptx)
 
 
 def _mmas(fn, signature: dict[str, str], constexprs: dict, target_name: str, num_warps: int) -> list[str]:
@@ -86,12 +88,13 @@ def _routing_kernel_mmas() -> dict[str, list[str]]:
     router = {"x_ptr": "*bf16", "router_ptr": "*bf16", "part_ptr": "*fp32", "N": "i32", "D": "i32", "E": "i32",
               "BLOCKS_PER_SPLIT": "i32"}
     found = {"router": _mmas(moe_route._router_kernel, router, dict(BLOCK_T=launch.block_m,
-                             BLOCK_E=launch.router_block_e, PRODUCT=launch.product), "h100", launch.num_warps)}
+                             BLOCK_E=launch.router_block_e, PRODUCT=launch.product, PDL=launch.pdl), "h100",
+                             launch.num_warps)}
     select = {"part_ptr": "*fp32", "bias_ptr": "*fp32", "table_ptr": "*i32", "tokens_ptr": "*i64", "ids_ptr": "*i32",
               "weights_ptr": "*fp32", "N": "i32", "E": "i32", "scale": "fp32"}
     for hashed in (False, True):
         constexprs = dict(SPLITS=launch.router_splits, TOP_K=6, BLOCK_E=256, BLOCK_K=8, SCORING="sqrtsoftplus",
-                          HASH=hashed, NORMALIZE=True)
+                          HASH=hashed, NORMALIZE=True, PDL=launch.pdl)
         found["hash" if hashed else "score"] = _mmas(moe_route._route_kernel, select, constexprs, "h100", 4)
     return found
 
@@ -104,14 +107,14 @@ def built():
 
 
 def test_sm90a_w4a8_multiplies_on_fp8_wgmma(built):
-    mmas, target_line = built["h100", "w4a8"]
-    assert target_line == ".target sm_90a"
+    mmas, target_line, waits = built["h100", "w4a8"]
+    assert target_line == ".target sm_90a" and waits  # launched as its predecessor's programmatic dependent
     assert mmas and all(m.startswith("wgmma.mma_async") and m.endswith(".f32.e4m3.e4m3") for m in mmas), mmas
 
 
 def test_sm103a_w4a4_multiplies_on_tcgen05_mxf4(built):
-    mmas, target_line = built["gb300", "w4a4"]
-    assert target_line == ".target sm_103a"
+    mmas, target_line, waits = built["gb300", "w4a4"]
+    assert target_line == ".target sm_103a" and waits
     assert any("kind::mxf4.block_scale" in m for m in mmas), mmas  # the routed experts: MXFP4 x MXFP4
     assert any("kind::f8f6f4" in m for m in mmas), mmas  # the shared expert: FP8 x FP8
     assert not any(m.startswith(("wgmma", "mma.sync")) for m in mmas), mmas
@@ -147,7 +150,7 @@ def _gemm_sass(kernel: str) -> tuple[list[list[str]], list[str], str]:
     fn = kernels._gate_up_kernel if kernel == "gate_up" else kernels._down_kernel
     constexprs = dict(BLOCK_M=launch.block_m, BLOCK_N=launch.block_n if kernel == "gate_up" else DOWN_ROWS,
                       ROUTED_ACT="fp8", SHARED_ACT="fp8", PRODUCT=launch.product, NATIVE_FP4=False,
-                      SHARED_SPLIT=launch.shared_split, ALIGNED=True, NUM_STAGES=launch.num_stages,
+                      SHARED_SPLIT=launch.shared_split, ALIGNED=True, NUM_STAGES=launch.num_stages, PDL=launch.pdl,
                       **(dict(ACT_DTYPE=tl.bfloat16) if kernel == "gate_up" else {}))
     pointers = {"table_ptr": "*i64", "weights_ptr": "*fp32", "part_ptr": "*fp32", "sw1_ptr": "*fp8e4nv",
                 "sw3_ptr": "*fp8e4nv", "sw2_ptr": "*fp8e4nv", "ss1_ptr": "*u8", "ss3_ptr": "*u8", "ss2_ptr": "*u8"}

@@ -87,7 +87,7 @@ def _tile_list(ids: torch.Tensor, experts: int, block_m: int, shared_split: int)
         ids, order, tile_expert, count, x, torch.empty_like(x), x, n, s, d, k, experts, BLOCK_M=block_m,
         BLOCK_S=triton.next_power_of_2(s), BLOCK_E=triton.next_power_of_2(experts + 2),
         BLOCK_T=triton.next_power_of_2(max(triton.cdiv(s, block_m), shared_split * triton.cdiv(n, block_m))),
-        ROUTED_ACT="none", SHARED_ACT="none", NATIVE_FP4=False, SHARED_SPLIT=shared_split)
+        ROUTED_ACT="none", SHARED_ACT="none", NATIVE_FP4=False, SHARED_SPLIT=shared_split, PDL=False)
     tiles = int(count)
     return tiles, tile_expert[:tiles].tolist(), order[:tiles * block_m].view(tiles, block_m).tolist()
 

@@ -76,6 +76,7 @@ from dsv4c.codegen.kernels.routed_moe import (_TRITON_DTYPES, POINTER_TABLES, Po
 from dsv4c.codegen import moe_routing
 from dsv4c.codegen.kernels.moe_route import route
 from dsv4c.codegen.kernels.number_formats import block_rounded, e2m1_grid, e8m0_byte, e8m0_pair, rounded_to
+from dsv4c.codegen.kernels.pdl import after_predecessor, launch_options
 from dsv4c.codegen.moe_routing import Routing
 from dsv4c.codegen.targets import Target, target_for_device
 from dsv4c.model import quant
@@ -273,10 +274,11 @@ def _group(ids_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, S, K, E, BLOCK_M: 
 def _prepare_kernel(ids_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, x_ptr, xr_ptr, xs_ptr, N, S, D, K, E,
                     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
                     ROUTED_ACT: tl.constexpr, SHARED_ACT: tl.constexpr, NATIVE_FP4: tl.constexpr,
-                    SHARED_SPLIT: tl.constexpr):
+                    SHARED_SPLIT: tl.constexpr, PDL: tl.constexpr):
     """`_group`, then x's 128-column blocks shared out over the programs, each rounded to the gate/up GEMMs'
     operands [N, D]: the routed experts' xr (ROUTED_ACT, MMA K order; not for native products, which read x)
     and the shared expert's xs (when SHARED_ACT is "fp8"; unrounded, it reads x)."""
+    after_predecessor(PDL)
     _group(ids_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, S, K, E, BLOCK_M, BLOCK_S, BLOCK_E, BLOCK_T,
            SHARED_SPLIT)
     if not NATIVE_FP4 or SHARED_ACT != "none":
@@ -364,12 +366,13 @@ def _gate_up_kernel(x_ptr, xr_ptr, xs_ptr, weights_ptr, sorted_ptr, tile_expert_
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROUTED_ACT: tl.constexpr,
                     SHARED_ACT: tl.constexpr, PRODUCT: tl.constexpr, NATIVE_FP4: tl.constexpr,
                     SHARED_SPLIT: tl.constexpr, ACT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
-                    NUM_STAGES: tl.constexpr):
+                    NUM_STAGES: tl.constexpr, PDL: tl.constexpr):
     """hidden[sel, tile of I] = round(silu(clamp(round(x W1.T))) * clamp(round(x W3.T)) * weight) for the
     selections of one tile (x [N, D] in the activation dtype, its operands xr and xs; the shared expert's
     weight is 1), written as the down GEMM's operand [S, I]. A shared program computes a 1 / SHARED_SPLIT
     slice of the tile's BLOCK_N rows; split, it writes them unrounded (half a rounding block: the down GEMM
     rounds them on load)."""
+    after_predecessor(PDL)
     tile = tl.program_id(0)
     if tile < tl.load(n_tiles_ptr):
         expert = tl.load(tile_expert_ptr + tile)
@@ -414,10 +417,11 @@ def _down_kernel(hidden_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, table_ptr
                  D, I, K, E, S, BLOCKS_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  ROUTED_ACT: tl.constexpr, SHARED_ACT: tl.constexpr, PRODUCT: tl.constexpr,
                  NATIVE_FP4: tl.constexpr, SHARED_SPLIT: tl.constexpr, ALIGNED: tl.constexpr,
-                 NUM_STAGES: tl.constexpr):
+                 NUM_STAGES: tl.constexpr, PDL: tl.constexpr):
     """part[split, sel, tile of D] = hidden[sel] @ W2.T over split's slice of I (fp32, not rounded); hidden: the
     operand [S, I] the gate/up kernel wrote. A shared program computes a 1 / SHARED_SPLIT slice of the tile's
     BLOCK_N rows; split, its operand rows are unrounded and it rounds them to SHARED_ACT on load."""
+    after_predecessor(PDL)
     tile = tl.program_id(0)
     if tile < tl.load(n_tiles_ptr):
         expert = tl.load(tile_expert_ptr + tile)
@@ -446,8 +450,9 @@ def _down_kernel(hidden_ptr, sorted_ptr, tile_expert_ptr, n_tiles_ptr, table_ptr
 
 @triton.jit
 def _combine_kernel(part_ptr, out_ptr, S, D, K, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
-                    ACT_DTYPE: tl.constexpr):
+                    ACT_DTYPE: tl.constexpr, PDL: tl.constexpr):
     """out[token, tile] = round(sum over slots 0 .. K of round(sum over splits of part[split, sel]))."""
+    after_predecessor(PDL)
     token = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ok = d < D
@@ -504,6 +509,7 @@ def moe_fp4(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None, ta
     if n == 0:
         return out
     x = x.contiguous()
+    pdl = launch.pdl and x.is_cuda
     ids, weights = route(x, router, bias, table, tokens, routing, launch)
     pointers, aligned = tables.get(lists, x)
     s, bm = n * (k + 1), launch.block_m
@@ -521,11 +527,11 @@ def moe_fp4(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None, ta
                                     BLOCK_T=triton.next_power_of_2(max(triton.cdiv(s, bm),
                                                                        launch.shared_split * shared_tiles)),
                                     ROUTED_ACT=routed_act, SHARED_ACT=shared_act, NATIVE_FP4=native,
-                                    SHARED_SPLIT=launch.shared_split)
+                                    SHARED_SPLIT=launch.shared_split, PDL=pdl, **launch_options(pdl))
     sw1, ss1, sw3, ss3, sw2, ss2 = (t.view(torch.uint8) if t.dtype == torch.float8_e8m0fnu else t for t in shared)
     common = dict(BLOCK_M=bm, BLOCK_N=launch.block_n, ROUTED_ACT=routed_act, SHARED_ACT=shared_act,
                   PRODUCT=launch.product, NATIVE_FP4=native, SHARED_SPLIT=launch.shared_split, ALIGNED=aligned,
-                  NUM_STAGES=launch.num_stages, num_warps=launch.num_warps)
+                  NUM_STAGES=launch.num_stages, PDL=pdl, num_warps=launch.num_warps, **launch_options(pdl))
     limits = [float("inf") if v is None else float(v) for v in (routed_limit, shared_limit)]
     hidden = torch.empty((s, i), dtype=x.dtype, device=x.device)
     _gate_up_kernel[(max_tiles, triton.cdiv(i, launch.block_n))](
@@ -538,5 +544,5 @@ def moe_fp4(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None, ta
         **dict(common, BLOCK_N=DOWN_ROWS))
     _combine_kernel[(n, triton.cdiv(d, COMBINE_BLOCK))](part, out, s, d, k, SPLITS=launch.split_k,
                                                         BLOCK_D=COMBINE_BLOCK, ACT_DTYPE=_TRITON_DTYPES[x.dtype],
-                                                        num_warps=4)
+                                                        PDL=pdl, num_warps=4, **launch_options(pdl))
     return out

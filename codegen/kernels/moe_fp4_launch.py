@@ -60,7 +60,10 @@ class MoeFp4Launch:
     on load, the same way: the same values, scales and products as 1, and bit-equal results wherever a dot's
     sum order for a row does not depend on its M side (the GPUs' MMAs; not numpy's fp32 BLAS, which the
     interpreter runs unrounded fp32 dots on);
-    num_warps / num_stages: Triton's, for the GEMMs."""
+    num_warps / num_stages: Triton's, for the GEMMs;
+    pdl: each kernel of the layer (router, routing, prepare, gate/up, down, combine) launched as its predecessor's
+    programmatic dependent (codegen/kernels/pdl.py), so six launches' latencies overlap the kernels before them
+    (CUDA devices only; the same computations, so the same bits)."""
 
     block_m: int
     block_n: int
@@ -72,6 +75,7 @@ class MoeFp4Launch:
     shared_split: int
     num_warps: int
     num_stages: int
+    pdl: bool = False
 
     def __post_init__(self) -> None:
         sides = (self.block_m, self.router_block_e)
@@ -88,10 +92,10 @@ def moe_fp4_launch(t: Target, experts: int, top_k: int, hidden: int, intermediat
     """The launch for a layer of `experts` routed experts (top_k a token) of width `intermediate` on `hidden`,
     chosen by the layer's shape and the target only (never the token count: see the module docstring).
     GPUs: 16-selection tiles against 128 weight rows (DOWN_ROWS in the down GEMM), the shared expert's split
-    over two programs, eight warps (two wgmma warpgroups), four stages; the down GEMM splits its K while twice
-    a one-token step's programs ((top_k + 2) x D / DOWN_ROWS) still fit one an SM (a program holds most of an
-    SM's registers, so a split past that is a second wave); the router splits D so that its programs (64
-    experts each) cover every SM at one token.
+    over two programs, eight warps (two wgmma warpgroups), four stages, programmatic dependent launches; the
+    down GEMM splits its K while twice a one-token step's programs ((top_k + 2) x D / DOWN_ROWS) still fit one
+    an SM (a program holds most of an SM's registers, so a split past that is a second wave); the router splits
+    D so that its programs (64 experts each) cover every SM at one token.
     cpu (Triton's interpreter, tests only): as few programs as the sizes allow (it pays per program and per
     operation, not per element): 64-row tiles, the shared expert unsplit, all experts in one router program;
     fp32."""
@@ -112,7 +116,7 @@ def moe_fp4_launch(t: Target, experts: int, top_k: int, hidden: int, intermediat
     return MoeFp4Launch(block_m=16, block_n=K_COLUMNS, split_k=split_k, router_block_e=ROUTER_BLOCK_E,
                         router_splits=-(-d_blocks // per_split), product="bf16" if bf16_activations else "ieee",
                         native_fp4=activations == "w4a4" and has_native_mxfp4(t), shared_split=shared_split,
-                        num_warps=8, num_stages=4)
+                        num_warps=8, num_stages=4, pdl=True)
 
 
 def _pow2_at_least(n: int) -> int:

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from dsv4c.codegen.kernels.moe_fp4_launch import K_COLUMNS, MoeFp4Launch
+from dsv4c.codegen.kernels.pdl import after_predecessor, launch_options
 from dsv4c.codegen.moe_routing import Routing
 
 BLOCK_K = tl.constexpr(K_COLUMNS)  # columns of D a router loop step covers
@@ -35,8 +36,9 @@ SOFTPLUS_THRESHOLD = tl.constexpr(20.0)  # F.softplus's default: x itself above 
 
 @triton.jit
 def _router_kernel(x_ptr, router_ptr, part_ptr, N, D, E, BLOCKS_PER_SPLIT, BLOCK_T: tl.constexpr,
-                   BLOCK_E: tl.constexpr, PRODUCT: tl.constexpr):
+                   BLOCK_E: tl.constexpr, PRODUCT: tl.constexpr, PDL: tl.constexpr):
     """part[split, tokens, experts] = x[tokens] @ router[experts].T over the split's 128-column blocks."""
+    after_predecessor(PDL)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     split = tl.program_id(2)
@@ -96,8 +98,9 @@ def _top_k(biased, e, slots, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr):
 @triton.jit
 def _route_kernel(part_ptr, bias_ptr, table_ptr, tokens_ptr, ids_ptr, weights_ptr, N, E, scale,
                   SPLITS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                  SCORING: tl.constexpr, HASH: tl.constexpr, NORMALIZE: tl.constexpr):
+                  SCORING: tl.constexpr, HASH: tl.constexpr, NORMALIZE: tl.constexpr, PDL: tl.constexpr):
     """ids[token], weights[token] of one token from its partial logits (see the module docstring)."""
+    after_predecessor(PDL)
     token = tl.program_id(0)
     e = tl.arange(0, BLOCK_E)
     ok = e < E
@@ -130,16 +133,18 @@ def route(x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None, tabl
     if n == 0:
         return ids, weights
     product = "bf16" if launch.product == "bf16" and router.dtype == x.dtype == torch.bfloat16 else "ieee"
+    pdl = launch.pdl and x.is_cuda
     part = torch.empty((launch.router_splits, n, experts), dtype=torch.float32, device=x.device)
     _router_kernel[(triton.cdiv(n, launch.block_m), triton.cdiv(experts, launch.router_block_e),
                     launch.router_splits)](
         x, router.contiguous(), part, n, d, experts, triton.cdiv(d // K_COLUMNS, launch.router_splits),
-        BLOCK_T=launch.block_m, BLOCK_E=launch.router_block_e, PRODUCT=product, num_warps=launch.num_warps)
+        BLOCK_T=launch.block_m, BLOCK_E=launch.router_block_e, PRODUCT=product, PDL=pdl, num_warps=launch.num_warps,
+        **launch_options(pdl))
     hashed = table is not None
     _route_kernel[(n,)](
         part, bias.contiguous() if bias is not None else part, table.contiguous() if hashed else ids,
         tokens.reshape(-1).contiguous() if hashed else ids, ids, weights, n, experts, float(routing.scale),
         SPLITS=launch.router_splits, TOP_K=k, BLOCK_E=triton.next_power_of_2(experts),
         BLOCK_K=triton.next_power_of_2(k), SCORING=routing.scoring, HASH=hashed, NORMALIZE=routing.normalize,
-        num_warps=4)
+        PDL=pdl, num_warps=4, **launch_options(pdl))
     return ids, weights
