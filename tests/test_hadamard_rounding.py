@@ -182,7 +182,7 @@ def _h100_ptx(width: int, block: int) -> str:
     fn = kernels._hadamard_fp4_kernel
     types = {"x_ptr": "*bf16", "out_ptr": "*bf16", "normalisation": "fp32"}
     constexprs = dict(N=width, STAGES=width.bit_length() - 1, BLOCK=block, FMT_MAX=quant.FP4_MAX,
-                      AMAX_FLOOR=quant.FP4_AMAX_FLOOR)
+                      AMAX_FLOOR=quant.FP4_AMAX_FLOOR, PDL=True)
     assert list(types) + list(constexprs) == fn.arg_names
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name.endswith("_ptr")}
     source = ASTSource(fn, {**types, **dict.fromkeys(constexprs, "constexpr")}, constexprs, attrs)
@@ -196,3 +196,4 @@ def test_kernel_builds_for_h100_at_the_indexer_width():
     with child_pool(_start_compiler) as pool:
         ptx = pool.submit(_h100_ptx, 128, 32).result()
     assert ".target sm_90a" in ptx and ".entry _hadamard_fp4_kernel" in ptx
+    assert "griddepcontrol.wait" in ptx  # launched as its predecessor's programmatic dependent

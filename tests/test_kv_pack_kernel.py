@@ -172,7 +172,7 @@ def _h100_ptx(fmt: str, width: int, rounded: int, block: int) -> str:
                       BLOCK=block, BLOCK_P2=block, FP4=fmt == "e2m1", FMT_MAX=FMT_MAX[fmt], AMAX_FLOOR=FLOOR[fmt],
                       ROW_BYTES=layout.row_bytes, CODE_BYTES=layout.code_bytes, RAW_BYTES=layout.raw_bytes,
                       RAW_P2=triton.next_power_of_2(layout.raw_bytes), ITEM=2, SCALE_OFF=layout.scale_offset,
-                      PAD=pad, PAD_P2=triton.next_power_of_2(pad))
+                      PAD=pad, PAD_P2=triton.next_power_of_2(pad), PDL=True)
     assert list(types) + list(constexprs) == fn.arg_names
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name.endswith("_ptr")}
     source = ASTSource(fn, {**types, **dict.fromkeys(constexprs, "constexpr")}, constexprs, attrs)
@@ -187,3 +187,4 @@ def test_kernel_builds_for_h100_at_flash_layouts():
         for layout in (MAIN_KV, INDEXER_KEY):
             ptx = pool.submit(_h100_ptx, *layout).result()
             assert ".target sm_90a" in ptx and ".entry _kv_pack_kernel" in ptx, layout
+            assert "griddepcontrol.wait" in ptx, layout  # launched as its predecessor's programmatic dependent

@@ -9,7 +9,8 @@ x / scale clamped to the format's range and rounded to the nearest e4m3 or e2m1 
 Every step is exact in fp32 (the scales are powers of two), so the result is `quant.fake_quant_fp8` /
 `fake_quant_fp4` bit for bit; a block holding a NaN or an inf becomes NaN everywhere, as there (its scale is
 NaN). Loads convert to fp32 first and the stores cast exact values (Triton's CPU interpreter rounds bf16
-arithmetic wrongly)."""
+arithmetic wrongly). On CUDA the kernel is launched as its predecessor's programmatic dependent
+(codegen/kernels/pdl.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import triton
 import triton.language as tl
 
 from dsv4c.codegen.kernels.number_formats import block_rounded
+from dsv4c.codegen.kernels.pdl import after_predecessor, launch_options
 from dsv4c.model import quant
 
 ROWS = 16  # blocks a program rounds
@@ -26,8 +28,9 @@ FORMATS = {"fp8": (quant.FP8_MAX, quant.FP8_AMAX_FLOOR), "fp4": (quant.FP4_MAX, 
 
 @triton.jit
 def _fake_quant_kernel(x_ptr, out_ptr, n_blocks, BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr, ROWS: tl.constexpr,
-                       FMT_MAX: tl.constexpr, AMAX_FLOOR: tl.constexpr):
+                       FMT_MAX: tl.constexpr, AMAX_FLOOR: tl.constexpr, PDL: tl.constexpr):
     """Blocks ROWS * pid .. + ROWS of x (BLOCK values each, BLOCK_P2 the power of two that holds them)."""
+    after_predecessor(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     columns = tl.arange(0, BLOCK_P2)
     mask = (rows < n_blocks)[:, None] & (columns < BLOCK)[None, :]
@@ -52,5 +55,5 @@ def fake_quant(x: torch.Tensor, block: int, fmt: str) -> torch.Tensor:
         fmt_max, floor = FORMATS[fmt]
         _fake_quant_kernel[(triton.cdiv(n_blocks, ROWS),)](
             x, out, n_blocks, BLOCK=block, BLOCK_P2=triton.next_power_of_2(block), ROWS=ROWS, FMT_MAX=fmt_max,
-            AMAX_FLOOR=floor, num_warps=4)
+            AMAX_FLOOR=floor, PDL=x.is_cuda, num_warps=4, **launch_options(x.is_cuda))
     return out

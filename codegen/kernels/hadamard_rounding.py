@@ -9,7 +9,8 @@ float the model multiplies by), rounded to x's dtype as the model's cast does (`
 `block` values is rounded to e2m1 with its power-of-two scale (`number_formats.block_rounded`, the activation
 roundings' rounding) and stored times that scale, in x's dtype. Every step is the model's fp32 operation on the same
 operands, so the result is the reference's bit for bit; a row holding a NaN or an inf is NaN throughout (the
-butterflies spread it over the row, the rounding of a non-finite block is NaN).
+butterflies spread it over the row, the rounding of a non-finite block is NaN). On CUDA the kernel is launched as
+its predecessor's programmatic dependent (codegen/kernels/pdl.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import triton.language as tl
 from dsv4c.codegen.hadamard_rounding import check_operands
 from dsv4c.codegen.kernels.hadamard import hadamard_butterflies
 from dsv4c.codegen.kernels.number_formats import block_rounded, rounded_to
+from dsv4c.codegen.kernels.pdl import after_predecessor, launch_options
 from dsv4c.model import quant
 
 
@@ -39,8 +41,9 @@ def _load_fp32(pointers):
 
 @triton.jit
 def _hadamard_fp4_kernel(x_ptr, out_ptr, normalisation, N: tl.constexpr, STAGES: tl.constexpr, BLOCK: tl.constexpr,
-                         FMT_MAX: tl.constexpr, AMAX_FLOOR: tl.constexpr):
+                         FMT_MAX: tl.constexpr, AMAX_FLOOR: tl.constexpr, PDL: tl.constexpr):
     """Row program_id(0) of x [rows, N] -> out [rows, N], both contiguous, in x's dtype."""
+    after_predecessor(PDL)
     offsets = tl.program_id(0).to(tl.int64) * N + tl.arange(0, N)
     x = hadamard_butterflies(_load_fp32(x_ptr + offsets), N, STAGES)
     x = rounded_to(x * normalisation, out_ptr.dtype.element_ty)
@@ -58,6 +61,6 @@ def hadamard_fake_quant_fp4(x: torch.Tensor, block: int) -> torch.Tensor:
     rows = x.numel() // n
     if rows:
         _hadamard_fp4_kernel[(rows,)](x, out, 1.0 / math.sqrt(n), N=n, STAGES=n.bit_length() - 1, BLOCK=block,
-                                      FMT_MAX=quant.FP4_MAX, AMAX_FLOOR=quant.FP4_AMAX_FLOOR,
-                                      num_warps=4 if n <= 1024 else 8)
+                                      FMT_MAX=quant.FP4_MAX, AMAX_FLOOR=quant.FP4_AMAX_FLOOR, PDL=x.is_cuda,
+                                      num_warps=4 if n <= 1024 else 8, **launch_options(x.is_cuda))
     return out

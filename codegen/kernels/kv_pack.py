@@ -15,7 +15,8 @@ x / scale with a NaN (NaN present) or +inf (inf present) scale, so a NaN code 0x
 values of a block with an inf. The one difference: a NaN code is always 0x7F, as on a GPU whose divisions return
 the canonical (positive) NaN; the reference on the CPU keeps the sign of a NaN operand, or takes the x86 default NaN
 (negative) for inf / inf, and writes 0xFF there. Loads convert to fp32 first (Triton's CPU interpreter rounds bf16
-arithmetic wrongly), bf16 by its bits; every step is exact in fp32.
+arithmetic wrongly), bf16 by its bits; every step is exact in fp32. On CUDA the kernel is launched as its
+predecessor's programmatic dependent (codegen/kernels/pdl.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import triton
 import triton.language as tl
 
 from dsv4c.codegen.kernels.number_formats import block_rounded
+from dsv4c.codegen.kernels.pdl import after_predecessor, launch_options
 from dsv4c.codegen.kv_cache import PackedLayout
 from dsv4c.model import quant
 
@@ -131,8 +133,10 @@ def _kv_pack_kernel(x_ptr, x_bytes_ptr, out_ptr, n_rows, x_row_stride, ROWS: tl.
                     BLOCKS_P2: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P2: tl.constexpr, FP4: tl.constexpr,
                     FMT_MAX: tl.constexpr, AMAX_FLOOR: tl.constexpr, ROW_BYTES: tl.constexpr,
                     CODE_BYTES: tl.constexpr, RAW_BYTES: tl.constexpr, RAW_P2: tl.constexpr,
-                    ITEM: tl.constexpr, SCALE_OFF: tl.constexpr, PAD: tl.constexpr, PAD_P2: tl.constexpr):
+                    ITEM: tl.constexpr, SCALE_OFF: tl.constexpr, PAD: tl.constexpr, PAD_P2: tl.constexpr,
+                    PDL: tl.constexpr):
     """Packed rows ROWS * pid .. + ROWS of x [n_rows, width] (row stride x_row_stride elements of ITEM bytes)."""
+    after_predecessor(PDL)
     first = tl.program_id(0).to(tl.int64) * ROWS
     _pack_blocks(x_ptr, out_ptr, first, n_rows, x_row_stride, ROWS, BLOCKS, BLOCKS_P2, BLOCK, BLOCK_P2, FP4,
                  FMT_MAX, AMAX_FLOOR, ROW_BYTES, SCALE_OFF)
@@ -168,5 +172,5 @@ def kv_pack(x: torch.Tensor, format: str, rounded: int, block: int,
         FP4=format == "e2m1", FMT_MAX=fmt_max, AMAX_FLOOR=floor, ROW_BYTES=layout.row_bytes,
         CODE_BYTES=layout.code_bytes, RAW_BYTES=layout.raw_bytes, RAW_P2=triton.next_power_of_2(layout.raw_bytes),
         ITEM=x.dtype.itemsize, SCALE_OFF=layout.scale_offset, PAD=pad, PAD_P2=triton.next_power_of_2(pad),
-        num_warps=launch.num_warps)
+        PDL=x.is_cuda, num_warps=launch.num_warps, **launch_options(x.is_cuda))
     return out
