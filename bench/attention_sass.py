@@ -91,8 +91,8 @@ def build(kernel: str, layer: str) -> tuple[bytes, object]:
 
     gpu = target("h100")
     launch = attention.attention_launch(1, HEADS, KEYS, gpu.sm_count)
-    constexprs = attention.kernel_constexprs(WINDOW, LAYERS[layer]["ratio"], LAYERS[layer]["sparse"], WIDTH, ROUNDED,
-                                             QBLOCK, ROW_BYTES, launch)
+    constexprs = {**attention.kernel_constexprs(WINDOW, LAYERS[layer]["ratio"], LAYERS[layer]["sparse"], WIDTH,
+                                                ROUNDED, QBLOCK, ROW_BYTES, launch), "PDL": True}
     fn = getattr(attention, kernel)
     signature = {name: "constexpr" if name in constexprs else POINTER_TYPES.get(name, "fp32" if name == "scale"
                                                                                   else "i32")

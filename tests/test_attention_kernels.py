@@ -249,10 +249,11 @@ POINTER_TYPES = {"q_ptr": "*bf16", "out_ptr": "*bf16", "new_ptr": "*u8", "ring_p
                  "merged_ptr": "*fp32"}
 
 
-def _sm90a_build(kernel: str, heads: int) -> tuple[list[str], str, set[str], int]:
+def _sm90a_build(kernel: str, heads: int) -> tuple[list[str], str, set[str], int, bool]:
     """The distinct MMA instructions of `kernel` built for sm_90a with h100's launch at Flash's sizes (C4, top-512
     and a window of 128: 640 keys; 584-byte rows), the PTX's `.target` line, its distinct decode instructions and
-    global reads (DECODE_AND_READS), and the shared memory a program takes."""
+    global reads (DECODE_AND_READS), the shared memory a program takes, and whether it waits for its predecessor
+    grid (launched as a programmatic dependent: `griddepcontrol.wait`)."""
     import triton
     from triton.compiler import ASTSource
 
@@ -260,7 +261,7 @@ def _sm90a_build(kernel: str, heads: int) -> tuple[list[str], str, set[str], int
     from dsv4c.codegen.targets import target, triton_gpu_target
 
     launch = attention.attention_launch(1, heads, 640, target("h100").sm_count)
-    constexprs = attention.kernel_constexprs(128, 4, True, 512, 448, 64, 584, launch)
+    constexprs = {**attention.kernel_constexprs(128, 4, True, 512, 448, 64, 584, launch), "PDL": True}
     fn = getattr(attention, kernel)
     scalar = {"scale": "fp32"}  # the other scalars are sizes and strides
     signature = {name: "constexpr" if name in constexprs else POINTER_TYPES.get(name, scalar.get(name, "i32"))
@@ -271,7 +272,7 @@ def _sm90a_build(kernel: str, heads: int) -> tuple[list[str], str, set[str], int
                               target=triton_gpu_target(target("h100")), options=launch.options())
     ptx = compiled.asm["ptx"]
     return (sorted(set(MMA.findall(ptx))), next(line for line in ptx.splitlines() if line.startswith(".target")),
-            set(DECODE_AND_READS.findall(ptx)), compiled.metadata.shared)
+            set(DECODE_AND_READS.findall(ptx)), compiled.metadata.shared, "griddepcontrol.wait" in ptx)
 
 
 @pytest.fixture(scope="module")
@@ -283,14 +284,14 @@ def sm90a():
 
 @pytest.mark.parametrize("kernel", ["_split_kernel", "_folded_kernel"])
 def test_sm90a_multiplies_64_heads_on_bf16_wgmma(sm90a, kernel):
-    mmas, target_line, _, _ = sm90a[kernel, 64]
-    assert target_line == ".target sm_90a"
+    mmas, target_line, _, _, waits = sm90a[kernel, 64]
+    assert target_line == ".target sm_90a" and waits
     assert mmas and all(m.startswith("wgmma.mma_async") and ".m64n" in m and m.endswith(".f32.bf16.bf16")
                         for m in mmas), mmas
 
 
 def test_sm90a_multiplies_16_heads_on_bf16_mma_sync(sm90a):
-    mmas, _, _, _ = sm90a["_split_kernel", 16]
+    mmas, _, _, _, _ = sm90a["_split_kernel", 16]
     assert mmas and all(m.startswith("mma.sync") and ".f32.bf16.bf16.f32" in m for m in mmas), mmas
 
 
@@ -308,6 +309,6 @@ def test_sm90a_reads_rows_by_async_copies_and_decodes_on_the_fp8_conversion(sm90
     """Flash's rows (scales in one 8-byte word) reach the program only through asynchronous copies, pipelined a
     tile ahead: no byte is read by a plain load, whose latency each tile would wait out. The codes go through
     the hardware e4m3 conversion and one bf16 multiply-add with the scale and the RoPE dims."""
-    _, _, found, _ = sm90a[kernel, 64]
+    _, _, found, _, _ = sm90a[kernel, 64]
     assert {"cp.async.ca.shared.global", "cvt.rn.f16x2.e4m3x2", "fma.rn.bf16"} <= found, found
     assert not {op for op in found if op.startswith("ld.global") and op.endswith("8")}, found

@@ -144,7 +144,7 @@ def test_every_dsv4c_op_of_the_h100_steps_has_a_cuda_kernel_or_a_checked_referen
     plans = sorted((h100_artifact[1] / "plans").glob("*.json"))
     names = {op["op"].rsplit(".", 1)[0] for plan in plans for op in json.loads(plan.read_text())["ops"]
              if op["op"].startswith("dsv4c::")}
-    assert plans and {"dsv4c::fake_quant_fp4", "dsv4c::fp8_linear"} <= names, names
+    assert plans and {"dsv4c::hadamard_fake_quant_fp4", "dsv4c::fp8_linear"} <= names, names
     without = {n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")}
     assert without <= REFERENCES_ON_CUDA, without - REFERENCES_ON_CUDA
 

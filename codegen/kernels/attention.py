@@ -69,6 +69,7 @@ import triton
 import triton.language as tl
 
 from dsv4c.codegen.kernels.number_formats import bf16_rounded, pow2
+from dsv4c.codegen.kernels.pdl import after_predecessor, launch_options
 
 MAX_SPLITS = 16  # key ranges a query's keys are cut into at most: bounds the partials of a step below the fold
 MIN_DOT = 16  # tl.dot's smallest side: a program of up to 16 heads
@@ -267,8 +268,9 @@ def _split_kernel(q_ptr, new_ptr, ring_ptr, cache_ptr, ids_ptr, start_ptr, acc_p
                   si_b, si_t, WINDOW: tl.constexpr, RATIO: tl.constexpr, SPARSE: tl.constexpr,
                   ROUNDED: tl.constexpr, WIDTH: tl.constexpr, D_P2: tl.constexpr, QBLOCK: tl.constexpr,
                   SCALE_OFF: tl.constexpr, SCALE_WORD: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_N: tl.constexpr, PRODUCT: tl.constexpr):
+                  BLOCK_N: tl.constexpr, PRODUCT: tl.constexpr, PDL: tl.constexpr):
     """Program (token, range, head block): the range's (max, sum, unnormalised output) into the partials."""
+    after_predecessor(PDL)
     bt, split, hb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, t, start, p, heads, hmask, q = _query(q_ptr, start_ptr, bt, hb, T, H, sq_b, sq_t, sq_h, WIDTH, D_P2,
                                              BLOCK_H, PRODUCT)
@@ -290,10 +292,11 @@ def _folded_kernel(q_ptr, new_ptr, ring_ptr, cache_ptr, ids_ptr, start_ptr, sink
                    sc_b, sc_e, si_b, si_t, WINDOW: tl.constexpr, RATIO: tl.constexpr, SPARSE: tl.constexpr,
                    ROUNDED: tl.constexpr, WIDTH: tl.constexpr, D_P2: tl.constexpr, QBLOCK: tl.constexpr,
                    SCALE_OFF: tl.constexpr, SCALE_WORD: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PRODUCT: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PRODUCT: tl.constexpr, PDL: tl.constexpr):
     """Program (token, head block): every range in order, each merged as `_combine_kernel` merges partials. The
     merged output lives in this program's own fp32 rows of `merged_ptr` (cache-resident), not in registers: two
     [64, 512] fp32 accumulators would be the whole register file."""
+    after_predecessor(PDL)
     bt, hb = tl.program_id(0), tl.program_id(1)
     b, t, start, p, heads, hmask, q = _query(q_ptr, start_ptr, bt, hb, T, H, sq_b, sq_t, sq_h, WIDTH, D_P2,
                                              BLOCK_H, PRODUCT)
@@ -318,8 +321,9 @@ def _folded_kernel(q_ptr, new_ptr, ring_ptr, cache_ptr, ids_ptr, start_ptr, sink
 
 @triton.jit
 def _combine_kernel(acc_ptr, ml_ptr, sink_ptr, out_ptr, H, SPLITS, D: tl.constexpr, D_P2: tl.constexpr,
-                    BLOCK_H: tl.constexpr):
+                    BLOCK_H: tl.constexpr, PDL: tl.constexpr):
     """Program (token, head block): the partials of its ranges merged in range order, starting from the sink."""
+    after_predecessor(PDL)
     bt, hb = tl.program_id(0), tl.program_id(1)
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = heads < H
@@ -379,16 +383,18 @@ def sparse_decode_attention(q: torch.Tensor, new: torch.Tensor, ring: torch.Tens
              total, scale, q.stride(0), q.stride(1), q.stride(2), new.stride(0), new.stride(1), ring.stride(0),
              ring.stride(1), cache.stride(0), cache.stride(1), ids.stride(0), ids.stride(1))
     constexprs = kernel_constexprs(window, ratio, sparse, width, rounded, block, new.shape[-1], launch)
+    pdl = q.is_cuda  # each kernel launched as its predecessor's programmatic dependent (codegen/kernels/pdl.py)
     head_blocks = triton.cdiv(heads, launch.block_h)
     if launch.fold:
         merged = torch.empty((batch * steps, heads, width), dtype=torch.float32, device=q.device)
-        _folded_kernel[(batch * steps, head_blocks)](*rows, sink, merged, out, *sizes, **constexprs,
-                                                     **launch.options())
+        _folded_kernel[(batch * steps, head_blocks)](*rows, sink, merged, out, *sizes, **constexprs, PDL=pdl,
+                                                     **launch.options(), **launch_options(pdl))
         return out
     acc = torch.empty((batch * steps, launch.splits, heads, width), dtype=torch.float32, device=q.device)
     ml = torch.empty((batch * steps, launch.splits, heads, 2), dtype=torch.float32, device=q.device)
-    _split_kernel[(batch * steps, launch.splits, head_blocks)](*rows, acc, ml, *sizes, **constexprs,
-                                                               **launch.options())
+    _split_kernel[(batch * steps, launch.splits, head_blocks)](*rows, acc, ml, *sizes, **constexprs, PDL=pdl,
+                                                               **launch.options(), **launch_options(pdl))
     _combine_kernel[(batch * steps, triton.cdiv(heads, COMBINE_HEADS))](
-        acc, ml, sink, out, heads, launch.splits, D=width, D_P2=triton.next_power_of_2(width), BLOCK_H=COMBINE_HEADS)
+        acc, ml, sink, out, heads, launch.splits, D=width, D_P2=triton.next_power_of_2(width), BLOCK_H=COMBINE_HEADS,
+        PDL=pdl, **launch_options(pdl))
     return out
