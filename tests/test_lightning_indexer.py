@@ -247,9 +247,10 @@ def _topk_ptx(chunk: int) -> dict[str, str]:
     from dsv4c.codegen.targets import target, triton_gpu_target
 
     pointers = {"scores_ptr": "*fp32", "hist_ptr": "*i32", "bounds_ptr": "*i32", "ids_ptr": "*i64", "valid_ptr": "*u8"}
-    kernels = {"one program": (topk._topk_kernel, {"CHUNK": chunk}),
-               "write": (topk._topk_write_kernel, {"SPANS": 512, "CHUNK": chunk}),
-               **{f"pass {shift}": (topk._radix_pass_kernel, {"SHIFT": shift, "CHUNK": chunk}) for shift in (24, 0)}}
+    kernels = {"one program": (topk._topk_kernel, {"CHUNK": chunk, "PDL": True}),
+               "write": (topk._topk_write_kernel, {"SPANS": 512, "CHUNK": chunk, "PDL": True}),
+               **{f"pass {shift}": (topk._radix_pass_kernel, {"SHIFT": shift, "CHUNK": chunk, "PDL": True})
+                  for shift in (24, 0)}}
     ptx = {}
     for name, (fn, constexprs) in kernels.items():
         signature = {arg: pointers.get(arg, "i32") for arg in fn.arg_names if arg not in constexprs}
@@ -275,12 +276,12 @@ def _scores_builds() -> dict[str, int]:
     for (decode, product), tokens in itertools.product((("registers", "bf16"), ("registers", "ieee")), (1, 4, 32)):
         launch = indexer_launch(target("h100"), 1, tokens, 64, 16_384, 32)
         constexprs = dict(RATIO=4, D=128, QBLOCK=32, BLOCK_T=launch.block_t, BLOCK_H=64, BLOCK_E=launch.block_e,
-                          DECODE=decode, PRODUCT=product)
+                          DECODE=decode, PRODUCT=product, PDL=True)
         signature = {arg: "constexpr" if arg in constexprs else pointers.get(arg, "i32") for arg in
                      indexer._scores_kernel.arg_names}
         built = triton.compile(ASTSource(indexer._scores_kernel, signature, constexprs),
                                target=triton_gpu_target(target("h100")), options={"num_warps": launch.scores_warps})
-        assert ".target sm_90a" in built.asm["ptx"]
+        assert ".target sm_90a" in built.asm["ptx"] and "griddepcontrol.wait" in built.asm["ptx"]
         shared[f"{decode} {product} {tokens}"] = built.metadata.shared
     return shared
 

@@ -28,6 +28,7 @@ import triton.language as tl
 from dsv4c.codegen.kernels.lightning_indexer_launch import MIN_DOT, MXFP_BLOCK, IndexerLaunch, indexer_launch
 from dsv4c.codegen.kernels.lightning_indexer_topk import select_topk
 from dsv4c.codegen.kernels.number_formats import e2m1_value, pow2
+from dsv4c.codegen.kernels.pdl import after_predecessor, launch_options
 from dsv4c.codegen.targets import target_for_device
 
 
@@ -65,7 +66,9 @@ def _logits(q, cache_ptr, row, ok, D: tl.constexpr, QBLOCK: tl.constexpr, DECODE
 def _scores_kernel(q_ptr, w_ptr, cache_ptr, start_ptr, scores_ptr, T, H, E, entries_per_split,
                    sq_b, sq_t, sq_h, sw_b, sw_t, sc_b, sc_e,
                    RATIO: tl.constexpr, D: tl.constexpr, QBLOCK: tl.constexpr, BLOCK_T: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, DECODE: tl.constexpr, PRODUCT: tl.constexpr):
+                   BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, DECODE: tl.constexpr, PRODUCT: tl.constexpr,
+                   PDL: tl.constexpr):
+    after_predecessor(PDL)
     b, split = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: b times the cache stride passes 2^31
     first_t = tl.program_id(2) * BLOCK_T
     rows = tl.arange(0, BLOCK_T * BLOCK_H)  # query row r: token first_t + r // BLOCK_H, head r % BLOCK_H
@@ -104,7 +107,7 @@ def indexer_scores(q: torch.Tensor, head_w: torch.Tensor, cache: torch.Tensor, s
         q.stride(0), q.stride(1), q.stride(2), head_w.stride(0), head_w.stride(1), cache.stride(0), cache.stride(1),
         RATIO=ratio, D=dim, QBLOCK=block, BLOCK_T=launch.block_t,
         BLOCK_H=max(MIN_DOT, triton.next_power_of_2(heads)), BLOCK_E=launch.block_e, DECODE=launch.decode,
-        PRODUCT=launch.product, num_warps=launch.scores_warps)
+        PRODUCT=launch.product, PDL=q.is_cuda, num_warps=launch.scores_warps, **launch_options(q.is_cuda))
     return out
 
 

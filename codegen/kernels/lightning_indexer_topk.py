@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from dsv4c.codegen.kernels.lightning_indexer_launch import IndexerLaunch, next_power_of_2
+from dsv4c.codegen.kernels.pdl import after_predecessor, launch_options
 
 DIGITS = tl.constexpr(4)  # 8-bit digits of a 32-bit key
 BINS = tl.constexpr(256)  # one histogram bin a digit value, the largest digit first
@@ -114,7 +115,8 @@ def _write_span(row_ptr, ids_ptr, valid_ptr, first, last, threshold, ties, taken
 
 
 @triton.jit
-def _topk_kernel(scores_ptr, ids_ptr, valid_ptr, E, K, CHUNK: tl.constexpr):
+def _topk_kernel(scores_ptr, ids_ptr, valid_ptr, E, K, CHUNK: tl.constexpr, PDL: tl.constexpr):
+    after_predecessor(PDL)
     row = tl.program_id(0).to(tl.int64)
     row_ptr = scores_ptr + row * E
     threshold, ties = 0, K
@@ -141,7 +143,8 @@ def _found_digits(hist_ptr, K, DONE: tl.constexpr):
 
 @triton.jit
 def _radix_pass_kernel(scores_ptr, hist_ptr, bounds_ptr, E, K, span_entries, SHIFT: tl.constexpr,
-                       CHUNK: tl.constexpr):
+                       CHUNK: tl.constexpr, PDL: tl.constexpr):
+    after_predecessor(PDL)
     row, span = tl.program_id(0).to(tl.int64), tl.program_id(1)
     first = span * span_entries
     row_hist = hist_ptr + row * (DIGITS * BINS)
@@ -158,7 +161,8 @@ def _radix_pass_kernel(scores_ptr, hist_ptr, bounds_ptr, E, K, span_entries, SHI
 
 @triton.jit
 def _topk_write_kernel(scores_ptr, hist_ptr, bounds_ptr, ids_ptr, valid_ptr, E, K, span_entries,
-                       SPANS: tl.constexpr, CHUNK: tl.constexpr):
+                       SPANS: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
+    after_predecessor(PDL)
     row, span = tl.program_id(0).to(tl.int64), tl.program_id(1)
     threshold, ties, chosen = _found_digits(hist_ptr + row * (DIGITS * BINS), K, DIGITS)
     earlier = tl.arange(0, SPANS)
@@ -174,16 +178,18 @@ def _select_in_spans(rows: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor,
                      launch: IndexerLaunch) -> None:
     """The multi-program select of rows [n, E] into ids and valid (uint8) [n, k] (module docstring)."""
     n, entries = rows.shape
-    spans = launch.topk_spans
+    spans, pdl = launch.topk_spans, rows.is_cuda
     if spans * launch.topk_span < entries:
         raise ValueError(f"select_topk: {spans} spans of {launch.topk_span} entries do not cover {entries}")
     hist = torch.zeros((n, DIGITS.value, BINS.value), dtype=torch.int32, device=rows.device)
     bounds = torch.empty((n, spans, BOUNDS.value), dtype=torch.int32, device=rows.device)
     for shift in (24, 16, 8, 0):
         _radix_pass_kernel[(n, spans)](rows, hist, bounds, entries, k, launch.topk_span, SHIFT=shift,
-                                       CHUNK=launch.chunk, num_warps=launch.topk_warps)
+                                       CHUNK=launch.chunk, PDL=pdl, num_warps=launch.topk_warps,
+                                       **launch_options(pdl))
     _topk_write_kernel[(n, spans)](rows, hist, bounds, ids, valid, entries, k, launch.topk_span,
-                                   SPANS=next_power_of_2(spans), CHUNK=launch.chunk, num_warps=launch.topk_warps)
+                                   SPANS=next_power_of_2(spans), CHUNK=launch.chunk, PDL=pdl,
+                                   num_warps=launch.topk_warps, **launch_options(pdl))
 
 
 def select_topk(scores: torch.Tensor, k: int, launch: IndexerLaunch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,5 +203,5 @@ def select_topk(scores: torch.Tensor, k: int, launch: IndexerLaunch) -> tuple[to
         _select_in_spans(rows, ids, valid.view(torch.uint8), k, launch)
     elif k and rows.shape[0]:
         _topk_kernel[(rows.shape[0],)](rows, ids, valid.view(torch.uint8), rows.shape[1], k, CHUNK=launch.chunk,
-                                       num_warps=launch.topk_warps)
+                                       PDL=rows.is_cuda, num_warps=launch.topk_warps, **launch_options(rows.is_cuda))
     return ids.view(*scores.shape[:-1], k), valid.view(*scores.shape[:-1], k)
