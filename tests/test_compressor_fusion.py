@@ -137,7 +137,8 @@ def _flash_ptx(ratio: int, width: int, layout_args: tuple) -> str:
     constexprs = dict(WIDTH=width, WIDTH_P2=width, FEATURES_P2=coff * width, RATIO=ratio, COFF=coff, HALF_ROPE=32,
                       ROUNDED=rounded, BLOCK=block, FP4=fmt == "e2m1", ROTATE=rotate, STAGES=width.bit_length() - 1,
                       BF16=True, CODE_BYTES=layout.code_bytes, RAW_ITEM=2, SCALE_OFF=layout.scale_offset,
-                      PAD=layout.row_bytes - layout.scale_offset - layout.scale_bytes, BLOCK_S=launch.block_s)
+                      PAD=layout.row_bytes - layout.scale_offset - layout.scale_bytes, BLOCK_S=launch.block_s,
+                      PDL=True)
     assert list(pointers) + list(scalars) + list(constexprs) == fn.arg_names
     source = ASTSource(fn, {**pointers, **scalars, **dict.fromkeys(constexprs, "constexpr")}, constexprs)
     return triton.compile(source, target=triton_gpu_target(target("h100")),
@@ -152,6 +153,7 @@ def test_kernel_builds_for_h100_at_flash_sizes():
         for ratio, width, layout_args in ((4, 512, FP8_512), (4, 128, FP4_128), (128, 512, FP8_512)):
             ptx = pool.submit(_flash_ptx, ratio, width, layout_args).result()
             assert ".target sm_90a" in ptx and ".entry _compress_kernel" in ptx, (ratio, width)
+            assert "griddepcontrol.wait" in ptx, (ratio, width)  # launched as its predecessor's dependent
 
 
 # ---- the pass on graphs of the model's compressors -----------------------------------------------------------

@@ -16,6 +16,7 @@ The kernels run in a spawned child that sets TRITON_INTERPRET before importing T
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -269,3 +270,36 @@ def test_captured_step_fuses_every_norm_and_rope_in_the_pipeline():
     assert record.matches == 16
     left = targets(gm)
     assert not {"aten.rsqrt.default", "aten.cos.default", "aten.sin.default"} & set(left)
+
+
+# ---- ahead of time, for the H100 (a compiling child) ---------------------------------------------------------
+def _start_compiler():
+    os.environ.pop("TRITON_INTERPRET", None)  # a compiling process: Triton builds PTX for a GPU it lacks
+    torch.set_num_threads(1)
+
+
+def _h100_ptx() -> str:
+    """The row kernel's PTX for sm_90a: the attention's query row (bf16, 512 dims: norm without weight, then the
+    last 64 rotated), as the op launches it on CUDA."""
+    import triton
+    from triton.compiler import ASTSource
+
+    from dsv4c.codegen.kernels import norm_rope
+    from dsv4c.codegen.targets import target, triton_gpu_target
+
+    fn = norm_rope._rows_kernel
+    types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "pos_ptr": "*i64", "inv_ptr": "*fp32", "out_ptr": "*bf16",
+             "x_stride": "i32", "rep": "i32", "eps": "fp32"}
+    constexprs = dict(WIDTH=512, WIDTH_P2=512, HALF=32, HALF_P2=32, NORM=True, WEIGHT=False, ROPE=True,
+                      INVERSE=False, BF16=True, PDL=True)
+    assert list(types) + list(constexprs) == fn.arg_names
+    source = ASTSource(fn, {**types, **dict.fromkeys(constexprs, "constexpr")}, constexprs)
+    return triton.compile(source, target=triton_gpu_target(target("h100")), options={"num_warps": 4}).asm["ptx"]
+
+
+def test_row_kernel_builds_for_h100_as_a_programmatic_dependent():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    with child_pool(_start_compiler) as pool:
+        ptx = pool.submit(_h100_ptx).result()
+    assert ".target sm_90a" in ptx and ".entry _rows_kernel" in ptx and "griddepcontrol.wait" in ptx

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from dsv4c.codegen.kernels.hadamard import hadamard_butterflies
 from dsv4c.codegen.kernels.number_formats import bf16_rounded_if, e2m1_value, e8m0_byte, pow2
+from dsv4c.codegen.kernels.pdl import after_predecessor, launch_options
 from dsv4c.codegen.kv_cache import PackedLayout
 
 FP8_MAX, FP4_MAX = tl.constexpr(448.0), tl.constexpr(6.0)
@@ -226,7 +227,8 @@ def _compress_kernel(cache_ptr, raw_ptr, kv_state_ptr, score_state_ptr, kv_ptr, 
                      COFF: tl.constexpr, HALF_ROPE: tl.constexpr, ROUNDED: tl.constexpr, BLOCK: tl.constexpr,
                      FP4: tl.constexpr, ROTATE: tl.constexpr, STAGES: tl.constexpr, BF16: tl.constexpr,
                      CODE_BYTES: tl.constexpr, RAW_ITEM: tl.constexpr, SCALE_OFF: tl.constexpr, PAD: tl.constexpr,
-                     BLOCK_S: tl.constexpr):
+                     BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+    after_predecessor(PDL)
     b = tl.program_id(0).to(tl.int64)
     start = tl.load(start_ptr + b)
     cols = tl.arange(0, WIDTH_P2)
@@ -286,5 +288,5 @@ def compress_step(cache: torch.Tensor, kv_state: torch.Tensor, score_state: torc
         ROTATE=rotate, STAGES=width_p2.bit_length() - 1, BF16=dtype == torch.bfloat16, CODE_BYTES=layout.code_bytes,
         RAW_ITEM=dtype.itemsize, SCALE_OFF=layout.scale_offset,
         PAD=layout.row_bytes - layout.scale_offset - layout.scale_bytes, BLOCK_S=launch.block_s,
-        num_warps=launch.num_warps, enable_fp_fusion=False)
+        PDL=kv.is_cuda, num_warps=launch.num_warps, enable_fp_fusion=False, **launch_options(kv.is_cuda))
     return cache

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from dsv4c.codegen.kernels.norm_rope_launch import RowLaunch, row_launch
 from dsv4c.codegen.kernels.number_formats import bf16_rounded_if
+from dsv4c.codegen.kernels.pdl import after_predecessor, launch_options
 
 
 @triton.jit
@@ -39,7 +40,8 @@ def _normed(x, scale, w_ptr, cols, mask, WEIGHT: tl.constexpr, BF16: tl.constexp
 def _rows_kernel(x_ptr, w_ptr, pos_ptr, inv_ptr, out_ptr, x_stride, rep, eps,
                  WIDTH: tl.constexpr, WIDTH_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
                  NORM: tl.constexpr, WEIGHT: tl.constexpr, ROPE: tl.constexpr, INVERSE: tl.constexpr,
-                 BF16: tl.constexpr):
+                 BF16: tl.constexpr, PDL: tl.constexpr):
+    after_predecessor(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
     out_row = out_ptr + row * WIDTH
@@ -112,8 +114,8 @@ def _launch_rows(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, po
     _rows_kernel[(rows.shape[0],)](
         rows, weight, flat_positions, inv_freq, out, rows.stride(0), rep, eps,
         WIDTH=width, WIDTH_P2=width_p2, HALF=half, HALF_P2=triton.next_power_of_2(max(half, 1)), NORM=norm,
-        WEIGHT=has_weight, ROPE=half > 0, INVERSE=inverse, BF16=x.dtype == torch.bfloat16,
-        num_warps=launch.num_warps)
+        WEIGHT=has_weight, ROPE=half > 0, INVERSE=inverse, BF16=x.dtype == torch.bfloat16, PDL=x.is_cuda,
+        num_warps=launch.num_warps, **launch_options(x.is_cuda))
     return out
 
 
