@@ -129,6 +129,7 @@ from dsv4c.codegen import cuda_impls  # noqa: E402
 cuda_impls.register()
 from dsv4c.codegen import routed_moe  # noqa: E402,F401  (dsv4c::routed_moe, with its CUDA kernel)
 from dsv4c.codegen import fp8_linear  # noqa: E402,F401  (dsv4c::fp8_linear, with its CUDA kernel)
+from dsv4c.codegen import fp8_grouped_linear  # noqa: E402,F401  (dsv4c::fp8_grouped_linear, its kernel)
 from dsv4c.codegen import bf16_linear  # noqa: E402,F401  (dsv4c::bf16_linear, on the batch-invariant matmul)
 from dsv4c.codegen import moe_fp4  # noqa: E402,F401  (dsv4c::moe_fp4, with its CUDA kernel)
 from dsv4c.codegen import act_rounding  # noqa: E402,F401  (dsv4c::fake_quant_fp8 / fp4's CUDA kernel)

@@ -7,8 +7,8 @@ the same name (a dtype as its ONNX element type). The model also carries an ONNX
 (a `FunctionProto` in domain "dsv4c") whose body is the op's reference implementation in standard ops, so
 ONNX's shape inference checks everything downstream, and a runtime without a dsv4c kernel can run the
 graph by inlining the body while one with a kernel keeps the node. Bodies come from two places:
-- `FUNCTION_BODIES`: written here, generic in every size and attribute (the dequant ops, fp8_linear and
-  bf16_linear: one body serves every weight shape);
+- `FUNCTION_BODIES`: written here, generic in every size and attribute (the dequant ops, fp8_linear,
+  fp8_grouped_linear and bf16_linear: one body serves every weight shape);
 - otherwise the op's PyTorch reference traced for the call's signature (compiler/onnx_reference.py): one
   function overload per distinct (dtypes, sizes, non-tensor arguments), generic only in the batch, its
   attributes declared for the node's sake but already fixed in the body (the overload name says which).
@@ -221,18 +221,40 @@ def _rounded_rows(x: str) -> onnx.GraphProto:
                              [helper.make_tensor_value_info("rounded", TensorProto.FLOAT, None)])
 
 
-def _fp8_linear() -> onnx.FunctionProto:
-    b = _Body()
+def _activation_values(b: _Body) -> str:
+    """The fp32 values the function input `x` [..., K] is multiplied as: rounded per 128 values when the
+    `act_quant` attribute is set, else x itself."""
     x = b("Cast", "x", to=TensorProto.FLOAT)
     unchanged = helper.make_graph([helper.make_node("Identity", [x], ["plain"])], "plain_rows", [],
                                   [helper.make_tensor_value_info("plain", TensorProto.FLOAT, None)])
     act_quant = b("Cast", b.attr_const("act_quant"), to=TensorProto.BOOL)
-    values = b("If", act_quant, then_branch=_rounded_rows(x), else_branch=unchanged)
+    return b("If", act_quant, then_branch=_rounded_rows(x), else_branch=unchanged)
+
+
+def _fp8_linear() -> onnx.FunctionProto:
+    b = _Body()
+    values = _activation_values(b)
     product = b("MatMul", values, b("Transpose", _fp8_weight_values(b), perm=[1, 0]))
     b.cast_to_attr(product, "out_dtype", "output")
     return _function("fp8_linear", ["x", "weight", "scale"], b.nodes, ["act_quant", "out_dtype"],
                      "x [..., K] (rounded to e4m3 per 128 values with power-of-two scales when act_quant) "
                      "@ the e4m3 weight [N, K] times its 128x128 e8m0 scales, transposed, in fp32; as out_dtype")
+
+
+def _fp8_grouped_linear() -> onnx.FunctionProto:
+    b = _Body()
+    values = b("Unsqueeze", _activation_values(b), b.const([-2], torch.int64))  # [..., G, 1, K]
+    first = b.const([0], torch.int64)
+    groups, k = (b("Unsqueeze", b.dim("x", axis), first) for axis in (-2, -1))
+    per_group = b("Reshape", _fp8_weight_values(b), b("Concat", groups, b.const([-1], torch.int64), k, axis=0))
+    product = b("MatMul", values, b("Transpose", per_group, perm=[0, 2, 1]))  # [..., G, 1, N]
+    lead = b("Slice", b("Shape", "x"), first, b.const([-2], torch.int64))
+    flat = b("Reshape", product, b("Concat", lead, b.const([-1], torch.int64), axis=0))
+    b.cast_to_attr(flat, "out_dtype", "output")
+    return _function("fp8_grouped_linear", ["x", "weight", "scale"], b.nodes, ["act_quant", "out_dtype"],
+                     "x [..., G, K] (rounded as fp8_linear's when act_quant), group g times rows [g*N, (g+1)*N) of "
+                     "the e4m3 weight [G*N, K] times its 128x128 e8m0 scales, transposed, in fp32; [..., G*N] as "
+                     "out_dtype")
 
 
 def _bf16_linear() -> onnx.FunctionProto:
@@ -267,5 +289,6 @@ FUNCTION_BODIES: dict[str, Callable[[], onnx.FunctionProto]] = {
     "dequant_fp8_weight": _dequant_fp8_weight,
     "dequant_fp4_weight": _dequant_fp4_weight,
     "fp8_linear": _fp8_linear,
+    "fp8_grouped_linear": _fp8_grouped_linear,
     "bf16_linear": _bf16_linear,
 }

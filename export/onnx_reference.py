@@ -16,8 +16,8 @@ from typing import Any, Callable
 import torch
 from torch.export import Dim
 
-from dsv4c.codegen import (compressor, fp8_linear, hadamard_rounding, kv_cache, lightning_indexer, moe_fp4, ops,
-                           rms_norm, rope, routed_moe, sparse_attention)
+from dsv4c.codegen import (compressor, fp8_grouped_linear, fp8_linear, hadamard_rounding, kv_cache, lightning_indexer,
+                           moe_fp4, ops, rms_norm, rope, routed_moe, sparse_attention)
 from dsv4c.model import rounding_ops
 from dsv4c.runtime.plan import BATCH, Plan
 
@@ -40,6 +40,7 @@ REFERENCES: dict[str, Callable[..., Any]] = {
     "dsv4c::fake_quant_fp4": rounding_ops.fake_quant_fp4_reference,
     "dsv4c::hadamard_fake_quant_fp4": hadamard_rounding.reference,
     "dsv4c::fp8_linear": fp8_linear.reference,
+    "dsv4c::fp8_grouped_linear": fp8_grouped_linear.reference,
     "dsv4c::routed_moe": routed_moe.every_expert,
     "dsv4c::moe_fp4": moe_fp4.every_expert,
     "dsv4c::kv_pack": kv_cache.pack_reference,

@@ -20,6 +20,7 @@ from dsv4c.passes.compressor_fusion import compressor_fusion
 from dsv4c.passes.constant_folding import constant_folding
 from dsv4c.passes.cse import cse
 from dsv4c.passes.dead_code import dead_code
+from dsv4c.passes.fp8_grouped_linear import fp8_grouped_linear
 from dsv4c.passes.fp8_linear import fp8_linear
 from dsv4c.passes.hadamard_rounding import hadamard_rounding
 from dsv4c.passes.kv_compression import kv_compression
@@ -45,6 +46,8 @@ CLEANUP_AND_PLANNING = (
                   "after cleanup (one node per value, no asserts between ops), before folding touches weights"),
     PipelineEntry("fp8_linear", fp8_linear,
                   "after CSE (one decode per weight, one rounding per activation), before folding and shapes"),
+    PipelineEntry("fp8_grouped_linear", fp8_grouped_linear,
+                  "right after fp8_linear (its parts are fp8_linear nodes on row slices); before folding and shapes"),
     PipelineEntry("moe_fp4", moe_fp4,
                   "after fp8_linear (the shared expert is three fp8_linear nodes); a no-op on cpu unless asked"),
     PipelineEntry("kv_compression", kv_compression,

@@ -1,5 +1,6 @@
-"""ONNX bodies of the ops the fp8_linear pass leaves in a graph: `dsv4c::fp8_linear` (hand-written, generic) and
-`dsv4c::fake_quant_fp8` (traced from its reference), run by onnx's ReferenceEvaluator against the plan executor.
+"""ONNX bodies of the ops the fp8_linear passes leave in a graph: `dsv4c::fp8_linear` and `dsv4c::fp8_grouped_linear`
+(hand-written, generic) and `dsv4c::fake_quant_fp8` (traced from its reference), run by onnx's ReferenceEvaluator
+against the plan executor.
 
 With an identity weight the product adds only exact zeros to each rounded value, so the rounding is compared bit
 for bit; with a random weight numpy sums in another order than torch: relative norm error <= 1e-6 (fp32).
@@ -78,6 +79,21 @@ def test_fp8_linear_body_multiplies_by_the_decoded_weight(act_quant):
     got, want = onnx_and_executor("dsv4c::fp8_linear.default", (Ref("x"), Ref("w"), Ref("s"), act_quant, torch.float32),
                                   specs, {"x": activations(256), "w": weight, "s": scale})
     assert got.shape == want.shape == (25, 2, 200) and not got.isnan().any()
+    assert float((got.double() - want.double()).norm() / want.double().norm()) <= FP32_TOLERANCE
+
+
+@pytest.mark.parametrize("act_quant", [True, False])
+@pytest.mark.parametrize("rows", [128, 64])  # whole scale blocks a group, or two groups in one block
+def test_fp8_grouped_linear_body_multiplies_each_group_by_its_rows(act_quant, rows):
+    """x [B, 4, 256]: group g of the output is x's group g times weight rows [g*rows, (g+1)*rows)."""
+    weight, scale = quant.quantize_fp8_weight(torch.randn(4 * rows, 256) * torch.logspace(-3, 1, 4 * rows)[:, None])
+    specs = {"x": (("B", 4, 256), "float32"), "w": ((4 * rows, 256), "float8_e4m3fn"),
+             "s": (tuple(scale.shape), "float8_e8m0fnu")}
+    x = activations(256)[:24].reshape(12, 4, 256)
+    got, want = onnx_and_executor("dsv4c::fp8_grouped_linear.default",
+                                  (Ref("x"), Ref("w"), Ref("s"), act_quant, torch.float32), specs,
+                                  {"x": x, "w": weight, "s": scale})
+    assert got.shape == want.shape == (12, 4 * rows) and not got.isnan().any()
     assert float((got.double() - want.double()).norm() / want.double().norm()) <= FP32_TOLERANCE
 
 

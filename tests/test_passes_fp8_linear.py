@@ -75,10 +75,13 @@ def test_captured_step_fuses_every_fp8_linear_in_the_pipeline(kind):
     assert (rounding_before > 0) if num.act_quant else (rounding_before == 0)
     name_of = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], step.input_names))
     fused = {n: name_of[_source(n.args[1])] for n in gm.graph.nodes if n.op == "call_function" and str(n.target) == FUSED}
-    assert sorted(fused.values()) == sorted([*expected(cfg), *grouped])
-    assert all(name_of[_source(n.args[2])] == name[:-len("weight")] + "scale" for n, name in fused.items())
-    assert {tuple(n.args[3:]) for n, name in fused.items() if not name.endswith(GROUPED)} == {(num.act_quant, num.dtype)}
-    assert {n.args[3] for n, name in fused.items() if name.endswith(GROUPED)} == {False}  # a plain fp32 product
+    # the pipeline's fp8_grouped_linear then makes each layer's group linears one node on the whole wo_a
+    regrouped = {n: name_of[n.args[1]] for n in gm.graph.nodes if str(n.target) == "dsv4c.fp8_grouped_linear.default"}
+    assert sorted(fused.values()) == sorted(expected(cfg)) and sorted(regrouped.values()) == sorted(set(grouped))
+    assert all(name_of[_source(n.args[2])] == name[:-len("weight")] + "scale"
+               for n, name in [*fused.items(), *regrouped.items()])
+    assert {tuple(n.args[3:]) for n in fused} == {(num.act_quant, num.dtype)}
+    assert {n.args[3] for n in regrouped} == {False}  # a plain fp32 product
     activation_roundings = [n for n in gm.graph.nodes
                             if str(n.target) == "dsv4c.fake_quant_fp8.default" and n.args[1] == 128]
     assert not activation_roundings  # every activation rounding fed an FP8 linear (the KV cache's, per 64, stay)

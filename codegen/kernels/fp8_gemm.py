@@ -31,6 +31,11 @@ The "fp8" products follow DeepSeek's own kernels (DeepSeek-V3's reference infere
 `tl.dot` of e4m3 tiles times both scales per 128-column block the same way); the model's reference
 (codegen/fp8_linear.py) sums the same exact products in fp32.
 
+Groups (`fp8_grouped_linear`, codegen/fp8_grouped_linear.py): x [M, G, K] and a weight [G*N, K] whose rows
+[g*N, (g+1)*N) multiply group g, in one launch over the whole weight. block_n divides N, so each weight tile lies
+in one group and reads that group's x rows (an offset of g times x's group stride); the K loop is the one-group
+loop. One group (fp8_linear) compiles without the offset (GROUPED off): the same code as before groups existed.
+
 split_k > 1: each split writes its fp32 partial `[split_k, M, N]` and `_split_sum_kernel` adds them in split
 order and casts (deterministic: the result does not depend on which split finishes first); with fold_splits
 one program sums every split into a fresh accumulator and adds them in the same order, from the same zero, so
@@ -43,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4c.codegen.fp8_operands import QUANT_BLOCK, check_operands
+from dsv4c.codegen.fp8_operands import QUANT_BLOCK, check_grouped_operands, check_operands
 from dsv4c.codegen.kernels.fp8_gemm_launch import Fp8GemmLaunch, fp8_gemm_launch
 from dsv4c.codegen.kernels.launcher import JIT, KernelLaunch
 from dsv4c.codegen.kernels.number_formats import bf16_rounded, e4m3_grid, e8m0_byte, e8m0_pair, e8m0_values
@@ -149,13 +154,17 @@ def _split_product(w_row, x_row, xs_row, ws_row, ws_tile, n_mask, m_mask, K, fir
 
 
 @triton.jit
-def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, stride_xm, K_BLOCKS, SPLITS,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
+def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, stride_xm, stride_xg, GROUP_N, K_BLOCKS,
+                     SPLITS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
                      ACT_QUANT: tl.constexpr, X_CODES: tl.constexpr, PRODUCT: tl.constexpr, SPLIT_OUT: tl.constexpr,
                      FOLD: tl.constexpr, PDL: tl.constexpr, PDL_WAIT: tl.constexpr, NUM_STAGES: tl.constexpr,
-                     NATIVE_E4M3: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+                     NATIVE_E4M3: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, GROUPED: tl.constexpr):
     """Program (n, m, s): out[m rows, n rows] over K blocks of split s. x [M, K] (row stride stride_xm),
     w [N, K] e4m3, ws [cdiv(N, 128), K_BLOCKS] e8m0 bytes (each weight row takes its 128-row block's scale).
+    GROUPED: x is [M, G, K] (strides stride_xm, stride_xg) and weight rows [g * GROUP_N, (g + 1) * GROUP_N)
+    multiply group g: the n tile's group is g = pid_n * BLOCK_N // GROUP_N (BLOCK_N divides GROUP_N, so a tile
+    lies in one group), its x rows start g * stride_xg further, its x codes' scales (X_CODES) are row m * G + g
+    of xs [M * G, K_BLOCKS]; otherwise (one group) stride_xg and GROUP_N are unused.
     SPLIT_OUT: out is the fp32 partials [SPLITS, M, N], this split's slice written; FOLD: this program adds
     all SPLITS splits, in order, as `_split_sum_kernel` does; otherwise out [M, N] in its dtype. PDL: the
     split sum may launch now (it waits for this grid before reading). X_CODES: x [M, K] holds e4m3 codes and
@@ -176,6 +185,10 @@ def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, stride_xm, 
     w_row = w_ptr + n.to(tl.int64)[:, None] * K
     x_row = x_ptr + m.to(tl.int64)[:, None] * stride_xm
     xs_row = xs_ptr + m * K_BLOCKS
+    if GROUPED:
+        group = pid_n * BLOCK_N // GROUP_N
+        x_row += group.to(tl.int64) * stride_xg
+        xs_row = xs_ptr + (m * (N // GROUP_N) + group) * K_BLOCKS
     ws_row = ws_ptr + (n // 128) * K_BLOCKS
     ws_tile = ws_ptr + (pid_n * BLOCK_N // 128) * K_BLOCKS
     if FOLD:
@@ -257,19 +270,23 @@ def act_quant_launch(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
 
 def gemm_launch(x, weight, scale, out, act_quant: bool, launch: Fp8GemmLaunch,
                 x_scales: torch.Tensor | None = None) -> KernelLaunch:
-    """The GEMM kernel's launch: `out` is the output [M, N], or the fp32 partials [split_k, M, N]. With
-    `x_scales`, x holds `act_quant_launch`'s e4m3 codes and x_scales their scales."""
-    (m, k), n = x.shape, weight.shape[0]
+    """The GEMM kernel's launch: x [M, K], or [M, G, K] for G groups (group g times weight rows
+    [g * N/G, (g + 1) * N/G); launch.block_n divides N/G); `out` is the output [M, N], or the fp32 partials
+    [split_k, M, N]. With `x_scales`, x holds `act_quant_launch`'s e4m3 codes and x_scales their scales."""
+    m, k, n = x.shape[0], x.shape[-1], weight.shape[0]
+    groups = x.shape[1] if x.dim() == 3 else 1
     fold = _folds(launch)
     split_out = launch.split_k > 1 and not fold
     codes = x_scales is not None
     pdl_wait = codes and launch.pdl and _on_gpu(x)
     args = dict(x_ptr=x, xs_ptr=x_scales if codes else x, w_ptr=weight, ws_ptr=scale.view(torch.uint8), out_ptr=out,
-                M=m, N=n, K=k, stride_xm=x.stride(0), K_BLOCKS=scale.shape[1], SPLITS=launch.split_k)
+                M=m, N=n, K=k, stride_xm=x.stride(0), stride_xg=x.stride(1) if groups > 1 else 0,
+                GROUP_N=n // groups, K_BLOCKS=scale.shape[1], SPLITS=launch.split_k)
     constexprs = dict(BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCKS_PER_SPLIT=launch.blocks_per_split,
                       ACT_QUANT=act_quant, X_CODES=codes, PRODUCT=launch.product, SPLIT_OUT=split_out, FOLD=fold,
                       PDL=split_out and launch.pdl and _on_gpu(x), PDL_WAIT=pdl_wait, NUM_STAGES=launch.num_stages,
-                      NATIVE_E4M3=_on_gpu(x), EVEN_K=k % QUANT_BLOCK == 0, EVEN_N=n % launch.block_n == 0)
+                      NATIVE_E4M3=_on_gpu(x), EVEN_K=k % QUANT_BLOCK == 0, EVEN_N=n % launch.block_n == 0,
+                      GROUPED=groups > 1)
     grid = (triton.cdiv(n, launch.block_n), triton.cdiv(m, launch.block_m), 1 if fold else launch.split_k)
     return KernelLaunch(_fp8_gemm_kernel, grid, args, constexprs,
                         dict(num_warps=launch.num_warps, **({"launch_pdl": True} if pdl_wait else {})))
@@ -292,10 +309,35 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_q
     check_operands(x, weight, scale, out_dtype)
     if x.dim() != 2:
         raise ValueError(f"x must be [M, K], got shape {tuple(x.shape)}")
-    if x.stride(1) != 1:
+    return _gemm(x, weight, scale, act_quant, out_dtype, launch, out, launcher)
+
+
+def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool,
+                       out_dtype: torch.dtype, *, launch: Fp8GemmLaunch | None = None,
+                       out: torch.Tensor | None = None, launcher=JIT) -> torch.Tensor:
+    """`x [M, G, K]`, group g times weight rows [g*N, (g+1)*N) -> [M, G*N] in out_dtype, in one GEMM launch
+    (see codegen/fp8_grouped_linear.py for the contract). One group is `fp8_linear` of x[:, 0], launch for
+    launch. `launch`: default `fp8_gemm_launch` for (M, G*N, K) with weight tiles inside a group (its block_n
+    must divide N); `out`, `launcher`: as fp8_linear's."""
+    group_n = check_grouped_operands(x, weight, scale, out_dtype)
+    if x.dim() != 3:
+        raise ValueError(f"fp8_grouped_linear: x must be [M, G, K], got shape {tuple(x.shape)}")
+    if x.shape[1] == 1:
+        return fp8_linear(x[:, 0], weight, scale, act_quant, out_dtype, launch=launch, out=out, launcher=launcher)
+    (m, _, k), n = x.shape, weight.shape[0]
+    launch = launch or fp8_gemm_launch(target_for_device(x.device), m, n, k, act_quant, x.dtype, group_rows=group_n)
+    if group_n % launch.block_n:
+        raise ValueError(f"{launch}: block_n must divide the {group_n} weight rows of a group")
+    return _gemm(x, weight, scale, act_quant, out_dtype, launch, out, launcher)
+
+
+def _gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool, out_dtype: torch.dtype,
+          launch: Fp8GemmLaunch | None, out: torch.Tensor | None, launcher) -> torch.Tensor:
+    """The launches of x [M, K] or [M, G, K] (checked operands) times the weight, into out [M, N]."""
+    if x.stride(-1) != 1:
         x = x.contiguous()
     weight = weight.contiguous()
-    (m, k), n = x.shape, weight.shape[0]
+    m, k, n = x.shape[0], x.shape[-1], weight.shape[0]
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if tuple(out.shape) != (m, n) or out.dtype != out_dtype or not out.is_contiguous():
@@ -308,10 +350,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_q
         raise ValueError(f"{launch}: act_quant={act_quant} needs {'fp8' if act_quant else 'non-fp8'} products")
     scale, x_scales = scale.contiguous(), None
     if launch.prequantise:
-        codes = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
-        x_scales = torch.empty((m, scale.shape[1]), dtype=torch.float32, device=x.device)
-        launcher(act_quant_launch(x, codes, x_scales, launch))
-        x = codes
+        rows = x.reshape(-1, k)  # [M * G, K]: each group's row rounded on its own, as the reference does
+        codes = torch.empty(rows.shape, dtype=torch.float8_e4m3fn, device=x.device)
+        x_scales = torch.empty((rows.shape[0], scale.shape[1]), dtype=torch.float32, device=x.device)
+        launcher(act_quant_launch(rows, codes, x_scales, launch))
+        x = codes.view(x.shape)
     if launch.split_k == 1 or _folds(launch):
         launcher(gemm_launch(x, weight, scale, out, act_quant, launch, x_scales))
         return out

@@ -119,10 +119,16 @@ def _block_m(m: int, prequantise: bool) -> int:
     return min(128 if prequantise else 64, _pow2_at_least(m))
 
 
+def _in_group(block_n: int, group_rows: int | None) -> int:
+    """block_n, or the largest power of two below it that divides group_rows (its lowest set bit)."""
+    return block_n if group_rows is None else min(block_n, group_rows & -group_rows)
+
+
 def fp8_gemm_launch(t: Target, m: int, n: int, k: int, act_quant: bool = True,
-                    x_dtype: torch.dtype = torch.bfloat16) -> Fp8GemmLaunch:
+                    x_dtype: torch.dtype = torch.bfloat16, group_rows: int | None = None) -> Fp8GemmLaunch:
     """The launch of an `[m, k] x [n, k]^T` FP8 linear on target `t`; its K split depends on (n, k, t) only
-    (module docstring: batch invariance).
+    (module docstring: batch invariance). `group_rows`: a grouped GEMM's weight rows a group (n = G *
+    group_rows), which block_n must divide so that no weight tile spans two groups; None for one group.
 
     GPUs (decode: memory bound, the weight read is the cost, so every SM must keep enough weight bytes in
     flight and issue few enough instructions a weight byte; `bench/fp8_gemm_sass.py` reads both off the build):
@@ -142,9 +148,9 @@ def fp8_gemm_launch(t: Target, m: int, n: int, k: int, act_quant: bool = True,
     block_m = _block_m(m, prequantise)
     if not is_gpu(t):
         split_k, per_split = split_blocks(k, 2)
-        return Fp8GemmLaunch(block_m, min(1024, _pow2_at_least(n)), split_k, per_split, product, num_stages=1,
-                             prequantise=prequantise)
-    block_n = 64
+        return Fp8GemmLaunch(block_m, _in_group(min(1024, _pow2_at_least(n)), group_rows), split_k, per_split,
+                             product, num_stages=1, prequantise=prequantise)
+    block_n = _in_group(64, group_rows)
     weight_tiles = -(-n // block_n)
     split_k, per_split = split_blocks(k, -(-2 * t.sm_count // weight_tiles))
     fold = split_k > 1 and weight_tiles * -(-m // block_m) >= t.sm_count
