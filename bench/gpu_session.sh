@@ -105,7 +105,8 @@ if [ "${2:-}" = "--slice" ]; then  # one call of at most ${3:-585} s: flash-slic
    timeout 90 python3 bench/synthetic_gpu_check.py > $work/synthetic.txt 2>&1
    (cd bench && timeout 60 python3 act_rounding_gpu_check.py > $work/act_rounding.txt 2>&1)
    (cd bench && timeout 60 python3 kv_pack_gpu_check.py >> $work/act_rounding.txt 2>&1)
-   (cd bench && timeout 60 python3 hadamard_rounding_gpu_check.py >> $work/act_rounding.txt 2>&1)) &
+   (cd bench && timeout 60 python3 hadamard_rounding_gpu_check.py >> $work/act_rounding.txt 2>&1)
+   (cd bench && timeout 90 python3 fp8_grouped_gemm_gpu_check.py >> $work/act_rounding.txt 2>&1)) &
   stamp init;     timeout 170 dsv4c init-checkpoint --preset flash-slice --device cuda --overwrite $work/fs \
                     > $work/init_slice.txt 2>&1; tail -2 $work/init_slice.txt
   # capacity: the context, then 33 timed rounds of up to 1 + 3 tokens
