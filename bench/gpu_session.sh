@@ -113,6 +113,7 @@ if [ "${2:-}" = "--slice" ]; then  # one call of at most ${3:-585} s: flash-slic
   stamp compile;  timeout 170 dsv4c compile $work/fs -o $work/slice.dsv4c --target h100 --max-seq-len 4352 --jobs 16 \
                     --overwrite > $work/compile_slice.txt 2>&1; tail -2 $work/compile_slice.txt
   du -sh $work/fs $work/slice.dsv4c; rm -rf $work/fs
+  wait  # the checks share the GPU: they end before anything is timed
   stamp bench;    timeout $(left) dsv4c bench $work/slice.dsv4c --batch 1,8,32,64 --mtp 0,1,2,3 --baselines "" \
                     --json $out/step_slice.json 2>&1 | grep -vE "^\s*$" | tail -24
   [ "$(left)" -gt 30 ] && slice_profile
