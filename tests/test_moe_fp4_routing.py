@@ -10,8 +10,13 @@
   interpreter; plain fp32 numerics and four candidate experts, the cheapest to interpret: every reduction
   order is the same code for every format) in one step and in steps of 2 and 22 tokens (a decode step of B = 2,
   an MTP verification step): bit-equal rows. The shape is one where h100 splits the router's logits and the
-  down GEMM; were a split chosen by the token count again (the launch before this test: no split at 22 tokens
-  or more, two below), the rows would differ (mutation run: that launch restored, this test fails).
+  down GEMM, each split one 128-column block; the splits cannot follow the token count (`moe_fp4_launch` takes
+  none), and at this shape they would not change a sum's order either: what the test guards is the rest of the
+  op's path for a token (its routing, its place in the tile lists, the combine's slot order). Its
+  interpreter's `tl.dot` sums each element's products in one fixed order (`start_fixed_order_dots`), as the
+  GPUs' MMAs do for a row whatever the rows beside it: numpy's matmul, the interpreter's own, sums a tile's
+  edge columns in another order than its inner ones (numpy 2.4's BLAS), which no kernel controls.
+  bench/moe_gpu_check.py checks the same bits on the GPU.
 """
 
 from __future__ import annotations
@@ -71,6 +76,35 @@ def interpreter():
         yield pool
 
 
+def start_fixed_order_dots():
+    """The interpreter with a `tl.dot` whose every output element sums its K products in order k = 0, 1, ...
+    in the accumulator's dtype (fp8 operands widened to fp16 first, as the interpreter's own dot does)."""
+    start_interpreter()
+    import numpy as np
+    from triton.runtime import interpreter
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        a_data, b_data = a.data, b.data
+        if (a.dtype.primitive_bitwidth == 8 and a.dtype.is_floating()) or \
+                (b.dtype.primitive_bitwidth == 8 and b.dtype.is_floating()):
+            a_data = interpreter._convert_float(a_data, a.dtype, interpreter.tl.float16, None).view(np.float16)
+            b_data = interpreter._convert_float(b_data, b.dtype, interpreter.tl.float16, None).view(np.float16)
+        acc = d.data.copy()
+        a_data, b_data = a_data.astype(acc.dtype), b_data.astype(acc.dtype)
+        total = np.zeros_like(acc)
+        for k in range(a_data.shape[-1]):
+            total += a_data[..., :, k:k + 1] * b_data[..., k:k + 1, :]
+        return interpreter.TensorHandle(total + acc, d.dtype.scalar)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
+@pytest.fixture(scope="module")
+def fixed_order_interpreter():
+    with child_pool(start_fixed_order_dots) as pool:
+        yield pool
+
+
 def _route_kernels(x, router, bias, table, tokens, routing, launch):
     from dsv4c.codegen.kernels.moe_fp4_launch import MoeFp4Launch
     from dsv4c.codegen.kernels.moe_route import route
@@ -127,14 +161,14 @@ def _op_in_steps(call, steps):
 
 
 @needs_triton
-def test_a_tokens_row_does_not_depend_on_the_step_size(interpreter):
+def test_a_tokens_row_does_not_depend_on_the_step_size(fixed_order_interpreter):
     launch = moe_fp4_launch(target("h100"), E, K, D, INVARIANCE_INTER, "w4a16", False)
     assert launch.split_k == 2 and launch.router_splits == 2, launch  # the splits this test holds fixed
     call = layer_call("invariance", sum(STEPS), False, torch.float32, INVARIANCE_INTER)
     # four candidates (the other experts biased far below): fewer expert tiles for the interpreter to run, and
     # still a top 3 of 4 that differs from token to token
     call = call._replace(bias=torch.where(torch.arange(E) < CANDIDATES, 0.0, -100.0))
-    whole = interpreter.submit(_op_in_steps, call, (sum(STEPS),))
-    stepped = interpreter.submit(_op_in_steps, call, STEPS)
+    whole = fixed_order_interpreter.submit(_op_in_steps, call, (sum(STEPS),))
+    stepped = fixed_order_interpreter.submit(_op_in_steps, call, STEPS)
     whole, stepped = whole.result(), stepped.result()
     assert not whole.isnan().any() and torch.equal(whole, stepped)
