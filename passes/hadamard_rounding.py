@@ -9,7 +9,7 @@ fused compressor):
     out = dsv4c::hadamard_fake_quant_fp4(X, block)
 X is found by value, whatever ops spell the rotation: searching back from Y (breadth-first, `SEARCH` nodes), the
 first node of Y's shape and dtype from which Y is computed alone (no other placeholder feeds it) and equals
-`quant.hadamard` of it bit for bit on random rows (four magnitudes apart, one row holding a zero block), as
+`quant.hadamard` of it bit for bit on random rows (four magnitudes from 1e-3 to 1e3, some values zero), as
 passes/compressor_fusion.py checks its own transform. Exact: the op's reference is the same two model functions,
 so the graph after equals the graph before bit for bit.
 
@@ -60,7 +60,8 @@ def rotation_input(gm: fx.GraphModule, rotated: fx.Node) -> fx.Node | None:
 
 
 def _sample(sizes: list[int], dtype_: torch.dtype) -> torch.Tensor:
-    """Random rows of `[SAMPLE_ROWS, *sizes]` at magnitudes 1e-3 to 1e3, the first row's first block zero."""
+    """Random rows of `[SAMPLE_ROWS, *sizes]` at magnitudes 1e-3 to 1e3, the first row's first sizes[-1] // 2 values
+    zero."""
     generator = torch.Generator().manual_seed(0)
     scales = torch.logspace(-3, 3, SAMPLE_ROWS).view(-1, *[1] * len(sizes))
     sample = torch.randn((SAMPLE_ROWS, *sizes), generator=generator) * scales
