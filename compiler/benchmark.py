@@ -153,20 +153,19 @@ def row_tokens(vocab_size: int, rows: int, seed: int) -> torch.Tensor:
 
 def filled_state(engine: Engine, runner: StepRunner, rows: int, context: int, seed: int,
                  chunk: int | None = None) -> dict:
-    """State of `rows` sequences whose first `context` positions hold one random context (prefilled once in
-    chunks of `chunk` tokens, by default the engine's prefill variant's, then copied to every row)."""
+    """State of `rows` sequences whose first `context` positions hold one random context (prefilled once in the
+    pool's prefill row, in chunks of `chunk` tokens, by default the engine's prefill variant's, as the engine
+    prefills a prompt, then copied to every row)."""
     tokens = context_tokens(engine.vocab_size, context, seed).to(engine.device)
     state = engine.new_state(rows)
-    one = {k: v[:1] for k, v in state.items()}
+    one = engine.prefill_row()
     chunk = chunk or engine.prefill_chunk
     for start in range(0, context - context % chunk, chunk):
         one = _step(runner, f"main_t{chunk}", one, tokens[:, start:start + chunk], start)[1]
     for start in range(context - context % chunk, context):
         one = _step(runner, "main_t1", one, tokens[:, start:start + 1], start)[1]
     for k, v in state.items():
-        if v[:1].data_ptr() != one[k].data_ptr():
-            v[:1].copy_(one[k])
-        v[1:].copy_(v[:1].expand_as(v[1:]))
+        v.copy_(one[k].expand_as(v))
     return state
 
 

@@ -168,7 +168,7 @@ def _score_artifact(args: argparse.Namespace, tokens: torch.Tensor, source: str,
     if tokens.numel() > engine.max_seq_len:
         raise ValueError(f"{source}: {tokens.numel()} tokens; the artifact holds {engine.max_seq_len}")
     with _progress(console, f"scoring {tokens.numel()} tokens"):
-        logits = runner_logits(engine.runner, engine.new_state(1), tokens, engine.prefill_chunk, args.decode_from)
+        logits = runner_logits(engine.runner, engine.prefill_row(), tokens, engine.prefill_chunk, args.decode_from)
     return score_logits(logits, tokens)
 
 

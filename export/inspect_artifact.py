@@ -153,14 +153,16 @@ def _state(manifest: dict[str, Any], plans: dict[str, Plan], budget: MemoryBudge
 def _capacity(manifest: dict[str, Any], plans: dict[str, Plan], cfg: ModelConfig, layout: StateLayout,
               budget: MemoryBudget) -> list[str]:
     """Per context: one sequence's state and how many sequences fit in the budget after the weights, beside the
-    per-token variants' activation peaks."""
+    pool's prefill row and the activation peaks of the per-token variants (and of the prefill variants at one
+    sequence)."""
     weights = capacity.weight_bytes(plans)
     variants = [name for name in plans if name in capacity.PER_TOKEN_VARIANTS]
+    prefill = [name for name in plans if name in capacity.prefill_variants(int(manifest["prefill_chunk"]))]
     max_seq_len = int(manifest["max_seq_len"])
     contexts = capacity.report_contexts(max_seq_len, cfg.max_position_embeddings)
-    rows = capacity.capacity_rows(layout, manifest, variants, budget.bytes - weights, contexts)
-    lines = [f"capacity in {_bytes(budget.bytes)} ({budget.source}) after {_bytes(weights)} of weights, with the "
-             f"step activations of {', '.join(variants) or 'no variant'}:",
+    rows = capacity.capacity_rows(layout, manifest, variants, budget.bytes - weights, contexts, prefill)
+    lines = [f"capacity in {_bytes(budget.bytes)} ({budget.source}) after {_bytes(weights)} of weights and one "
+             f"sequence's prefill row, with the step activations of {', '.join(variants) or 'no variant'}:",
              f"  {'context':>9}  {'state a sequence':>16}  {'sequences':>9}"]
     for row in rows:
         note = "  this artifact (a pool row holds max_seq_len positions)" if row.context == max_seq_len else ""

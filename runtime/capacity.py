@@ -25,13 +25,19 @@ from typing import Any, Iterable, Mapping
 from dsv4c.model.config import MAX_DRAFTS, ModelConfig
 from dsv4c.model.layout import layer_prefix
 from dsv4c.runtime.plan import Plan
-from dsv4c.runtime.state_pool import StateSpec
+from dsv4c.runtime.state_pool import PREFILL_ROWS, StateSpec
 
 PLANNER = "memory_planning"
 COMPRESSED_CACHES = ("compressed_kv", "indexer_kv")
 REPORT_CONTEXTS = (4096, 65536, 262144, 1048576)  # the contexts the capacity table lists (up to the model's limit)
 # Decode, MTP verification of up to MAX_DRAFTS drafts, and the MTP draft steps: the variants a token's step runs.
 PER_TOKEN_VARIANTS = tuple(f"{kind}_t{t}" for kind in ("main", "mtp") for t in range(1, MAX_DRAFTS + 2))
+
+
+def prefill_variants(chunk: int) -> tuple[str, ...]:
+    """The variants a prompt's prefill runs, one sequence at a time on the pool's prefill row: whole chunks of
+    `chunk` tokens and single tokens for the rest, main model and MTP layer."""
+    return tuple(f"{kind}_t{t}" for kind in ("main", "mtp") for t in sorted({1, chunk}))
 
 
 # ---- state bytes ---------------------------------------------------------------------------------------
@@ -105,26 +111,29 @@ def activation_bytes(manifest: Mapping[str, Any], variant: str, batch: int) -> i
     return None
 
 
-def step_bytes(manifest: Mapping[str, Any], variants: Iterable[str], batch: int, state_per_sequence: int) -> int:
-    """The pool of `batch` sequences plus the largest activation peak among `variants` at that batch."""
+def step_bytes(manifest: Mapping[str, Any], variants: Iterable[str], batch: int, state_per_sequence: int,
+               prefill: Iterable[str] = ()) -> int:
+    """The pool of `batch` sequences and its prefill row, plus the largest activation peak among `variants` at
+    that batch and `prefill` at one sequence."""
     peaks = [activation_bytes(manifest, v, batch) or 0 for v in variants]
-    return batch * state_per_sequence + max(peaks, default=0)
+    peaks += [activation_bytes(manifest, v, 1) or 0 for v in prefill]
+    return (batch + PREFILL_ROWS) * state_per_sequence + max(peaks, default=0)
 
 
 def largest_fitting(manifest: Mapping[str, Any], variants: Iterable[str], buckets: Iterable[int],
-                    state_per_sequence: int, free_bytes: int) -> int | None:
+                    state_per_sequence: int, free_bytes: int, prefill: Iterable[str] = ()) -> int | None:
     """The largest bucket whose pool and activations fit in `free_bytes`, or None if not even one does."""
-    variants = list(variants)
-    fitting = [b for b in buckets if step_bytes(manifest, variants, b, state_per_sequence) <= free_bytes]
+    variants, prefill = list(variants), list(prefill)
+    fitting = [b for b in buckets if step_bytes(manifest, variants, b, state_per_sequence, prefill) <= free_bytes]
     return max(fitting, default=None)
 
 
 def max_sequences(manifest: Mapping[str, Any], variants: Iterable[str], state_per_sequence: int,
-                  free_bytes: int) -> int:
+                  free_bytes: int, prefill: Iterable[str] = ()) -> int:
     """The most sequences whose pool and activations fit in `free_bytes` (0 if not even one does). The need only
     grows with the batch (the peak's coefficients are byte counts), so bisection finds it."""
-    variants = list(variants)
-    fits = lambda n: step_bytes(manifest, variants, n, state_per_sequence) <= free_bytes  # noqa: E731
+    variants, prefill = list(variants), list(prefill)
+    fits = lambda n: step_bytes(manifest, variants, n, state_per_sequence, prefill) <= free_bytes  # noqa: E731
     low, high = 0, max(free_bytes, 0) // max(state_per_sequence, 1)  # fits(low); nothing above high fits
     while low < high:
         middle = (low + high + 1) // 2
@@ -156,12 +165,12 @@ def report_contexts(max_seq_len: int, max_position_embeddings: int) -> tuple[int
 
 
 def capacity_rows(layout: StateLayout, manifest: Mapping[str, Any], variants: Iterable[str], free_bytes: int,
-                  contexts: Iterable[int]) -> list[CapacityRow]:
+                  contexts: Iterable[int], prefill: Iterable[str] = ()) -> list[CapacityRow]:
     """Per context, the state bytes of one sequence and how many such sequences fit beside the activation peaks
-    of `variants` in `free_bytes` (the budget left after the weights)."""
-    variants = list(variants)
+    of `variants` (and of `prefill` at one sequence) in `free_bytes` (the budget left after the weights)."""
+    variants, prefill = list(variants), list(prefill)
     rows = []
     for context in contexts:
         state = layout.bytes_per_sequence(context)
-        rows.append(CapacityRow(context, state, max_sequences(manifest, variants, state, free_bytes)))
+        rows.append(CapacityRow(context, state, max_sequences(manifest, variants, state, free_bytes, prefill)))
     return rows

@@ -245,33 +245,40 @@ class Engine:
         return steps + [(t, t + 1) for t in range(whole, length)]
 
     def _prefill_kind(self, kind: str, views: dict[str, torch.Tensor], tokens: torch.Tensor,
-                      hidden: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits of the last token [1, V], hidden streams of every token [1, L, n, D])."""
+                      hidden: torch.Tensor | None, keep_hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits of the last token [1, V], hidden streams of every token [1, L, n, D] if `keep_hidden`), copied
+        out of the runner's outputs (a CUDA graph's buffers, which its next replay overwrites)."""
         logits, hiddens = None, []
         for a, b in self._chunks(tokens.shape[1]):
             h = None if hidden is None else hidden[:, a:b]
             step_logits, step_hidden = self._run(kind, views, tokens[:, a:b], torch.tensor([a]), h)
-            logits = step_logits[:, -1]
-            hiddens.append(step_hidden)
-        return logits, torch.cat(hiddens, dim=1)
+            logits = step_logits[:, -1].clone()
+            if keep_hidden:
+                hiddens.append(step_hidden.clone())
+        return logits, torch.cat(hiddens, dim=1) if keep_hidden else None
 
     def _prefill(self, request: _Request) -> None:
-        """The prompt through the main model (and the MTP layer) in the request's slot; emits its first token."""
-        slot = request.slot
+        """The prompt through the main model (and the MTP layer) in the pool's prefill row, then copied into the
+        request's slot; emits its first token."""
         pool = self._pool()
-        for name, tensor in pool.tensors.items():
-            tensor[slot].fill_(pool.specs[name].fill)
-        views = {k: v[slot:slot + 1] for k, v in pool.tensors.items()}
+        views = pool.prefill_row()
         ids = torch.tensor([request.prompt], device=self.device)
-        logits, hidden = self._prefill_kind("main", views, ids, None)
+        drafting = self.drafts > 0 and request.max_new_tokens > 1
+        logits, hidden = self._prefill_kind("main", views, ids, None, keep_hidden=drafting)
         first = int(sample(logits, request.sampling, request.generator))
         request.emit(first)
         request.pos = len(request.prompt)
         request.drafted, request.accepted = [0] * self.drafts, [0] * self.drafts
         if self.drafts and not request.done:
             mtp_ids = torch.cat((ids[:, 1:], torch.tensor([[first]], device=self.device)), dim=1)
-            draft_logits, draft_hidden = self._prefill_kind("mtp", views, mtp_ids, hidden)
+            draft_logits, draft_hidden = self._prefill_kind("mtp", views, mtp_ids, hidden, keep_hidden=True)
             request.draft_logits, request.draft_hidden = draft_logits[0], draft_hidden[0, -1]
+        pool.commit_prefill(request.slot)
+
+    def prefill_row(self) -> dict[str, torch.Tensor]:
+        """The pool's prefill row, reset (a sequence's state for callers that step the runner themselves: the
+        runner replays its prefill graphs over it; `StatePool.commit_prefill` copies it into a slot)."""
+        return self._pool().prefill_row()
 
     # ---- decoding ---------------------------------------------------------------------------------
     # A step's tokens and positions are built on the host and sent in one copy each; greedy requests take their

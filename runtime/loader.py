@@ -28,7 +28,7 @@ from dsv4c.runtime.stored_kernels import KernelPlan, kernel_plan
 from dsv4c.runtime.engine import Engine
 from dsv4c.runtime.state_pool import StatePool, StateSpec
 from dsv4c.runtime import capacity, device_memory
-from dsv4c.runtime.capacity import PER_TOKEN_VARIANTS
+from dsv4c.runtime.capacity import PER_TOKEN_VARIANTS, prefill_variants
 from dsv4c.runtime.step_runner import BUCKETS, BucketRunner, bucket_for
 from dsv4c.runtime.executor import Executor, weight_inputs
 
@@ -76,8 +76,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", *, max_batch: int
     The state pool holds `max_batch` sequences of the artifact's capacity, or fewer where memory does not allow
     (module docstring; `free_bytes`: the bytes the pool and the step activations may use, by default the
     device's free memory once the weights are on it); on a CUDA device with `cuda_graphs`, the per-token step
-    variants are captured into CUDA graphs for every batch bucket the pool holds, here, so the first request pays
-    nothing (`progress` hears each capture)."""
+    variants are captured into CUDA graphs for every batch bucket the pool holds, and the prefill variants over the
+    pool's prefill row, here, so the first request pays nothing (`progress` hears each capture)."""
     artifact = load_artifact(path)
     device = torch.device(device)
     kernels = kernel_plan(artifact.manifest, artifact.path, local_target(device),
@@ -86,12 +86,13 @@ def load(path: str | Path, device: str | torch.device = "cpu", *, max_batch: int
     manifest = artifact.manifest
     specs = state_specs(artifact)
     per_token = tuple(name for name in artifact.plans if name in PER_TOKEN_VARIANTS)
+    prefill = tuple(name for name in artifact.plans if name in prefill_variants(manifest["prefill_chunk"]))
     executors = plan_executors(artifact, device, kernels)  # the weights take their memory before the pool is sized
     free = free_bytes if free_bytes is not None else device_memory.free_bytes(device)
-    rows, message = pool_rows(manifest, per_token, specs, bucket_for(max_batch), free, device)
+    rows, message = pool_rows(manifest, per_token, specs, bucket_for(max_batch), free, device, prefill)
     print(message, file=sys.stderr)
     pool = StatePool(specs, rows, device)
-    runner = BucketRunner(executors, pool, per_token, cuda_graphs, progress)
+    runner = BucketRunner(executors, pool, per_token, cuda_graphs, progress, prefill)
     return Engine(runner, specs, manifest["prefill_chunk"], manifest["max_seq_len"], device,
                   vocab_size=manifest["config"]["vocab_size"], pool=pool, max_drafts=max_drafts(manifest))
 
@@ -109,21 +110,22 @@ def load_tokenizer(path: str | Path) -> Tokenizer | None:
 
 
 def pool_rows(manifest: dict, variants: tuple[str, ...], specs: dict[str, StateSpec], wanted: int,
-              free: int | None, device: torch.device) -> tuple[int, str]:
-    """(rows, the line saying so): `wanted` (a batch bucket) where the pool and the step activations fit in `free`
-    bytes (or where `free` is unknown), else the largest smaller bucket that fits; ValueError if none does."""
+              free: int | None, device: torch.device, prefill: tuple[str, ...] = ()) -> tuple[int, str]:
+    """(rows, the line saying so): `wanted` (a batch bucket) where the pool (its prefill row included) and the
+    step activations (`variants` at the batch, `prefill` at one sequence) fit in `free` bytes (or where `free` is
+    unknown), else the largest smaller bucket that fits; ValueError if none does."""
     state = sum(spec.bytes_per_sequence() for spec in specs.values())
     length = f"{manifest['max_seq_len']:,} positions"
     if free is None:
         return wanted, f"state pool: {wanted} sequences of {length}, {_gib(state)} each (free memory unknown)"
-    most = capacity.max_sequences(manifest, variants, state, free)
+    most = capacity.max_sequences(manifest, variants, state, free, prefill)
     fits = f"{most:,} fit in the {_gib(free)} free on {device}"
-    need = capacity.step_bytes(manifest, variants, wanted, state)
+    need = capacity.step_bytes(manifest, variants, wanted, state, prefill)
     if need <= free:
         return wanted, f"state pool: {wanted} sequences of {length}, {_gib(state)} each ({fits})"
-    rows = capacity.largest_fitting(manifest, variants, [b for b in BUCKETS if b < wanted], state, free)
-    short = (f"{wanted} sequences of {length} need {_gib(need)} (state {_gib(state)} each, and step "
-             f"activations); {fits}")
+    rows = capacity.largest_fitting(manifest, variants, [b for b in BUCKETS if b < wanted], state, free, prefill)
+    short = (f"{wanted} sequences of {length} need {_gib(need)} (state {_gib(state)} each, one more row for "
+             f"prefill, and step activations); {fits}")
     if rows is None:
         raise ValueError(f"state pool: {short}; compile with a smaller --max-seq-len")
     return rows, f"state pool: {rows} sequences, not max_batch {wanted}: {short}"

@@ -80,6 +80,43 @@ def test_a_finished_row_counts_no_drafts(runner):
     assert (result.steps, result.drafted, result.accepted) == (wrong[0], right[0] + wrong[0], right[1])
 
 
+class StaticOutputs:
+    """Runs every step through `inner` and answers as a CUDA graph's replay does: the state written in place, the
+    other outputs in buffers of the variant's own that its next step overwrites."""
+
+    def __init__(self, inner):
+        self.inner, self.buffers = inner, {}
+
+    def run(self, variant: str, inputs):
+        result = {}
+        for name, value in self.inner.run(variant, inputs).items():
+            if name.startswith("state."):
+                inputs[name].copy_(value)
+                result[name] = inputs[name]
+                continue
+            buffer = self.buffers.get((variant, name))
+            if buffer is None or buffer.shape != value.shape:
+                buffer = self.buffers[(variant, name)] = torch.empty_like(value)
+            result[name] = buffer.copy_(value)
+        return result
+
+
+def test_prefill_keeps_what_it_needs_from_a_graph_runners_outputs(runner):
+    """Prompts of two whole 16-token chunks and single tokens after: each chunk's hidden streams (the MTP layer's
+    prefill input) and each request's draft logits must be copied out before the variant's next step overwrites
+    them. The pool after admission and one speculative step equals the one a runner of fresh outputs leaves."""
+    ps = prompts(5)
+    fresh, static = engine(runner), engine(StaticOutputs(runner))
+    for each in (fresh, static):
+        each.set_drafts(1)
+        for prompt in ps:
+            each.add_request(prompt, 8)
+        each.step()
+    assert fresh.pool.capacity == static.pool.capacity
+    for name, tensor in fresh.pool.tensors.items():
+        assert torch.equal(static.pool.tensors[name], tensor), name
+
+
 def test_nonfinite_drafts_are_rejected_and_counted(runner):
     ps = prompts(3)
     plain = engine(runner).generate(ps, 8)

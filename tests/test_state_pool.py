@@ -1,11 +1,13 @@
 """The state pool (runtime/state_pool.py): `rows(n)` hands out the same views every call, and `holds` recognises
-exactly the pool's rows 0..n-1, whether as those views or as other views of the same storage."""
+exactly the pool's rows 0..n-1, whether as those views or as other views of the same storage; the prefill row
+lies past the slots, is recognised apart from them, and is copied into a slot by `commit_prefill`."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from dsv4c.runtime.state_pool import StatePool, StateSpec
+from dsv4c.runtime.state_pool import PREFILL_ROWS, StatePool, StateSpec
 
 SPECS = {"a.window_kv": StateSpec((4, 3), torch.bfloat16, 0.0), "a.score_state": StateSpec((2,), torch.float32,
                                                                                               float("-inf"))}
@@ -43,3 +45,34 @@ def test_holds_reads_the_prefixed_entries_of_a_steps_inputs():
     assert pool.holds(inputs) is None  # without the prefix no entry names a pool tensor
     inputs["state.a.window_kv"] = inputs["state.a.window_kv"].clone()
     assert pool.holds(inputs, "state.") is None
+
+
+def test_the_prefill_row_lies_past_the_slots_and_is_committed_into_one():
+    pool = StatePool(SPECS, 3, "cpu")
+    assert pool.tensors["a.window_kv"].shape == (3 + PREFILL_ROWS, 4, 3)
+    row = pool.prefill_row()
+    assert all(row[k] is pool.prefill_row()[k] for k in SPECS)  # the same views every call
+    assert row["a.window_kv"].shape == (1, 4, 3)
+    assert row["a.window_kv"].data_ptr() == pool.tensors["a.window_kv"][3].data_ptr()
+    row["a.window_kv"].fill_(7.0)
+    row["a.score_state"].fill_(2.0)
+    pool.commit_prefill(1)
+    assert (pool.tensors["a.window_kv"][1] == 7).all() and (pool.tensors["a.score_state"][1] == 2).all()
+    assert (pool.tensors["a.window_kv"][[0, 2]] == 0).all()  # the other slots untouched
+    assert (pool.tensors["a.score_state"][[0, 2]] == float("-inf")).all()
+    again = pool.prefill_row()  # reset to the initial fill for the next prompt
+    assert (again["a.window_kv"] == 0).all() and (again["a.score_state"] == float("-inf")).all()
+    assert (pool.tensors["a.window_kv"][1] == 7).all()
+    with pytest.raises(ValueError, match="slot 3: the state pool has slots 0 to 2"):
+        pool.commit_prefill(3)
+
+
+def test_holds_tells_the_prefill_row_from_the_slots():
+    pool = StatePool(SPECS, 3, "cpu")
+    row = pool.prefill_row()
+    assert pool.holds_prefill_row(row) and pool.holds(row) is None
+    assert pool.holds_prefill_row({f"state.{k}": v for k, v in row.items()}, "state.")
+    assert pool.holds_prefill_row({k: v[3:4] for k, v in pool.tensors.items()})  # other views of the same row
+    assert not pool.holds_prefill_row(pool.rows(1))
+    assert not pool.holds_prefill_row({k: v.clone() for k, v in row.items()})  # a copy
+    assert not pool.holds_prefill_row({"a.window_kv": row["a.window_kv"]})  # a tensor missing

@@ -134,6 +134,25 @@ def test_only_executed_steps_enter_batch_invariant(artifact, monkeypatch):
     assert not logits.any()
 
 
+def test_prefill_row_steps_replay_the_prefill_graph(artifact):
+    """A step over the pool's prefill row replays its variant's prefill graph (none on CPU: a stand-in), with the
+    step's tokens copied into the graph's static inputs; the same step over slot 0 does not."""
+    engine = load(artifact, max_batch=2)
+    row = {f"state.{k}": v for k, v in engine.prefill_row().items()}
+    inputs = {"tokens": torch.tensor([[3, 4, 5, 6]]), "start": torch.tensor([0]), **row}
+    logits = torch.zeros(1, 4, CFG.vocab_size)
+    statics = {"tokens": torch.zeros(1, 4, dtype=torch.int64), "start": torch.zeros(1, dtype=torch.int64)}
+    engine.runner._prefill_graphs["main_t4"] = step_runner._Graph(_Replay(logits), statics, {"logits": logits},
+                                                                  frozenset(inputs))
+    out = engine.runner.run("main_t4", inputs)
+    assert out["logits"] is logits and torch.equal(logits, torch.ones_like(logits))
+    assert torch.equal(statics["tokens"], inputs["tokens"])
+    logits.zero_()
+    slot = {f"state.{k}": v for k, v in engine.new_state(1).items()}
+    out = engine.runner.run("main_t4", {**inputs, **slot})
+    assert not logits.any() and out["logits"].shape == (1, 4, CFG.vocab_size)
+
+
 def test_a_state_input_the_pool_does_not_hold_is_named_not_dropped(artifact):
     """Pool rows plus a `state.*` input the plan does not take: the padded run passes it on and the executor
     names it."""
