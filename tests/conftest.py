@@ -15,6 +15,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items):
+    """Under `--dist loadgroup` (pyproject.toml) a module's tests run on one worker, so its module fixtures are made
+    once: each test joins its module's xdist group unless its module marks a group it shares with other modules
+    (those that use one compiled artifact per process: tests/mtp_artifact.py, plain_artifact.py,
+    faithful_artifact.py), which then run on one worker together and compile it once."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
 @pytest.fixture(autouse=True)
 def seeded_generator(request):
     """Every test draws its random inputs from a seed of its own name: a result does not depend on which tests ran

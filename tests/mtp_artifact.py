@@ -1,5 +1,6 @@
 """One compiled tiny artifact with MTP of up to three drafts (default numerics: bf16, faithful), shared by the MTP
-and continuous-batching tests of one test process (compiling its eight step variants takes most of a minute)."""
+and continuous-batching tests of one test process (compiling its eight step variants takes most of a minute; their
+modules mark one xdist group, so one worker compiles it once)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dsv4c.model.checkpoint import write_synthetic
 from dsv4c.model.presets import tiny
 
 MAX_SEQ_LEN, CHUNK = 64, 4  # chunk 4: the prefill variant is also the 3-draft verification's
+GROUP = "mtp_artifact"  # the xdist group of the modules that use it
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,7 +17,9 @@ from dsv4c.runtime.eager_runner import EagerRunner, state_specs
 from dsv4c.runtime.engine import Engine
 from dsv4c.runtime.loader import load
 from dsv4c.runtime.sampler import SamplingParams
-from mtp_artifact import bf16_artifact
+from mtp_artifact import GROUP, bf16_artifact
+
+pytestmark = pytest.mark.xdist_group(GROUP)
 
 FP32 = Numerics.plain(torch.float32)
 GREEDY, HOT, NARROW = SamplingParams(), SamplingParams(temperature=0.9), SamplingParams(temperature=0.7, top_p=0.8)

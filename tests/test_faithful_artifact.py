@@ -13,7 +13,8 @@ on aligned copies), so the eager side runs inside `batch_invariant()` too; plain
 that depends on its row count and on the weight's address, and one flipped bf16 rounding moves the logits by 1e-2
 to 7e-2.
 
-The compile is kept small: tiny (every layer kind), max_seq_len 64, prefill chunk 2, no MTP variants.
+The compile is kept small (tests/faithful_artifact.py, shared with the KV-compression tests): tiny (every layer
+kind), max_seq_len 96, prefill chunk 2, no MTP variants.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
-from dsv4c.model.checkpoint import Checkpoint, write_synthetic
+from dsv4c.compiler.pipeline import CompileOptions
+from dsv4c.model.checkpoint import Checkpoint
 from dsv4c.model.numerics import Numerics
 from dsv4c.model.presets import tiny
 from dsv4c.model.step import dequantize_weights, forward, init_state
@@ -30,10 +31,11 @@ from dsv4c.runtime.batch_invariant import batch_invariant
 from dsv4c.runtime.eager_runner import EagerRunner, state_specs
 from dsv4c.runtime.engine import Engine
 from dsv4c.runtime.loader import load
+from faithful_artifact import CHUNK, GROUP, MAX_SEQ_LEN, faithful_artifact
 
 NUM = Numerics()
 CFG = tiny()
-MAX_SEQ_LEN, CHUNK = 64, 2
+pytestmark = pytest.mark.xdist_group(GROUP)
 PREFILL, LENGTH = 20, 30  # ten chunks of two, then ten decode steps
 TOL = 1e-5
 
@@ -44,16 +46,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_synthetic(CFG, tmp_path_factory.mktemp("faithful") / "ckpt", seed=8)
+def checkpoint():
+    return faithful_artifact()[0]
 
 
 @pytest.fixture(scope="module")
-def artifact(checkpoint, tmp_path_factory):
-    options = CompileOptions(max_seq_len=MAX_SEQ_LEN, prefill_chunk=CHUNK, mtp=False)
-    assert options.numerics == Numerics() and options.numerics.dtype == torch.bfloat16
-    assert options.numerics.roundings() == ("act_quant", "kv_fp8", "indexer_fp4")
-    return compile_checkpoint(checkpoint, tmp_path_factory.mktemp("faithful") / "art", options)
+def artifact():
+    numerics = CompileOptions().numerics
+    assert numerics == NUM and numerics.dtype == torch.bfloat16
+    assert numerics.roundings() == ("act_quant", "kv_fp8", "indexer_fp4")
+    return faithful_artifact()[1]
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,10 @@ import pytest
 import torch
 
 from dsv4c.codegen.kv_cache import PackedLayout, kv_pack, kv_unpack
-from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
 from dsv4c.export.inspect_artifact import describe
 from dsv4c.model import quant, rounding_ops
 from dsv4c.model.attention import ring_timeline, ring_write, write_rows
-from dsv4c.model.checkpoint import Checkpoint, write_synthetic
+from dsv4c.model.checkpoint import Checkpoint
 from dsv4c.model.numerics import Numerics
 from dsv4c.model.presets import flash_slice, tiny
 from dsv4c.model.step import CacheRounding, cache_roundings, dequantize_weights, forward, init_state, state_shapes
@@ -28,9 +27,11 @@ from dsv4c.passes.manager import PassContext, PassError, compare_values, run_pip
 from dsv4c.runtime.artifact import decode_state, load_artifact
 from dsv4c.runtime.batch_invariant import batch_invariant
 from dsv4c.runtime.loader import load
+from faithful_artifact import GROUP, MAX_SEQ_LEN, faithful_artifact
 from pass_graphs import export_flat, targets
 
 NUM, CFG = Numerics(), tiny()
+pytestmark = pytest.mark.xdist_group(GROUP)
 TOL = 1e-5
 
 
@@ -157,15 +158,12 @@ def test_a_declared_cache_written_with_other_values_is_refused_by_name(fn):
 
 
 # ---- a compiled artifact against the eager reference -----------------------------------------------------
-MAX_SEQ_LEN, CHUNK, PREFILL, LENGTH = 96, 2, 7, 90
+PREFILL, LENGTH = 7, 90
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kv")
-    ckpt = write_synthetic(CFG, root / "ckpt", seed=8)
-    art = compile_checkpoint(ckpt, root / "art", CompileOptions(max_seq_len=MAX_SEQ_LEN, prefill_chunk=CHUNK,
-                                                                  mtp=False))
+def compiled():
+    ckpt, art = faithful_artifact()  # max_seq_len 96, prefill chunks of 2, tiny(): every layer kind
     source = Checkpoint.open(ckpt)
     return art, dequantize_weights({n: source.get(n) for n in source.headers}, NUM)
 

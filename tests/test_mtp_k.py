@@ -21,8 +21,10 @@ from dsv4c.runtime.engine import Engine
 from dsv4c.runtime.loader import load
 from dsv4c.runtime.sampler import SamplingParams
 from dsv4c.runtime.state_pool import StateSpec
-from mtp_artifact import bf16_artifact
+from mtp_artifact import GROUP, bf16_artifact
 from oracle_drafts import OracleDrafts
+
+pytestmark = pytest.mark.xdist_group(GROUP)
 
 FP32 = Numerics.plain(torch.float32)
 NEW = 10

@@ -1,7 +1,7 @@
 """End to end: checkpoint -> compile -> artifact -> runtime, against the eager reference model.
 
-The artifact is compiled once for the module (capture is the slow part) from a tiny checkpoint whose
-top-k selections keep every candidate, in fp32 without the step-function roundings: the graph computes
+The artifact (tests/plain_artifact.py) is compiled once for the worker (capture is the slow part) from a tiny
+checkpoint whose top-k selections keep every candidate, in fp32 without the step-function roundings: the graph computes
 the routed experts densely where eager skips unselected ones, so the two differ by fp32 summation order
 only, and the comparison can be tight (relative norm error 1e-5 over every position).
 
@@ -25,8 +25,6 @@ import torch
 from dsv4c.model.checkpoint import Checkpoint, write_synthetic
 from dsv4c.compiler.cli import main
 from dsv4c.model.step import dequantize_weights
-from dsv4c.model.numerics import Numerics
-from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
 from dsv4c.model.presets import tiny
 from dsv4c.compiler.scoring import run_logits, runner_logits, score_logits
 from dsv4c.runtime.artifact import load_artifact
@@ -35,9 +33,9 @@ from dsv4c.runtime.executor import resolve_op
 from dsv4c.runtime.loader import load
 from dsv4c.runtime.sampler import SamplingParams
 from oracle_drafts import OracleDrafts, expected_counts
+from plain_artifact import CFG, GROUP, NUM, plain_artifact
 
-NUM = Numerics.plain(torch.float32)  # no rounding simulation
-CFG = tiny().replace(num_experts_per_tok=tiny().n_routed_experts, index_topk=4096)
+pytestmark = pytest.mark.xdist_group(GROUP)
 TOL = 1e-5
 # The batch every generation test runs (the CLI's --prompt-ids included) and the tokens each row generates.
 PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6], [700, 12, 88, 5, 1000, 44, 3, 9, 27, 512, 64, 8, 19, 1]]
@@ -50,15 +48,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_synthetic(CFG, tmp_path_factory.mktemp("pipe") / "ckpt", seed=21)
+def checkpoint():
+    return plain_artifact()[0]
 
 
 @pytest.fixture(scope="module")
-def artifact(checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipe") / "art"
-    options = CompileOptions(numerics=NUM, max_seq_len=128, prefill_chunk=2, mtp=True, max_drafts=1)
-    return compile_checkpoint(checkpoint, out, options)
+def artifact():
+    return plain_artifact()[1]
 
 
 @pytest.fixture(scope="module")

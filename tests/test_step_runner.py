@@ -1,7 +1,7 @@
 """The runtime's step runner on CPU: the compiled steps over the state pool, padded to batch buckets, in place.
 
-The artifact is compiled from a tiny checkpoint whose top-k keep every candidate, in fp32 with no rounding, so
-compiled and eager differ by fp32 summation order only (relative norm error under 1e-5 over every position).
+The artifact (tests/plain_artifact.py, shared with the end-to-end tests) is compiled from a tiny checkpoint whose
+top-k keep every candidate, in fp32 with no rounding, so compiled and eager differ by fp32 summation order only (relative norm error under 1e-5 over every position).
 """
 
 from __future__ import annotations
@@ -12,11 +12,8 @@ import pytest
 import torch
 
 from dsv4c.compiler.benchmark import dequantised_weights
-from dsv4c.compiler.pipeline import CompileOptions, compile_checkpoint
 from dsv4c.compiler.scoring import runner_logits
-from dsv4c.model.checkpoint import Checkpoint, write_synthetic
-from dsv4c.model.numerics import Numerics
-from dsv4c.model.presets import tiny
+from dsv4c.model.checkpoint import Checkpoint
 from dsv4c.model.step import dequantize_weights
 from dsv4c.runtime import capacity
 from dsv4c.runtime.artifact import load_artifact
@@ -25,10 +22,10 @@ from dsv4c.runtime.executor import ExecutorError
 from dsv4c.runtime.loader import load
 from dsv4c.runtime import step_runner
 from dsv4c.runtime.step_runner import BUCKETS, bucket_for
+from plain_artifact import CFG, GROUP, NUM, plain_artifact
 
-NUM = Numerics.plain(torch.float32)
-CFG = tiny().replace(num_experts_per_tok=tiny().n_routed_experts, index_topk=4096)
 PREFILL, DECODE = 20, 50
+pytestmark = pytest.mark.xdist_group(GROUP)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -37,14 +34,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_synthetic(CFG, tmp_path_factory.mktemp("runner") / "ckpt", seed=5)
+def checkpoint():
+    return plain_artifact()[0]
 
 
 @pytest.fixture(scope="module")
-def artifact(checkpoint, tmp_path_factory):
-    options = CompileOptions(numerics=NUM, max_seq_len=96, prefill_chunk=4, mtp=False)
-    return compile_checkpoint(checkpoint, tmp_path_factory.mktemp("runner") / "art", options)
+def artifact():
+    return plain_artifact()[1]
 
 
 @pytest.fixture(scope="module")
@@ -139,18 +135,18 @@ def test_prefill_row_steps_replay_the_prefill_graph(artifact):
     step's tokens copied into the graph's static inputs; the same step over slot 0 does not."""
     engine = load(artifact, max_batch=2)
     row = {f"state.{k}": v for k, v in engine.prefill_row().items()}
-    inputs = {"tokens": torch.tensor([[3, 4, 5, 6]]), "start": torch.tensor([0]), **row}
-    logits = torch.zeros(1, 4, CFG.vocab_size)
-    statics = {"tokens": torch.zeros(1, 4, dtype=torch.int64), "start": torch.zeros(1, dtype=torch.int64)}
-    engine.runner._prefill_graphs["main_t4"] = step_runner._Graph(_Replay(logits), statics, {"logits": logits},
+    inputs = {"tokens": torch.tensor([[3, 4]]), "start": torch.tensor([0]), **row}
+    logits = torch.zeros(1, 2, CFG.vocab_size)
+    statics = {"tokens": torch.zeros(1, 2, dtype=torch.int64), "start": torch.zeros(1, dtype=torch.int64)}
+    engine.runner._prefill_graphs["main_t2"] = step_runner._Graph(_Replay(logits), statics, {"logits": logits},
                                                                   frozenset(inputs))
-    out = engine.runner.run("main_t4", inputs)
+    out = engine.runner.run("main_t2", inputs)
     assert out["logits"] is logits and torch.equal(logits, torch.ones_like(logits))
     assert torch.equal(statics["tokens"], inputs["tokens"])
     logits.zero_()
     slot = {f"state.{k}": v for k, v in engine.new_state(1).items()}
-    out = engine.runner.run("main_t4", {**inputs, **slot})
-    assert not logits.any() and out["logits"].shape == (1, 4, CFG.vocab_size)
+    out = engine.runner.run("main_t2", {**inputs, **slot})
+    assert not logits.any() and out["logits"].shape == (1, 2, CFG.vocab_size)
 
 
 def test_a_state_input_the_pool_does_not_hold_is_named_not_dropped(artifact):
