@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which names each test's group in its node id
 def pytest_collection_modifyitems(items):
     """Under `--dist loadgroup` (pyproject.toml) a module's tests run on one worker, so its module fixtures are made
     once: each test joins its module's xdist group unless its module marks a group it shares with other modules
