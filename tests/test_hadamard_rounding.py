@@ -54,9 +54,15 @@ def kernel():
         yield lambda x, block: pool.submit(_kernel, x, block).result()
 
 
+# Blocks whose amax lies below the FP4 floor (scale 2^-126) and whose 0.6 rounds to e2m1's 0.5: outputs of 2^-127,
+# a subnormal in fp32 and bf16 alike
+SUBNORMAL_OUTPUTS = torch.tensor([0.6, -3.0, 5.5, -0.6]) * 2.0 ** -126
+
+
 def hard_rows(leading: tuple[int, ...], width: int, dtype: torch.dtype) -> torch.Tensor:
     """Rows of random magnitudes from 2^-30 to 2^60 a row; row 0 zeros, row 1 tiny (bf16 subnormals after the
-    rotation), row 2 a NaN, row 3 an inf, row 4 one spike (the rotation spreads it evenly: rounding ties)."""
+    rotation), row 2 a NaN, row 3 an inf, row 4 one spike (the rotation spreads it evenly: rounding ties), row 5 a
+    rotated pattern whose rounded outputs include the subnormal 2^-127 (SUBNORMAL_OUTPUTS)."""
     rows = int(torch.tensor(leading).prod())
     x = torch.randn(rows, width) * 2.0 ** torch.randint(-30, 60, (rows, 1)).float()
     x[0] = 0.0
@@ -65,6 +71,7 @@ def hard_rows(leading: tuple[int, ...], width: int, dtype: torch.dtype) -> torch
     x[3, width - 1] = float("inf")
     x[4] = 0.0
     x[4, 5] = 3.0 * width ** 0.5
+    x[5] = quant.hadamard(SUBNORMAL_OUTPUTS.repeat(width // 4))  # the rotation undoes itself: about the pattern back
     return x.to(dtype).view(*leading, width)
 
 
@@ -78,6 +85,7 @@ def test_the_kernel_equals_the_reference_bit_for_bit(kernel, width, block, dtype
     flat = want.view(-1, width)
     assert flat[2].isnan().all() and flat[3].isnan().all() and not flat[4:].isnan().any()
     assert (flat[1] != 0).any() and (flat[4] != 0).any()  # the tiny row and the spike are not flushed to zero
+    assert (flat[5].abs() == 2.0 ** -127).any()  # subnormal outputs (the interpreter's own conversion flushes them)
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 

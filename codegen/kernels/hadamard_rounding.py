@@ -23,7 +23,7 @@ import triton.language as tl
 
 from dsv4c.codegen.hadamard_rounding import check_operands
 from dsv4c.codegen.kernels.hadamard import hadamard_butterflies
-from dsv4c.codegen.kernels.number_formats import block_rounded, rounded_to
+from dsv4c.codegen.kernels.number_formats import block_rounded, exactly_to, rounded_to
 from dsv4c.codegen.kernels.pdl import after_predecessor, launch_options
 from dsv4c.model import quant
 
@@ -49,7 +49,7 @@ def _hadamard_fp4_kernel(x_ptr, out_ptr, normalisation, N: tl.constexpr, STAGES:
     x = rounded_to(x * normalisation, out_ptr.dtype.element_ty)
     values, scale = block_rounded(tl.reshape(x, (N // BLOCK, BLOCK)), FMT_MAX, AMAX_FLOOR)
     rounded = tl.reshape(values * scale[:, None], (N,))
-    tl.store(out_ptr + offsets, rounded.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + offsets, exactly_to(rounded, out_ptr.dtype.element_ty))  # e2m1 x 2^k: exact
 
 
 def hadamard_fake_quant_fp4(x: torch.Tensor, block: int) -> torch.Tensor:

@@ -62,6 +62,17 @@ def rounded_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def exactly_to(x, DTYPE: tl.constexpr):
+    """fp32 x, each value exactly representable in DTYPE (or NaN), converted to DTYPE. bf16 takes x's upper 16 bits:
+    what a GPU's conversion gives for such values, bf16 subnormals included, which Triton's CPU interpreter's
+    conversion flushes to zero."""
+    if DTYPE == tl.bfloat16:
+        return (x.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
 def e4m3_grid(q):
     """q (fp32, |q| <= 448) rounded to the nearest e4m3 value, ties to even, as fp32. e4m3 values of q's
     binade are multiples of s = 2^(max(e, -6) - 3); adding and subtracting 1.5 * 2^23 * s rounds q to a
