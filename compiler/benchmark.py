@@ -169,6 +169,18 @@ def filled_state(engine: Engine, runner: StepRunner, rows: int, context: int, se
     return state
 
 
+def timed_fill(engine: Engine, runner: StepRunner, rows: int, context: int, seed: int,
+               chunk: int | None = None) -> tuple[dict, dict]:
+    """`filled_state` and what its prefill took: (state, {"tokens", "chunk", "ms"}), ms on the host clock with the
+    device synchronised before and after (the context's prefill in one sequence, then its copy to every row)."""
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    state = filled_state(engine, runner, rows, context, seed, chunk)
+    torch.cuda.synchronize()
+    return state, {"tokens": context, "chunk": chunk or engine.prefill_chunk,
+                   "ms": (time.perf_counter() - begin) * 1e3}
+
+
 def _step(runner: StepRunner, variant: str, state: dict, tokens: torch.Tensor, start: int,
           hidden: torch.Tensor | None = None) -> tuple[dict, dict]:
     inputs = {"tokens": tokens, "start": torch.full((tokens.shape[0],), start, device=tokens.device),
@@ -251,7 +263,8 @@ def bench(artifact: str | Path, options: BenchOptions, progress: Progress = lamb
     engine = load(artifact, device, max_batch=most, progress=progress)
     accepted = _acceptance(engine, options, load_tokenizer(artifact))  # before the fill: it resets the pool
     progress(f"filling a {options.context}-token context")
-    state = filled_state(engine, engine.runner, most, options.context, seed=0)
+    state, fill = timed_fill(engine, engine.runner, most, options.context, seed=0)
+    prefill = {"dsv4c": fill}
     # every check before any timing (a timed step writes its rows' caches in place, window ring slots that a
     # later check's steps would read included), each on the pool's rows through the CUDA graphs the timing
     # replays, the pool restored after it (a bucket's padding rows included)
@@ -275,8 +288,8 @@ def bench(artifact: str | Path, options: BenchOptions, progress: Progress = lamb
     del engine, state, rows_state  # the pool goes before the baselines take their memory
     _release()
     if "eager" in options.baselines or "inductor" in options.baselines:
-        _baselines(artifact, manifest, cfg, options, rows, first, compiled_tokens, reference_logits, accepted,
-                   progress)
+        prefill["eager"] = _baselines(artifact, manifest, cfg, options, rows, first, compiled_tokens,
+                                      reference_logits, accepted, progress)
     if "transformers" in options.baselines:
         _transformers_rows(artifact, manifest, cfg, options, rows, first, compiled_tokens, reference_logits, progress)
     for row in rows:
@@ -285,7 +298,7 @@ def bench(artifact: str | Path, options: BenchOptions, progress: Progress = lamb
     return {"artifact": Path(artifact).name, "device": torch.cuda.get_device_name(), "versions": _versions(),
             "context": options.context,
             "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": [r.to_json(bandwidth) for r in rows],
-            "rows_equal_across_batches": invariant,
+            "rows_equal_across_batches": invariant, "prefill": prefill,
             "tokens": {"dsv4c": {b: t.tolist() for b, t in compiled_tokens.items()}}}
 
 
@@ -317,9 +330,10 @@ def _acceptance(engine: Engine, options: BenchOptions, tokenizer: Tokenizer | No
 
 
 def _baselines(artifact, manifest, cfg, options, rows, first, compiled_tokens, reference_logits, accepted,
-               progress) -> None:
+               progress) -> dict | None:
     """The eager reference (and Inductor of it) on bf16 weights dequantised once, from the same context and row
-    tokens; the eager reference's logits, fed the compiled path's greedy tokens, go to `reference_logits`."""
+    tokens; the eager reference's logits, fed the compiled path's greedy tokens, go to `reference_logits`.
+    Returns what the eager reference's prefill of the context took (`timed_fill`), or None if neither runs."""
     num = _numerics(manifest)
     store = load_artifact(artifact).weights
     ours = [b for b in options.baselines if b in ("eager", "inductor")]
@@ -329,9 +343,9 @@ def _baselines(artifact, manifest, cfg, options, rows, first, compiled_tokens, r
         specs = state_specs(cfg, manifest["max_seq_len"], num)
         engine = Engine(EagerRunner(weights, cfg, num, invariant=False), specs, manifest["prefill_chunk"],
                         manifest["max_seq_len"], "cuda", vocab_size=cfg.vocab_size)
-        progress("filling the context for the eager baselines")  # PyTorch's own kernels, long chunks: not timed
-        state = filled_state(engine, engine.runner, max(options.batches), options.context, 0,
-                             chunk=EAGER_PREFILL_CHUNK)
+        progress("filling the context for the eager baselines")  # PyTorch's own kernels, long chunks
+        state, fill = timed_fill(engine, engine.runner, max(options.batches), options.context, 0,
+                                 chunk=EAGER_PREFILL_CHUNK)
     for kind in ours:
         runner = engine.runner if kind == "eager" else _InductorRunner(weights, cfg, num)
         for batch in options.batches:
@@ -347,9 +361,11 @@ def _baselines(artifact, manifest, cfg, options, rows, first, compiled_tokens, r
                                 step_bytes(cfg, batch, options.context, bool(mtp)).total, None, host_ms))
         del runner
         _release()
-    if ours:
-        del weights, state, engine
-        _release()
+    if not ours:
+        return None
+    del weights, state, engine
+    _release()
+    return fill
 
 
 def dequantised_weights(store, num: Numerics, keep_on: str, decode_on: str = "cuda") -> dict[str, torch.Tensor]:
@@ -521,6 +537,11 @@ def check_lines(report: dict) -> list[str]:
     if "rows_equal_across_batches" in report:
         lines.append("dsv4c rows equal the same rows of the largest batch (logits, bit for bit): "
                      + ("yes" if report["rows_equal_across_batches"] else "NO"))
+    fills = [f"{runner} {fill['ms']:,.1f} ms in chunks of {fill['chunk']} ({fill['tokens'] / fill['ms'] * 1e3:,.0f} "
+             "tok/s)" for runner, fill in (report.get("prefill") or {}).items() if fill]
+    if fills:
+        lines.append(f"prefill of the {report['context']}-token context (one sequence, copied to every row): "
+                     + "; ".join(fills))
     return lines
 
 

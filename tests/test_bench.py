@@ -81,12 +81,16 @@ def test_a_saved_report_is_shown_without_a_gpu(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # rich's console: the whole table on one line a row
 
     report = {"artifact": "mini.dsv4c", "device": "NVIDIA H100 80GB HBM3", "versions": {}, "context": 4096,
-              "copy_bandwidth_gb_s": 3000.0, "rows": [_row("dsv4c", 1, 1.97), _row("eager", 1, 81.3)], "tokens": {}}
+              "copy_bandwidth_gb_s": 3000.0, "rows": [_row("dsv4c", 1, 1.97), _row("eager", 1, 81.3)], "tokens": {},
+              "prefill": {"dsv4c": {"tokens": 4096, "chunk": 32, "ms": 512.0},
+                          "eager": {"tokens": 4096, "chunk": 256, "ms": 8192.0}}}
     write_json(report, tmp_path / "step.json")
     assert main(["bench", "--report", str(tmp_path / "step.json")]) == 0
     out = capsys.readouterr().out
     assert "mini.dsv4c, NVIDIA H100 80GB HBM3, context 4096" in out
     assert "1.970" in out and "81.300" in out and "yes" in out
+    assert ("prefill of the 4096-token context (one sequence, copied to every row): dsv4c 512.0 ms in chunks of 32 "
+            "(8,000 tok/s); eager 8,192.0 ms in chunks of 256 (500 tok/s)") in out
 
 
 @pytest.mark.parametrize("content, says", [
@@ -131,7 +135,7 @@ def test_the_filled_context_is_one_prefill_copied_to_every_row_whatever_the_chun
     runner = EagerRunner(dequantize_weights(dict(synthetic_tensors(cfg, seed=3)), num), cfg, num, invariant=False)
     engine = Engine(runner, state_specs(cfg, 64, num), prefill_chunk=2, max_seq_len=64, vocab_size=cfg.vocab_size)
     context = 23
-    whole = filled_state(engine, runner, 1, context, seed=0, chunk=context)
+    whole = {k: v.clone() for k, v in filled_state(engine, runner, 1, context, seed=0, chunk=context).items()}
     for chunk in (None, 8):
         state = filled_state(engine, runner, 3, context, seed=0, chunk=chunk)
         for name, value in state.items():
