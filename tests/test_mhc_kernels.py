@@ -182,6 +182,23 @@ def test_hc_post(mhc, tokens, hidden, dtype):
     _check(mhc.hc_post(*inputs, out=_poisoned(expected)[0]), expected, TOL[dtype])
 
 
+def test_a_nan_stays_nan_whatever_its_bits(mhc):
+    """A NaN whose low bits are set (0x7FFFFFFF: the NaN a GPU's arithmetic makes of any NaN operand; Triton's
+    interpreter keeps an operand's bits) in one token's post weight makes that token's new stream NaN in every
+    column, as the reference's; rounding it to bf16 by adding to its bits would carry it into -0, and the
+    runtime's non-finite check would then see nothing wrong."""
+    gen = _gen("nan")
+    block_out, streams, post, comb = _post_inputs(gen, 3, 4, 72, torch.bfloat16)
+    post = post.clone()
+    post[1, 2] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)
+    expected = ref.hc_post(block_out, streams, post, comb)
+    got = mhc.hc_post(block_out, streams, post, comb, out=torch.zeros_like(expected))
+    assert expected[1, 2].isnan().all() and got[1, 2].isnan().all()
+    mask = torch.ones_like(got, dtype=torch.bool)
+    mask[1, 2] = False
+    torch.testing.assert_close(got[mask], expected[mask], **TOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize("tokens, hidden", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_hc_post_pre(mhc, tokens, hidden, dtype):

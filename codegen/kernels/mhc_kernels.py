@@ -29,11 +29,13 @@ import triton.language as tl
 @triton.jit
 def _round(x, DTYPE: tl.constexpr):
     """x (fp32) rounded to DTYPE and back, to nearest even. bf16 is rounded by hand: Triton's CPU interpreter
-    truncates fp32 -> bf16, and with this the later `.to(bf16)` is exact everywhere (a few integer ops)."""
+    truncates fp32 -> bf16, and with this the later `.to(bf16)` is exact everywhere (a few integer ops). A NaN
+    stays NaN (the carry would take 0x7FFFFFFF, a GPU's NaN, to -0). This file is the stored kernels' whole
+    source (runtime/stored_kernels.py), so it keeps its own copy of number_formats.bf16_rounded."""
     if DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
+        return tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
     else:
         return x.to(DTYPE).to(tl.float32)
 
