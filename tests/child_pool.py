@@ -21,3 +21,12 @@ def child_pool(initializer):
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=initializer) as pool:
         yield pool
+
+
+def run_in(pool, fn=None):
+    """A function running `fn(*args)` in the pool's child and returning its result; without `fn`, one that takes
+    the function to run first (`run(fn, *args)`). The kernel tests' `interpreter_pool` (tests/conftest.py) is the
+    pool they pass."""
+    if fn is None:
+        return lambda fn, *args: pool.submit(fn, *args).result()
+    return lambda *args: pool.submit(fn, *args).result()

@@ -1,5 +1,6 @@
 """Test-session settings shared by every test module."""
 
+import importlib.util
 import sys
 import zlib
 from pathlib import Path
@@ -9,6 +10,8 @@ import torch
 
 # Test helpers (hf_reference) import as top-level modules.
 sys.path.insert(0, str(Path(__file__).parent))
+
+from child_pool import child_pool, start_interpreter  # noqa: E402  (a test helper: on the path just above)
 
 # The tests run tiny models whose steps are hundreds of small ops: OpenMP barriers dominate them, and on a
 # 2-core machine one thread is many times faster than two.
@@ -34,3 +37,13 @@ def seeded_generator(request):
     if nodeid.rfind("@") > nodeid.rfind("]"):  # less the xdist group that `--dist loadgroup` appends
         nodeid = nodeid[:nodeid.rfind("@")]
     torch.manual_seed(zlib.crc32(nodeid.encode()))
+
+
+@pytest.fixture(scope="module")
+def interpreter_pool():
+    """A child process running Triton's CPU interpreter (tests/child_pool.py), one a test module; the tests that
+    take it skip where Triton is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    with child_pool(start_interpreter) as pool:
+        yield pool

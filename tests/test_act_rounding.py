@@ -7,12 +7,11 @@ two."""
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
 
-from child_pool import child_pool, start_interpreter
+from child_pool import run_in
 from dsv4c.codegen import ops  # noqa: F401  (registers the ops and their CUDA kernels)
 from dsv4c.model import quant
 
@@ -26,11 +25,8 @@ def _kernel(x, block, fmt):
 
 
 @pytest.fixture(scope="module")
-def kernel():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton is not installed")
-    with child_pool(start_interpreter) as pool:
-        yield lambda x, block, fmt: pool.submit(_kernel, x, block, fmt).result()
+def kernel(interpreter_pool):
+    return run_in(interpreter_pool, _kernel)
 
 
 def hard_input(rows: int, block: int, dtype: torch.dtype) -> torch.Tensor:

@@ -39,7 +39,7 @@ import re
 import pytest
 import torch
 
-from child_pool import child_pool, start_interpreter
+from child_pool import child_pool, run_in
 from dsv4c.codegen import sparse_attention
 from dsv4c.codegen.kv_cache import kv_pack, unpack_reference
 
@@ -116,9 +116,8 @@ def _bf16_products_on_cpu(*args) -> str:
 
 
 @pytest.fixture(scope="module")
-def interpreter():
-    with child_pool(start_interpreter) as pool:
-        yield lambda fn, *args: pool.submit(fn, *args).result()
+def interpreter(interpreter_pool):
+    return run_in(interpreter_pool)
 
 
 def inputs(context: int, steps: int, ratio: int, topk: int, rows: Rows = FLASH_ROWS):

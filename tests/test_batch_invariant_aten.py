@@ -28,7 +28,7 @@ import os
 import pytest
 import torch
 
-from child_pool import child_pool, start_interpreter
+from child_pool import child_pool, run_in
 from dsv4c.codegen.kernels.batch_invariant_launch import matmul_launch
 from dsv4c.codegen.targets import target
 from dsv4c.runtime.batch_invariant import batch_invariant
@@ -46,9 +46,8 @@ def _start_compiler():
 
 
 @pytest.fixture(scope="module")
-def child():
-    with child_pool(start_interpreter) as pool:
-        yield lambda fn, *args: pool.submit(fn, *args).result()
+def child(interpreter_pool):
+    return run_in(interpreter_pool)
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:

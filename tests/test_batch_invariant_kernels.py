@@ -37,7 +37,7 @@ import pytest
 import torch
 
 import mhc_spec as spec
-from child_pool import child_pool, start_interpreter
+from child_pool import run_in
 from dsv4c.codegen import fp8_linear, sparse_attention
 from dsv4c.codegen.kernels.fp8_gemm_launch import fp8_gemm_launch
 from dsv4c.codegen.kv_cache import kv_pack
@@ -73,9 +73,8 @@ def _attention_launches(tokens: list[int], keys: int):
 
 
 @pytest.fixture(scope="module")
-def child():
-    with child_pool(start_interpreter) as pool:
-        yield lambda fn, *args: pool.submit(fn, *args).result()
+def child(interpreter_pool):
+    return run_in(interpreter_pool)
 
 
 # ---- FP8 GEMM --------------------------------------------------------------------------------------------------

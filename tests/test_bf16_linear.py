@@ -32,7 +32,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from child_pool import child_pool, start_interpreter
+from child_pool import child_pool, run_in
 from dsv4c.codegen import bf16_linear as op
 from dsv4c.codegen.kernels.batch_invariant_launch import bf16_weight_launch
 from dsv4c.codegen.targets import target
@@ -99,9 +99,8 @@ def _kernel_calls(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype)
 
 
 @pytest.fixture(scope="module")
-def interpreter():
-    with child_pool(start_interpreter) as pool:
-        yield lambda fn, *args: pool.submit(fn, *args).result()
+def interpreter(interpreter_pool):
+    return run_in(interpreter_pool)
 
 
 @needs_triton

@@ -27,7 +27,7 @@ import os
 import pytest
 import torch
 
-from child_pool import child_pool, start_interpreter
+from child_pool import child_pool, run_in
 from dsv4c.codegen import compressor
 from dsv4c.codegen.kv_cache import PackedLayout, kv_pack, pack_reference, unpack_reference
 from dsv4c.model import rounding_ops
@@ -58,9 +58,8 @@ def _kernel(*args):
 
 
 @pytest.fixture(scope="module")
-def interpreter():
-    with child_pool(start_interpreter) as pool:
-        yield lambda *args: pool.submit(_kernel, *args).result()
+def interpreter(interpreter_pool):
+    return run_in(interpreter_pool, _kernel)
 
 
 def op_inputs(ratio, coff, width, rope, layout_args, steps, starts, entries, dtype):

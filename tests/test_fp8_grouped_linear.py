@@ -16,7 +16,6 @@ import zlib
 
 import pytest
 import torch
-from child_pool import child_pool, start_interpreter
 
 from dsv4c.codegen import fp8_grouped_linear as op
 from dsv4c.codegen import fp8_linear
@@ -62,9 +61,8 @@ def _misfit_launch(x, weight, scale):
 
 
 @pytest.fixture(scope="module")
-def interpreter():
-    with child_pool(start_interpreter) as pool:
-        yield pool
+def interpreter(interpreter_pool):
+    return interpreter_pool
 
 
 def _run(pool, x, weight, scale, act_quant, out_dtype, launch=None):

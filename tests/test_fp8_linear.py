@@ -28,7 +28,7 @@ import zlib
 
 import pytest
 import torch
-from child_pool import child_pool, start_interpreter
+from child_pool import child_pool, run_in
 
 from dsv4c.codegen import fp8_linear as op
 from dsv4c.codegen.kernels.fp8_gemm_launch import Fp8GemmLaunch, fp8_gemm_launch, split_blocks
@@ -57,9 +57,9 @@ def _kernel_linear(x, weight, scale, act_quant, out_dtype, launch_fields, out):
 
 
 @pytest.fixture(scope="module")
-def interpreter():
-    with child_pool(start_interpreter) as pool:
-        yield lambda *args, launch=None, out=None: pool.submit(_kernel_linear, *args, launch, out).result()
+def interpreter(interpreter_pool):
+    run = run_in(interpreter_pool, _kernel_linear)
+    return lambda *args, launch=None, out=None: run(*args, launch, out)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from child_pool import child_pool, start_interpreter
+from child_pool import child_pool, run_in
 from dsv4c.codegen import ops  # noqa: F401  (registers the ops and their CUDA kernels)
 from dsv4c.compiler.capture import StepVariant, capture
 from dsv4c.model import quant, rounding_ops
@@ -47,11 +47,8 @@ def _kernel(x, block):
 
 
 @pytest.fixture(scope="module")
-def kernel():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton is not installed")
-    with child_pool(start_interpreter) as pool:
-        yield lambda x, block: pool.submit(_kernel, x, block).result()
+def kernel(interpreter_pool):
+    return run_in(interpreter_pool, _kernel)
 
 
 # Blocks whose amax lies below the FP4 floor (scale 2^-126) and whose 0.6 rounds to e2m1's 0.5: outputs of 2^-127,

@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from child_pool import child_pool, start_interpreter
+from child_pool import child_pool, run_in
 from dsv4c.codegen import ops  # noqa: F401  (registers the ops and their CUDA kernels)
 from dsv4c.codegen.kv_cache import PackedLayout, pack_reference, unpack_reference
 from dsv4c.model import quant
@@ -37,11 +37,8 @@ def _kernel(x, fmt, rounded, block):
 
 
 @pytest.fixture(scope="module")
-def kernel():
-    if not TRITON:
-        pytest.skip("Triton is not installed")
-    with child_pool(start_interpreter) as pool:
-        yield lambda x, fmt, rounded, block: pool.submit(_kernel, x, fmt, rounded, block).result()
+def kernel(interpreter_pool):
+    return run_in(interpreter_pool, _kernel)
 
 
 def finite_rows(lead: tuple[int, ...], fmt: str, width: int, block: int, dtype: torch.dtype) -> torch.Tensor:

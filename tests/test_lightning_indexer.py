@@ -33,7 +33,7 @@ import types
 import pytest
 import torch
 
-from child_pool import child_pool, start_interpreter
+from child_pool import child_pool, run_in
 from dsv4c.codegen.kernels.lightning_indexer_launch import indexer_launch
 from dsv4c.codegen.kv_cache import kv_pack, unpack_reference
 from dsv4c.codegen.targets import target
@@ -75,9 +75,8 @@ def _run(name, args, launch_changes):
 
 
 @pytest.fixture(scope="module")
-def interpreter():
-    with child_pool(start_interpreter) as pool:
-        yield lambda name, args, changes: pool.submit(_run, name, args, changes).result()
+def interpreter(interpreter_pool):
+    return run_in(interpreter_pool, _run)
 
 
 def inputs(context: int, steps: int, topk: int, entries: int = 1000 // RATIO + 1):

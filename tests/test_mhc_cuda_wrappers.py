@@ -14,7 +14,6 @@ import importlib.util
 
 import pytest
 import torch
-from child_pool import child_pool, start_interpreter
 
 import mhc_spec as spec
 
@@ -32,9 +31,8 @@ def _run(name: str, args: tuple):
 
 
 @pytest.fixture(scope="module")
-def child():
-    with child_pool(start_interpreter) as pool:
-        yield pool
+def child(interpreter_pool):
+    return interpreter_pool
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -23,7 +23,7 @@ import os
 import zlib
 
 import pytest
-from child_pool import child_pool, start_interpreter
+from child_pool import child_pool
 import torch
 
 from dsv4c.codegen import mhc_reference as ref
@@ -103,9 +103,8 @@ def compiler():
 
 
 @pytest.fixture(scope="module")
-def mhc():
-    with child_pool(start_interpreter) as pool:
-        yield _Interpreter(pool)
+def mhc(interpreter_pool):
+    return _Interpreter(interpreter_pool)
 
 
 def _gen(*key) -> torch.Generator:

@@ -68,9 +68,8 @@ def test_reference_is_the_model_moe(hash_layer, num):
 
 # ---- the Triton kernels under the interpreter -----------------------------------------------------------
 @pytest.fixture(scope="module")
-def interpreter():
-    with child_pool(start_interpreter) as pool:
-        yield pool
+def interpreter(interpreter_pool):
+    return interpreter_pool
 
 
 def _run_kernels(call, activations, shared_act_quant, launch):

@@ -71,9 +71,8 @@ def test_routing_is_the_models_route(scoring, normalize, hash_layer):
 
 # ---- the kernels under the interpreter ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def interpreter():
-    with child_pool(start_interpreter) as pool:
-        yield pool
+def interpreter(interpreter_pool):
+    return interpreter_pool
 
 
 def start_fixed_order_dots():

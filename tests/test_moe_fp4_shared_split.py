@@ -29,7 +29,6 @@ import importlib.util
 
 import pytest
 import torch
-from child_pool import child_pool, start_interpreter
 from moe_layers import NONE, ROUTED_LIMIT, ROUTING, SHARED_LIMIT, layer_call, rel_err
 
 from dsv4c.codegen.kernels.moe_fp4_launch import DOWN_ROWS, K_COLUMNS, MoeFp4Launch, moe_fp4_launch
@@ -65,9 +64,8 @@ def test_cpu_launch_does_not_split():
 
 # ---- the tile list ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def interpreter():
-    with child_pool(start_interpreter) as pool:
-        yield pool
+def interpreter(interpreter_pool):
+    return interpreter_pool
 
 
 def _tile_list(ids: torch.Tensor, experts: int, block_m: int, shared_split: int) -> tuple[int, list, list]:

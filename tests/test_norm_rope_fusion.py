@@ -21,7 +21,7 @@ import os
 import pytest
 import torch
 
-from child_pool import child_pool, start_interpreter
+from child_pool import child_pool, run_in
 from dsv4c.compiler.capture import StepVariant, capture
 from dsv4c.model import layers
 from dsv4c.model.config import YarnScaling
@@ -52,11 +52,8 @@ def _kernel(name, args, out):
 
 
 @pytest.fixture(scope="module")
-def interpreter():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton is not installed")
-    with child_pool(start_interpreter) as pool:
-        yield lambda name, args, out: pool.submit(_kernel, name, args, out).result()
+def interpreter(interpreter_pool):
+    return run_in(interpreter_pool, _kernel)
 
 
 def fp64_norm(x, weight):

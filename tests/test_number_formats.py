@@ -24,7 +24,7 @@ import importlib.util
 import pytest
 import torch
 
-from child_pool import child_pool, start_interpreter
+from child_pool import run_in
 from dsv4c.model import quant
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
@@ -32,9 +32,8 @@ BLOCK = 1024
 
 
 @pytest.fixture(scope="module")
-def interpreter():
-    with child_pool(start_interpreter) as pool:
-        yield lambda *args: pool.submit(_probe, *args).result()
+def interpreter(interpreter_pool):
+    return run_in(interpreter_pool, _probe)
 
 
 def _define_probe() -> None:
