@@ -50,6 +50,9 @@ from dsv4c.runtime.loader import load, load_tokenizer
 from dsv4c.runtime.step_runner import BUCKETS
 
 BASELINES = ("eager", "inductor", "transformers")
+# torch.compile modes of the Inductor baseline: max-autotune (autotuned kernels, CUDA graphs) by default; its
+# autotuning takes minutes at Flash size, reduce-overhead (CUDA graphs, Inductor's default kernels) does not
+INDUCTOR_MODES = ("max-autotune", "reduce-overhead", "default")
 TRANSFORMERS_PREFILL_CHUNK = 256
 EAGER_PREFILL_CHUNK = 256  # the eager baselines fill their context in chunks this long (any length runs eagerly)
 Progress = Callable[[str], None]
@@ -67,6 +70,7 @@ class BenchOptions:
     baselines: tuple[str, ...] = ("eager",)
     steps: int = 30
     check_steps: int = 4
+    inductor_modes: tuple[str, ...] = ("max-autotune",)
 
 
 @dataclasses.dataclass
@@ -119,6 +123,10 @@ def validate(manifest: Mapping, options: BenchOptions) -> None:
     unknown = set(options.baselines) - set(BASELINES)
     if unknown:
         raise BenchError(f"--baselines: unknown {sorted(unknown)}; available: {', '.join(BASELINES)}")
+    modes = set(options.inductor_modes) - set(INDUCTOR_MODES)
+    if modes or not options.inductor_modes:
+        raise BenchError(f"--inductor-mode: unknown {sorted(modes) or 'none given'}; available: "
+                         f"{', '.join(INDUCTOR_MODES)}")
     if "transformers" in options.baselines and importlib.util.find_spec("transformers") is None:
         raise BenchError("--baselines transformers: transformers is not installed (pip install transformers)")
 
@@ -346,18 +354,20 @@ def _baselines(artifact, manifest, cfg, options, rows, first, compiled_tokens, r
         progress("filling the context for the eager baselines")  # PyTorch's own kernels, long chunks
         state, fill = timed_fill(engine, engine.runner, max(options.batches), options.context, 0,
                                  chunk=EAGER_PREFILL_CHUNK)
-    for kind in ours:
-        runner = engine.runner if kind == "eager" else _InductorRunner(weights, cfg, num)
+    runs = [(kind, mode) for kind in ours for mode in ((None,) if kind == "eager" else options.inductor_modes)]
+    for kind, mode in runs:
+        runner = engine.runner if kind == "eager" else _InductorRunner(weights, cfg, num, mode)
+        name = inductor_runner_name(mode) if mode else kind
         for batch in options.batches:
             rows_state = {k: v[:batch] for k, v in state.items()}
             if kind == "eager":
                 reference_logits[batch] = decode_logits(runner, rows_state, first[:batch], options.context,
                                                         options.check_steps, forced=compiled_tokens[batch])
             for mtp in options.mtp:
-                progress(f"timing {kind} at batch {batch}, mtp {mtp}")
+                progress(f"timing {name} at batch {batch}, mtp {mtp}")
                 ms, host_ms = time_steps(runner, {k: v.clone() for k, v in rows_state.items()}, first[:batch],
                                          options.context, max(5, options.steps // 3), mtp)
-                rows.append(Row(kind, batch, mtp, ms, 1.0 + accepted[mtp],
+                rows.append(Row(name, batch, mtp, ms, 1.0 + accepted[mtp],
                                 step_bytes(cfg, batch, options.context, bool(mtp)).total, None, host_ms))
         del runner
         _release()
@@ -416,12 +426,18 @@ def _transformers_rows(artifact, manifest, cfg, options, rows, first, compiled_t
         _release()
 
 
-class _InductorRunner(EagerRunner):
-    """The eager reference step through torch.compile (Inductor, max-autotune: CUDA graphs where it can)."""
+def inductor_runner_name(mode: str) -> str:
+    """The report's runner name of the Inductor baseline in torch.compile `mode`: "inductor" for max-autotune."""
+    return "inductor" if mode == "max-autotune" else f"inductor {mode}"
 
-    def __init__(self, weights, cfg, num):
+
+class _InductorRunner(EagerRunner):
+    """The eager reference step through torch.compile (Inductor in `mode`: max-autotune and reduce-overhead run
+    CUDA graphs where they can)."""
+
+    def __init__(self, weights, cfg, num, mode: str):
         super().__init__(weights, cfg, num, invariant=False)
-        self._compiled = torch.compile(super().run, mode="max-autotune", dynamic=False)
+        self._compiled = torch.compile(super().run, mode=mode, dynamic=False)
 
     def run(self, variant, inputs):
         return self._compiled(variant, dict(inputs))

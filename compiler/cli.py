@@ -558,7 +558,8 @@ def _bench(args: argparse.Namespace, console: Console) -> int:
         report = benchmark.read_report(args.report)
     else:
         options = benchmark.BenchOptions(context=args.context, batches=args.batch, mtp=args.mtp,
-                                         baselines=args.baselines, steps=args.steps)
+                                         baselines=args.baselines, steps=args.steps,
+                                         inductor_modes=args.inductor_mode)
         with _progress(console, "benchmarking") as say:
             report = benchmark.bench(args.artifact, options, progress=say)
     table = Table(title=benchmark.report_title(report))
@@ -595,6 +596,9 @@ def _bench_parser(sub) -> None:
                      help="draft tokens per step to time")
     ben.add_argument("--baselines", type=cli_args.name_list, default=("eager",), metavar="NAMES",
                      help="timed in the same run: eager, inductor, transformers")
+    ben.add_argument("--inductor-mode", type=cli_args.name_list, default=("max-autotune",), metavar="MODES",
+                     help="the torch.compile modes of the inductor baseline, a row each: max-autotune (default), "
+                          "reduce-overhead, default")
     ben.add_argument("--steps", type=cli_args.positive_int, default=30, metavar="N", help="timed steps per row")
     ben.add_argument("--json", type=cli_args.output_file, metavar="FILE", help="write the report as JSON")
     ben.add_argument("--plot", type=cli_args.output_file, metavar="FILE.png",

@@ -15,6 +15,8 @@ MANIFEST = {"max_seq_len": 4224, "mtp": True}
     (BenchOptions(context=4200), "--context"),
     (BenchOptions(mtp=(0, 2)), "--mtp"),
     (BenchOptions(baselines=("eager", "vllm")), "--baselines"),
+    (BenchOptions(baselines=("inductor",), inductor_modes=("reduce-overhead", "fastest")), "--inductor-mode"),
+    (BenchOptions(inductor_modes=()), "--inductor-mode"),
 ])
 def test_what_the_artifact_cannot_run_is_refused_naming_the_flag(options, flag):
     with pytest.raises(BenchError, match=flag):
