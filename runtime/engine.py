@@ -3,9 +3,11 @@
 The engine never sees the model: it calls `runner.run(variant, inputs)` where a variant is `main_t{T}` or
 `mtp_t{T}` (T tokens per sequence) and inputs/outputs are named tensors (`tokens`, `start`, `hidden`, `state.*`
 in; `logits`, `hidden`, `state.*` out). Requests join (`add_request`) and leave (returned by `step` as they
-finish) between steps; each owns a row ("slot") of the state pool from its prefill to its last token, and a
-step runs rows 0..n-1 where n - 1 is the highest slot in use (a free slot in between is padding: token 0 at
-position 0, writing only its own row, which the next request to take it resets).
+finish) between steps; each is prefilled in the pool's prefill row (one fixed row, so the runner replays one
+CUDA graph per prefill variant whatever the slot) and then owns a row ("slot") of the state pool, its prefilled
+state copied in, until its last token; a step runs rows 0..n-1 where n - 1 is the highest slot in use (a free
+slot in between is padding: token 0 at position 0, writing only its own row, which the next request to take it
+overwrites).
 
 Rollback: cache state is indexed by absolute position, so a rejected draft needs none. A verification step
 over 1 + k tokens at `pos` writes positions pos .. pos + k; the positions past the new start are stale, and
