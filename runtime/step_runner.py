@@ -86,16 +86,13 @@ class BucketRunner:
         executor = self.executors.get(variant)
         if executor is None:
             raise KeyError(f"variant {variant!r}: not in this artifact (has {sorted(self.executors)})")
-        if self.pool.holds_prefill_row(inputs, STATE):
-            graph = self._prefill_graphs.get(variant)
+        n = self.pool.holds(inputs, STATE)
+        if n is None:  # the prefill row (its graph, if captured), or state the pool does not hold
+            graph = self._prefill_graphs.get(variant) if self.pool.holds_prefill_row(inputs, STATE) else None
             if graph is None or inputs.keys() != graph.keys:
                 with batch_invariant():
                     return executor.run(inputs)
             return self._replay(graph, inputs, 1, 1)
-        n = self.pool.holds(inputs, STATE)
-        if n is None:
-            with batch_invariant():
-                return executor.run(inputs)
         bucket = bucket_for(n, self.buckets)
         graph = self._graphs.get((variant, bucket))
         if graph is None or inputs.keys() != graph.keys:  # the executor pads, checks the names and runs
